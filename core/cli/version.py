@@ -1,0 +1,38 @@
+"""`berth version`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from betterproto.lib.google.protobuf import Empty
+
+from core import __version__
+from core.cli import app, client
+from core.cli.output import emit
+
+
+async def version(args: argparse.Namespace, s: client.Session) -> int:
+    from core.api.containerd.services.introspection.v1 import IntrospectionStub
+    from core.api.containerd.services.version.v1 import VersionStub
+
+    v = await VersionStub(s.channel).version(Empty())
+    info = await IntrospectionStub(s.channel).server(Empty())
+    if args.format == "json":
+        emit([], [], fmt="json", records=[{
+            "client": {"version": __version__},
+            "server": {"version": v.version, "revision": v.revision, "uuid": info.uuid},
+        }])
+        return 0
+    print("Client:")
+    print("  Version: ", __version__)
+    print()
+    print("Server:")
+    print("  Version: ", v.version)
+    print("  Revision:", v.revision)
+    print("  UUID:", info.uuid)
+    return 0
+
+
+def register(sub: Any) -> None:
+    app.add(sub, "version", version, help="print client and server versions")

@@ -1,0 +1,191 @@
+"""berthd: one trio.run, every task in a nursery the daemon owns."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from core import __version__, config, errdefs
+from core import log as logsetup
+
+log = structlog.get_logger("berthd")
+
+# Built-in plugin modules, registered with pluggy exactly like third-party ones.
+BUILTIN_PLUGINS = [
+    "core.metadata.plugin",
+    "core.events.plugin",
+    "core.services.version",
+    "core.services.namespaces",
+    "core.services.leases",
+    "core.services.events",
+    "core.services.eventlog",
+    "core.services.introspection",
+]
+
+
+class RootInUse(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the root for the daemon's lifetime.
+
+    The kernel drops a flock when the process dies, even by SIGKILL, so a crashed
+    daemon never leaves a stale lock behind.
+    """
+    root.mkdir(parents=True, exist_ok=True, mode=0o711)
+    path = root / "berthd.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RootInUse(
+                f"root {root} is in use by another berthd (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _registrations(cfg: config.Config) -> list[Any]:
+    from core.plugin.graph import collect, plugin_manager
+
+    return collect(plugin_manager(BUILTIN_PLUGINS))
+
+
+async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Initialise plugins, serve gRPC and ttrpc until cancelled."""
+    import trio_asyncio
+
+    from core.grpc import bridge
+    from core.grpc import server as grpc_server
+    from core.plugin.graph import init_all
+    from core.ttrpc.server import Server as TTRPCServer
+
+    registrations = _registrations(cfg)
+    disabled = set(cfg.data.get("disabled_plugins", []))
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        plugins = await init_all(
+            registrations, root=cfg.root, state=cfg.state, plugin_config=cfg.plugins,
+            daemon_config=cfg, nursery=nursery, disabled=disabled,
+        )
+        for uri in cfg.data.get("required_plugins", []):
+            p = next((p for p in plugins.ordered if p.registration.uri == uri), None)
+            if p is None or not p.ok:
+                raise errdefs.FailedPrecondition(
+                    f"required plugin {uri} did not load: {p.error if p else 'not registered'}",
+                    raw=True,
+                )
+        max_recv = int(cfg.data["grpc"]["max_recv_message_size"])
+        routes: dict[str, Any] = {}
+        ttrpc = TTRPCServer()
+        for p in plugins.ordered:
+            if not p.ok:
+                continue
+            base = getattr(p.instance, "base", None)
+            if base is not None:
+                routes.update(bridge.handlers_for(p.instance, base, max_recv=max_recv))
+            if hasattr(p.instance, "ttrpc_services"):
+                for name, methods in p.instance.ttrpc_services().items():
+                    ttrpc.register(name, methods)
+        cfg.state.mkdir(parents=True, exist_ok=True, mode=0o711)
+        g = cfg.data["grpc"]
+        await nursery.start(lambda task_status: grpc_server.serve(
+            routes, cfg.address, tcp_address=g.get("tcp_address", ""), uid=g["uid"],
+            gid=g["gid"], task_status=task_status))
+        await nursery.start(ttrpc.serve_unix, str(cfg.ttrpc_address))
+        log.info("berthd successfully booted", version=__version__, address=str(cfg.address),
+                 root=str(cfg.root), state=str(cfg.state))
+        task_status.started(plugins)
+
+
+async def run(cfg: config.Config) -> None:
+    """The daemon's life: serve until SIGTERM or SIGINT, then shut down cleanly."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals, \
+            root_lock(cfg.root):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, cfg)
+            async for signum in signals:
+                log.info("stopping", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    log.info("stopped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="berthd", description="berth container supervisor")
+    p.add_argument("--config", "-c", type=Path, default=None,
+                   help=f"TOML config file (default {config.DEFAULT_CONFIG_PATH} if present)")
+    p.add_argument("--root", help="persistent state directory")
+    p.add_argument("--state", help="runtime state directory")
+    p.add_argument("--address", "-a", help="gRPC unix socket path")
+    p.add_argument("--log-level", "-l", help="trace, debug, info, warn, error")
+    p.add_argument("--version", "-v", action="version", version=f"berthd {__version__}")
+    sub = p.add_subparsers(dest="command")
+    c = sub.add_parser("config", help="print configuration")
+    c.add_argument("action", choices=["default", "dump"])
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if args.root:
+        o["root"] = args.root
+    if args.state:
+        o["state"] = args.state
+    if args.address:
+        o.setdefault("grpc", {})["address"] = args.address
+        # The ttrpc socket sits beside the gRPC one unless configured otherwise.
+        o.setdefault("ttrpc", {})["address"] = args.address + ".ttrpc"
+    if args.log_level:
+        o.setdefault("debug", {})["level"] = args.log_level
+    return o
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "config" and args.action == "default":
+            cfg = config.Config()
+            cfg.plugin_defaults(_registrations(cfg))
+            sys.stdout.write(cfg.dumps())
+            return 0
+        overrides = _overrides(args)
+        cfg = config.load(args.config, overrides=overrides)
+        if args.address is None and "address" not in cfg.data["ttrpc"]:
+            cfg.data["ttrpc"]["address"] = str(cfg.address) + ".ttrpc"
+        if args.command == "config":
+            cfg.plugin_defaults(_registrations(cfg))
+            sys.stdout.write(cfg.dumps())
+            return 0
+        logsetup.setup(cfg.data["debug"]["level"],
+                       json={"json": True, "text": False}.get(cfg.data["debug"]["format"]))
+        trio.run(run, cfg)
+    except RootInUse as e:
+        print(f"berthd: {e}", file=sys.stderr)
+        return 1
+    except errdefs.BerthError as e:
+        print(f"berthd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

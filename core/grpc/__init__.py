@@ -1,0 +1,1 @@
+"""gRPC serving: grpclib hosted inside trio (see bridge.py)."""

@@ -1,0 +1,5 @@
+"""Metadata: one transactional sqlite store (WAL) for every namespaced object."""
+
+from core.metadata.db import Database
+
+__all__ = ["Database"]

@@ -1,0 +1,134 @@
+"""The sqlite database behind berth's metadata, with a versioned schema.
+
+One connection, used from the trio thread: every transaction is short (a few rows), so
+running it inline costs less than a thread hop. WAL with synchronous=NORMAL survives a
+killed daemon (only power loss can roll back the last commits, as with bolt's NoSync off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Each entry migrates from version i to i+1. Never edit a released entry: append.
+MIGRATIONS: list[str] = [
+    # 1: namespaces, leases and their resources, the durable event log, server facts.
+    """
+    CREATE TABLE namespaces (
+        name TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE namespace_labels (
+        namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, key)
+    );
+    CREATE TABLE leases (
+        namespace TEXT NOT NULL REFERENCES namespaces(name) ON DELETE CASCADE,
+        id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (namespace, id)
+    );
+    CREATE TABLE lease_resources (
+        namespace TEXT NOT NULL,
+        lease TEXT NOT NULL,
+        type TEXT NOT NULL,
+        id TEXT NOT NULL,
+        PRIMARY KEY (namespace, lease, type, id),
+        FOREIGN KEY (namespace, lease) REFERENCES leases(namespace, id) ON DELETE CASCADE
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        timestamp_ns INTEGER NOT NULL,
+        namespace TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        type_url TEXT NOT NULL,
+        value BLOB NOT NULL
+    );
+    CREATE TABLE server (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# A check answers what kind of object still lives in a namespace ("images", "blobs"...),
+# or None. Stores that own namespaced objects register one, in containerd's order.
+NamespaceCheck = Callable[[sqlite3.Connection, str], "str | None"]
+
+
+class Database:
+    """The metadata database file and its schema."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, cached_statements=256
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        c = self._conn
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=NORMAL")
+        c.execute("PRAGMA foreign_keys=ON")
+        c.execute("PRAGMA busy_timeout=5000")
+        self.namespace_checks: list[NamespaceCheck] = []
+        self._migrate()
+
+    def _migrate(self) -> None:
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"metadata schema version {version} is newer than this berth ({SCHEMA_VERSION})"
+            )
+        for target in range(version, SCHEMA_VERSION):
+            with self.write() as c:
+                for statement in _statements(MIGRATIONS[target]):
+                    c.execute(statement)
+                c.execute(f"PRAGMA user_version={target + 1}")
+
+    @property
+    def version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed on success, rolled back on any exception."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read (one deferred transaction)."""
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN")
+            try:
+                yield c
+            finally:
+                c.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _statements(script: str) -> list[str]:
+    # executescript() would commit our open transaction; split instead so a failed
+    # migration rolls back whole.
+    return [s.strip() for s in script.split(";") if s.strip()]

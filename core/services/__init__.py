@@ -1,0 +1,1 @@
+"""containerd's gRPC services, one module each: thin translations over local stores."""

@@ -1,0 +1,79 @@
+"""containerd.services.events.v1.Events (gRPC) and the ttrpc Events/Forward for shims."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from betterproto.lib.google.protobuf import Empty
+
+from core import errdefs
+from core.api.containerd.services.events.ttrpc import v1 as ttrpc_events
+from core.api.containerd.services.events.v1 import (
+    Envelope,
+    EventsBase,
+    ForwardRequest,
+    PublishRequest,
+    SubscribeRequest,
+)
+from core.events.envelope import make as make_envelope
+from core.events.exchange import Exchange
+from core.grpc.context import CallContext
+from core.plugin import InitContext, Registration, hookimpl
+from core.plugin.registration import EVENT, GRPC
+
+TTRPC_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+
+
+class EventsService:
+    base = EventsBase
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def publish(self, ctx: CallContext, req: PublishRequest) -> Empty:
+        ns = ctx.namespace
+        if not ns:
+            raise errdefs.FailedPrecondition(
+                "failed publishing event: namespace is required", raw=False
+            )
+        env = make_envelope(ns, req.topic, Empty())
+        env.event = req.event
+        self.exchange.forward(env)
+        return Empty()
+
+    def forward(self, ctx: CallContext, req: ForwardRequest) -> Empty:
+        self.exchange.forward(req.envelope or Envelope())
+        return Empty()
+
+    async def subscribe(self, ctx: CallContext, req: SubscribeRequest,
+                        send: Callable[[Envelope], Awaitable[None]]) -> None:
+        try:
+            sub = self.exchange.subscribe(list(req.filters))
+        except errdefs.InvalidArgument as e:
+            # containerd returns this through its error channel, unwrapped: Unknown.
+            raise errdefs.Unknown(f"subscription error: {e}", raw=True) from None
+        try:
+            async for ev in sub:
+                await send(ev.envelope)
+        finally:
+            sub.close()
+
+    # ttrpc side: shims forward their events here.
+    async def ttrpc_forward(self, ctx: object, req: ttrpc_events.ForwardRequest) -> Empty:
+        env = req.envelope
+        self.exchange.forward(Envelope(
+            timestamp=env.timestamp, namespace=env.namespace, topic=env.topic, event=env.event,
+        ) if env else Envelope())
+        return Empty()
+
+    def ttrpc_services(self) -> dict[str, dict[str, tuple[type, Callable]]]:
+        return {TTRPC_SERVICE: {"Forward": (ttrpc_events.ForwardRequest, self.ttrpc_forward)}}
+
+
+async def _init(ctx: InitContext) -> EventsService:
+    return EventsService(ctx.plugins.get(EVENT))
+
+
+@hookimpl
+def berth_plugins() -> list[Registration]:
+    return [Registration(type=GRPC, id="events", init=_init, requires=(EVENT,))]

@@ -1,0 +1,30 @@
+"""containerd.services.version.v1.Version."""
+
+from __future__ import annotations
+
+from core import __version__
+from core.api.containerd.services.version.v1 import VersionBase, VersionResponse
+from core.grpc.context import CallContext
+from core.plugin import InitContext, Registration, hookimpl
+from core.plugin.registration import GRPC
+
+REVISION = "berth"
+
+
+class VersionService:
+    base = VersionBase
+
+    def __init__(self) -> None:
+        self._resp = VersionResponse(version=__version__, revision=REVISION)
+
+    def version(self, ctx: CallContext, req: object) -> VersionResponse:
+        return self._resp
+
+
+async def _init(ctx: InitContext) -> VersionService:
+    return VersionService()
+
+
+@hookimpl
+def berth_plugins() -> list[Registration]:
+    return [Registration(type=GRPC, id="version", init=_init)]
