@@ -729,7 +729,8 @@ def translate_go_regexp(src: str) -> str:
                     raise UnsupportedRegexp(f"invalid or unsupported Perl syntax: {src[i:i + 3]}")
                 on, off, end = m.group(1), m.group(2), m.group(3)
                 letters = on + (off or "")
-                if any(f not in "ims" for f in letters) or off == "" or (not letters and end == ")"):
+                bad_letter = any(f not in "ims" for f in letters)
+                if bad_letter or off == "" or (not letters and end == ")"):
                     raise UnsupportedRegexp(f"invalid or unsupported Perl syntax: {m.group()}")
                 spec = f"(?{on}-{off}:" if off else f"(?{on}:"
                 new_flags = (flags | frozenset(on)) - frozenset(off or "")

@@ -156,7 +156,7 @@ async def init_all(
             daemon_config=daemon_config,
             plugins=plugins,
             nursery=nursery,
-            platforms=[host_platform()],
+            platforms=[],
             capabilities=list(r.capabilities),
         )
         missing = [t for t in r.requires if t != ALL and not plugins.by_type(t)]

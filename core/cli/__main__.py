@@ -1,0 +1,5 @@
+import sys
+
+from core.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite drives for real (run as root).
+# Every package here is a real peer or real part: the suite fails, never skips, without them.
+set -euo pipefail
+
+PACKAGES=(
+  containerd            # the real containerd, ctr and containerd-shim-runc-v2 we compare against
+  runc crun             # OCI runtimes
+  busybox-static        # the busybox image the tests build
+  nghttp2-client        # h2load for the benchmarks' load generator
+  socat
+  iproute2
+  python3-venv
+  ca-certificates
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The suite starts its own containerd in temporary folders; a system one is not needed.
+for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load; do
+  command -v "$bin" >/dev/null || { echo "setup-host: $bin missing after install" >&2; exit 1; }
+done
