@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -28,9 +29,10 @@ class Resource:
 
 
 def random_id() -> str:
-    # Same shape as containerd's WithRandomID: a timestamp plus random bytes.
-    t = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return f"{t}-{base64.urlsafe_b64encode(os.urandom(6)).decode()}"
+    # containerd's WithRandomID: the nanosecond within the current second, then three
+    # random bytes in URL-safe base64 ("889261312-dIHZ").
+    nanos = time.time_ns() % 1_000_000_000
+    return f"{nanos}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
 
 
 def validate_resource(r: Resource) -> Resource:
@@ -41,13 +43,11 @@ def validate_resource(r: Resource) -> Resource:
         if len(keys) != 1:
             raise errdefs.InvalidArgument(f"invalid resource type {r.type}")
         if kind == "content":
-            from core.content.digest import parse_digest
+            from core.content.digest import problem
 
-            try:
-                parse_digest(r.id)
-            except errdefs.InvalidArgument as e:
-                why = e.message.removesuffix(": invalid argument")
-                raise errdefs.InvalidArgument(f"invalid content resource id {r.id}: {why}") from None
+            why = problem(r.id)
+            if why is not None:
+                raise errdefs.InvalidArgument(f"invalid content resource id {r.id}: {why}")
     elif kind == "snapshots":
         if len(keys) != 2:
             raise errdefs.InvalidArgument(f"invalid snapshot resource type {r.type}")
@@ -94,8 +94,9 @@ class LeaseStore:
     def list(self, namespace: str, filter_exprs: list[str] | None = None) -> list[Lease]:
         try:
             flt = filters.parse_all(filter_exprs or [])
-        except errdefs.InvalidArgument:
-            raise
+        except errdefs.InvalidArgument as e:
+            # containerd wraps the parse error once more: "...: invalid argument: invalid argument".
+            raise errdefs.InvalidArgument(e.message) from None
         with self.db.read() as c:
             rows = c.execute(
                 "SELECT id, created_at, labels FROM leases WHERE namespace = ?", (namespace,)
