@@ -73,7 +73,11 @@ class IntrospectionService:
         return out
 
     def plugins(self, ctx: CallContext, req: PluginsRequest) -> PluginsResponse:
-        flt = filters.parse_all(list(req.filters))
+        try:
+            flt = filters.parse_all(list(req.filters))
+        except errdefs.InvalidArgument as e:
+            # containerd wraps the parse error in ErrInvalidArgument once more.
+            raise errdefs.InvalidArgument(e.message) from None
         return PluginsResponse(plugins=[
             p for p in self._describe()
             if flt.match(filters.adapt_mapping({"type": p.type, "id": p.id}))

@@ -33,7 +33,8 @@ def test_order_puts_required_types_first_and_star_last() -> None:
 
 
 def test_cycles_are_refused() -> None:
-    rs = [Registration("a", "1", _ok, requires=("b",)), Registration("b", "1", _ok, requires=("a",))]
+    rs = [Registration("a", "1", _ok, requires=("b",)),
+          Registration("b", "1", _ok, requires=("a",))]
     with pytest.raises(ValueError, match="cycle"):
         order(rs)
 
@@ -55,7 +56,8 @@ async def test_failures_are_recorded_not_fatal(tmp_path: Path) -> None:
         Registration("t.ok", "fine", _ok, config={"a": 1}),
     ]
     async with trio.open_nursery() as nursery:
-        ps = await init_all(rs, root=tmp_path, state=tmp_path, plugin_config={"t.ok.fine": {"a": 2}},
+        ps = await init_all(rs, root=tmp_path, state=tmp_path,
+                            plugin_config={"t.ok.fine": {"a": 2}},
                             daemon_config=None, nursery=nursery)
     by = {p.registration.uri: p for p in ps.ordered}
     assert "no kernel support" in str(by["t.base.bad"].error)
