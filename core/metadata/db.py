@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Each entry migrates from version i to i+1. Never edit a released entry: append.
+# Stores added by other plugins (content, images, snapshots, containers...) keep their own
+# list and call Database.ensure_schema(component, migrations), versioned separately.
 MIGRATIONS: list[str] = [
     # 1: namespaces, leases and their resources, the durable event log, server facts.
     """
@@ -54,13 +56,19 @@ MIGRATIONS: list[str] = [
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     );
+    CREATE TABLE schema_components (
+        name TEXT PRIMARY KEY,
+        version INTEGER NOT NULL
+    );
     """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # A check answers what kind of object still lives in a namespace ("images", "blobs"...),
-# or None. Stores that own namespaced objects register one, in containerd's order.
+# or None. Stores that own namespaced objects register one with a rank that gives
+# containerd's order in the error message: images 10, blobs 20, containers 30,
+# snapshots 40.
 NamespaceCheck = Callable[[sqlite3.Connection, str], "str | None"]
 
 
@@ -81,7 +89,34 @@ class Database:
         c.execute("PRAGMA foreign_keys=ON")
         c.execute("PRAGMA busy_timeout=5000")
         self.namespace_checks: list[NamespaceCheck] = []
+        self._ranked_checks: list[tuple[int, NamespaceCheck]] = []
         self._migrate()
+
+    def add_namespace_check(self, rank: int, check: NamespaceCheck) -> None:
+        self._ranked_checks.append((rank, check))
+        self._ranked_checks.sort(key=lambda rc: rc[0])
+        self.namespace_checks[:] = [c for _, c in self._ranked_checks]
+
+    def ensure_schema(self, component: str, migrations: list[str]) -> int:
+        """Bring a plugin's own tables to the newest of its ``migrations`` (append-only)."""
+        with self.write() as c:
+            row = c.execute(
+                "SELECT version FROM schema_components WHERE name = ?", (component,)
+            ).fetchone()
+            version = row[0] if row else 0
+            if version > len(migrations):
+                raise RuntimeError(
+                    f"metadata schema of {component} is at version {version}, newer than "
+                    f"this berth ({len(migrations)})"
+                )
+            for target in range(version, len(migrations)):
+                for statement in _statements(migrations[target]):
+                    c.execute(statement)
+            c.execute(
+                "INSERT OR REPLACE INTO schema_components(name, version) VALUES (?, ?)",
+                (component, len(migrations)),
+            )
+        return len(migrations)
 
     def _migrate(self) -> None:
         (version,) = self._conn.execute("PRAGMA user_version").fetchone()

@@ -155,3 +155,27 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     assert NamespaceStore(d2).labels("keep") == {"a": "1"}
     assert LeaseStore(d2).get("keep", "l").labels == {"b": "2"}
     d2.close()
+
+
+def test_component_schemas_migrate_once_and_in_order(tmp_path: Path) -> None:
+    d = Database(tmp_path / "m.db")
+    v1 = ["CREATE TABLE widgets (id TEXT PRIMARY KEY)"]
+    assert d.ensure_schema("widgets", v1) == 1
+    assert d.ensure_schema("widgets", v1) == 1  # idempotent
+    v2 = [*v1, "ALTER TABLE widgets ADD COLUMN size INTEGER NOT NULL DEFAULT 0"]
+    assert d.ensure_schema("widgets", v2) == 2
+    with d.write() as c:
+        c.execute("INSERT INTO widgets(id, size) VALUES ('a', 3)")
+    with pytest.raises(RuntimeError, match="newer than"):
+        d.ensure_schema("widgets", v1)
+    d.close()
+
+
+def test_namespace_checks_follow_rank(db: Database) -> None:
+    ns = NamespaceStore(db)
+    ns.create("a", {})
+    db.add_namespace_check(40, lambda c, n: 'snapshots on "overlayfs" snapshotter')
+    db.add_namespace_check(10, lambda c, n: "images")
+    with pytest.raises(errdefs.FailedPrecondition,
+                       match='still has images, snapshots on "overlayfs" snapshotter'):
+        ns.delete("a")
