@@ -94,3 +94,7 @@ def from_bytes(data: bytes, algorithm: str = CANONICAL) -> Digest:
 
 def from_string(text: str, algorithm: str = CANONICAL) -> Digest:
     return from_bytes(text.encode(), algorithm)
+
+
+# The name other modules (core.metadata.leases) import.
+parse_digest = parse

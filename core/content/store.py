@@ -194,12 +194,14 @@ class ContentStore:
         self._unlock(w._lock)
 
     def _active(self, ref: str) -> Writer | None:
+        """The open writer for ``ref``, whose in-memory status is the live one."""
         lock = self._locks.get(ref)
-        return lock.writer if lock is not None else None
+        w = lock.writer if lock is not None else None
+        return w if w is not None and not w.closed and not w.aborted else None
 
     async def status(self, ref: str) -> Status:
         w = self._active(ref)
-        if w is not None and not w.closed:
+        if w is not None:
             return w.status()
         try:
             return await trio.to_thread.run_sync(ingest.read_status, self.ingest_path(ref))
@@ -217,7 +219,7 @@ class ContentStore:
         found = await trio.to_thread.run_sync(ingest.list_statuses, self.ingests)
         for st in found:
             w = self._active(st.ref)
-            if w is not None and not w.closed:
+            if w is not None:
                 st = w.status()  # live offset includes bytes not yet flushed
             if pattern is not None and not pattern.search(st.ref):
                 continue
@@ -227,9 +229,9 @@ class ContentStore:
 
     async def abort(self, ref: str) -> None:
         """Remove the ingest for ``ref``; an open writer on it fails from now on."""
-        w = self._active(ref)
-        if w is not None:
-            w.aborted = True
+        lock = self._locks.get(ref)
+        if lock is not None and lock.writer is not None:
+            lock.writer.aborted = True
         self._saved.pop(ref, None)
         if not await trio.to_thread.run_sync(ingest.remove, self.ingest_path(ref)):
             raise NotFound(f"ingest ref {go_quote(ref)}")

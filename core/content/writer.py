@@ -22,7 +22,7 @@ from core.content.errors import OutOfRange, go_quote
 from core.errdefs import AlreadyExists, FailedPrecondition
 
 if TYPE_CHECKING:
-    from core.content.store import ContentStore
+    from core.content.store import ContentStore, _RefLock
 
 # Buffered bytes above this go to disk; writes at least this large skip the buffer.
 FLUSH_AT = 1 << 20
@@ -41,7 +41,7 @@ class Writer:
     """
 
     def __init__(self, store: ContentStore, ref: str, path: Path, opened: ingest.Opened,
-                 lock: Any) -> None:
+                 lock: _RefLock) -> None:
         self.ref = ref
         self.total = opened.total
         self.expected = opened.expected
@@ -75,6 +75,8 @@ class Writer:
 
     def digest(self, algorithm: str | None = None) -> dg.Digest:
         """Digest of the bytes accepted so far."""
+        if self._busy:
+            raise trio.BusyResourceError("another task is using this content writer")
         algorithm = algorithm or (dg.parse(self.expected).algorithm if self.expected
                                   else dg.CANONICAL)
         hasher = self._hashers.get(algorithm)
@@ -178,6 +180,8 @@ class Writer:
         with (then to "any size" and sha256). A wrong size or digest publishes nothing
         and keeps the ingest; an existing blob discards it (AlreadyExists).
         """
+        if self._fd is None:
+            raise FailedPrecondition("cannot commit on closed writer")
         self._check_usable()
         self._busy = True
         try:
