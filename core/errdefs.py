@@ -96,6 +96,11 @@ class ResourceExhausted(BerthError):
     suffix = "resource exhausted"
 
 
+class OutOfRange(BerthError):
+    code = Code.OUT_OF_RANGE
+    suffix = "out of range"
+
+
 class Internal(BerthError):
     code = Code.INTERNAL
     suffix = "internal error"
@@ -118,6 +123,7 @@ _BY_CODE: dict[Code, type[BerthError]] = {
         Cancelled,
         DeadlineExceeded,
         ResourceExhausted,
+        OutOfRange,
         Internal,
         Unknown,
     )

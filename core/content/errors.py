@@ -1,18 +1,10 @@
-"""Errors the content store needs that core.errdefs does not define (yet).
-
-containerd answers a write or read at the wrong offset with gRPC OutOfRange. The
-class carries the code, so ``errdefs.to_status`` maps it correctly; it belongs in
-``core.errdefs`` once that module grows an OutOfRange of its own.
-"""
+"""Errors and quoting the content store uses (OutOfRange now lives in core.errdefs)."""
 
 from __future__ import annotations
 
-from core.errdefs import BerthError, Code
+from core.errdefs import OutOfRange
 
-
-class OutOfRange(BerthError):
-    code = Code.OUT_OF_RANGE
-    suffix = "out of range"
+__all__ = ["OutOfRange", "go_quote"]
 
 
 def go_quote(text: str) -> str:
