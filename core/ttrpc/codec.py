@@ -399,7 +399,8 @@ def _encode_status(code: int, message: str, details: Sequence[bytes]) -> bytes:
         parts.append(b"\x08")
         parts.append(_varint(code))
     if message:
-        _put_len(parts, b"\x12", message.encode())
+        # Human text, possibly built from undecodable file names: never fail on it.
+        _put_len(parts, b"\x12", message.encode(errors="replace"))
     for detail in details:
         _put_len(parts, b"\x1a", detail)
     return b"".join(parts)

@@ -170,6 +170,14 @@ class Server:
     # -- one connection ---------------------------------------------------------------
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self._run_connection(stream)
+        except Exception:
+            # A bug or an unexpected socket error ends this connection only: the
+            # listener and every other client keep going.
+            self._log.exception("ttrpc: connection failed")
+
+    async def _run_connection(self, stream: trio.abc.Stream) -> None:
         async with stream:
             peer = peer_credentials(stream)
             conn_log = self._log.bind(peer_pid=peer.pid if peer else None)
