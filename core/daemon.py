@@ -30,6 +30,14 @@ BUILTIN_PLUGINS = [
     "core.services.events",
     "core.services.eventlog",
     "core.services.introspection",
+    "core.gc.scheduler",
+    "core.services.content",
+    "core.services.images",
+    "plugins.snapshotters.overlayfs",
+    "plugins.snapshotters.native",
+    "core.services.snapshots",
+    "plugins.differ.plugin",
+    "core.services.diff",
 ]
 
 
@@ -66,6 +74,15 @@ def _registrations(cfg: config.Config) -> list[Any]:
     from core.plugin.graph import collect, plugin_manager
 
     return collect(plugin_manager(BUILTIN_PLUGINS))
+
+
+@contextlib.contextmanager
+def _naming(what: str, address: Path) -> Iterator[None]:
+    """Say which socket failed: bind() errors carry no path of their own."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot serve {what} on {address}: {e.strerror}") from e
 
 
 async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -105,10 +122,14 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
                     ttrpc.register(name, methods)
         cfg.state.mkdir(parents=True, exist_ok=True, mode=0o711)
         g = cfg.data["grpc"]
-        await nursery.start(lambda task_status: grpc_server.serve(
-            routes, cfg.address, tcp_address=g.get("tcp_address", ""), uid=g["uid"],
-            gid=g["gid"], task_status=task_status))
-        await nursery.start(ttrpc.serve_unix, str(cfg.ttrpc_address))
+        # ttrpc first, as containerd does: clients take the gRPC socket as the sign that
+        # the daemon is up, and shims they start at once dial the ttrpc one.
+        with _naming("ttrpc", cfg.ttrpc_address):
+            await nursery.start(ttrpc.serve_unix, str(cfg.ttrpc_address))
+        with _naming("gRPC", cfg.address):
+            await nursery.start(lambda task_status: grpc_server.serve(
+                routes, cfg.address, tcp_address=g.get("tcp_address", ""), uid=g["uid"],
+                gid=g["gid"], task_status=task_status))
         log.info("berthd successfully booted", version=__version__, address=str(cfg.address),
                  root=str(cfg.root), state=str(cfg.state))
         task_status.started(plugins)
@@ -157,6 +178,36 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return o
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def check_shape(data: dict[str, Any], defaults: dict[str, Any], prefix: str = "",
+                where: str = "") -> None:
+    """Refuse a config whose known keys have the wrong TOML type, naming the key.
+
+    Without this a `grpc = 5` surfaces much later as a TypeError deep in start-up.
+    """
+    for key, default in defaults.items():
+        if key not in data:
+            continue
+        value, name = data[key], f"{where}{key}"
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise errdefs.InvalidArgument(f"{prefix}{name} must be a table", raw=True)
+            if key != "plugins":  # plugin sections are checked by their owners
+                check_shape(value, default, prefix, f"{name}.")
+            continue
+        kinds: dict[type, tuple[type, str]] = {
+            str: (str, "a string"), int: (int, "an integer"), list: (list, "an array"),
+        }
+        want, what = kinds.get(type(default), (object, ""))
+        if not isinstance(value, want) or isinstance(value, bool) is not isinstance(default, bool):
+            raise errdefs.InvalidArgument(f"{prefix}{name} must be {what}", raw=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -165,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.plugin_defaults(_registrations(cfg))
             sys.stdout.write(cfg.dumps())
             return 0
-        overrides = _overrides(args)
-        cfg = config.load(args.config, overrides=overrides)
+        # The file alone first: a flag must not paper over a mistyped section.
+        check_shape(config.load(args.config).data, config.DEFAULTS,
+                    f"config file {args.config or config.DEFAULT_CONFIG_PATH}: ")
+        cfg = config.load(args.config, overrides=_overrides(args))
         if args.address is None and "address" not in cfg.data["ttrpc"]:
             cfg.data["ttrpc"]["address"] = str(cfg.address) + ".ttrpc"
         if args.command == "config":
@@ -175,11 +228,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         logsetup.setup(cfg.data["debug"]["level"],
                        json={"json": True, "text": False}.get(cfg.data["debug"]["format"]))
-        trio.run(run, cfg)
+        try:
+            trio.run(run, cfg)
+        except BaseExceptionGroup as group:
+            # Nurseries wrap a start-up failure in groups; the person starting the
+            # daemon needs the one error, not a traceback.
+            leaf = _leaf(group)
+            if isinstance(leaf, (RootInUse, errdefs.BerthError, OSError)):
+                raise leaf from None
+            raise
     except RootInUse as e:
         print(f"berthd: {e}", file=sys.stderr)
         return 1
     except errdefs.BerthError as e:
+        print(f"berthd: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
         print(f"berthd: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

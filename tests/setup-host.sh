@@ -7,6 +7,8 @@ PACKAGES=(
   containerd            # the real containerd, ctr and containerd-shim-runc-v2 we compare against
   runc crun             # OCI runtimes
   busybox-static        # the busybox image the tests build
+  docker-registry       # the distribution registry that pulls and pushes talk to
+  openssl               # certificates for the registry's TLS tests
   nghttp2-client        # h2load for the benchmarks' load generator
   socat
   iproute2
@@ -25,6 +27,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # The suite starts its own containerd in temporary folders; a system one is not needed.
-for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load; do
+for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load docker-registry; do
   command -v "$bin" >/dev/null || { echo "setup-host: $bin missing after install" >&2; exit 1; }
 done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from betterproto.lib.google.protobuf import Empty
 
+from core import errdefs
 from core.api.containerd.services.leases.v1 import (
     AddResourceRequest,
     CreateRequest,
@@ -18,10 +19,12 @@ from core.api.containerd.services.leases.v1 import (
     ListResponse,
     Resource,
 )
+from core.gc.scheduler import notifier
 from core.grpc.context import CallContext
 from core.metadata import leases
 from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import GRPC, METADATA
+from core.plugin.graph import PluginSet
+from core.plugin.registration import GC, GRPC, METADATA
 
 
 def _to_api(lease: leases.Lease) -> Lease:
@@ -36,21 +39,28 @@ def _resource(r: Resource | None) -> leases.Resource:
 class LeasesService:
     base = LeasesBase
 
-    def __init__(self, store: leases.LeaseStore) -> None:
+    def __init__(self, store: leases.LeaseStore, plugins: PluginSet) -> None:
         self.store = store
-        # Called after a synchronous delete; the GC plugin replaces it when present.
-        self.collect_garbage = lambda namespace: None
+        self._plugins = plugins
+        # What a lease held may now be garbage: tell the GC scheduler, if one runs.
+        self._mutated = notifier(plugins)
 
     def create(self, ctx: CallContext, req: CreateRequest) -> CreateResponse:
         ns = ctx.namespace_required()
         lease = self.store.create(ns, req.id or leases.random_id(), dict(req.labels))
         return CreateResponse(lease=_to_api(lease))
 
-    def delete(self, ctx: CallContext, req: DeleteRequest) -> Empty:
+    async def delete(self, ctx: CallContext, req: DeleteRequest) -> Empty:
         ns = ctx.namespace_required()
         self.store.delete(ns, req.id)
         if req.sync:
-            self.collect_garbage(ns)
+            try:
+                scheduler = self._plugins.get(GC, "scheduler")
+            except errdefs.NotFound:
+                return Empty()
+            await scheduler.schedule_and_wait()
+        else:
+            self._mutated(True)
         return Empty()
 
     def list(self, ctx: CallContext, req: ListRequest) -> ListResponse:
@@ -63,6 +73,7 @@ class LeasesService:
 
     def delete_resource(self, ctx: CallContext, req: DeleteResourceRequest) -> Empty:
         self.store.delete_resource(ctx.namespace_required(), req.id, _resource(req.resource))
+        self._mutated(True)
         return Empty()
 
     def list_resources(self, ctx: CallContext, req: ListResourcesRequest
@@ -72,7 +83,7 @@ class LeasesService:
 
 
 async def _init(ctx: InitContext) -> LeasesService:
-    return LeasesService(ctx.plugins.get(METADATA).leases)
+    return LeasesService(ctx.plugins.get(METADATA).leases, ctx.plugins)
 
 
 @hookimpl

@@ -1,0 +1,352 @@
+"""The garbage collection scheduler, plugin io.containerd.gc.v1.scheduler.
+
+containerd's ``gc/scheduler`` policy, on trio: stores report each committed change
+(``mutated``), deletions make a collection due, and a collection runs at the next
+scheduled tick, spaced so that collection pauses stay under ``pause_threshold`` of the
+time. ``schedule_and_wait`` runs one on demand (image delete and lease delete with
+``sync``). The loop is a task in the daemon's nursery.
+
+Configuration (section ``[plugins."io.containerd.gc.v1.scheduler"]``), as containerd's:
+``pause_threshold`` (0.02, at most 0.5), ``deletion_threshold`` (0: any deletion makes a
+collection due at the next tick), ``mutation_threshold`` (100), ``schedule_delay``
+("0ms") and ``startup_delay`` ("100ms").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from core import errdefs, log
+from core.gc.collector import Collector, Stats
+from core.plugin import InitContext, Registration, hookimpl
+from core.plugin.registration import ALL, GC, METADATA, SERVICE
+
+_log = log.get("gc")
+
+DEFAULTS: dict[str, Any] = {
+    "pause_threshold": 0.02,
+    "deletion_threshold": 0,
+    "mutation_threshold": 100,
+    "schedule_delay": "0ms",
+    "startup_delay": "100ms",
+}
+
+# The longest a collection waits for the daemon's plugins to finish initialising.
+INIT_WAIT = 30.0
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
+          "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d*\.?\d*)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """A Go duration ("1m30s", "100ms", "0") in seconds; plain numbers are seconds."""
+    if isinstance(value, bool):
+        raise errdefs.InvalidArgument(f"invalid duration {value!r}", raw=True)
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    if text == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    while pos < len(text):
+        m = _PART.match(text, pos)
+        if m is None or m.group(1) in ("", "."):
+            raise errdefs.InvalidArgument(f'time: invalid duration "{value}"', raw=True)
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not text:
+        raise errdefs.InvalidArgument(f'time: invalid duration "{value}"', raw=True)
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """Go's time.Duration.String for the exports (0s, 100ms, 1.5s, 1m30s)."""
+    ns = round(seconds * 1e9)
+    if ns == 0:
+        return "0s"
+    if ns < 1000:
+        return f"{ns}ns"
+    if ns < 1_000_000:
+        return f"{ns / 1e3:.3f}".rstrip("0").rstrip(".") + "µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.6f}".rstrip("0").rstrip(".") + "ms"
+    hours, rest = divmod(ns, 3_600_000_000_000)
+    minutes, rest = divmod(rest, 60_000_000_000)
+    secs = f"{rest / 1e9:.9f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    if minutes:
+        return f"{minutes}m{secs}"
+    return secs
+
+
+@dataclass
+class Config:
+    pause_threshold: float = 0.02
+    deletion_threshold: int = 0
+    mutation_threshold: int = 100
+    schedule_delay: float = 0.0
+    startup_delay: float = 0.1
+
+    @classmethod
+    def from_plugin(cls, data: dict[str, Any]) -> Config:
+        merged = {**DEFAULTS, **data}
+        try:
+            cfg = cls(
+                pause_threshold=float(merged["pause_threshold"]),
+                deletion_threshold=int(merged["deletion_threshold"]),
+                mutation_threshold=int(merged["mutation_threshold"]),
+                schedule_delay=parse_duration(merged["schedule_delay"]),
+                startup_delay=parse_duration(merged["startup_delay"]),
+            )
+        except (TypeError, ValueError) as e:
+            raise errdefs.InvalidArgument(f"gc scheduler config: {e}", raw=True) from None
+        # The same clamps as containerd: at most half the time spent collecting.
+        cfg.pause_threshold = min(max(cfg.pause_threshold, 0.0), 0.5)
+        cfg.mutation_threshold = max(cfg.mutation_threshold, 0)
+        cfg.schedule_delay = max(cfg.schedule_delay, 0.0)
+        cfg.startup_delay = max(cfg.startup_delay, 0.0)
+        return cfg
+
+
+@dataclass(frozen=True)
+class _Event:
+    ts: float          # time.monotonic() when it happened
+    mutation: bool     # False: a request for a collection
+    dirty: bool        # a deletion
+
+
+class _Waiter:
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._stats: Stats | None = None
+        self._error: BaseException | None = None
+
+    def finish(self, stats: Stats | None, error: BaseException | None = None) -> None:
+        self._stats, self._error = stats, error
+        self._done.set()
+
+    async def wait(self) -> Stats:
+        await self._done.wait()
+        if self._error is not None or self._stats is None:
+            # containerd's words; the cause is in the daemon's log.
+            raise errdefs.Unknown("gc failed", raw=True)
+        return self._stats
+
+
+class Pending:
+    """A collection already requested; await it to wait for its end.
+
+    Callers that cannot await (a plain ``def`` service method) still get the
+    collection, just without waiting for it.
+    """
+
+    def __init__(self, waiter: _Waiter) -> None:
+        self._waiter = waiter
+
+    def __await__(self) -> Generator[Any, None, Stats]:
+        return self._waiter.wait().__await__()
+
+
+class GCScheduler:
+    """Decides when to collect; runs the collector; answers waiters."""
+
+    def __init__(self, collector: Collector, config: Config | None = None) -> None:
+        self.collector = collector
+        self.config = config or Config()
+        self._send, self._recv = trio.open_memory_channel[_Event](math.inf)
+        self._waiters: list[_Waiter] = []
+        self.collections = 0
+        self.last_stats: Stats | None = None
+        self._plugins: Any = None
+
+    # --- what stores and services call ------------------------------------------------
+
+    def mutated(self, deletion: bool = False, *, content: bool = False,
+                snapshotter: str | None = None) -> None:
+        """Report a committed metadata change; ``deletion`` makes a collection due.
+
+        ``content`` / ``snapshotter`` mark that backend for cleanup at the next
+        collection (a deleted record may leave its blob or snapshot behind).
+        """
+        if content:
+            self.collector.dirty_content = True
+        if snapshotter:
+            self.collector.dirty_snapshotters.add(snapshotter)
+        self._send.send_nowait(_Event(time.monotonic(), True, deletion))
+
+    def trigger(self) -> Pending:
+        """Request a collection now (after ``schedule_delay``) without waiting for it."""
+        w = _Waiter()
+        self._waiters.append(w)
+        self._send.send_nowait(_Event(time.monotonic(), False, False))
+        return Pending(w)
+
+    async def schedule_and_wait(self) -> Stats:
+        return await self.trigger()
+
+    # --- wiring -----------------------------------------------------------------------
+
+    def wire(self, plugins: Any) -> None:
+        self._plugins = plugins
+
+    async def _wait_for_plugins(self) -> None:
+        """Wait until every other plugin has initialised.
+
+        Stores such as containers register their roots at their init, possibly after
+        this plugin's; a collection before that would take what only they keep. Plugins
+        that require "*" initialise after all others, so one of them being in the set
+        means the rest are done (a daemon without any gets a bounded wait).
+        """
+        if self._plugins is None:
+            return
+        deadline = trio.current_time() + INIT_WAIT
+        while not any(ALL in p.registration.requires
+                      for p in getattr(self._plugins, "ordered", ())):
+            if trio.current_time() >= deadline:
+                _log.warning("plugins still initialising; garbage collection starts anyway")
+                return
+            await trio.sleep(0.01)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        interval = 1.0
+        gc_time = 0.0
+        triggered = False
+        deletions = mutations = 0
+        last_start: float | None = None   # monotonic, when the last marking began
+        last_end: float | None = None     # trio clock
+        next_at: float | None = None
+        task_status.started()
+        await self._wait_for_plugins()
+        if cfg.startup_delay > 0:
+            next_at = trio.current_time() + cfg.startup_delay
+        while True:
+            with trio.move_on_at(math.inf if next_at is None else next_at) as timer:
+                ev = await self._recv.receive()
+            if not timer.cancelled_caught:
+                if last_start is not None and ev.ts < last_start:
+                    continue  # covered by the collection that started after it
+                if ev.dirty:
+                    deletions += 1
+                if ev.mutation:
+                    mutations += 1
+                else:
+                    triggered = True
+                dt, mt = cfg.deletion_threshold, cfg.mutation_threshold
+                if (triggered or (dt > 0 and deletions >= dt)
+                        or (next_at is None and ((dt == 0 and deletions > 0)
+                                                 or (mt > 0 and mutations >= mt)))):
+                    soon = trio.current_time() + cfg.schedule_delay
+                    if next_at is None or next_at > soon:
+                        next_at = soon
+                continue
+            # The timer fired: skip when nothing asks for a collection.
+            if (not triggered and last_end is not None and deletions == 0
+                    and (cfg.mutation_threshold == 0 or mutations < cfg.mutation_threshold)):
+                next_at = trio.current_time() + interval
+                continue
+            waiters, self._waiters = self._waiters, []
+            last_start = time.monotonic()
+            try:
+                stats = await self.collector.collect()
+            except Exception as e:
+                _log.error("garbage collection failed", error=str(e))
+                now = trio.current_time()
+                since = (next_at - last_end) if (next_at is not None and last_end is not None) \
+                    else 0.0
+                next_at, last_end = now + since + 1.0, now
+                for w in waiters:
+                    w.finish(None, e)
+                continue
+            gc_time += stats.elapsed
+            self.collections += 1
+            self.last_stats = stats
+            triggered, deletions, mutations = False, 0, 0
+            if cfg.pause_threshold > 0.0:
+                avg = gc_time / self.collections
+                interval = avg / cfg.pause_threshold - avg
+            last_end = trio.current_time()
+            next_at = last_end + interval
+            _log.info(
+                "garbage collected", d=format_duration(stats.elapsed),
+                content=stats.content, ingests=stats.ingests, leases=stats.leases,
+                snapshots=stats.snapshots, blobs=stats.blobs,
+                backend_ingests=stats.backend_ingests,
+                content_d=format_duration(stats.content_d),
+                snapshot_d={k: format_duration(v) for k, v in stats.snapshot_d.items()},
+            )
+            for w in waiters:
+                w.finish(stats)
+
+
+# --- plugin -------------------------------------------------------------------------------
+
+def snapshotters_of(plugins: Any) -> dict[str, Any]:
+    """The snapshot service's snapshotters, or none when it is not loaded."""
+    try:
+        svc = plugins.get(SERVICE, "snapshots-service")
+    except errdefs.NotFound:
+        return {}
+    return dict(getattr(svc, "snapshotters", None) or {})
+
+
+def content_of(plugins: Any) -> Any:
+    try:
+        return plugins.get(SERVICE, "content-service")
+    except errdefs.NotFound:
+        return None
+
+
+def notifier(plugins: Any, *, content: bool = False,
+             snapshotter: str | None = None) -> Callable[[bool], None]:
+    """A ``mutated(deletion)`` callback for a store that may load before (or without)
+    the scheduler: it finds the scheduler when it first can."""
+    found: list[GCScheduler] = []
+
+    def notify(deletion: bool) -> None:
+        if not found:
+            try:
+                found.append(plugins.get(GC, "scheduler"))
+            except errdefs.NotFound:
+                return
+        found[0].mutated(deletion, content=content and deletion,
+                         snapshotter=snapshotter if deletion else None)
+
+    return notify
+
+
+async def _init(ctx: InitContext) -> GCScheduler:
+    md = ctx.plugins.get(METADATA)
+    cfg = Config.from_plugin(ctx.config)
+    plugins = ctx.plugins
+    collector = Collector(md.db, snapshotters=lambda: snapshotters_of(plugins),
+                          content=lambda: content_of(plugins))
+    s = GCScheduler(collector, cfg)
+    ctx.exports.update({
+        "PauseThreshold": f"{cfg.pause_threshold:g}",
+        "DeletionThreshold": str(cfg.deletion_threshold),
+        "MutationThreshold": str(cfg.mutation_threshold),
+        "ScheduleDelay": format_duration(cfg.schedule_delay),
+    })
+    s.wire(plugins)
+    ctx.nursery.start_soon(s.run)
+    return s
+
+
+@hookimpl
+def berth_plugins() -> list[Registration]:
+    return [Registration(type=GC, id="scheduler", init=_init, requires=(METADATA,),
+                         config=dict(DEFAULTS))]

@@ -1,0 +1,1 @@
+"""Snapshotter backends: overlayfs and native (plugin type io.containerd.snapshotter.v1)."""

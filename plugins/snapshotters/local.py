@@ -1,0 +1,226 @@
+"""What the overlayfs and native snapshotters share: storage, crash-safe directories.
+
+Layout under the root: ``metadata.db`` (``storage.MetaStore``) and ``snapshots/<id>``.
+A snapshot directory is built under a temporary name (``new-*``) and renamed to its id
+inside the transaction that records the snapshot, so after a crash a directory either
+belongs to a committed record or is an orphan that :meth:`cleanup` removes. Removal
+commits the record's deletion first, then renames the directory (``rm-<id>``) and
+deletes it; a crash in between leaves only orphans.
+
+Metadata-only calls run inline (short sqlite transactions); anything that walks or
+copies a tree runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from core import errdefs, log
+from core.mount import Mount
+from core.snapshots import Info, Kind, Usage
+from plugins.snapshotters import fsutil
+from plugins.snapshotters.storage import MetaStore, Snapshot
+
+
+def wrap(prefix: str, e: errdefs.BerthError) -> errdefs.BerthError:
+    """Go's fmt.Errorf("prefix: %w", err), keeping the error's class."""
+    return type(e)(f"{prefix}: {e.message}", raw=True)
+
+
+class LocalSnapshotter:
+    """A snapshotter keeping snapshots as directories under ``root``; see module doc."""
+
+    #: The wording of a Mounts failure ("failed to get active mount: ...").
+    mounts_error = "failed to get snapshot mount"
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.snapshots_dir = self.root / "snapshots"
+        self.snapshots_dir.mkdir(exist_ok=True, mode=0o700)
+        self.ms = MetaStore(self.root / "metadata.db")
+        # Working directories (new-*, rm-*) of calls in progress in this process; any
+        # other directory without a record is an orphan of a crash.
+        self._inflight: set[str] = set()
+        self._inflight_lock = threading.Lock()
+        self._log = log.get("snapshotter", root=str(self.root))
+
+    # --- what a subclass decides -------------------------------------------------------
+
+    def snapshot_dir(self, id_: str) -> str:
+        return os.path.join(self.snapshots_dir, id_)
+
+    def data_dir(self, id_: str) -> str:
+        """The tree whose usage is the snapshot's usage."""
+        return self.snapshot_dir(id_)
+
+    def needs_dir(self, kind: Kind, parent: str) -> bool:
+        return True
+
+    def populate(self, td: str, kind: Kind, parent_id: str | None) -> None:
+        """Fill a new snapshot directory before the transaction that records it."""
+
+    def finish(self, td: str, s: Snapshot) -> None:
+        """Last touches inside the recording transaction (the parent chain is known)."""
+
+    def build_mounts(self, s: Snapshot) -> list[Mount]:
+        raise NotImplementedError
+
+    # --- the Snapshotter protocol -------------------------------------------------------
+
+    async def stat(self, key: str) -> Info:
+        with self.ms.read() as tx:
+            return tx.get_info(key)[1]
+
+    async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
+        with self.ms.write() as tx:
+            return tx.update_info(info, fieldpaths)
+
+    async def usage(self, key: str) -> Usage:
+        with self.ms.read() as tx:
+            id_, info, usage = tx.get_info(key)
+        if info.kind == Kind.ACTIVE:
+            usage = await trio.to_thread.run_sync(fsutil.disk_usage, self.data_dir(id_))
+        return usage
+
+    async def mounts(self, key: str) -> list[Mount]:
+        try:
+            with self.ms.read() as tx:
+                s = tx.get_snapshot(key)
+        except errdefs.BerthError as e:
+            raise wrap(self.mounts_error, e) from None
+        return self.build_mounts(s)
+
+    async def prepare(self, key: str, parent: str = "",
+                      labels: Mapping[str, str] | None = None) -> list[Mount]:
+        return await trio.to_thread.run_sync(self._create, Kind.ACTIVE, key, parent, labels)
+
+    async def view(self, key: str, parent: str = "",
+                   labels: Mapping[str, str] | None = None) -> list[Mount]:
+        return await trio.to_thread.run_sync(self._create, Kind.VIEW, key, parent, labels)
+
+    async def commit(self, name: str, key: str,
+                     labels: Mapping[str, str] | None = None) -> None:
+        await trio.to_thread.run_sync(self._commit, name, key, labels)
+
+    async def remove(self, key: str) -> None:
+        await trio.to_thread.run_sync(self._remove, key)
+
+    async def walk(self, filter_exprs: Sequence[str] = ()) -> list[Info]:
+        with self.ms.read() as tx:
+            return tx.walk_info(filter_exprs)
+
+    async def cleanup(self) -> None:
+        await trio.to_thread.run_sync(self._cleanup)
+
+    def close(self) -> None:
+        self.ms.close()
+
+    # --- blocking halves ----------------------------------------------------------------
+
+    def _claim(self, name: str) -> str:
+        """Mark a working directory as in use, so that cleanup leaves it alone."""
+        with self._inflight_lock:
+            self._inflight.add(name)
+        return os.path.join(self.snapshots_dir, name)
+
+    def _release(self, path: str) -> None:
+        with self._inflight_lock:
+            self._inflight.discard(os.path.basename(path))
+
+    def _create(self, kind: Kind, key: str, parent: str,
+                labels: Mapping[str, str] | None) -> list[Mount]:
+        td = work = None
+        if self.needs_dir(kind, parent):
+            td = work = self._claim("new-" + secrets.token_hex(8))
+        try:
+            if td is not None:
+                os.mkdir(td, 0o700)
+                parent_id = None
+                if parent:
+                    # Copy outside the transaction; the parent is checked again inside it.
+                    with self.ms.read() as tx:
+                        parent_id = tx.parent_id(parent)
+                try:
+                    self.populate(td, kind, parent_id)
+                except OSError as e:
+                    raise errdefs.Unknown(
+                        f"failed to create prepare snapshot dir: {e}", raw=True) from None
+            with self.ms.write() as tx:
+                try:
+                    s = tx.create_snapshot(kind, key, parent, labels)
+                except errdefs.BerthError as e:
+                    raise wrap("failed to create snapshot", e) from None
+                if td is not None:
+                    self.finish(td, s)
+                    path = self.snapshot_dir(s.id)
+                    # Only an orphan of a crashed create can be there: ids of recorded
+                    # snapshots are never reused.
+                    fsutil.remove_tree(path)
+                    os.rename(td, path)
+                    td = None
+                    _fsync_dir(self.snapshots_dir)
+            return self.build_mounts(s)
+        finally:
+            if td is not None:
+                fsutil.remove_tree(td)
+            if work is not None:
+                self._release(work)
+
+    def _commit(self, name: str, key: str, labels: Mapping[str, str] | None) -> None:
+        with self.ms.read() as tx:
+            id_, _, _ = tx.get_info(key)
+        usage = fsutil.disk_usage(self.data_dir(id_))
+        with self.ms.write() as tx:
+            try:
+                tx.commit_active(key, name, usage, labels)
+            except errdefs.BerthError as e:
+                raise wrap("failed to commit snapshot", e) from None
+
+    def _remove(self, key: str) -> None:
+        with self.ms.write() as tx:
+            try:
+                id_, _ = tx.remove(key)
+            except errdefs.BerthError as e:
+                raise wrap("failed to remove", e) from None
+            doomed = self._claim(f"rm-{id_}")
+        try:
+            try:
+                os.rename(self.snapshot_dir(id_), doomed)
+            except FileNotFoundError:
+                return  # a native view of a parent has no directory of its own
+            fsutil.remove_tree(doomed)
+        except OSError as e:
+            # The record is gone: what is left is an orphan for cleanup.
+            self._log.warning("failed to remove snapshot directory", path=doomed, error=str(e))
+        finally:
+            self._release(doomed)
+
+    def _cleanup(self) -> None:
+        with self.ms.write() as tx:
+            ids = tx.id_map()
+            with self._inflight_lock:
+                busy = set(self._inflight)
+            doomed = [
+                os.path.join(self.snapshots_dir, d) for d in os.listdir(self.snapshots_dir)
+                if d not in ids and d not in busy
+            ]
+        for d in doomed:
+            try:
+                fsutil.remove_tree(d)
+            except OSError as e:
+                self._log.warning("failed to remove directory", path=d, error=str(e))
+
+
+def _fsync_dir(path: os.PathLike[str] | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
