@@ -15,7 +15,16 @@ Handler = Callable[[argparse.Namespace, client.Session], Awaitable[int | None]]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from core.cli import events, leases, namespaces, plugins, version
+    from core.cli import (
+        content,
+        events,
+        images,
+        leases,
+        namespaces,
+        plugins,
+        snapshots,
+        version,
+    )
 
     p = argparse.ArgumentParser(prog="berth", description="command line client for berthd")
     p.add_argument("--address", "-a", default=client.default_address(),
@@ -27,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"berth {__version__}")
     sub = p.add_subparsers(dest="group", metavar="COMMAND")
     sub.required = True
-    for module in (version, namespaces, plugins, events, leases):
+    for module in (version, namespaces, plugins, events, leases, images, snapshots, content):
         module.register(sub)
     return p
 

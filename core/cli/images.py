@@ -1,0 +1,441 @@
+"""`berth images pull|push|ls|rm|tag|import|export|import-rootfs|mount|unmount`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from core import errdefs
+from core.cli import app, client
+from core.cli.output import emit
+from core.cli.transfer import for_terminal, human
+
+
+def default_snapshotter() -> str:
+    return os.environ.get("BERTH_SNAPSHOTTER") or os.environ.get("CONTAINERD_SNAPSHOTTER") \
+        or "overlayfs"
+
+
+def _client(s: client.Session, args: argparse.Namespace) -> Any:
+    from core.images.client import Client
+
+    return Client(s.channel, s.namespace,
+                  snapshotter=getattr(args, "snapshotter", None) or default_snapshotter())
+
+
+def _matcher(args: argparse.Namespace, *, strict: bool = False) -> Any:
+    from core.images import platforms
+
+    if getattr(args, "all_platforms", False):
+        return platforms.ALL
+    spec = getattr(args, "platform", None)
+    if spec:
+        p = platforms.parse(spec)
+        return platforms.only_strict(p) if strict else platforms.only(p)
+    return platforms.default_strict() if strict else platforms.default()
+
+
+def _registry(args: argparse.Namespace, host: str) -> Any:
+    from core.registry import Credentials, Registry, TLSOptions
+    from core.registry.auth import parse_credentials
+
+    creds: Credentials | None = parse_credentials(args.user) if args.user else None
+    tls = TLSOptions(ca_file=args.tlscacert, skip_verify=args.skip_verify)
+    return Registry(host, plain_http=args.plain_http, credentials=creds, tls=tls)
+
+
+def _ref(text: str) -> Any:
+    from core.images import reference
+
+    return reference.parse(reference.normalize(text))
+
+
+def _fail(e: Exception) -> app.CommandError:
+    return app.CommandError(str(e))
+
+
+def _network_errors() -> tuple[type[Exception], ...]:
+    import httpx
+
+    return (errdefs.BerthError, httpx.HTTPError)
+
+
+# --- pull / push --------------------------------------------------------------------------
+
+async def pull(args: argparse.Namespace, s: client.Session) -> int:
+    from core.images.pull import pull as do_pull
+
+    spec = _ref(args.ref)
+    c = _client(s, args)
+    try:
+        async with _registry(args, spec.hostname) as reg:
+            with for_terminal() as progress:
+                image, _ = await do_pull(c, reg, spec, matcher=_matcher(args),
+                                         unpack=not args.no_unpack, progress=progress,
+                                         concurrency=args.max_concurrent_downloads)
+    except _network_errors() as e:
+        raise _fail(e) from None
+    print(f"{image.name}: {image.target.digest}")
+    return 0
+
+
+async def push(args: argparse.Namespace, s: client.Session) -> int:
+    from core.images.manifest import Descriptor
+    from core.images.push import push as do_push
+
+    spec = _ref(args.remote)
+    c = _client(s, args)
+    local = args.local or args.remote
+    try:
+        try:
+            img = await c.get_image(local)
+        except errdefs.NotFound:
+            img = await c.get_image(str(spec))
+        root = Descriptor.from_api(img.target)
+        from core.images import platforms
+
+        matcher = _matcher(args) if args.platform else platforms.ALL
+        async with _registry(args, spec.hostname) as reg:
+            with for_terminal() as progress:
+                await do_push(c, reg, spec, root, matcher=matcher, progress=progress)
+    except _network_errors() as e:
+        raise _fail(e) from None
+    print(f"{spec}: pushed {root.digest}")
+    return 0
+
+
+# --- listing and removal ------------------------------------------------------------------
+
+async def _size(c: Any, target: Any, matcher: Any) -> int | None:
+    from core.images import mediatypes
+    from core.images.manifest import Descriptor, parse_index, parse_manifest
+
+    total = 0
+
+    async def walk(d: Descriptor) -> None:
+        nonlocal total
+        total += d.size
+        if mediatypes.is_index(d.media_type):
+            for m in parse_index(await c.read(d.digest)).manifests:
+                if m.platform is None or matcher.match(m.platform):
+                    await walk(m)
+        elif mediatypes.is_manifest(d.media_type):
+            m = parse_manifest(await c.read(d.digest))
+            total += m.config.size + sum(x.size for x in m.layers)
+
+    try:
+        await walk(Descriptor.from_api(target))
+    except errdefs.BerthError:
+        return None
+    return total
+
+
+async def ls(args: argparse.Namespace, s: client.Session) -> int:
+    from core.images import platforms
+    from core.images.image import platforms_of
+    from core.images.manifest import Descriptor
+
+    c = _client(s, args)
+    imgs = await c.list_images(args.filters)
+    if args.quiet:
+        for img in imgs:
+            print(img.name)
+        return 0
+    rows, records = [], []
+    for img in imgs:
+        size = await _size(c, img.target, platforms.default())
+        try:
+            plats = sorted({platforms.format(p) for p in
+                            await platforms_of(c, Descriptor.from_api(img.target))})
+        except errdefs.BerthError:
+            plats = []
+        labels = ",".join(f"{k}={v}" for k, v in sorted(img.labels.items())) or "-"
+        rows.append((img.name, img.target.media_type, img.target.digest,
+                     human(size) if size is not None else "-", ",".join(plats) or "-",
+                     labels))
+        records.append({"name": img.name, "media_type": img.target.media_type,
+                        "digest": img.target.digest, "size": size, "platforms": plats,
+                        "labels": dict(img.labels)})
+    emit(["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "LABELS"], rows, fmt=args.format,
+         records=records)
+    return 0
+
+
+async def rm(args: argparse.Namespace, s: client.Session) -> int:
+    c = _client(s, args)
+    failed = False
+    for i, name in enumerate(args.refs):
+        try:
+            # As ctr: only the last delete waits for garbage collection.
+            await c.delete_image(name, sync=args.sync and i == len(args.refs) - 1)
+        except errdefs.NotFound:
+            print(f"berth: image {name} not found", file=sys.stderr)
+            failed = True
+            continue
+        print(name)
+    return 1 if failed else 0
+
+
+async def tag(args: argparse.Namespace, s: client.Session) -> int:
+    from core.images.manifest import Descriptor
+
+    c = _client(s, args)
+    src = await c.get_image(args.source)
+    for target in args.targets:
+        await c.put_image(target, Descriptor.from_api(src.target), dict(src.labels) or None)
+        print(target)
+    return 0
+
+
+# --- archives -----------------------------------------------------------------------------
+
+async def _unpack(c: Any, name: str, target: Any, matcher: Any) -> None:
+    from core.images.image import manifest_for
+    from core.images.unpack import unpack
+
+    print(f"unpacking {name} ({target.digest})...", end="", flush=True)
+    async with c.lease():
+        await unpack(c, await manifest_for(c, target, matcher))
+    print("done")
+
+
+async def import_(args: argparse.Namespace, s: client.Session) -> int:
+    from core.images import archive, platforms
+
+    if args.base_name:
+        translate = archive.filter_ref_prefix(args.base_name)
+        prefix = args.base_name
+    else:
+        prefix = archive.default_prefix()
+        translate = archive.add_ref_prefix(prefix)
+    matcher = platforms.only_strict(platforms.parse(args.platform)) if args.platform \
+        else platforms.default()
+    opts = archive.ImportOptions(
+        matcher=platforms.ALL if args.all_platforms else matcher, translate=translate,
+        index_name=args.index_name or "",
+        digest_ref=(lambda d: f"{prefix}@{d}") if args.digests else None,
+        skip_digest_for_named=args.skip_digest_for_named)
+    c = _client(s, args)
+    try:
+        async with c.lease():
+            if args.file == "-":
+                imported = await archive.import_archive(c, sys.stdin.buffer, opts)
+            else:
+                with open(args.file, "rb") as f:
+                    imported = await archive.import_archive(c, f, opts)
+        if not args.no_unpack:
+            for name, target in imported.images:
+                await _unpack(c, name, target, matcher)
+    except errdefs.BerthError as e:
+        raise _fail(e) from None
+    for name, target in imported.images:
+        print(f"{name} {target.digest}")
+    return 0
+
+
+async def export(args: argparse.Namespace, s: client.Session) -> int:
+    from core.images import archive
+    from core.images.manifest import Descriptor
+
+    c = _client(s, args)
+    images = [(n, Descriptor.from_api((await c.get_image(n)).target)) for n in args.refs]
+    out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")  # noqa: SIM115
+    try:
+        if args.format_ == "docker":
+            await archive.export_docker_archive(c, out, images, matcher=_matcher(args))
+        else:
+            await archive.export_archive(
+                c, out, images, matcher=_matcher(args, strict=True),
+                all_platforms=args.all_platforms,
+                skip_docker_manifest=args.skip_manifest_json,
+                skip_non_distributable=args.skip_non_distributable)
+    except errdefs.BerthError as e:
+        raise _fail(e) from None
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    return 0
+
+
+async def import_rootfs(args: argparse.Namespace, s: client.Session) -> int:
+    from core.images import platforms
+    from core.images.rootfs import import_rootfs as build
+
+    c = _client(s, args)
+    name = args.ref
+    try:
+        async with c.lease():
+            manifest, _ = await build(c, Path(args.source), name)
+        if not args.no_unpack:
+            await _unpack(c, name, manifest, platforms.default())
+    except errdefs.BerthError as e:
+        raise _fail(e) from None
+    print(f"{name} {manifest.digest}")
+    return 0
+
+
+# --- mount --------------------------------------------------------------------------------
+
+async def mount(args: argparse.Namespace, s: client.Session) -> int:
+    from datetime import UTC, datetime
+
+    from grpclib import GRPCError
+
+    from core import mount as mounting
+    from core.api.containerd.services.leases.v1 import CreateRequest, LeasesStub
+    from core.images import mediatypes, platforms
+    from core.images.client import LEASE_EXPIRY, go_time, translate
+    from core.images.image import manifest_for
+    from core.images.manifest import Descriptor, chain_id
+    from core.images.unpack import unpack
+
+    c = _client(s, args)
+    target = os.path.abspath(args.target)
+    matcher = platforms.only(platforms.parse(args.platform)) if args.platform \
+        else platforms.default()
+    img = await c.get_image(args.ref)
+    resolved = await manifest_for(c, Descriptor.from_api(img.target), matcher)
+    # The lease (named after the target, as ctr names it) keeps the snapshot alive.
+    try:
+        await LeasesStub(s.channel, metadata=s.metadata).create(CreateRequest(id=target, labels={
+            mediatypes.LABEL_GC_EXPIRE: go_time(datetime.now(UTC) + LEASE_EXPIRY),
+            f"{mediatypes.LABEL_GC_REF_SNAPSHOT}.{c.snapshotter}": target}))
+    except GRPCError as e:
+        if not isinstance(translate(e), errdefs.AlreadyExists):
+            raise
+    c.lease_id = target
+    await unpack(c, resolved)
+    top = chain_id(d for _, d in resolved.layers)
+    print(top)
+    try:
+        mounts = await (c.prepare(target, top) if args.rw else c.view(target, top))
+    except errdefs.AlreadyExists:
+        mounts = await c.mounts(target)
+    try:
+        mounting.mount_all([mounting.Mount.from_proto(m) for m in mounts], target)
+    except OSError as e:
+        try:
+            await c.remove_snapshot(target)
+        except errdefs.BerthError:
+            pass
+        raise app.CommandError(f"mount {target}: {e.strerror}") from None
+    print(target)
+    return 0
+
+
+async def unmount(args: argparse.Namespace, s: client.Session) -> int:
+    from grpclib import GRPCError
+
+    from core import mount as mounting
+    from core.api.containerd.services.leases.v1 import DeleteRequest, LeasesStub
+    from core.images.client import translate
+
+    target = os.path.abspath(args.target)
+    try:
+        mounting.unmount_all(target)
+    except OSError as e:
+        raise app.CommandError(f"unmount {target}: {e.strerror}") from None
+    if args.rm:
+        c = _client(s, args)
+        try:
+            await LeasesStub(s.channel, metadata=s.metadata).delete(DeleteRequest(id=target))
+        except GRPCError as e:
+            if not isinstance(translate(e), errdefs.NotFound):
+                raise
+        try:
+            await c.remove_snapshot(target)
+        except errdefs.NotFound:
+            pass
+    print(target)
+    return 0
+
+
+# --- arguments ----------------------------------------------------------------------------
+
+def _remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plain-http", action="store_true", help="use plain HTTP, not TLS")
+    p.add_argument("--user", "-u", default="", help="registry credentials USER[:PASSWORD]")
+    p.add_argument("--skip-verify", "-k", action="store_true",
+                   help="do not verify the registry's TLS certificate")
+    p.add_argument("--tlscacert", default=None, help="CA bundle for the registry")
+    p.add_argument("--platform", default="", help="platform, e.g. linux/amd64")
+
+
+def _snapshotter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshotter", default=None,
+                   help="snapshotter (env BERTH_SNAPSHOTTER, default overlayfs)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("images", aliases=["image", "i"], help="manage images")
+    g = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    g.required = True
+
+    c = app.add(g, "pull", pull, help="pull an image from a registry")
+    _remote_flags(c)
+    _snapshotter(c)
+    c.add_argument("--all-platforms", action="store_true")
+    c.add_argument("--no-unpack", action="store_true", help="fetch only")
+    c.add_argument("--max-concurrent-downloads", type=int, default=3)
+    c.add_argument("ref")
+
+    c = app.add(g, "push", push, help="push an image to a registry")
+    _remote_flags(c)
+    c.add_argument("remote")
+    c.add_argument("local", nargs="?", default="")
+
+    c = app.add(g, "list", ls, help="list images", aliases=["ls"])
+    c.add_argument("--quiet", "-q", action="store_true")
+    c.add_argument("filters", nargs="*")
+
+    c = app.add(g, "remove", rm, help="remove images", aliases=["rm", "delete", "del"])
+    c.add_argument("--sync", action="store_true", help="wait for garbage collection")
+    c.add_argument("refs", nargs="+")
+
+    c = app.add(g, "tag", tag, help="give an image more names")
+    c.add_argument("source")
+    c.add_argument("targets", nargs="+")
+
+    c = app.add(g, "import", import_, help="import an OCI layout or docker-archive tar")
+    _snapshotter(c)
+    c.add_argument("--base-name", default="", help="name prefix for unnamed images")
+    c.add_argument("--digests", action="store_true", help="also name images by digest")
+    c.add_argument("--skip-digest-for-named", action="store_true")
+    c.add_argument("--index-name", default="", help="name the whole index too")
+    c.add_argument("--platform", default="")
+    c.add_argument("--all-platforms", action="store_true")
+    c.add_argument("--no-unpack", action="store_true")
+    c.add_argument("file", help="archive path, or - for stdin")
+
+    c = app.add(g, "export", export, help="export images to a tar")
+    c.add_argument("--archive-format", dest="format_", default="oci",
+                   choices=["oci", "docker"],
+                   help="oci: OCI layout with manifest.json (ctr's); docker: docker save's")
+    c.add_argument("--platform", default="")
+    c.add_argument("--all-platforms", action="store_true")
+    c.add_argument("--skip-manifest-json", action="store_true")
+    c.add_argument("--skip-non-distributable", action="store_true")
+    c.add_argument("out", help="output path, or - for stdout")
+    c.add_argument("refs", nargs="+")
+
+    c = app.add(g, "import-rootfs", import_rootfs,
+                help="make a one-layer image from a directory or a tar")
+    _snapshotter(c)
+    c.add_argument("--no-unpack", action="store_true")
+    c.add_argument("source", help="root filesystem directory or tar")
+    c.add_argument("ref")
+
+    c = app.add(g, "mount", mount, help="mount an image's root filesystem")
+    _snapshotter(c)
+    c.add_argument("--rw", action="store_true", help="writable (an active snapshot)")
+    c.add_argument("--platform", default="")
+    c.add_argument("ref")
+    c.add_argument("target")
+
+    c = app.add(g, "unmount", unmount, help="unmount an image mounted with mount")
+    _snapshotter(c)
+    c.add_argument("--rm", action="store_true", help="also remove the snapshot and lease")
+    c.add_argument("target")

@@ -1,0 +1,15 @@
+"""OCI distribution (registry) client: authentication and the HTTP API."""
+
+from core.registry.auth import Authorizer, Credentials, Unauthorized, parse_challenges
+from core.registry.client import BlobStream, Registry, RegistryError, TLSOptions
+
+__all__ = [
+    "Authorizer",
+    "BlobStream",
+    "Credentials",
+    "Registry",
+    "RegistryError",
+    "TLSOptions",
+    "Unauthorized",
+    "parse_challenges",
+]
