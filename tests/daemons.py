@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,12 +112,15 @@ def berthd(base: Path, *extra: str) -> Daemon:
     return d
 
 
-def containerd(base: Path) -> Daemon:
-    """The real containerd, isolated: own root, state, sockets; CRI disabled."""
+def containerd(base: Path, env: dict[str, str] | None = None) -> Daemon:
+    """The real containerd, isolated: own root, state, sockets; CRI disabled.
+
+    ``env`` is added to the daemon's environment (e.g. a PATH that finds berth's shim).
+    """
     if shutil.which(CONTAINERD) is None:
         raise RuntimeError(f"{CONTAINERD} is missing: install Debian package containerd")
     base.mkdir(parents=True, exist_ok=True)
-    d = Daemon("containerd", base, [])
+    d = Daemon("containerd", base, [], env=dict(env or {}))
     cfg = base / "config.toml"
     cfg.write_text(
         "version = 2\n"
@@ -159,3 +163,120 @@ def berth(address: Path, *args: str, namespace: str | None = None, timeout: floa
         argv += ["--namespace", namespace]
     p = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
+
+
+class Follower:
+    """A long-running client (``ctr events``...) whose stdout lines are read by a thread.
+
+    Tests wait for lines with a generous deadline instead of sleeping: the deadline only
+    bounds a failure, it never decides a pass.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        import queue
+        import threading
+
+        self.argv = argv
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._err: str | None = None
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 20.0
+                 ) -> list[str]:
+        """Lines read until one matches ``predicate`` (included); fails after ``timeout``."""
+        import queue
+
+        got: list[str] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(left, 0.001))
+            except queue.Empty:
+                raise TimeoutError(
+                    f"{self.argv}: no matching line within {timeout}s; got {got!r}"
+                ) from None
+            if line is None:
+                raise EOFError(f"{self.argv} ended (rc={self.proc.wait()}, stderr="
+                               f"{self.stderr()!r}); got {got!r}")
+            got.append(line)
+            self.seen.append(line)
+            if predicate(line):
+                return got
+
+    def stderr(self) -> str:
+        """What the client wrote to stderr; empty while it still runs."""
+        if self._err is None and self.proc.poll() is not None and self.proc.stderr is not None:
+            self._err = self.proc.stderr.read()
+        return self._err or ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        rc = self.proc.wait()
+        self._reader.join(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+        return rc
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ctr_events(address: Path, *filters: str, namespace: str | None = None) -> Follower:
+    argv = [CTR, "--address", str(address)]
+    if namespace:
+        argv += ["--namespace", namespace]
+    return Follower([*argv, "events", *filters])
+
+
+def ctr_ok(address: Path, *args: str, namespace: str | None = None) -> Result:
+    r = ctr(address, *args, namespace=namespace)
+    assert r.rc == 0, (args, r)
+    return r
+
+
+def wait_subscribed(f: Follower, address: Path, *, via_delete: bool = False) -> None:
+    """Poke the daemon until ``f`` (``ctr events``) prints the poke: it is then subscribed.
+
+    ctr says nothing when its subscription starts, so events sent before that are
+    simply lost; the short wait per poke only decides when to poke again. With a
+    delete-only filter, poke by creating and removing a namespace.
+    """
+    for i in range(60):
+        name = f"sync{i}"
+        if via_delete:
+            ctr_ok(address, "namespaces", "create", name)
+            ctr_ok(address, "namespaces", "rm", name)
+            marker = f'/namespaces/delete {{"name":"{name}"}}'
+        else:
+            ctr_ok(address, "namespaces", "label", "sync", f"poke={i}")
+            marker = f'"poke":"{i}"'
+        try:
+            f.wait_for(lambda line, marker=marker: marker in line, timeout=0.5)
+            return
+        except TimeoutError:
+            continue
+    raise AssertionError(f"{f.argv} never received a poke; stderr={f.stderr()!r}")
+
+
+def events_until_marker(f: Follower, address: Path) -> list[str]:
+    """Everything ``f`` prints before a final marker's delete event (excluded)."""
+    ctr_ok(address, "namespaces", "create", "endmark")
+    ctr_ok(address, "namespaces", "rm", "endmark")
+    got = f.wait_for(lambda line: '/namespaces/delete {"name":"endmark"}' in line)
+    return got[:-1]

@@ -1,0 +1,100 @@
+"""The ``delete`` action: clean up after a shim that is gone, print a DeleteResponse.
+
+containerd runs ``<shim> -id ID -bundle B delete`` whenever its connection to a shim
+closes (runtime/v2/shim.go cleanupAfterDeadShim) — after every normal Shutdown too —
+and reads a protobuf ``DeleteResponse`` from stdout. Like the runc shim's manager.Stop:
+force-delete the container in its runtime (when its state is still there), unmount
+the rootfs, and report the init pid with exit status 137 (128 + SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from core.shim import options, wire
+from core.shim.flags import Flags
+
+EXIT_STATUS = 128 + signal.SIGKILL
+
+
+def _mounted(path: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split(" ", 5)
+                if len(fields) > 4 and fields[4] == path:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def _read_pid(bundle: str) -> int:
+    try:
+        with open(os.path.join(bundle, "init.pid")) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _runtime_delete(choice: options.RuntimeChoice, container_id: str) -> str:
+    """Force-delete the container's runtime state; a warning, or ""."""
+    state = os.path.join(choice.root, container_id)
+    if not os.path.exists(state):
+        return ""  # deleted through the Task API already: the usual case
+    if choice.binary:
+        from plugins.runtimes.ocicli import resolve
+
+        try:
+            binary = resolve(choice.binary)
+        except Exception as exc:  # noqa: BLE001 - reported as a warning, like Go's shim
+            return f"failed to remove runc container: {exc}"
+        import subprocess  # no Reaper runs in this short-lived process
+
+        done = subprocess.run([binary, "--root", choice.root, "delete", "--force",
+                               container_id], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"failed to remove runc container: {done.stderr.strip()}"
+        return ""
+    return _inprocess_delete(choice, container_id)
+
+
+def _inprocess_delete(choice: options.RuntimeChoice, container_id: str) -> str:
+    import trio
+
+    from core.oci.reaper import Reaper
+    from plugins.runtimes.inprocess import Runtime
+
+    async def run() -> None:
+        reaper = Reaper(subreaper=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reaper.run)
+            await Runtime(choice.root, reaper).delete(container_id, force=True)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    except Exception as exc:  # noqa: BLE001 - reported as a warning, like Go's shim
+        return f"failed to remove container: {exc}"
+    return ""
+
+
+def delete(flags: Flags) -> tuple[bytes, list[str]]:
+    """(the DeleteResponse bytes, warnings for stderr)."""
+    bundle = flags.bundle or os.getcwd()
+    warnings: list[str] = []
+    choice = options.load(bundle)
+    if choice is not None:
+        warning = _runtime_delete(choice, flags.id)
+        if warning:
+            warnings.append(warning)
+    rootfs = os.path.join(bundle, "rootfs")
+    if _mounted(rootfs):
+        from core import mount
+
+        try:
+            mount.unmount_all(rootfs)
+        except OSError as exc:
+            warnings.append(f"failed to cleanup rootfs mount: {exc}")
+    return wire.delete_response(_read_pid(bundle), EXIT_STATUS), warnings

@@ -1,0 +1,113 @@
+"""The long-running shim: a child subreaper serving ``containerd.task.v2.Task``.
+
+What containerd's shim.Run does after ``start`` forked it: log to the bundle's ``log``
+FIFO, become a child subreaper (container processes re-parent here and are reaped
+by the one Reaper), publish events to TTRPC_ADDRESS, serve ttrpc on the socket the
+``start`` action bound, and exit on Shutdown (when no container is left) or on
+SIGTERM/SIGINT. On the way out the publisher gets five seconds to flush and the
+socket file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+
+import trio
+
+from core import log
+from core.oci.reaper import Reaper
+from core.shim import address as addr
+from core.shim import logging as shim_logging
+from core.shim.flags import Flags
+from core.shim.publisher import Publisher
+from core.shim.service import TASK_SERVICE, TaskService
+from core.ttrpc import Server
+
+RUNTIME_NAME = "io.containerd.berth.v1"
+PUBLISHER_FLUSH_TIMEOUT = 5.0
+
+
+def state_base(daemon_address: str) -> str:
+    """Where runtimes keep state by default: the folder of the daemon's socket
+    (``/run/containerd`` for containerd), as the runc shim's ``/run/containerd/runc``."""
+    return os.path.dirname(addr.socket_dir(daemon_address))
+
+
+def run(flags: Flags, listener: socket.socket, *, ttrpc_address: str | None = None) -> int:
+    """Serve until shut down; the exit status for the process."""
+    bundle = os.getcwd()
+    try:
+        fd = shim_logging.open_log(bundle)
+    except OSError:
+        fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    os.dup2(fd, 2)
+    os.close(fd)
+    shim_logging.setup(2, debug=flags.debug, runtime=RUNTIME_NAME)
+    if ttrpc_address is None:
+        ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
+    try:
+        trio.run(serve, flags, listener, ttrpc_address)
+    except BaseException:
+        log.get("shim").exception("shim failed", namespace=flags.namespace, id=flags.id)
+        return 1
+    return 0
+
+
+async def serve(flags: Flags, listener: socket.socket, ttrpc_address: str, *,
+                task_status: trio.TaskStatus[TaskService] = trio.TASK_STATUS_IGNORED,
+                runtime_factory=None) -> None:
+    logger = log.get("shim", namespace=flags.namespace, id=flags.id, pid=os.getpid())
+    reaper = Reaper()
+    publisher = Publisher(ttrpc_address, flags.namespace)
+    done = trio.Event()
+    service: TaskService | None = None
+    async with trio.open_nursery() as root:
+        await root.start(reaper.run)
+        root.start_soon(publisher.run)
+        try:
+            async with trio.open_nursery() as work:
+                extra = {"runtime_factory": runtime_factory} if runtime_factory else {}
+                service = TaskService(
+                    namespace=flags.namespace, publisher=publisher, reaper=reaper,
+                    nursery=work, state_base=state_base(flags.address),
+                    shutdown=done.set, **extra,
+                )
+                server = Server()
+                server.register(TASK_SERVICE, service.methods())
+                sock = trio.socket.from_stdlib_socket(listener)
+                work.start_soon(server.serve_listener, trio.SocketListener(sock))
+                work.start_soon(_exit_signals, done, logger)
+                logger.info("serving", socket=listener.getsockname())
+                task_status.started(service)
+                await done.wait()
+                # Let the Shutdown answer leave before the connection is torn down.
+                await trio.sleep(0.01)
+                work.cancel_scope.cancel()
+        finally:
+            publisher.close()
+            with trio.move_on_after(PUBLISHER_FLUSH_TIMEOUT) as flush:
+                await publisher.finished.wait()
+            if flush.cancelled_caught:
+                logger.error("publisher not closed")
+            root.cancel_scope.cancel()
+    _remove_socket(listener)
+    logger.info("shim exited", containers=len(service.containers) if service else 0)
+
+
+async def _exit_signals(done: trio.Event, logger) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for sig in signals:
+            logger.debug("caught exit signal", signal=signal.Signals(sig).name)
+            done.set()
+            return
+
+
+def _remove_socket(listener: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        name = listener.getsockname()
+        if isinstance(name, str) and name:
+            os.unlink(name)
+    listener.close()
