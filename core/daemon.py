@@ -38,6 +38,9 @@ BUILTIN_PLUGINS = [
     "core.services.snapshots",
     "plugins.differ.plugin",
     "core.services.diff",
+    "core.services.containers",
+    "core.runtime.plugin",
+    "core.services.tasks",
 ]
 
 

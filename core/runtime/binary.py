@@ -1,0 +1,184 @@
+"""Running a shim binary: its name, and the ``start`` and ``delete`` actions.
+
+This is containerd's runtime/v2 binary.go and shim/util.go: the runtime
+``io.containerd.runc.v2`` is served by the binary ``containerd-shim-runc-v2``, found
+beside the runtime name (a path), on $PATH, or beside the running program. Both actions
+run in the bundle directory with ``-namespace``, ``-address`` (berthd's gRPC socket) and
+``-publish-binary`` flags and ``TTRPC_ADDRESS`` (where the shim forwards its events) in
+the environment, each in its own process group so a signal to berthd's group does not
+reach it.
+
+- ``start`` gets the runtime options (a serialized Any) on stdin, forks the long-lived
+  shim and prints the shim's ttrpc address.
+- ``delete`` cleans up after a shim that is gone and prints a DeleteResponse protobuf.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+from betterproto.lib.google.protobuf import Any as AnyMsg
+
+from core import errdefs, log
+from core.api.containerd.task.v2 import DeleteResponse
+from core.runtime.bundle import Bundle, go_error
+
+SHIM_BINARY_FORMAT = "containerd-shim-{}-{}"
+TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
+
+
+@dataclass
+class Exit:
+    pid: int
+    status: int
+    timestamp: datetime
+
+
+def binary_name(runtime: str) -> str:
+    """``io.containerd.runc.v2`` → ``containerd-shim-runc-v2``; "" if not such a name."""
+    parts = runtime.split(".")
+    if len(parts) < 2:
+        return ""
+    return SHIM_BINARY_FORMAT.format(parts[-2], parts[-1])
+
+
+def binary_path(runtime: str) -> str:
+    """The shim binary next to a runtime given as a path (containerd's BinaryPath)."""
+    return os.path.abspath(os.path.join(os.path.dirname(runtime), binary_name(runtime)))
+
+
+class RuntimeResolver:
+    """containerd's resolveRuntimePath, with its per-name cache."""
+
+    def __init__(self, search_path: str | None = None) -> None:
+        self._cache: dict[str, str] = {}
+        self.search_path = search_path  # None: $PATH at lookup time
+
+    def resolve(self, runtime: str) -> str:
+        if runtime == "":
+            raise errdefs.Unknown("no runtime name", raw=True)
+        if os.path.isabs(runtime):
+            try:
+                os.stat(runtime)
+            except OSError as e:
+                raise errdefs.Unknown(
+                    f"invalid custom binary path: {go_error('stat', runtime, e)}", raw=True
+                ) from None
+            return runtime
+        name = binary_name(runtime)
+        if name == "":
+            raise errdefs.Unknown(
+                f"invalid runtime name {runtime}, correct runtime name should be either "
+                "format like `io.containerd.runc.v1` or a full path to the binary", raw=True,
+            )
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        path = binary_path(runtime)
+        if not os.path.exists(path):
+            path = shutil.which(name, path=self.search_path) or ""
+        if not path:
+            # Beside the running program: berth's own shim lives in the same bin dir.
+            beside = os.path.join(os.path.dirname(sys.executable), name)
+            if os.path.exists(beside):
+                path = beside
+        if not path:
+            raise errdefs.Unknown(
+                f'runtime "{runtime}" binary not installed "{name}": file does not exist',
+                raw=True,
+            )
+        path = os.path.abspath(path)
+        return self._cache.setdefault(name, path)
+
+
+def publish_binary() -> str:
+    """What shims are told to run to publish events: berthd's own entry point."""
+    beside = Path(sys.executable).with_name("berthd")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("berthd") or os.path.abspath(sys.argv[0])
+
+
+@dataclass
+class ShimBinary:
+    """One runtime binary bound to one bundle and to berthd's addresses."""
+
+    runtime: str
+    bundle: Bundle
+    address: str
+    ttrpc_address: str
+    debug: bool = False
+
+    def _argv(self, *args: str) -> list[str]:
+        return [self.runtime, "-namespace", self.bundle.namespace, "-address", self.address,
+                "-publish-binary", publish_binary(), *args]
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "GOMAXPROCS": "2", TTRPC_ADDRESS_ENV: self.ttrpc_address}
+
+    async def start(self, options: AnyMsg | None) -> str:
+        """Run ``start``; the shim's address (``unix://...``)."""
+        args = ["-id", self.bundle.id]
+        if self.debug:
+            args.append("-debug")
+        args.append("start")
+        try:
+            done = await trio.run_process(
+                self._argv(*args), cwd=self.bundle.path, env=self._env(),
+                stdin=bytes(options) if options is not None else b"",
+                capture_stdout=True, stderr=subprocess.STDOUT, check=False,
+                process_group=0,
+            )
+        except OSError as e:
+            raise errdefs.Unknown(f"start failed: {go_error('fork/exec', self.runtime, e)}",
+                                  raw=True) from None
+        out = done.stdout.decode(errors="replace")
+        if done.returncode != 0:
+            raise errdefs.Unknown(f"start failed: {out}: {_exit_text(done.returncode)}",
+                                  raw=True)
+        return out.strip()
+
+    async def delete(self) -> Exit:
+        """Run ``delete`` for a shim that is gone, then remove the bundle."""
+        lg = log.get("runtime", namespace=self.bundle.namespace, id=self.bundle.id)
+        lg.info("cleaning up dead shim")
+        try:
+            done = await trio.run_process(
+                self._argv("-id", self.bundle.id, "-bundle", str(self.bundle.path), "delete"),
+                cwd=self.bundle.path, env=self._env(), stdin=b"", capture_stdout=True,
+                capture_stderr=True, check=False, process_group=0,
+            )
+        except OSError as e:
+            raise errdefs.Unknown(go_error("fork/exec", self.runtime, e), raw=True) from None
+        err = done.stderr.decode(errors="replace")
+        if done.returncode != 0:
+            lg.error("failed to delete", error=err, rc=done.returncode)
+            raise errdefs.Unknown(f"{err}: {_exit_text(done.returncode)}", raw=True)
+        if err:
+            lg.warning("cleanup warnings", warnings=err)
+        try:
+            resp = DeleteResponse().parse(done.stdout)
+        except Exception as e:  # betterproto raises several types on garbage
+            raise errdefs.Unknown(f"shim delete: bad response: {e}", raw=True) from None
+        await trio.to_thread.run_sync(self.bundle.delete)
+        return Exit(pid=resp.pid, status=resp.exit_status, timestamp=resp.exited_at)
+
+
+def _exit_text(returncode: int) -> str:
+    # Go's *exec.ExitError wording.
+    if returncode < 0:
+        name = signal.strsignal(-returncode) or f"signal {-returncode}"
+        return f"signal: {name[:1].lower()}{name[1:]}"
+    return f"exit status {returncode}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,283 @@
+"""containerd.services.tasks.v1.Tasks over the runtime v2 task manager.
+
+A thin translation, as containerd's services/tasks/local.go: find the container, find
+its task, call the shim. Status codes and messages are containerd's, since ctr prints
+them (``task t1 not found``, ``container "t1" in namespace "default": not found``).
+Task events come from the shims (see core.runtime.manager), never from here.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import betterproto
+from betterproto.lib.google.protobuf import Empty
+
+from core import errdefs, filters, identifiers, log
+from core.api.containerd.runc.v1 import Options as RuncOptions
+from core.api.containerd.services.tasks.v1 import (
+    CheckpointTaskRequest,
+    CheckpointTaskResponse,
+    CloseIoRequest,
+    CreateTaskRequest,
+    CreateTaskResponse,
+    DeleteProcessRequest,
+    DeleteResponse,
+    DeleteTaskRequest,
+    ExecProcessRequest,
+    GetRequest,
+    GetResponse,
+    KillRequest,
+    ListPidsRequest,
+    ListPidsResponse,
+    ListTasksRequest,
+    ListTasksResponse,
+    MetricsRequest,
+    MetricsResponse,
+    PauseTaskRequest,
+    ResizePtyRequest,
+    ResumeTaskRequest,
+    StartRequest,
+    StartResponse,
+    TasksBase,
+    UpdateTaskRequest,
+    WaitRequest,
+    WaitResponse,
+)
+from core.api.containerd.types import Metric, Mount
+from core.api.containerd.v1.types import Process, Status
+from core.grpc.context import CallContext
+from core.metadata.containers import Container, ContainerStore, present, store_for
+from core.plugin import InitContext, Registration, hookimpl
+from core.plugin.registration import EVENT, GRPC, METADATA, RUNTIME_V2
+from core.runtime.manager import CreateOpts, TaskManager, wrap
+from core.runtime.shim import ShimTask
+
+# containerd's io.containerd.timeout.task.state.
+STATE_TIMEOUT = 2.0
+RUNC_OPTIONS = "containerd.runc.v1.Options"
+
+
+def _opt(msg: betterproto.Message | None) -> betterproto.Message | None:
+    return msg if present(msg) else None
+
+
+def restore_path(runtime: str, options: betterproto.Message | None) -> str:
+    """The CRIU image a runc task is to be restored from, if its options name one."""
+    if options is None or not runtime.startswith("io.containerd.runc"):
+        return ""
+    if options.type_url.rsplit("/", 1)[-1] != RUNC_OPTIONS:
+        raise errdefs.Unknown(f"invalid task create option for {runtime}", raw=True)
+    return RuncOptions().parse(options.value).criu_image_path
+
+
+class TasksService:
+    base = TasksBase
+
+    def __init__(self, runtime: TaskManager, containers: ContainerStore) -> None:
+        self.runtime = runtime
+        self.containers = containers
+        self._log = log.get("tasks")
+
+    # -- lookups ---------------------------------------------------------------------
+
+    def _container(self, ctx: CallContext, container_id: str) -> tuple[str, Container]:
+        ns = ctx.namespace_required()
+        return ns, self.containers.get(ns, container_id)
+
+    def _task(self, ctx: CallContext, container_id: str) -> ShimTask:
+        ns, container = self._container(ctx, container_id)
+        task = self.runtime.get(ns, container.id)
+        if task is None:
+            raise errdefs.NotFound(f"task {container.id} not found", raw=True)
+        return task
+
+    async def _process(self, task: ShimTask, exec_id: str) -> None:
+        """containerd's Task.Process: an exec'd process exists if the shim has its state."""
+        if exec_id:
+            await task.state(exec_id)
+
+    # -- the API ---------------------------------------------------------------------
+
+    async def create(self, ctx: CallContext, req: CreateTaskRequest) -> CreateTaskResponse:
+        ns, container = self._container(ctx, req.container_id)
+        options = _opt(req.options)
+        if restore_path(container.runtime_name, options) or present(req.checkpoint):
+            raise errdefs.NotImplemented_("restoring a task from a checkpoint")
+        if self.runtime.get(ns, req.container_id) is not None:
+            raise errdefs.AlreadyExists(f"task {req.container_id}")
+        assert container.spec is not None  # the store refuses containers without one
+        opts = CreateOpts(
+            spec=container.spec,
+            runtime=req.runtime_path or container.runtime_name,
+            rootfs=[Mount(type=m.type, source=m.source, options=list(m.options))
+                    for m in req.rootfs],
+            stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal,
+            runtime_options=container.runtime_options, task_options=options,
+        )
+        task = await self.runtime.create(ns, req.container_id, opts)
+        try:
+            pid = await task.pid()
+        except errdefs.BerthError as e:
+            raise wrap("failed to get task pid", e) from None
+        return CreateTaskResponse(container_id=req.container_id, pid=pid)
+
+    async def start(self, ctx: CallContext, req: StartRequest) -> StartResponse:
+        task = self._task(ctx, req.container_id)
+        await self._process(task, req.exec_id)
+        await task.start(req.exec_id)
+        state = await task.state(req.exec_id)
+        return StartResponse(pid=state.pid)
+
+    async def delete(self, ctx: CallContext, req: DeleteTaskRequest) -> DeleteResponse:
+        ns, container = self._container(ctx, req.container_id)
+        if self.runtime.get(ns, container.id) is None:
+            raise errdefs.NotFound(f"task {container.id} not found", raw=True)
+        exit_ = await self.runtime.delete(ns, req.container_id)
+        return DeleteResponse(exit_status=exit_.status, exited_at=exit_.timestamp,
+                              pid=exit_.pid)
+
+    async def delete_process(self, ctx: CallContext, req: DeleteProcessRequest
+                             ) -> DeleteResponse:
+        task = self._task(ctx, req.container_id)
+        await self._process(task, req.exec_id)
+        exit_ = await task.delete(req.exec_id)
+        return DeleteResponse(id=req.exec_id, exit_status=exit_.status,
+                              exited_at=exit_.timestamp, pid=exit_.pid)
+
+    async def _process_state(self, task: ShimTask, exec_id: str = "") -> Process:
+        """containerd's getProcessState: a failing shim shows as UNKNOWN, not an error."""
+        pid_id = exec_id or task.id
+        try:
+            state = await task.state(exec_id, timeout=STATE_TIMEOUT)
+        except errdefs.NotFound:
+            raise
+        except errdefs.BerthError as e:
+            self._log.error("get state", namespace=task.namespace, id=pid_id, error=str(e))
+            return Process(id=pid_id, status=Status.UNKNOWN)
+        return Process(
+            id=pid_id, pid=state.pid, status=state.status, stdin=state.stdin,
+            stdout=state.stdout, stderr=state.stderr, terminal=state.terminal,
+            exit_status=state.exit_status, exited_at=state.exited_at,
+        )
+
+    async def get(self, ctx: CallContext, req: GetRequest) -> GetResponse:
+        task = self._task(ctx, req.container_id)
+        await self._process(task, req.exec_id)
+        return GetResponse(process=await self._process_state(task, req.exec_id))
+
+    async def list(self, ctx: CallContext, req: ListTasksRequest) -> ListTasksResponse:
+        ns = ctx.namespace_required()
+        out = []
+        for task in self.runtime.tasks(ns):
+            try:
+                out.append(await self._process_state(task))
+            except errdefs.NotFound:
+                continue  # deleted meanwhile
+        return ListTasksResponse(tasks=out)
+
+    async def pause(self, ctx: CallContext, req: PauseTaskRequest) -> Empty:
+        await self._task(ctx, req.container_id).pause()
+        return Empty()
+
+    async def resume(self, ctx: CallContext, req: ResumeTaskRequest) -> Empty:
+        await self._task(ctx, req.container_id).resume()
+        return Empty()
+
+    async def kill(self, ctx: CallContext, req: KillRequest) -> Empty:
+        task = self._task(ctx, req.container_id)
+        await self._process(task, req.exec_id)
+        await task.kill(req.signal, req.all, req.exec_id)
+        return Empty()
+
+    async def list_pids(self, ctx: CallContext, req: ListPidsRequest) -> ListPidsResponse:
+        task = self._task(ctx, req.container_id)
+        return ListPidsResponse(processes=await task.pids())
+
+    async def exec(self, ctx: CallContext, req: ExecProcessRequest) -> Empty:
+        if req.exec_id == "":
+            raise errdefs.InvalidArgument("exec id cannot be empty", raw=True)
+        task = self._task(ctx, req.container_id)
+        try:
+            identifiers.validate(req.exec_id)
+        except errdefs.InvalidArgument as e:
+            raise errdefs.InvalidArgument(f"invalid exec id {req.exec_id}: {e}", raw=True) \
+                from None
+        await task.exec(req.exec_id, stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
+                        terminal=req.terminal, spec=_opt(req.spec))
+        return Empty()
+
+    async def resize_pty(self, ctx: CallContext, req: ResizePtyRequest) -> Empty:
+        task = self._task(ctx, req.container_id)
+        await self._process(task, req.exec_id)
+        await task.resize_pty(req.width, req.height, req.exec_id)
+        return Empty()
+
+    async def close_io(self, ctx: CallContext, req: CloseIoRequest) -> Empty:
+        task = self._task(ctx, req.container_id)
+        await self._process(task, req.exec_id)
+        if req.stdin:
+            await task.close_io(req.exec_id)
+        return Empty()
+
+    async def checkpoint(self, ctx: CallContext, req: CheckpointTaskRequest
+                         ) -> CheckpointTaskResponse:
+        self._task(ctx, req.container_id)
+        raise errdefs.NotImplemented_("task checkpoint")
+
+    async def update(self, ctx: CallContext, req: UpdateTaskRequest) -> Empty:
+        task = self._task(ctx, req.container_id)
+        await task.update(_opt(req.resources), dict(req.annotations))
+        return Empty()
+
+    async def metrics(self, ctx: CallContext, req: MetricsRequest) -> MetricsResponse:
+        try:
+            flt = filters.parse_all(list(req.filters))
+        except errdefs.InvalidArgument as e:
+            # containerd returns the parse error unconverted.
+            raise errdefs.Unknown(e.message, raw=True) from None
+        ns = ctx.namespace_required()
+        out = []
+        for task in self.runtime.tasks(ns):
+            if not flt.match(_task_adaptor(task)):
+                continue
+            collected = datetime.now(UTC)
+            try:
+                stats = await task.stats()
+            except errdefs.NotFound:
+                continue
+            except errdefs.BerthError as e:
+                self._log.error("collecting metrics", namespace=ns, id=task.id, error=str(e))
+                continue
+            metric = Metric(timestamp=collected, id=task.id)
+            if stats is not None:
+                metric.data = stats
+            out.append(metric)
+        return MetricsResponse(metrics=out)
+
+    async def wait(self, ctx: CallContext, req: WaitRequest) -> WaitResponse:
+        task = self._task(ctx, req.container_id)
+        await self._process(task, req.exec_id)
+        exit_ = await task.wait(req.exec_id)
+        return WaitResponse(exit_status=exit_.status, exited_at=exit_.timestamp)
+
+
+def _task_adaptor(task: ShimTask) -> filters.Adaptor:
+    def field(path: tuple[str, ...]) -> tuple[str, bool]:
+        if path and path[0] == "id":
+            return task.id, True
+        if path and path[0] == "namespace":
+            return task.namespace, True
+        return "", False
+    return field
+
+
+async def _init(ctx: InitContext) -> TasksService:
+    return TasksService(ctx.plugins.get(RUNTIME_V2, "task"),
+                        store_for(ctx.plugins.get(METADATA).db))
+
+
+@hookimpl
+def berth_plugins() -> list[Registration]:
+    return [Registration(type=GRPC, id="tasks", init=_init,
+                         requires=(RUNTIME_V2, METADATA, EVENT))]
