@@ -17,7 +17,7 @@ import betterproto
 import structlog
 import trio
 
-from core import errdefs, filters
+from core import errdefs, filters, identifiers
 from core.api.containerd.services.events.v1 import Envelope
 from core.events import envelope as envelopes
 from core.events.log import EventLog
@@ -92,6 +92,12 @@ class Exchange:
             raise errdefs.FailedPrecondition(
                 "failed publishing event: namespace is required: failed precondition", raw=True
             )
+        try:
+            identifiers.validate(namespace)
+        except errdefs.InvalidArgument as e:
+            raise errdefs.InvalidArgument(
+                f"failed publishing event: namespace validation: {e}", raw=True
+            ) from None
         return self._deliver(envelopes.make(namespace, topic, event))
 
     def forward(self, env: Envelope) -> Event:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import betterproto
 from betterproto.lib.google.protobuf import Empty
 
 from core import errdefs
@@ -33,6 +34,17 @@ class NamespacesService:
         self.store = store
         self.events = events
 
+    def _publish(self, ctx: CallContext, topic: str, event: betterproto.Message,
+                 namespace: str | None = None) -> None:
+        # containerd publishes create and update in the caller's namespace (ctr's
+        # "default"), not the one being changed, and only delete in the deleted one.
+        # A failure to publish reaches the client unconverted (Unknown), after the
+        # change itself has been committed, exactly as containerd does.
+        try:
+            self.events.publish(namespace or ctx.namespace or "", topic, event)
+        except errdefs.BerthError as e:
+            raise errdefs.Unknown(e.message, raw=True) from None
+
     def get(self, ctx: CallContext, req: GetNamespaceRequest) -> GetNamespaceResponse:
         # containerd answers a missing namespace with empty labels, not NotFound.
         return GetNamespaceResponse(Namespace(name=req.name, labels=self.store.labels(req.name)))
@@ -45,8 +57,8 @@ class NamespacesService:
     def create(self, ctx: CallContext, req: CreateNamespaceRequest) -> CreateNamespaceResponse:
         ns = req.namespace or Namespace()
         self.store.create(ns.name, dict(ns.labels))
-        self.events.publish(ns.name, "/namespaces/create",
-                            NamespaceCreate(name=ns.name, labels=dict(ns.labels)))
+        self._publish(ctx, "/namespaces/create",
+                      NamespaceCreate(name=ns.name, labels=dict(ns.labels)))
         return CreateNamespaceResponse(namespace=ns)
 
     def update(self, ctx: CallContext, req: UpdateNamespaceRequest) -> UpdateNamespaceResponse:
@@ -62,13 +74,14 @@ class NamespacesService:
             self.store.set_labels(ns.name, changes)
         else:
             self.store.set_labels(ns.name, dict(ns.labels), replace=True)
-        self.events.publish(ns.name, "/namespaces/update",
-                            NamespaceUpdate(name=ns.name, labels=dict(ns.labels)))
+        self._publish(ctx, "/namespaces/update",
+                      NamespaceUpdate(name=ns.name, labels=dict(ns.labels)))
         return UpdateNamespaceResponse()
 
     def delete(self, ctx: CallContext, req: DeleteNamespaceRequest) -> Empty:
         self.store.delete(req.name)
-        self.events.publish(req.name, "/namespaces/delete", NamespaceDelete(name=req.name))
+        self._publish(ctx, "/namespaces/delete", NamespaceDelete(name=req.name),
+                      namespace=req.name)
         return Empty()
 
 
