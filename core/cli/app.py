@@ -16,13 +16,16 @@ Handler = Callable[[argparse.Namespace, client.Session], Awaitable[int | None]]
 
 def _parser() -> argparse.ArgumentParser:
     from core.cli import (
+        containers,
         content,
         events,
         images,
         leases,
         namespaces,
         plugins,
+        run,
         snapshots,
+        tasks,
         version,
     )
 
@@ -36,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"berth {__version__}")
     sub = p.add_subparsers(dest="group", metavar="COMMAND")
     sub.required = True
-    for module in (version, namespaces, plugins, events, leases, images, snapshots, content):
+    for module in (version, namespaces, plugins, events, leases, images, snapshots, content,
+                   run, containers, tasks):
         module.register(sub)
     return p
 
