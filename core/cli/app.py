@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler: Handler = args.handler
+    # Library modules log through structlog; a CLI's stdout is its output, so only
+    # warnings and errors are shown, on stderr.
+    from core import log
+
+    log.setup("warn")
     try:
         return asyncio.run(_run(handler, args)) or 0
     except KeyboardInterrupt:
