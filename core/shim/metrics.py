@@ -54,6 +54,10 @@ def encode(stats: dict) -> bytes:
         usage = (uint_field(1, _uint(cpu.get("usage_total")))
                  + uint_field(2, _uint(cpu.get("usage_kernel")))
                  + uint_field(3, _uint(cpu.get("usage_user"))))
+        per_cpu = cpu.get("usage_percpu")
+        if isinstance(per_cpu, list) and per_cpu:
+            # CPUUsage.per_cpu: repeated uint64, packed as proto3 writes it.
+            usage += _message(4, b"".join(varint(_uint(v)) for v in per_cpu))
         throttle = (uint_field(1, _uint(cpu.get("nr_periods")))
                     + uint_field(2, _uint(cpu.get("throttled_periods")))
                     + uint_field(3, _uint(cpu.get("throttled_time"))))

@@ -473,10 +473,12 @@ class Cgroup:
                 "swap_limit": _int_opt(d, "memory.memsw.limit_in_bytes"),
                 "stat": _kv(_read_opt(d, "memory.stat")),
             }
-        cpu: dict[str, int] = {}
+        cpu: dict[str, Any] = {}
         d = self.dir_for("cpuacct")
         if d and os.path.isdir(d):
             cpu["usage_total"] = _int_opt(d, "cpuacct.usage")
+            cpu["usage_percpu"] = [int(v) for v in _read_opt(d, "cpuacct.usage_percpu").split()
+                                   if v.isdigit()]
             ticks = _kv(_read_opt(d, "cpuacct.stat"))
             hz = os.sysconf("SC_CLK_TCK") or 100
             cpu["usage_user"] = ticks.get("user", 0) * 1_000_000_000 // hz

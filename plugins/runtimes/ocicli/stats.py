@@ -27,6 +27,9 @@ def from_events(event: dict) -> dict:
             "throttled_periods": _get(cpu, "throttling", "throttledPeriods"),
             "throttled_time": _get(cpu, "throttling", "throttledTime"),
         }
+        per_cpu = _get(cpu, "usage", "percpu", default=None)
+        if isinstance(per_cpu, list):  # cgroup v1 only
+            out["cpu"]["usage_percpu"] = per_cpu
     memory = data.get("memory")
     if isinstance(memory, dict):
         out["memory"] = {
