@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_run(handler, args)) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `berth events | head`: the reader left; stop quietly like other Unix tools.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except CommandError as e:
         print(f"berth: {e}", file=sys.stderr)
         return e.exit_code
