@@ -169,6 +169,11 @@ def preload() -> None:
     for name in _OPTIONAL_PRELOAD:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
+    with contextlib.suppress(Exception):
+        # Locating libc runs ``ldconfig -p``: once here rather than in every shim.
+        from plugins.runtimes.inprocess import syscalls
+
+        syscalls.load_libc()
     # betterproto builds each message class's field tables on first use.
     import betterproto
 

@@ -289,16 +289,27 @@ class Runtime:
             cg.add(pid1)
             await sock.send(json.dumps({"type": "go"}).encode())
             target = 0
+            # After a fork, the grandchild's messages can overtake its parent's "pid"
+            # (the parent may not run again before the grandchild is done): they wait
+            # until the pid is known.
+            early: list[dict[str, Any]] = []
             while True:
-                data = await sock.recv(1 << 16)
-                if not data:
-                    if wait_exec and target:
-                        break  # execve closed the child's end: the process runs
-                    raise errdefs.Unknown("container process exited during set-up", raw=True)
-                msg = json.loads(data)
+                if target and early:
+                    msg = early.pop(0)
+                else:
+                    data = await sock.recv(1 << 16)
+                    if not data:
+                        if wait_exec and target:
+                            break  # execve closed the child's end: the process runs
+                        raise errdefs.Unknown("container process exited during set-up",
+                                              raw=True)
+                    msg = json.loads(data)
                 kind = msg.get("type")
                 if kind == "error":
                     raise errdefs.Unknown(msg.get("message") or "set-up failed", raw=True)
+                if not target and kind in ("hooks", "ready"):
+                    early.append(msg)
+                    continue
                 if kind == "userns" and on_userns is not None:
                     on_userns(pid1)
                     await sock.send(json.dumps({"type": "mapped"}).encode())
@@ -316,6 +327,9 @@ class Runtime:
                     raise errdefs.Internal(f"unexpected message from container process: {msg}")
         if target != pid1:
             first = await self._reaper.wait(pid1)
+            # Reaped and claimed: a clean-up must neither signal its (reusable) pid nor
+            # wait for its exit again.
+            pids.remove(pid1)
             if first.status != 0:
                 raise errdefs.Unknown(f"set-up process exited with {first.status}", raw=True)
         return target

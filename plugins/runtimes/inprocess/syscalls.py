@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import platform
 import socket
@@ -116,11 +117,19 @@ def _bind(libc: ctypes.CDLL, name: str, restype: type, *argtypes: type) -> ctype
     return fn
 
 
+@functools.cache
+def load_libc() -> ctypes.CDLL:
+    """libc, loaded once per process: ``find_library`` runs ``ldconfig -p`` each time,
+    which a shim would otherwise pay for every container it creates (and its Reaper
+    would reap that ldconfig). The shims' zygote loads it before forking them."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 class Syscalls:
     """Real syscalls."""
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = load_libc()
         c_int, c_ulong, c_char_p, c_void_p = (ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p,
                                                ctypes.c_void_p)
         c_long = ctypes.c_long

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of berthd against the real containerd."""
