@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 import trio
 
 from core import log
+from core.oci.libc import load_libc
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
@@ -48,7 +49,7 @@ def exit_status(wstatus: int) -> int:
 
 
 def _prctl(option: int, arg: int) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = load_libc()
     libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     if libc.prctl(option, arg, 0, 0, 0) != 0:
         err = ctypes.get_errno()

@@ -171,9 +171,9 @@ def preload() -> None:
             importlib.import_module(name)
     with contextlib.suppress(Exception):
         # Locating libc runs ``ldconfig -p``: once here rather than in every shim.
-        from plugins.runtimes.inprocess import syscalls
+        from core.oci.libc import load_libc
 
-        syscalls.load_libc()
+        load_libc()
     # betterproto builds each message class's field tables on first use.
     import betterproto
 

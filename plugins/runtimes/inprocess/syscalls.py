@@ -12,11 +12,12 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import functools
 import os
 import platform
 import socket
 import struct
+
+from core.oci.libc import load_libc
 
 # clone/unshare/setns flags
 CLONE_NEWNS = 0x00020000
@@ -115,14 +116,6 @@ def _bind(libc: ctypes.CDLL, name: str, restype: type, *argtypes: type) -> ctype
     fn.restype = restype
     fn.argtypes = list(argtypes)
     return fn
-
-
-@functools.cache
-def load_libc() -> ctypes.CDLL:
-    """libc, loaded once per process: ``find_library`` runs ``ldconfig -p`` each time,
-    which a shim would otherwise pay for every container it creates (and its Reaper
-    would reap that ldconfig). The shims' zygote loads it before forking them."""
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class Syscalls:
