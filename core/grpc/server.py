@@ -14,19 +14,9 @@ import structlog
 import trio
 import trio_asyncio
 
-from core.grpc.bridge import Mapping
+from core.grpc.bridge import Server
 
 log = structlog.get_logger("grpc")
-
-
-class _Routes:
-    """Feeds grpclib.Server a prepared route table."""
-
-    def __init__(self, routes: dict[str, grpclib.const.Handler]) -> None:
-        self.routes = routes
-
-    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        return self.routes
 
 
 def _unix_listener(path: Path, uid: int = 0, gid: int = 0) -> socket.socket:
@@ -62,26 +52,27 @@ async def serve(
     """
     sock = _unix_listener(address, uid, gid)
     servers: list[grpclib.server.Server] = []
-    try:
-        server = grpclib.server.Server([_Routes(routes)])
-        server._mapping = Mapping(server._mapping)  # noqa: SLF001 - see bridge.Mapping
-        servers.append(server)
-        await trio_asyncio.aio_as_trio(server.start)(sock=sock)
-        if tcp_address:
-            host, _, port = tcp_address.rpartition(":")
-            tcp = grpclib.server.Server([_Routes(routes)])
-            tcp._mapping = Mapping(tcp._mapping)  # noqa: SLF001
-            servers.append(tcp)
-            await trio_asyncio.aio_as_trio(tcp.start)(host or "127.0.0.1", int(port))
-        log.info("serving", address=str(address), tcp=tcp_address or None)
-        task_status.started()
-        await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True):
-            for s in servers:
-                s.close()
-                with trio.move_on_after(5):
-                    await trio_asyncio.aio_as_trio(s.wait_closed)()
-            sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                address.unlink()
+    # Async unary methods run here, as trio tasks (see bridge.Protocol); cancelling
+    # serve cancels them with everything else.
+    async with trio.open_nursery() as calls:
+        try:
+            server = Server(routes, calls=calls)
+            servers.append(server)
+            await trio_asyncio.aio_as_trio(server.start)(sock=sock)
+            if tcp_address:
+                host, _, port = tcp_address.rpartition(":")
+                tcp = Server(routes, calls=calls)
+                servers.append(tcp)
+                await trio_asyncio.aio_as_trio(tcp.start)(host or "127.0.0.1", int(port))
+            log.info("serving", address=str(address), tcp=tcp_address or None)
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                for s in servers:
+                    s.close()
+                    with trio.move_on_after(5):
+                        await trio_asyncio.aio_as_trio(s.wait_closed)()
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    address.unlink()
