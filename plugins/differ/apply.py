@@ -39,6 +39,7 @@ from typing import BinaryIO, Literal
 from core import errdefs, log
 from plugins.differ import layer
 from plugins.differ.layer import Action, Kind
+from plugins.differ.tarheader import FastTarInfo
 
 Mode = Literal["overlay", "native"]
 
@@ -203,6 +204,7 @@ def _unpack(reader: HashingReader, unpacker: _Unpacker) -> None:
             bufsize=TAR_BLOCK,
             encoding="utf-8",
             errors="surrogateescape",
+            tarinfo=FastTarInfo,
         )
     except tarfile.ReadError as exc:
         if reader.size == 0:

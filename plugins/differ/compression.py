@@ -19,6 +19,16 @@ import zstandard
 
 from core import errdefs
 
+try:
+    # ISA-L's inflate (python-isal): zlib's API, about twice zlib's speed, which is
+    # most of what unpacking a gzip layer costs.
+    from isal import isal_zlib as _inflate_lib
+
+    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate_lib.error)
+except ImportError:  # pragma: no cover - isal is a dependency; zlib still works
+    _inflate_lib = zlib  # type: ignore[assignment]
+    _INFLATE_ERRORS = (zlib.error,)
+
 # Compressed input is pulled in chunks of this size.
 READ_SIZE = 1 << 20
 
@@ -147,7 +157,7 @@ class _GzipReader:
     def __init__(self, src: BinaryIO, head: bytes) -> None:
         self._src = src
         self._pending = head  # compressed bytes not yet given to the inflater
-        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._inflater = _inflate_lib.decompressobj(16 + zlib.MAX_WBITS)
         self._eof = False
 
     def read(self, n: int = -1) -> bytes:
@@ -173,7 +183,7 @@ class _GzipReader:
                     raise errdefs.InvalidArgument("gzip stream: unexpected end of data")
             try:
                 out = inflater.decompress(data, n)
-            except zlib.error as exc:
+            except _INFLATE_ERRORS as exc:
                 raise errdefs.InvalidArgument(f"gzip stream: {exc}") from None
             if inflater.eof:
                 self._pending = inflater.unused_data
@@ -192,7 +202,7 @@ class _GzipReader:
             data += _read_full(self._src, len(_GZIP_MAGIC) - len(data))
         if not data.startswith(_GZIP_MAGIC):
             raise errdefs.InvalidArgument("gzip stream: trailing garbage after last member")
-        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._inflater = _inflate_lib.decompressobj(16 + zlib.MAX_WBITS)
         self._pending = data
 
     def close(self) -> None:
