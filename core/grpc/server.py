@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
 import grpclib.const
+import grpclib.exceptions
 import grpclib.server
 import structlog
 import trio
@@ -17,6 +19,19 @@ import trio_asyncio
 from core.grpc.bridge import Server
 
 log = structlog.get_logger("grpc")
+
+
+class _QuietPeerResets(logging.Filter):
+    """grpclib logs a traceback when a client resets a stream it was still answering
+    (ctr does so after every content Write); that is the client's right, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Failed to handle cancellation")
+                    and isinstance(exc, grpclib.exceptions.StreamTerminatedError))
+
+
+logging.getLogger("grpclib.server").addFilter(_QuietPeerResets())
 
 
 def _unix_listener(path: Path, uid: int = 0, gid: int = 0) -> socket.socket:
