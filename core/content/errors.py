@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 from core.errdefs import OutOfRange
+from core.identifiers import go_quote
 
 __all__ = ["OutOfRange", "go_quote"]
-
-
-def go_quote(text: str) -> str:
-    """Go's %q for the common case, so messages read like containerd's."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

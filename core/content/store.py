@@ -29,6 +29,7 @@ from core.content.errors import OutOfRange, go_quote
 from core.content.ingest import Status
 from core.content.writer import Writer
 from core.errdefs import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from core.gofmt import go_duration
 
 # Reads up to this size run inline: a pread from the page cache is cheaper than a
 # thread hop. Anything larger goes to a worker thread.
@@ -170,7 +171,7 @@ class ContentStore:
             if trio.current_time() >= deadline:
                 now = time.time_ns()
                 raise Unavailable(
-                    f"ref {ref} locked for {_go_duration(now - held.since_ns)} "
+                    f"ref {ref} locked for {go_duration(now - held.since_ns)} "
                     f"(since {_go_time(held.since_ns)})")
             with trio.move_on_at(deadline):
                 await held.released.wait()
@@ -347,22 +348,6 @@ def _blob_info(d: dg.Digest, st: os.stat_result) -> BlobInfo:
     )
 
 
-def _go_duration(ns: int) -> str:
-    """Go's time.Duration.String, for messages that match containerd's."""
-    if ns < 1000:
-        return f"{ns}ns"
-    if ns < 1_000_000:
-        return f"{ns / 1e3:.3f}".rstrip("0").rstrip(".") + "µs"
-    if ns < 1_000_000_000:
-        return f"{ns / 1e6:.6f}".rstrip("0").rstrip(".") + "ms"
-    hours, rest = divmod(ns, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    secs = f"{rest / 1e9:.9f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{secs}"
-    if minutes:
-        return f"{minutes}m{secs}"
-    return secs
 
 
 def _go_time(ns: int) -> str:

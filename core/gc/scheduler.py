@@ -25,6 +25,7 @@ import trio
 
 from core import errdefs, log
 from core.gc.collector import Collector, Stats
+from core.gofmt import go_duration
 from core.plugin import InitContext, Registration, hookimpl
 from core.plugin.registration import ALL, GC, METADATA, SERVICE
 
@@ -71,23 +72,7 @@ def parse_duration(value: str | int | float) -> float:
 
 def format_duration(seconds: float) -> str:
     """Go's time.Duration.String for the exports (0s, 100ms, 1.5s, 1m30s)."""
-    ns = round(seconds * 1e9)
-    if ns == 0:
-        return "0s"
-    if ns < 1000:
-        return f"{ns}ns"
-    if ns < 1_000_000:
-        return f"{ns / 1e3:.3f}".rstrip("0").rstrip(".") + "µs"
-    if ns < 1_000_000_000:
-        return f"{ns / 1e6:.6f}".rstrip("0").rstrip(".") + "ms"
-    hours, rest = divmod(ns, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    secs = f"{rest / 1e9:.9f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{secs}"
-    if minutes:
-        return f"{minutes}m{secs}"
-    return secs
+    return go_duration(round(seconds * 1e9))
 
 
 @dataclass
