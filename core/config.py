@@ -103,3 +103,27 @@ def load(path: Path | None, *, overrides: dict[str, Any] | None = None) -> Confi
             f"config file {path}: unsupported version {cfg.data['version']}", raw=True
         )
     return cfg
+
+
+def check_shape(data: dict[str, Any], defaults: dict[str, Any], prefix: str = "",
+                where: str = "") -> None:
+    """Refuse a config whose known keys have the wrong TOML type, naming the key.
+
+    Without this a `grpc = 5` surfaces much later as a TypeError deep in start-up.
+    """
+    for key, default in defaults.items():
+        if key not in data:
+            continue
+        value, name = data[key], f"{where}{key}"
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise errdefs.InvalidArgument(f"{prefix}{name} must be a table", raw=True)
+            if key != "plugins":  # plugin sections are checked by their owners
+                check_shape(value, default, prefix, f"{name}.")
+            continue
+        kinds: dict[type, tuple[type, str]] = {
+            str: (str, "a string"), int: (int, "an integer"), list: (list, "an array"),
+        }
+        want, what = kinds.get(type(default), (object, ""))
+        if not isinstance(value, want) or isinstance(value, bool) is not isinstance(default, bool):
+            raise errdefs.InvalidArgument(f"{prefix}{name} must be {what}", raw=True)

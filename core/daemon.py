@@ -187,30 +187,6 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def check_shape(data: dict[str, Any], defaults: dict[str, Any], prefix: str = "",
-                where: str = "") -> None:
-    """Refuse a config whose known keys have the wrong TOML type, naming the key.
-
-    Without this a `grpc = 5` surfaces much later as a TypeError deep in start-up.
-    """
-    for key, default in defaults.items():
-        if key not in data:
-            continue
-        value, name = data[key], f"{where}{key}"
-        if isinstance(default, dict):
-            if not isinstance(value, dict):
-                raise errdefs.InvalidArgument(f"{prefix}{name} must be a table", raw=True)
-            if key != "plugins":  # plugin sections are checked by their owners
-                check_shape(value, default, prefix, f"{name}.")
-            continue
-        kinds: dict[type, tuple[type, str]] = {
-            str: (str, "a string"), int: (int, "an integer"), list: (list, "an array"),
-        }
-        want, what = kinds.get(type(default), (object, ""))
-        if not isinstance(value, want) or isinstance(value, bool) is not isinstance(default, bool):
-            raise errdefs.InvalidArgument(f"{prefix}{name} must be {what}", raw=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -220,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(cfg.dumps())
             return 0
         # The file alone first: a flag must not paper over a mistyped section.
-        check_shape(config.load(args.config).data, config.DEFAULTS,
+        config.check_shape(config.load(args.config).data, config.DEFAULTS,
                     f"config file {args.config or config.DEFAULT_CONFIG_PATH}: ")
         cfg = config.load(args.config, overrides=_overrides(args))
         if args.address is None and "address" not in cfg.data["ttrpc"]:
