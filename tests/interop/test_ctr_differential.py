@@ -22,7 +22,8 @@ pytestmark = pytest.mark.interop
 IDENTIFIER_RULE = r"^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$"
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z")
 # containerd's WithRandomID: nanoseconds within the second, 3 random bytes in base64.
-_RANDOM_LEASE = re.compile(r"\b\d{1,9}-[A-Za-z0-9_-]{4}\b")
+# URL-safe base64 may end in "-" or "_", where \b would not match: use look-arounds.
+_RANDOM_LEASE = re.compile(r"(?<![\w-])\d{1,9}-[A-Za-z0-9_-]{4}(?![\w-])")
 
 
 def normalise(text: str, *, random_ids: bool = False) -> str:
