@@ -15,8 +15,7 @@ from typing import Any
 import structlog
 import trio
 
-from core import __version__, config, errdefs
-from core import log as logsetup
+from core import __version__, config, errdefs, log as logsetup
 
 log = structlog.get_logger("berthd")
 
@@ -92,8 +91,7 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
     """Initialise plugins, serve gRPC and ttrpc until cancelled."""
     import trio_asyncio
 
-    from core.grpc import bridge
-    from core.grpc import server as grpc_server
+    from core.grpc import bridge, server as grpc_server
     from core.plugin.graph import init_all
     from core.ttrpc.server import Server as TTRPCServer
 

@@ -11,9 +11,7 @@ from typing import Any
 
 from grpclib import GRPCError
 
-from core.cli import app, client
-from core.cli import run as run_cli
-from core.cli import tasks as tasks_cli
+from core.cli import app, client, run as run_cli, tasks as tasks_cli
 from core.cli.output import emit
 
 

@@ -32,8 +32,7 @@ async def events(args: argparse.Namespace, s: client.Session) -> int:
         async for env in EventsStub(s.channel).subscribe(SubscribeRequest(filters=args.filters)):
             print(_line(env, None, args.format), flush=True)
         return 0
-    from core.api.berth.services.eventlog.v1 import EventLogStub
-    from core.api.berth.services.eventlog.v1 import SubscribeRequest as Req
+    from core.api.berth.services.eventlog.v1 import EventLogStub, SubscribeRequest as Req
 
     req = Req(filters=args.filters, since=args.since, follow=not args.no_follow)
     async for item in EventLogStub(s.channel).subscribe(req):

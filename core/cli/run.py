@@ -21,8 +21,7 @@ from typing import Any
 from grpclib import GRPCError
 
 from core import cio, errdefs
-from core.cli import app, client
-from core.cli import tasks as tasks_cli
+from core.cli import app, client, tasks as tasks_cli
 
 DEFAULT_RUNTIME = "io.containerd.berth.v1"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"

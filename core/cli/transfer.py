@@ -66,11 +66,11 @@ class RichProgress(Progress):
         from rich.progress import (
             BarColumn,
             DownloadColumn,
+            Progress as Bars,
             TextColumn,
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
-        from rich.progress import Progress as Bars
 
         self.console = Console(stderr=True, highlight=False)
         self.bars = Bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

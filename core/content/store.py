@@ -23,8 +23,7 @@ from pathlib import Path
 import trio
 
 from core import log
-from core.content import digest as dg
-from core.content import ingest
+from core.content import digest as dg, ingest
 from core.content.errors import OutOfRange, go_quote
 from core.content.ingest import Status
 from core.content.writer import Writer

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from core.content import digest as dg
-from core.content import ingest
+from core.content import digest as dg, ingest
 from core.content.errors import OutOfRange, go_quote
 from core.errdefs import AlreadyExists, FailedPrecondition
 

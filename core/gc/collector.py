@@ -31,8 +31,7 @@ import trio
 from core import log
 from core.gc import mark
 from core.gc.mark import Graph, Node, Plan
-from core.metadata import content as content_meta
-from core.metadata import images as images_meta
+from core.metadata import content as content_meta, images as images_meta
 from core.metadata.db import Database
 
 RootSource = Callable[[sqlite3.Connection], Iterable[Node]]

@@ -31,8 +31,7 @@ from datetime import datetime
 import trio
 
 from core import errdefs, filters, log
-from core.content import ContentStore, Reader, Status, Writer
-from core.content import digest as dg
+from core.content import ContentStore, Reader, Status, Writer, digest as dg
 from core.content.errors import go_quote
 from core.content.ingest import ns_to_datetime
 from core.metadata import namespaces

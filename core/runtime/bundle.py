@@ -17,8 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import errdefs, identifiers
-from core import mount as mounts
+from core import errdefs, identifiers, mount as mounts
 
 CONFIG = "config.json"
 

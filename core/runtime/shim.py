@@ -14,8 +14,7 @@ from typing import Any, TypeVar
 
 import betterproto
 import trio
-from betterproto.lib.google.protobuf import Any as AnyMsg
-from betterproto.lib.google.protobuf import Empty
+from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
 from core import errdefs, log
 from core.api.containerd.task.v2 import (

@@ -45,8 +45,7 @@ from core.metadata import snapshots as metadata_snapshots
 from core.metadata.snapshots import NamespacedSnapshotter
 from core.plugin import InitContext, Registration, hookimpl
 from core.plugin.registration import EVENT, GRPC, METADATA, SERVICE, SNAPSHOTTER
-from core.snapshots import Info as SnapshotInfo
-from core.snapshots import Kind as SnapshotKind
+from core.snapshots import Info as SnapshotInfo, Kind as SnapshotKind
 
 SERVICE_ID = "snapshots-service"
 LIST_BATCH = 100

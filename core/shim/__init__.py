@@ -74,8 +74,7 @@ def _serve_inherited(flags) -> int:
     """Serve mode when exec'd like a Go shim: the socket is fd 3, or ``-socket`` path."""
     import socket
 
-    from core.shim import address as addr
-    from core.shim import serve
+    from core.shim import address as addr, serve
 
     if flags.socket:
         listener = addr.listen("unix://" + flags.socket.removeprefix("unix://"))

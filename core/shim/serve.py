@@ -19,8 +19,7 @@ import trio
 
 from core import log
 from core.oci.reaper import Reaper
-from core.shim import address as addr
-from core.shim import logging as shim_logging
+from core.shim import address as addr, logging as shim_logging
 from core.shim.flags import Flags
 from core.shim.publisher import Publisher
 from core.shim.service import TASK_SERVICE, TaskService

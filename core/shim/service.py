@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from betterproto.lib.google.protobuf import Any as AnyMsg
-from betterproto.lib.google.protobuf import Empty
+from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
 from core import errdefs, log
 from core.api.containerd import events as ev

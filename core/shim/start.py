@@ -17,8 +17,7 @@ import os
 import socket
 import sys
 
-from core.shim import address as addr
-from core.shim import host, wire, zygote
+from core.shim import address as addr, host, wire, zygote
 from core.shim.flags import Flags, to_argv
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"

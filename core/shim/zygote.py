@@ -337,8 +337,7 @@ def _spawn_shim(req: dict, listener_fd: int, close: list[socket.socket | int | N
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
-        from core.shim import flags as shim_flags
-        from core.shim import serve
+        from core.shim import flags as shim_flags, serve
 
         listener = socket.socket(fileno=listener_fd)
         code = serve.run(shim_flags.parse(req["argv"]), listener)

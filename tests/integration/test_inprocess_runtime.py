@@ -25,8 +25,7 @@ import pytest
 import trio
 
 from core import errdefs
-from core.oci import Reaper, Stdio
-from core.oci import spec as oci_spec
+from core.oci import Reaper, Stdio, spec as oci_spec
 from plugins.runtimes.inprocess import Runtime, caps
 
 pytestmark = pytest.mark.root

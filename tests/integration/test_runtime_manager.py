@@ -27,8 +27,7 @@ import pytest
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from core import errdefs
-from core import mount as mounts
+from core import errdefs, mount as mounts
 from core.api.containerd import events as ev
 from core.api.containerd.types import Mount
 from core.api.containerd.v1.types import Status

@@ -26,11 +26,11 @@ from tests.interop.test_ctr_berth_runtime import (
     Berth,
     alive,
     assert_task_left_nothing,
+    berth as berth,  # noqa: F401
     cgroup_dirs,
     mounts_under,
     wait_for,
 )
-from tests.interop.test_ctr_berth_runtime import berth as berth  # noqa: F401
 
 pytestmark = [pytest.mark.interop, pytest.mark.root]
 

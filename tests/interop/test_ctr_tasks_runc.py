@@ -28,11 +28,11 @@ from tests.integration.test_runtime_manager import (
     Leftovers,
     alive,
     cgroup_dirs,
+    leftovers as leftovers,  # noqa: F401
     make_rootfs,
     shim_pids,
     shim_sockets,
 )
-from tests.integration.test_runtime_manager import leftovers as leftovers  # noqa: F401
 
 pytestmark = [pytest.mark.interop, pytest.mark.root]
 

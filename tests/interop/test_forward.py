@@ -12,8 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 import trio
-from betterproto.lib.google.protobuf import Any as AnyMsg
-from betterproto.lib.google.protobuf import Empty
+from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
 from core import errdefs
 from core.api.containerd.events import TaskExit, TaskOom

@@ -24,9 +24,9 @@ from tests.interop.test_ctr_berth_runtime import (
     Berth,
     alive,
     assert_task_left_nothing,
+    berth as berth,  # noqa: F401
     wait_for,
 )
-from tests.interop.test_ctr_berth_runtime import berth as berth  # noqa: F401
 
 pytestmark = [pytest.mark.interop, pytest.mark.root]
 

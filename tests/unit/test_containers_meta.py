@@ -7,15 +7,12 @@ from pathlib import Path
 import betterproto
 import pytest
 import trio
-from betterproto.lib.google.protobuf import Any as AnyMsg
-from betterproto.lib.google.protobuf import FieldMask
+from betterproto.lib.google.protobuf import Any as AnyMsg, FieldMask
 
 from core import errdefs
 from core.api.containerd import events as ev
 from core.api.containerd.services.containers.v1 import (
     Container as PbContainer,
-)
-from core.api.containerd.services.containers.v1 import (
     ContainerRuntime,
     CreateContainerRequest,
     DeleteContainerRequest,

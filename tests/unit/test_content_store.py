@@ -12,8 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from core.content import ContentStore, OutOfRange, ingest
-from core.content import digest as dg
+from core.content import ContentStore, OutOfRange, digest as dg, ingest
 from core.errdefs import (
     AlreadyExists,
     Code,

@@ -11,8 +11,7 @@ import trio
 import trio.testing
 
 from core import errdefs
-from core.content import ContentStore
-from core.content import digest as dg
+from core.content import ContentStore, digest as dg
 from core.gc import mark
 from core.gc.collector import Collector
 from core.gc.mark import Graph, Ingest, Kind, Lease, Node, Snapshot

@@ -8,8 +8,7 @@ import pytest
 import trio
 
 from core import errdefs
-from core.content import ContentStore
-from core.content import digest as dg
+from core.content import ContentStore, digest as dg
 from core.metadata.content import Info, NamespacedContent, SharedExclusive
 from core.metadata.db import Database
 from core.metadata.leases import LeaseStore, Resource

@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 
 from core.oci import spec as oci_spec
-from plugins.runtimes.inprocess import mounts, steps
-from plugins.runtimes.inprocess import spec as ispec
-from plugins.runtimes.inprocess import syscalls as S
+from plugins.runtimes.inprocess import mounts, spec as ispec, steps, syscalls as S
 
 DIR = stat.S_IFDIR | 0o755
 REG = stat.S_IFREG | 0o755

@@ -15,12 +15,9 @@ import pytest
 import trio
 
 from core import errdefs
-from core.oci import Reaper, Stdio
-from core.oci import spec as oci_spec
+from core.oci import Reaper, Stdio, spec as oci_spec
 from core.oci.reaper import exit_status
-from plugins.runtimes.inprocess import caps, cgroups, seccomp
-from plugins.runtimes.inprocess import spec as ispec
-from plugins.runtimes.inprocess import syscalls as S
+from plugins.runtimes.inprocess import caps, cgroups, seccomp, spec as ispec, syscalls as S
 
 
 # ---- core.oci.spec -------------------------------------------------------------------

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core import errdefs
-from core import mount as m
+from core import errdefs, mount as m
 from core.mount import Mount, MountCall
 
 

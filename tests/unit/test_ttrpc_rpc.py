@@ -16,8 +16,7 @@ import trio
 from core import errdefs
 from core.api.containerd.task.v2 import ConnectRequest, ConnectResponse
 from core.api.ttrpc import KeyValue
-from core.ttrpc import Context, Method, Server, codec, open_client
-from core.ttrpc import server as server_module
+from core.ttrpc import Context, Method, Server, codec, open_client, server as server_module
 from core.ttrpc.codec import CallRequest, FrameDecoder
 
 Code = errdefs.Code

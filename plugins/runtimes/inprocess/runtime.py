@@ -36,8 +36,7 @@ from core import errdefs, log
 from core.oci import spec as oci_spec
 from core.oci.reaper import Reaper
 from core.oci.runtime import State, Stdio
-from plugins.runtimes.inprocess import caps, cgroups, hooks, seccomp, steps
-from plugins.runtimes.inprocess import spec as ispec
+from plugins.runtimes.inprocess import caps, cgroups, hooks, seccomp, spec as ispec, steps
 from plugins.runtimes.inprocess.state import ContainerState, StateStore, alive, proc_stat
 from plugins.runtimes.inprocess.syscalls import Syscalls
 

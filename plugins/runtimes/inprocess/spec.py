@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core import errdefs
-from plugins.runtimes.inprocess import caps
-from plugins.runtimes.inprocess import syscalls as sys_
+from plugins.runtimes.inprocess import caps, syscalls as sys_
 
 NAMESPACE_FLAGS = {
     "user": sys_.CLONE_NEWUSER,
