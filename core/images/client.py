@@ -10,7 +10,7 @@ gRPC errors come back as :mod:`core.errdefs` errors.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,6 +48,17 @@ def _errors() -> Any:
         yield
     except GRPCError as e:
         raise translate(e) from None
+
+
+async def _unless_missing(call: Awaitable[Any]) -> Any:
+    """The call's answer, or None when the server says NotFound."""
+    try:
+        return await call
+    except GRPCError as e:
+        err = translate(e)
+        if isinstance(err, errdefs.NotFound):
+            return None
+        raise err from None
 
 
 def go_time(t: datetime) -> str:
@@ -212,15 +223,9 @@ class Client:
     # --- content ------------------------------------------------------------------
 
     async def info(self, digest: str) -> content_api.Info | None:
-        try:
-            resp = await self._stub(content_api.ContentStub).info(
-                content_api.InfoRequest(digest=digest))
-        except GRPCError as e:
-            err = translate(e)
-            if isinstance(err, errdefs.NotFound):
-                return None
-            raise err from None
-        return resp.info
+        resp = await _unless_missing(self._stub(content_api.ContentStub).info(
+            content_api.InfoRequest(digest=digest)))
+        return resp.info if resp is not None else None
 
     async def list_content(self, filters: Sequence[str] = ()) -> list[content_api.Info]:
         out: list[content_api.Info] = []
@@ -253,15 +258,9 @@ class Client:
                 content_api.DeleteContentRequest(digest=digest))
 
     async def status(self, ref: str) -> content_api.Status | None:
-        try:
-            resp = await self._stub(content_api.ContentStub).status(
-                content_api.StatusRequest(ref=ref))
-        except GRPCError as e:
-            err = translate(e)
-            if isinstance(err, errdefs.NotFound):
-                return None
-            raise err from None
-        return resp.status
+        resp = await _unless_missing(self._stub(content_api.ContentStub).status(
+            content_api.StatusRequest(ref=ref)))
+        return resp.status if resp is not None else None
 
     async def list_statuses(self, filters: Sequence[str] = ()) -> list[content_api.Status]:
         with _errors():
@@ -338,15 +337,9 @@ class Client:
         return self._stub(snapshots_api.SnapshotsStub)
 
     async def stat(self, key: str) -> snapshots_api.Info | None:
-        try:
-            resp = await self._snap().stat(snapshots_api.StatSnapshotRequest(
-                snapshotter=self.snapshotter, key=key))
-        except GRPCError as e:
-            err = translate(e)
-            if isinstance(err, errdefs.NotFound):
-                return None
-            raise err from None
-        return resp.info
+        resp = await _unless_missing(self._snap().stat(snapshots_api.StatSnapshotRequest(
+            snapshotter=self.snapshotter, key=key)))
+        return resp.info if resp is not None else None
 
     async def prepare(self, key: str, parent: str = "",
                       labels: dict[str, str] | None = None) -> list[Mount]:
