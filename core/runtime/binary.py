@@ -33,6 +33,7 @@ from core.runtime.bundle import Bundle, go_error
 
 SHIM_BINARY_FORMAT = "containerd-shim-{}-{}"
 TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
+OWN_SHIM = "containerd-shim-berth-v1"
 
 
 @dataclass
@@ -99,6 +100,17 @@ class RuntimeResolver:
         return self._cache.setdefault(name, path)
 
 
+def is_own_shim(path: str) -> bool:
+    """Whether ``path`` is this installation's ``containerd-shim-berth-v1``, whose start
+    berthd may do itself (unless ``BERTH_SHIM_ZYGOTE=0`` turns zygotes off)."""
+    if os.path.basename(path) != OWN_SHIM or os.environ.get("BERTH_SHIM_ZYGOTE", "1") == "0":
+        return False
+    try:
+        return os.path.samefile(path, Path(sys.executable).with_name(OWN_SHIM))
+    except OSError:
+        return False
+
+
 def publish_binary() -> str:
     """What shims are told to run to publish events: berthd's own entry point."""
     beside = Path(sys.executable).with_name("berthd")
@@ -126,6 +138,13 @@ class ShimBinary:
 
     async def start(self, options: AnyMsg | None) -> str:
         """Run ``start``; the shim's address (``unix://...``)."""
+        lg = log.get("runtime", namespace=self.bundle.namespace, id=self.bundle.id)
+        if is_own_shim(self.runtime):
+            address = await self._start_through_zygote(options)
+            if address is not None:
+                lg.debug("shim started through its zygote", address=address)
+                return address
+        lg.debug("running the shim's start action", binary=self.runtime)
         args = ["-id", self.bundle.id]
         if self.debug:
             args.append("-debug")
@@ -145,6 +164,27 @@ class ShimBinary:
             raise errdefs.Unknown(f"start failed: {out}: {_exit_text(done.returncode)}",
                                   raw=True)
         return out.strip()
+
+    async def _start_through_zygote(self, options: AnyMsg | None) -> str | None:
+        """berth's own shim: ask its warm zygote for the shim, as ``start`` would.
+
+        Saves an interpreter start per container; None when no zygote runs yet (the
+        binary's ``start`` forks one) or the request failed in a way ``start`` reports
+        better.
+        """
+        from core.shim import flags as shim_flags, start
+
+        flags = shim_flags.Flags(namespace=self.bundle.namespace, id=self.bundle.id,
+                                 address=self.address, publish_binary=publish_binary(),
+                                 debug=self.debug)
+        raw = bytes(options) if options is not None else b""
+        try:
+            return await trio.to_thread.run_sync(
+                start.start_through_zygote, flags, raw, str(self.bundle.path), self._env())
+        except (OSError, RuntimeError) as e:
+            log.get("runtime", namespace=self.bundle.namespace, id=self.bundle.id).warning(
+                "starting the shim through its zygote failed; running start", error=str(e))
+            return None
 
     async def delete(self) -> Exit:
         """Run ``delete`` for a shim that is gone, then remove the bundle."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 from core.shim import address as addr, host, wire, zygote
 from core.shim.flags import Flags, to_argv
@@ -45,6 +46,38 @@ def _serve_flags(flags: Flags) -> list[str]:
 def start(flags: Flags, options: bytes, *, use_zygote: bool = True) -> str:
     """Make sure a shim serves this container; its address."""
     bundle = os.getcwd()
+
+    def get_shim(listener: socket.socket) -> int:
+        return spawn(flags, listener, bundle, use_zygote=use_zygote)
+
+    address = _start(flags, options, bundle, get_shim, parent=os.getppid(),
+                     follow=use_zygote)
+    assert address is not None
+    return address
+
+
+def start_through_zygote(flags: Flags, options: bytes, bundle: str,
+                         env: dict[str, str]) -> str | None:
+    """The start action done by the daemon itself, when a zygote for its code runs.
+
+    berthd calls this instead of running ``containerd-shim-berth-v1 start``: the
+    result is the same (socket bound, address file written, a shim forked by the
+    zygote with ``env`` and ``bundle`` as its environment and working directory), less
+    an interpreter start per container. None when no zygote answers: the caller runs
+    the binary, which forks one.
+    """
+    payload = zygote.make_request(_serve_flags(flags), bundle, env)
+    path = zygote.zygote_path(flags.address)
+
+    def get_shim(listener: socket.socket) -> int | None:
+        return zygote.request(path, payload, listener)
+
+    return _start(flags, options, bundle, get_shim, parent=os.getpid(), follow=True)
+
+
+def _start(flags: Flags, options: bytes, bundle: str,
+           get_shim: Callable[[socket.socket], int | None], *, parent: int,
+           follow: bool) -> str | None:
     group = addr.group_of(addr.read_annotations(bundle), flags.id)
     address = addr.socket_address(flags.address, flags.namespace, group)
     listener = addr.listen(address)
@@ -53,18 +86,21 @@ def start(flags: Flags, options: bytes, *, use_zygote: bool = True) -> str:
         return address
     try:
         addr.write_atomic(os.path.join(bundle, addr.ADDRESS_FILE), address)
-        pid = spawn(flags, listener, bundle, use_zygote=use_zygote)
+        pid = get_shim(listener)
     except BaseException:
         listener.close()
         addr.remove_socket(address)
         raise
     listener.close()
+    if pid is None:
+        addr.remove_socket(address)
+        return None
     cgroup = shim_cgroup(options)
     if cgroup:
         host.join_static_cgroup(pid, cgroup)
-    elif use_zygote:
+    elif follow:
         host.follow_cgroups(pid)
-    host.adjust_oom_score(pid)
+    host.adjust_oom_score(pid, parent)
     return address
 
 

@@ -24,6 +24,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -422,6 +423,68 @@ def test_run_rm_with_crun_selected_by_runtime_options(berth: Berth) -> None:
     assert berth.ok("containers", "ls", "-q") == ""
     assert cgroup_dirs(berth.namespace, cid) == []
     assert not berth.bundle(cid).exists()
+
+
+def zygote_pid(berth: Berth) -> int:
+    """The pid of the zygote serving berthd's shims (0: none listens)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(zygote.zygote_path(str(berth.daemon.address)))
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return 0
+    finally:
+        s.close()
+    return struct.unpack("3i", raw)[0]
+
+
+def start_paths(berth: Berth, cid: str) -> list[str]:
+    """How berthd got each shim for ``cid``: from the zygote or by running ``start``."""
+    kinds = {"shim started through its zygote": "zygote",
+             "running the shim's start action": "start"}
+    out = []
+    for line in berth.daemon.logs().splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("id") == cid \
+                    and entry.get("event") in kinds:
+                out.append(kinds[entry["event"]])
+    return out
+
+
+def test_berthd_asks_the_zygote_and_runs_start_without_one(berth: Berth) -> None:
+    """berthd forks its shims through the zygote once one runs (no ``start`` process per
+    container); without a zygote it runs the binary's ``start``, which forks a new one."""
+    first = berth.id("z1")
+    r = berth.run(first, "echo", "first")
+    assert (r.rc, r.out) == (0, "first\n"), r
+    assert start_paths(berth, first) == ["start"]
+    warm = zygote_pid(berth)
+    assert warm > 0
+
+    second = berth.id("z2")
+    r = berth.run(second, "sleep", "1000", detach=True)
+    assert r.rc == 0, r
+    assert start_paths(berth, second) == ["zygote"]
+    pid, status = berth.tasks()[second]
+    assert status == "RUNNING"
+    shim = berth.shim_of(pid)
+    assert parent_of(shim) == warm
+    # The shim got berthd's environment and the container's bundle as its folder.
+    environ = Path(f"/proc/{shim}/environ").read_bytes().split(b"\0")
+    assert f"TTRPC_ADDRESS={berth.daemon.ttrpc_address}".encode() in environ
+    assert os.readlink(f"/proc/{shim}/cwd") == str(berth.bundle(second))
+    berth.ok("tasks", "kill", "-s", "SIGKILL", second)
+    wait_for("the task to stop", lambda: berth.tasks()[second][1] == "STOPPED")
+    berth.ok("tasks", "rm", second)
+    berth.ok("containers", "rm", second)
+
+    assert zygote.stop(zygote.zygote_path(str(berth.daemon.address))) == warm
+    third = berth.id("z3")
+    r = berth.run(third, "sh", "-c", "echo third; exit 5")
+    assert (r.rc, r.out) == (5, "third\n"), r
+    assert start_paths(berth, third) == ["start"]
+    assert zygote_pid(berth) not in (0, warm)
 
 
 # -- 2. a detached task: exec and the task and container commands -----------------------------

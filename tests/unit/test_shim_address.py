@@ -88,3 +88,54 @@ def test_zygote_socket_sits_with_the_shim_sockets():
     assert path == zygote.zygote_path("/run/containerd/containerd.sock")
     deep = "/tmp/" + "y" * 90 + "/c.sock"
     assert zygote.zygote_path(deep).startswith("/run/berth/s/zygote-")
+
+
+@pytest.fixture
+def short_tmp():
+    """A folder short enough for socket paths (sockaddr_un holds 107 bytes)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="bsa-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_start_through_zygote_without_one_leaves_nothing(short_tmp):
+    """berthd's in-process start: no zygote listens, so it gives up (None) and unbinds
+    the socket, for the binary's ``start`` to bind it again."""
+    from core.shim import start
+    from core.shim.flags import Flags
+
+    bundle = short_tmp / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
+    daemon = str(short_tmp / "d" / "berth.sock")
+    flags = Flags(namespace="ns", id="c1", address=daemon)
+    assert start.start_through_zygote(flags, b"", str(bundle), {}) is None
+    assert addr.socket_dir(daemon) == str(short_tmp / "d" / "s")
+    assert os.listdir(short_tmp / "d" / "s") == []
+
+
+def test_start_through_zygote_joins_a_live_group_shim(short_tmp):
+    """A group whose shim serves already is joined without asking any zygote."""
+    import socket
+
+    from core.shim import start
+    from core.shim.flags import Flags
+
+    bundle = short_tmp / "bundle"
+    bundle.mkdir()
+    group = {addr.GROUP_ANNOTATIONS[1]: "pod1"}
+    (bundle / "config.json").write_text(json.dumps({"annotations": group}))
+    daemon = str(short_tmp / "d" / "berth.sock")
+    address = addr.socket_address(daemon, "ns", "pod1")
+    live = addr.listen(address)
+    assert isinstance(live, socket.socket)
+    try:
+        flags = Flags(namespace="ns", id="c2", address=daemon)
+        assert start.start_through_zygote(flags, b"", str(bundle), {}) == address
+        assert (bundle / addr.ADDRESS_FILE).read_text() == address
+    finally:
+        live.close()
