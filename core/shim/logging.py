@@ -62,8 +62,20 @@ def open_log(bundle: str) -> int:
     return fd
 
 
+# What the last ``setup`` configured: a shim forked from the zygote finds the zygote's
+# configuration (for fd 2, which the shim points at its log) and keeps it, rather than
+# building processors of its own on pages it would then have to copy.
+_active: tuple[tuple, NonBlockingWriter, dict] | None = None
+
+
 def setup(fd: int, *, debug: bool = False, **bound: str) -> NonBlockingWriter:
     """Send structlog output (logfmt, logrus-like keys) to ``fd``."""
+    global _active
+    key = (fd, debug, sorted(bound.items()))
+    if _active is not None and _active[0] == key and structlog.get_config() == _active[2]:
+        bound_now = structlog.contextvars.get_contextvars()
+        if all(bound_now.get(k) == v for k, v in bound.items()):
+            return _active[1]
     sink = NonBlockingWriter(fd)
     structlog.configure(
         processors=[
@@ -81,4 +93,5 @@ def setup(fd: int, *, debug: bool = False, **bound: str) -> NonBlockingWriter:
     )
     with contextlib.suppress(Exception):
         structlog.contextvars.bind_contextvars(**bound)
+    _active = (key, sink, structlog.get_config())
     return sink

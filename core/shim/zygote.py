@@ -4,9 +4,18 @@ A shim needs trio, the ttrpc stack and the generated API: a quarter of a second 
 imports in CPython, paid on containerd's critical path by every container. The first
 ``start`` for a daemon (socket directory) therefore forks a zygote that imports all
 of it once, freezes the heap (``gc.freeze``: the collector never touches those pages
-again, so forked shims keep sharing them), and then forks one ready-to-serve shim per
-request. Later ``start`` actions send their request (flags, working directory,
-environment and the listening socket, over SCM_RIGHTS) to the zygote's socket.
+again, so forked shims keep sharing them), forks the first shim, then rehearses
+(serves throwaway shims in-process, see ``serve.rehearse``) and freezes again, so that
+first-use writes are made once here rather than in every shim. Later ``start``
+actions send their request (flags, working directory, environment and the listening
+socket, over SCM_RIGHTS) to the zygote's socket; the zygote accepts and forks, and
+the child reads the request, answers with its pid and becomes the shim.
+
+Memory: a shim's private memory is the pages it copies from the zygote. The zygote's
+loop therefore writes as little as it can between forks (a page the zygote writes
+stays behind with the shims forked before). With ``BERTH_SHIM_KSM=1`` its mappings
+are offered to KSM, which, where the host enables it, merges the many identical
+copies shims make.
 
 The zygote is not needed for correctness: when it cannot be reached, ``start`` forks
 the shim itself. It exits after ``IDLE_TIMEOUT`` without requests, when its socket
@@ -35,7 +44,8 @@ import time
 from core.shim import address as addr
 
 IDLE_TIMEOUT = 600.0
-POLL_INTERVAL = 0.25
+POLL_INTERVAL = 1.0
+REHEARSAL_ROUNDS = 10
 REQUEST_TIMEOUT = 30.0
 _MAX_REQUEST = 1 << 20
 
@@ -225,43 +235,22 @@ def _zygote(path: str, first_request: bytes, listener: socket.socket, report_fd:
     preload()
     gc.collect()
     gc.freeze()
-    children: set[int] = set()
+    _offer_to_ksm()
     listener_fd = listener.detach()
     try:
         pid = _spawn_shim(json.loads(first_request), listener_fd, [server, report_fd])
-        children.add(pid)
         os.write(report_fd, str(pid).encode())
     finally:
         os.close(report_fd)
         os.close(listener_fd)
     if server is None:
         return 0
-    stop = False
-
-    def on_term(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    last = time.monotonic()
+    # The first shim is on its way; warm the serving path for the later ones. A
+    # SIGTERM meanwhile waits (blocked) for the request loop, which ends on it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        while not stop:
-            try:
-                ready, _, _ = select.select([server], [], [], POLL_INTERVAL)
-            except InterruptedError:
-                ready = []
-            _reap(children)
-            if ready:
-                _serve_one(server, children)
-                last = time.monotonic()
-            if time.monotonic() - last > IDLE_TIMEOUT:
-                break
-            try:
-                if os.stat(path).st_ino != inode:
-                    break
-            except FileNotFoundError:
-                break
+        _rehearse()
+        _serve_requests(server, path, inode)
     finally:
         server.close()
         with contextlib.suppress(OSError):
@@ -270,16 +259,118 @@ def _zygote(path: str, first_request: bytes, listener: socket.socket, report_fd:
     return 0
 
 
-def _reap(children: set[int]) -> None:
-    while children:
+def _rehearse() -> None:
+    """Serve throwaway shims here, then freeze what that left (see ``serve.rehearse``).
+
+    A shim's first run through trio, the ttrpc server and client, the publisher and
+    the logger specialises bytecode in place, fills caches and builds lazily made
+    objects: on pages shared with the zygote, so every shim would copy them. Done once
+    here, those writes are shared instead (about 0.7 MB less private memory per shim).
+    """
+    try:
+        from core.shim import serve
+
+        serve.rehearse(REHEARSAL_ROUNDS)
+    except Exception:  # noqa: BLE001 - a warm-up only: shims work without it
+        pass
+    _reap()
+    gc.collect()
+    gc.freeze()
+    _offer_to_ksm()
+
+
+_MADV_MERGEABLE = 12
+
+
+def _offer_to_ksm() -> None:
+    """Mark the private writable mappings mergeable for KSM (same-page merging).
+
+    Shims are near-identical copies of this process: CPython's reference counting
+    makes each write to thousands of the pages it shares with the zygote, mostly to
+    the same values in every shim. Where the host runs KSM
+    (``/sys/kernel/mm/ksm/run`` = 1) those identical copies are merged again. Only
+    mappings that exist now are marked: ``execve`` drops the mark, so containers the
+    shims start never inherit it. Opt-in (``BERTH_SHIM_KSM=1`` in the daemon's
+    environment), as systemd's ``MemoryKSM=``: merged pages are a timing side channel
+    between processes, which an administrator should choose to accept.
+    """
+    if os.environ.get("BERTH_SHIM_KSM", "0") != "1":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except (OSError, AttributeError):
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5 or fields[1] != "rw-p" or (len(fields) > 5 and fields[5] in (
+                "[vsyscall]", "[vvar]", "[vdso]")):
+            continue
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        madvise(lo, hi - lo, _MADV_MERGEABLE)
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_term(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def _serve_requests(server: socket.socket, path: str, inode: int) -> None:
+    """Fork a shim per connection until idle, stopped, or the socket file is replaced.
+
+    Every page this loop writes after a fork stays with the shims forked before
+    (the copy-on-write copy goes to the zygote), so the loop does as little as
+    possible: the kernel reaps the shims (SIGCHLD ignored), the collector is off
+    (nothing here makes cycles), and the forked child, not the zygote, reads and
+    answers the request.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    _reap()
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _on_term)
+    gc.disable()
+    last = time.monotonic()
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        while True:
+            ready, _, _ = select.select([server], [], [], POLL_INTERVAL)
+            if ready:
+                _fork_for(server)
+                last = time.monotonic()
+                continue
+            if time.monotonic() - last > IDLE_TIMEOUT:
+                return
+            try:
+                if os.stat(path).st_ino != inode:
+                    return
+            except FileNotFoundError:
+                return
+    except _Stop:
+        return
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+def _reap() -> None:
+    """Collect shims that exited while SIGCHLD was not ignored."""
+    while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            children.clear()
             return
         if pid == 0:
             return
-        children.discard(pid)
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -287,17 +378,42 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", raw)[1]
 
 
-def _serve_one(server: socket.socket, children: set[int]) -> None:
+def _fork_for(server: socket.socket) -> None:
+    """Accept one request and fork: the child answers it and becomes the shim."""
     try:
         conn, _ = server.accept()
     except OSError:
         return
+    try:
+        pid = os.fork()
+    except OSError:
+        conn.close()
+        return
+    if pid:
+        conn.close()
+        return
+    code = 1
+    try:
+        server.close()
+        _child_signals()
+        gc.enable()
+        received = _receive_request(conn)
+        if received is not None:
+            code = _become_shim(*received)
+    except BaseException:  # noqa: B036 - nothing may escape a forked child
+        pass
+    finally:
+        os._exit(code)
+
+
+def _receive_request(conn: socket.socket) -> tuple[dict, int] | None:
+    """The request on ``conn`` and its listening socket; answered with our pid."""
     fds: list[int] = []
     with conn:
         conn.settimeout(5)
         try:
             if _peer_uid(conn) != os.geteuid():
-                return
+                return None
             msg, ancdata, _, _ = conn.recvmsg(_MAX_REQUEST, socket.CMSG_SPACE(4 * 4))
             for level, kind, data in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -306,17 +422,38 @@ def _serve_one(server: socket.socket, children: set[int]) -> None:
                     fds.extend(got)
             if len(fds) != 1:
                 conn.send(json.dumps({"error": "expected one listening socket"}).encode())
-                return
-            pid = _spawn_shim(json.loads(msg), fds[0], [server, conn])
-            children.add(pid)
-            conn.send(json.dumps({"pid": pid}).encode())
+                return None
+            req = json.loads(msg)
+            if not isinstance(req, dict):
+                raise ValueError("request is not an object")
+            fd = fds.pop()
+            conn.send(json.dumps({"pid": os.getpid()}).encode())
+            return req, fd
         except (OSError, ValueError) as exc:
             with contextlib.suppress(OSError):
                 conn.send(json.dumps({"error": str(exc)}).encode())
+            return None
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def _child_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _become_shim(req: dict, listener_fd: int) -> int:
+    """Run the shim the request asks for, serving on ``listener_fd``; its exit status."""
+    os.setsid()
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    from core.shim import flags as shim_flags, serve
+
+    listener = socket.socket(fileno=listener_fd)
+    return serve.run(shim_flags.parse(req["argv"]), listener)
 
 
 def _spawn_shim(req: dict, listener_fd: int, close: list[socket.socket | int | None]) -> int:
@@ -331,16 +468,8 @@ def _spawn_shim(req: dict, listener_fd: int, close: list[socket.socket | int | N
                 item.close()
             elif item is not None:
                 os.close(item)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        os.setsid()
-        os.chdir(req["cwd"])
-        os.environ.clear()
-        os.environ.update(req["env"])
-        from core.shim import flags as shim_flags, serve
-
-        listener = socket.socket(fileno=listener_fd)
-        code = serve.run(shim_flags.parse(req["argv"]), listener)
+        _child_signals()
+        code = _become_shim(req, listener_fd)
     except BaseException:  # noqa: B036 - nothing may escape a forked child
         pass
     finally:
