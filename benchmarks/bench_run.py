@@ -69,6 +69,7 @@ PYTHON = sys.executable
 SHIM = str(Path(sys.executable).with_name("containerd-shim-berth-v1"))
 BERTH_RUNTIME = "io.containerd.berth.v1"
 RUNC_V2 = "io.containerd.runc.v2"
+GROUP_ANNOTATION = "io.containerd.berth.v1.group"
 RUN_CONTAINERD = Path("/run/containerd")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Bounds on waits: a hang becomes an error, nothing is measured by them.
@@ -774,6 +775,17 @@ def report_parallel_and_memory(s: Session, n: int, idle: dict[str, int]) -> None
     if len(parents) == 1 and "containerd-shim-berth" in cmdline(next(iter(parents))):
         mem_b.zygote = smaps_rollup(next(iter(parents)))
     rm_b = remove_parallel(s, par_b)
+    # The same through one shared shim: berth's group annotation (as a CRI pod's
+    # containers share the runc shim), to show the memory cost of a container alone.
+    par_g = parallel(s, "berth", "berthd + one berth shim for all (group)", (
+        "--runtime", BERTH_RUNTIME, "--annotation", f"{GROUP_ANNOTATION}={s.namespace}"),
+        n, "pg")
+    shims_g = sorted(set(shims_of(s, "berth", par_g.ids)))
+    if len(shims_g) != 1:
+        raise BenchError(f"grouped containers run in {len(shims_g)} shims, not one")
+    mem_g = ShimMemory(f"one berth shim serving all {n}", [smaps_rollup(shims_g[0])],
+                       [cpu_seconds(shims_g[0], children=True) / n])
+    rm_g = remove_parallel(s, par_g)
     par_c = parallel(s, "containerd", "containerd + runc", (), n, "pc")
     during["containerd"] = rss_kib(s.daemon("containerd").proc.pid)
     shims_c = shims_of(s, "containerd", par_c.ids)
@@ -782,10 +794,11 @@ def report_parallel_and_memory(s: Session, n: int, idle: dict[str, int]) -> None
     rm_c = remove_parallel(s, par_c)
     print(f"{'daemon + path':<44} {'all ctr done':>12} {'all RUNNING':>12} {'removal':>9} "
           f"{'daemon cpu':>11} {'shim cpu':>9}")
-    for par, rm, mem in ((par_b, rm_b, mem_b), (par_c, rm_c, mem_c)):
+    for par, rm, mem in ((par_b, rm_b, mem_b), (par_g, rm_g, mem_g), (par_c, rm_c, mem_c)):
         print(f"{par.label:<44} {par.all_returned:11.2f}s {par.all_running:11.2f}s "
               f"{rm:8.2f}s {par.daemon_cpu:10.2f}s {ms(statistics.fmean(mem.cpu))}")
     print(f"ratio berth/containerd, all RUNNING: {par_b.all_running / par_c.all_running:.2f}x"
+          f" (one shared shim: {par_g.all_running / par_c.all_running:.2f}x)"
           f"  (reference before: 20 in parallel on containerd + runc "
           f"{REFERENCE['20 parallel ctr run -d']})")
     print("(all RUNNING: from launching the ctr processes until ctr tasks ls shows every "
@@ -818,6 +831,11 @@ def report_parallel_and_memory(s: Session, n: int, idle: dict[str, int]) -> None
     pss_b, pss_c = mem_b.total_pss() / n, mem_c.total_pss() / n
     print(f"shim PSS per container, the zygote's share included: berth {mb(pss_b)}, "
           f"containerd-shim-runc-v2 {mb(pss_c)}: {pss_b / pss_c:.2f}x")
+    shared = mem_g.rows[0]
+    print(f"{mem_g.label:<36} {mb(shared['Rss'])} {mb(shared['Pss'])} {mb(shared['USS'])} "
+          f"{mb(shared['Anonymous'])}")
+    print(f"shim PSS per container with one shim for all {n} ({GROUP_ANNOTATION}): "
+          f"{mb(shared['Pss'] / n)}: {shared['Pss'] / n / pss_c:.2f}x of containerd's")
     print("(USS = Private_Clean + Private_Dirty; a berth shim shares the zygote's pages "
           "until it writes them; reference before: containerd-shim-runc-v2 "
           f"{REFERENCE['containerd-shim-runc-v2']})")
