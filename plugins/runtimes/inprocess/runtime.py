@@ -36,7 +36,15 @@ from core import errdefs, log
 from core.oci import spec as oci_spec
 from core.oci.reaper import Reaper
 from core.oci.runtime import State, Stdio
-from plugins.runtimes.inprocess import caps, cgroups, hooks, seccomp, spec as ispec, steps
+from plugins.runtimes.inprocess import (
+    caps,
+    cgroups,
+    hooks,
+    seccomp,
+    spec as ispec,
+    steps,
+    syscalls as sys_,
+)
 from plugins.runtimes.inprocess.state import ContainerState, StateStore, alive, proc_stat
 from plugins.runtimes.inprocess.syscalls import Syscalls
 
@@ -114,6 +122,7 @@ class Runtime:
         self._known_last = caps.last_cap()
         self._kcore = os.path.exists("/proc/kcore")
         self._locks: dict[str, trio.Lock] = {}
+        self._start_fifos: dict[str, int] = {}  # id -> exec.fifo's read end, after start
         self._log = log.get("runtime.inprocess")
 
     def _lock(self, id: str) -> trio.Lock:
@@ -191,13 +200,18 @@ class Runtime:
                 console_fd = _high(os.dup(console.fileno()))
                 fds.append(console_fd)
             stdio_fds = self._stdio_fds(stdio, c.process.terminal, fds)
-            cg.create()
-            cg_made = True
-            cg.apply(c.resources, devices=c.devices)
+
+            def make_cgroup() -> None:
+                nonlocal cg_made
+                cg.create()
+                cg_made = True
+                cg.apply(c.resources, devices=c.devices)
+
+            direct = _direct_pid_ns(c)
             plan = steps.InitPlan(
                 container=c, stdio=stdio_fds, ns_fds=ns_fds, fifo_fd=fifo_fd,
                 console_fd=console_fd, cgroup_binds=cg.mount_binds(), seccomp=bpf,
-                known_last=self._known_last, kcore=self._kcore)
+                known_last=self._known_last, kcore=self._kcore, in_pid_ns=direct)
             created = datetime.now(UTC)
 
             async def on_hooks(init_pid: int) -> dict[str, Any]:
@@ -212,7 +226,8 @@ class Runtime:
                 self._write_maps(pid, c)
 
             init_pid = await self._spawn(steps.run_init, plan, cg, pids,
-                                         on_userns=on_userns, on_hooks=on_hooks)
+                                         on_userns=on_userns, on_hooks=on_hooks,
+                                         new_pid_ns=direct, before_go=make_cgroup)
             stat = proc_stat(init_pid)
             if stat is None:
                 raise errdefs.Unknown(f"container {id}: init exited during create", raw=True)
@@ -266,14 +281,25 @@ class Runtime:
     async def _spawn(self, entry: Callable[..., bool], plan: Any, cg: cgroups.Cgroup,
                      pids: list[int], *, on_userns: Callable[[int], None] | None = None,
                      on_hooks: Callable[[int], Any] | None = None,
-                     wait_exec: bool = False) -> int:
+                     wait_exec: bool = False, new_pid_ns: bool = False,
+                     before_go: Callable[[], None] | None = None) -> int:
         """Fork a child running ``entry`` and drive the sync conversation; the pid of the
-        process that ends up exec'ing. ``pids`` collects every pid made, for clean-up."""
+        process that ends up exec'ing. ``pids`` collects every pid made, for clean-up.
+
+        ``before_go`` (making the cgroup) runs after the fork, before the child is moved
+        into the cgroup and told to go on: the kernel may keep cgroup calls waiting for
+        a while (see ``core.oci.attach_lock``), and the fork need not wait with them.
+
+        With ``new_pid_ns`` the child is forked straight into a new pid namespace, as
+        its pid 1, and is the process that execs (see ``_fork_into_new_pid_ns``)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child_fd = _high(os.dup(child.fileno()))
         child.close()
         try:
-            pid1 = os.fork()
+            if new_pid_ns:
+                pid1 = self._fork_into_new_pid_ns()
+            else:
+                pid1 = os.fork()
             if pid1 == 0:
                 _child(entry, self._sc, plan, child_fd, parent.fileno())
         except BaseException:
@@ -285,6 +311,8 @@ class Runtime:
         pids.append(pid1)
         sock = trio.socket.from_stdlib_socket(parent)
         with sock:
+            if before_go is not None:
+                before_go()
             cg.add(pid1)
             await sock.send(json.dumps({"type": "go"}).encode())
             target = 0
@@ -313,7 +341,8 @@ class Runtime:
                     on_userns(pid1)
                     await sock.send(json.dumps({"type": "mapped"}).encode())
                 elif kind == "pid":
-                    target = int(msg["pid"])
+                    # A child that is pid 1 of its namespace knows itself only as 1.
+                    target = pid1 if new_pid_ns else int(msg["pid"])
                     if target != pid1:
                         pids.append(target)
                 elif kind == "hooks" and on_hooks is not None:
@@ -332,6 +361,25 @@ class Runtime:
             if first.status != 0:
                 raise errdefs.Unknown(f"set-up process exited with {first.status}", raw=True)
         return target
+
+    def _fork_into_new_pid_ns(self) -> int:
+        """``os.fork()`` with the child as pid 1 of a new pid namespace.
+
+        Forking twice (unshare in the child, then fork the init) costs a second copy of
+        this large process; instead the calling thread unshares the pid namespace for
+        its children only, forks, and at once joins its own pid namespace again. Only
+        this thread is affected meanwhile, and it neither awaits nor starts threads.
+        """
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        pid = -1
+        try:
+            self._sc.unshare(sys_.CLONE_NEWPID)
+            pid = os.fork()
+        finally:
+            if pid != 0:  # the child runs on (and never returns to this frame)
+                self._sc.setns(own, sys_.CLONE_NEWPID)
+                os.close(own)
+        return pid
 
     async def _abort(self, pids: list[int], cg: cgroups.Cgroup | None) -> None:
         """Undo a failed create/exec: kill what was forked, reap it, drop the cgroup."""
@@ -356,32 +404,55 @@ class Runtime:
             if status != "created":
                 raise errdefs.FailedPrecondition(f"cannot start container {id}: it is {status}")
             fifo = self._store.fifo(id)
+            poststart = (st.config.get("hooks") or {}).get("poststart")
+            # Opening the fifo for reading is what lets the init go on.
             fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
-                while True:
-                    with trio.move_on_after(0.05):
-                        await trio.lowlevel.wait_readable(fd)
-                    try:
-                        data = os.read(fd, 1)
-                    except BlockingIOError:
-                        data = b""
-                    if data:
-                        break
-                    # No writer yet (EOF) or nothing written: the init may still be on its way.
-                    if not alive(st.pid, st.pid_start):
+                if poststart:
+                    # The hooks run once the init is on its way: wait for its byte.
+                    await self._read_start_byte(fd, st)
+                    os.close(fd)
+                else:
+                    # An init that is gone already may have run and exited in the
+                    # meantime: then its byte is in the fifo.
+                    if not alive(st.pid, st.pid_start) and not _read_ready(fd):
                         raise errdefs.FailedPrecondition(
                             f"cannot start container {id}: it stopped before start")
-            finally:
+                    # Nobody needs to wait for the init's byte (a round trip to a
+                    # process just woken), but its write must find a reader: this end
+                    # stays open until delete.
+                    self._start_fifos[id] = fd
+            except BaseException:
                 os.close(fd)
+                raise
             with contextlib.suppress(FileNotFoundError):
                 fifo.unlink()
-            poststart = (st.config.get("hooks") or {}).get("poststart")
             if poststart:
                 state = oci_spec.hook_state(id, "running", st.pid, st.bundle, st.annotations)
                 try:
                     await hooks.run("poststart", poststart, state, self._reaper)
                 except errdefs.BerthError as e:
                     self._log.warning("poststart hook failed", id=id, error=str(e))
+
+    async def _read_start_byte(self, fd: int, st: ContainerState) -> None:
+        while True:
+            with trio.move_on_after(0.05):
+                await trio.lowlevel.wait_readable(fd)
+            try:
+                data = os.read(fd, 1)
+            except BlockingIOError:
+                data = b""
+            if data:
+                return
+            # No writer yet (EOF) or nothing written: the init may still be on its way.
+            if not alive(st.pid, st.pid_start):
+                raise errdefs.FailedPrecondition(
+                    f"cannot start container {st.id}: it stopped before start")
+
+    def _close_start_fifo(self, id: str) -> None:
+        fd = self._start_fifos.pop(id, None)
+        if fd is not None:
+            os.close(fd)
 
     # ---- signals ----------------------------------------------------------------------
     async def kill(self, id: str, signal: int, *, all: bool = False) -> None:
@@ -399,8 +470,8 @@ class Runtime:
 
     async def _kill_cgroup(self, cg: cgroups.Cgroup, sig: int = signal.SIGKILL) -> None:
         """Signal every process of the cgroup, frozen meanwhile so none can fork away."""
-        if not cg.exists():
-            return
+        if not cg.exists() or not cg.procs():
+            return  # an empty cgroup gains no process by fork: nothing to freeze
         freezer = True
         was_frozen = cg.frozen()
         try:
@@ -430,6 +501,7 @@ class Runtime:
                     os.kill(st.pid, signal.SIGKILL)
             await self._kill_cgroup(cg)
             await self._until_gone(st, cg)
+            self._close_start_fifo(id)  # no writer is left
             await cg.destroy()
             poststop = (st.config.get("hooks") or {}).get("poststop")
             if poststop:
@@ -557,6 +629,22 @@ class Runtime:
 
     def list(self) -> list[str]:
         return self._store.list()
+
+
+def _read_ready(fd: int) -> bool:
+    """Whether the init wrote its byte into exec.fifo (``fd``: the non-blocking read end)."""
+    try:
+        return bool(os.read(fd, 1))
+    except BlockingIOError:
+        return False
+
+
+def _direct_pid_ns(c: ispec.Container) -> bool:
+    """Whether the init can be forked straight into its new pid namespace: not when a
+    user namespace must own that pid namespace (it is made in the child first), nor
+    with a time namespace (it too applies to children only: the second fork stays)."""
+    return (c.new_namespace("pid") and c.namespace("user") is None
+            and c.namespace("time") is None)
 
 
 def _write_pid_file(path: Path, pid: int) -> None:

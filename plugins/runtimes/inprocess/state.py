@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +58,21 @@ class StateStore:
         return d
 
     def save(self, st: ContainerState) -> None:
+        """Replace the state file atomically (readers see the old or the new one).
+
+        No fsync, as runc: the file describes live processes, which a power loss ends
+        too, while a crash of this process leaves the written data in the page cache.
+        """
         d = self.dir(st.id)
         tmp = d / (STATE_FILE + ".tmp")
-        data = json.dumps(asdict(st), separators=(",", ":")).encode()
+        # A shallow dict: asdict() would deep-copy the whole OCI config first.
+        data = json.dumps({f.name: getattr(st, f.name) for f in fields(st)},
+                          separators=(",", ":")).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
         os.replace(tmp, d / STATE_FILE)
@@ -74,7 +82,11 @@ class StateStore:
             raw = (self.dir(id) / STATE_FILE).read_bytes()
         except FileNotFoundError:
             raise errdefs.NotFound(f"container {id}") from None
-        return ContainerState(**json.loads(raw))
+        try:
+            return ContainerState(**json.loads(raw))
+        except (ValueError, TypeError):
+            # Torn by a power loss (it is not fsynced): its processes are gone as well.
+            raise errdefs.NotFound(f"container {id}") from None
 
     def remove(self, id: str) -> None:
         shutil.rmtree(self.dir(id), ignore_errors=True)

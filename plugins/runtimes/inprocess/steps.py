@@ -73,6 +73,9 @@ class InitPlan:
     seccomp: tuple[bytes, int] | None = None
     known_last: int = 40
     kcore: bool = True
+    # The runtime forked this process straight into the container's new pid namespace
+    # (as its pid 1): no pid namespace to unshare and no second fork.
+    in_pid_ns: bool = False
 
 
 @dataclass
@@ -131,13 +134,15 @@ def run_init(sc: Any, sync: Sync, plan: InitPlan) -> bool:
         expect(sync, "mapped")
         sc.setresgid(0)
         sc.setresuid(0)
+    types = {ns.type for ns in c.namespaces}
+    done = {"user", "pid"} if plan.in_pid_ns else {"user"}
     flags = 0
     for ns in c.namespaces:
-        if not ns.path and ns.type != "user":
+        if not ns.path and ns.type not in done:
             flags |= NAMESPACE_FLAGS[ns.type]
     if flags:
         sc.unshare(flags)
-    if needs_fork({ns.type for ns in c.namespaces}):
+    if needs_fork(types - done):
         pid = sc.fork()
         if pid:
             sync.send({"type": "pid", "pid": pid})
