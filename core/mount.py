@@ -6,9 +6,10 @@ The option handling is containerd's (``mount/mount_linux.go``): flag words such 
 the kernel ignores MS_RDONLY on the first. Turning a Mount into syscalls is pure
 (:func:`plan`), so the sequence is tested without root; :func:`mount` only runs it.
 
-An overlay whose options approach the page size (many layers) is mounted from a child
-process whose working directory is the layers' common parent, with relative lowerdirs,
-as containerd does: the kernel takes at most one page of mount data.
+An overlay whose options approach the page size (many layers) is mounted with relative
+lowerdirs from the layers' common parent, as containerd does (the kernel takes at most
+one page of mount data): containerd forks a child for that, berth uses a thread with
+its own working directory.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import subprocess
-import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -121,7 +121,7 @@ class ParsedOptions:
 
 @dataclass(frozen=True)
 class MountCall:
-    """One mount(2) call; ``chdir`` set means "from a child working in that directory"."""
+    """One mount(2) call; ``chdir`` set means "with relative paths from that directory"."""
 
     source: str
     target: str
@@ -234,30 +234,48 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
-# Run with cwd = MountCall.chdir; exits with the errno of a failed mount(2).
-_CHILD = (
-    "import ctypes,sys\n"
-    "c=ctypes.CDLL(None,use_errno=True)\n"
-    "a=[x.encode() or None for x in sys.argv[1:4]]\n"
-    "r=c.mount(a[0],a[1],a[2],ctypes.c_ulong(int(sys.argv[4])),sys.argv[5].encode() or None)\n"
-    "sys.exit(ctypes.get_errno() if r else 0)\n"
-)
+_libc.unshare.argtypes = [ctypes.c_int]
+CLONE_FS = 0x00000200
 
 
 def _b(s: str) -> bytes | None:
     return s.encode() if s else None
 
 
+def _mount_from(call: MountCall) -> int:
+    """mount(2) with relative paths taken from ``call.chdir``; 0 or an errno.
+
+    The working directory is shared by every thread, so the call runs in a thread of
+    its own that first unshares its filesystem context (CLONE_FS) and then changes
+    directory: no other thread sees the change, and no child process is made (a shim's
+    reaper would collect a child's exit before we could).
+    """
+    result = [0]
+
+    def run() -> None:
+        try:
+            if _libc.unshare(CLONE_FS) != 0:
+                result[0] = ctypes.get_errno() or errno.EPERM
+                return
+            os.chdir(call.chdir)
+            if _libc.mount(_b(call.source), _b(call.target), _b(call.fstype), call.flags,
+                           _b(call.data)) != 0:
+                result[0] = ctypes.get_errno() or errno.EIO
+        except OSError as e:
+            result[0] = e.errno or errno.EIO
+
+    t = threading.Thread(target=run, name="mount-chdir")
+    t.start()
+    t.join()
+    return result[0]
+
+
 def syscall(call: MountCall) -> None:
     """Run one mount(2); OSError on failure."""
     if call.chdir:
-        p = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", _CHILD, call.source, call.target, call.fstype,
-             str(call.flags), call.data],
-            cwd=call.chdir, capture_output=True,
-        )
-        if p.returncode:
-            raise OSError(p.returncode, os.strerror(p.returncode), call.target)
+        err = _mount_from(call)
+        if err:
+            raise OSError(err, os.strerror(err), call.target)
         return
     if _libc.mount(_b(call.source), _b(call.target), _b(call.fstype), call.flags,
                    _b(call.data)) != 0:

@@ -47,11 +47,12 @@ IDLE_TIMEOUT = 600.0
 POLL_INTERVAL = 1.0
 REHEARSAL_ROUNDS = 10
 REQUEST_TIMEOUT = 30.0
+PEEK_TIMEOUT = 5.0  # a client sends its request as it connects
 _MAX_REQUEST = 1 << 20
 
 # Code the shims run: a change to any of these files means a new zygote.
-_CODE_DIRS = ("core/shim", "core/ttrpc", "core/oci", "core/events", "plugins/runtimes/ocicli",
-              "plugins/runtimes/inprocess")
+_CODE_DIRS = ("core", "core/shim", "core/ttrpc", "core/oci", "core/events",
+              "plugins/runtimes/ocicli", "plugins/runtimes/inprocess")
 _PRELOAD = (
     "core.shim.serve", "core.shim.oom", "core.mount", "core.api.containerd.runc.v1",
     "plugins.runtimes.ocicli",
@@ -385,6 +386,12 @@ def _fork_for(server: socket.socket) -> None:
     except OSError:
         return
     try:
+        # A connection that ends without a request (``stop`` asking who listens) gets
+        # no child: the peek waits for the request's first byte or the hang-up.
+        conn.settimeout(PEEK_TIMEOUT)
+        if not conn.recv(1, socket.MSG_PEEK):
+            conn.close()
+            return
         pid = os.fork()
     except OSError:
         conn.close()

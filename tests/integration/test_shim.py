@@ -38,6 +38,7 @@ from core.api.containerd.services.events.ttrpc.v1 import ForwardRequest
 from core.api.containerd.task import v2 as api
 from core.api.containerd.types import Mount
 from core.api.containerd.v1.types import Status
+from core.mount import Mount as PlanMount, plan as plan_mount
 from core.oci import spec as oci_spec
 from core.shim import zygote
 from core.ttrpc import NAMESPACE_KEY, Client, Context, Method, Server, open_client
@@ -643,6 +644,49 @@ async def test_rootfs_mounts_are_mounted_and_removed(harness: Harness, rootfs: P
                 assert mounts_under(shim.bundle) == []
                 shim_pid = (await call(client, h, "Connect", api.ConnectRequest(id=cid),
                                        api.ConnectResponse)).shim_pid
+                await shutdown(client, h, shim_pid, shim.address.removeprefix("unix://"))
+        finally:
+            io.close()
+
+
+async def test_overlay_rootfs_with_page_long_options(harness: Harness, rootfs: Path):
+    """A rootfs overlay whose lowerdir list nears a page is mounted with relative paths
+    from the layers' parent (in a thread with its own cwd), and the container sees the
+    layers; the shim's own working directory stays the bundle."""
+    h = harness
+    cid = "longopts"
+    layers = h.base / "layers"
+    shutil.copytree(rootfs, layers / "base", symlinks=True)
+    lowers = []
+    for i in range(48):
+        d = layers / f"{i:02d}-{'x' * 60}"
+        d.mkdir()
+        lowers.append(str(d))
+    (layers / f"00-{'x' * 60}" / "top").write_text("top layer\n")
+    lowers.append(str(layers / "base"))
+    m = Mount(type="overlay", source="overlay", options=["lowerdir=" + ":".join(lowers)])
+    (call_,) = plan_mount(PlanMount(m.type, m.source, list(m.options)), str(h.base / "t"))
+    assert call_.chdir == f"{layers}/"
+    with trio.fail_after(GUARD):
+        shim = await h.start(cid, h.config(rootfs, ["cat", "/top"], root_path="rootfs",
+                                           container_id=cid))
+        io = make_fifos(h, cid)
+        try:
+            async with connected(shim.address) as client:
+                await call(client, h, "Create", api.CreateTaskRequest(
+                    id=cid, bundle=str(shim.bundle), stdout=io.stdout, stderr=io.stderr,
+                    rootfs=[m]), api.CreateTaskResponse)
+                assert str(shim.bundle / "rootfs") in mounts_under(shim.bundle)
+                shim_pid = (await call(client, h, "Connect", api.ConnectRequest(id=cid),
+                                       api.ConnectResponse)).shim_pid
+                assert os.readlink(f"/proc/{shim_pid}/cwd") == str(shim.bundle)
+                await call(client, h, "Start", api.StartRequest(id=cid), api.StartResponse)
+                assert await read_to_eof(io.fds["stdout"]) == b"top layer\n"
+                waited = await call(client, h, "Wait", api.WaitRequest(id=cid),
+                                    api.WaitResponse)
+                assert waited.exit_status == 0
+                await call(client, h, "Delete", api.DeleteRequest(id=cid), api.DeleteResponse)
+                assert mounts_under(shim.bundle) == []
                 await shutdown(client, h, shim_pid, shim.address.removeprefix("unix://"))
         finally:
             io.close()

@@ -147,7 +147,7 @@ async def test_long_chain_mounts_with_compacted_lowerdirs(overlay: OverlaySnapsh
             break
     (m,) = await overlay.prepare("top", parent)
     (call,) = mount.plan(m, str(base / "t"))
-    assert call.chdir == f"{overlay.snapshots_dir}/"  # mounted from a child, relative paths
+    assert call.chdir == f"{overlay.snapshots_dir}/"  # relative lowerdirs
     with mount.mounted([m], parent=base) as root:
         assert {f"f{i}": str(i) for i in range(layers)} == tree(root)
         (root / "new").write_text("x")

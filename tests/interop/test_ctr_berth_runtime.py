@@ -483,7 +483,8 @@ def test_berthd_asks_the_zygote_and_runs_start_without_one(berth: Berth) -> None
     third = berth.id("z3")
     r = berth.run(third, "sh", "-c", "echo third; exit 5")
     assert (r.rc, r.out) == (5, "third\n"), r
-    assert start_paths(berth, third) == ["start"]
+    assert start_paths(berth, third) == ["start"], [
+        line for line in berth.daemon.logs().splitlines() if third in line or "zygote" in line]
     assert zygote_pid(berth) not in (0, warm)
 
 
