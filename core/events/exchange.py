@@ -112,7 +112,7 @@ class Exchange:
             seq = self._seq
         ev = Event(seq, env)
         log.debug("event published", topic=env.topic, ns=env.namespace,
-                  type=env.event.type_url if env.event else "", seq=seq)
+                  type=env.event.type_url if env.event is not None else "", seq=seq)
         for sub in list(self._subs):
             if sub.matches(env):
                 sub.offer(ev)

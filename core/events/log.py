@@ -27,12 +27,15 @@ class EventLog:
     def append(self, env: Envelope) -> int:
         ts = env.timestamp
         ts_ns = int(ts.timestamp() * 1_000_000_000) if ts else 0
+        # "is None", not truthiness: a message's bool() compares every field with its
+        # default, and an empty Any gives "" and b"" anyway.
+        event = env.event
+        type_url, value = ("", b"") if event is None else (event.type_url, event.value)
         with self.db.write() as c:
             cur = c.execute(
                 "INSERT INTO events(timestamp_ns, namespace, topic, type_url, value) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (ts_ns, env.namespace, env.topic, env.event.type_url if env.event else "",
-                 env.event.value if env.event else b""),
+                (ts_ns, env.namespace, env.topic, type_url, value),
             )
             seq = cur.lastrowid
             self._since_trim += 1

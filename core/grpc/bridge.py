@@ -25,9 +25,17 @@ a ``Stream``, metadata dispatch, deadline wrappers, then trio_as_aio) costs more
 most services do, so ``Protocol`` answers unary calls itself once the request stream
 has ended: a plain ``def`` right there in ``data_received``, an ``async def`` as a trio
 task in the server's ``calls`` nursery, both with the h2 calls grpclib would make.
-Writes are gathered, so everything one read produces leaves in one ``send`` instead of
-one per HTTP/2 frame. Streams, unknown paths and malformed requests take grpclib's
-ordinary path.
+Server-streaming methods (Content.Read: ten per ``ctr run``; Events.Subscribe) run
+the same way, as a trio task that writes its messages through h2 as flow control
+allows. Writes are gathered, so everything one read produces leaves in one ``send``
+instead of one per HTTP/2 frame, and the acks h2 owes for a read that started a task
+wait a moment for that task's answer. Client and bidi streams, unknown paths and
+malformed requests take grpclib's ordinary path.
+
+Third-party hot spots patched here, once, for the whole process: betterproto's
+attribute hooks (``core.grpc.messages``), hyperframe's frame ``repr`` and hpack's
+debug logging (both computed for log lines nobody reads), and hpack's Huffman decoder
+(memoised).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ import grpclib.exceptions
 import grpclib.protocol
 import grpclib.server
 import h2.exceptions
+import hpack.hpack
+import hpack.huffman_table
 import hyperframe.frame
 import structlog
 import trio
@@ -54,14 +64,58 @@ from grpclib.metadata import Deadline, decode_metadata, encode_grpc_message
 from h2.events import DataReceived, StreamEnded
 
 from core import errdefs
+from core.grpc import messages
 from core.grpc.context import CallContext
 
 # h2 formats every received frame with repr() for a trace log that is a no-op, and
-# hyperframe's DataFrame repr copies and hex-encodes the whole payload (3-7% of berthd's
-# CPU during an image import). A length is all anyone would read there.
-hyperframe.frame.DataFrame._body_repr = (  # type: ignore[method-assign]
-    lambda self: f"<{len(self.data)} bytes>"
+# hyperframe's reprs hex-encode payloads (DataFrame: 3-7% of berthd's CPU during an
+# image import; HEADERS, flags and the rest: ~1.5% on ctr run's path). The frame type
+# and stream are all anyone would read there.
+hyperframe.frame.Frame.__repr__ = (  # type: ignore[method-assign]
+    lambda self: f"{type(self).__name__}(stream_id={self.stream_id})"
 )
+
+# Building and reading betterproto messages without raising exceptions per field.
+messages.install()
+
+
+def _remembering_huffman(decode: Callable[[bytes], bytes], size: int = 512
+                         ) -> Callable[[bytes], bytes]:
+    """hpack's Huffman decoder, remembering its answers.
+
+    Each ``ctr`` opens a new connection, so its HPACK table starts empty and the same
+    paths, user agent and namespace arrive Huffman-coded again every time; decoding
+    them bit by bit in Python was ~2% of berthd's CPU per ``ctr run``. Bounded: the
+    memory is dropped whole when full.
+    """
+    seen: dict[bytes, bytes] = {}
+
+    def decode_huffman(data: bytes) -> bytes:
+        out = seen.get(data)
+        if out is None:
+            out = decode(data)  # raises on malformed input: nothing is remembered
+            if len(seen) >= size:
+                seen.clear()
+            seen[bytes(data)] = out
+        return out
+
+    return decode_huffman
+
+
+hpack.hpack.decode_huffman = _remembering_huffman(  # type: ignore[assignment]
+    hpack.huffman_table.decode_huffman)
+
+
+class _Unlogged:
+    """hpack's module logger, silenced: it logs every integer and header it codes at
+    debug level (~30 calls per gRPC call, each asking logging whether debug is on), and
+    those lines would print header values such as credentials anyway."""
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+hpack.hpack.log = _Unlogged()  # type: ignore[assignment]
 
 log = structlog.get_logger("grpc")
 
@@ -179,16 +233,18 @@ def _context(stream: grpclib.server.Stream) -> CallContext:
 class _Inline:
     """What the protocol needs to answer a unary method without grpclib's handler."""
 
-    __slots__ = ("impl", "path", "recv_type", "reply_type", "max_recv", "is_async")
+    __slots__ = ("impl", "path", "recv_type", "reply_type", "max_recv", "is_async",
+                 "streaming")
 
     def __init__(self, impl: Callable[..., Any], path: str, recv_type: type,
-                 reply_type: type, max_recv: int) -> None:
+                 reply_type: type, max_recv: int, *, streaming: bool = False) -> None:
         self.impl = impl
         self.path = path
         self.recv_type = recv_type
         self.reply_type = reply_type
         self.max_recv = max_recv
         self.is_async = inspect.iscoroutinefunction(impl)
+        self.streaming = streaming  # server streaming: impl(ctx, req, send)
 
     def encode(self, resp: Any) -> bytes:
         """The framed answer (grpclib's codec refuses a wrong type the same way)."""
@@ -230,6 +286,8 @@ def _wrap(impl: Callable[..., Any], cardinality: Cardinality, recv_type: type,
                 raise _no_request()
             send = trio_asyncio.aio_as_trio(stream.send_message)
             await run(_context(stream), req, send)
+        server_stream.inline = _Inline(  # type: ignore[attr-defined]
+            impl, path, recv_type, reply_type, max_recv, streaming=True)
         return server_stream
 
     async def streaming(stream: grpclib.server.Stream) -> None:
@@ -336,6 +394,12 @@ class _GatheringTransport:
             self._loop.call_soon(self.flush)
         self._buf.append(data)
 
+    def flush_soon(self) -> None:
+        """Flush after two loop turns: a task started meanwhile that answers in its first
+        step (trio orders a batch at random) has then sent these bytes with its own."""
+        if self._buf:
+            self._loop.call_soon(self._loop.call_soon, self.flush)
+
     def flush(self) -> None:
         if not self._buf:
             return
@@ -356,6 +420,15 @@ class _GatheringTransport:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+class _StreamGone(Exception):
+    """A streaming answer's stream was reset or its connection closed."""
+
+
+_GONE = GRPCError(Status.CANCELLED)  # marker: nobody is left to answer
+# How long a finished streaming answer waits for a paused transport to take its trailers.
+_TRAILERS_WAIT = 30.0
 
 
 class _Pending:
@@ -392,6 +465,8 @@ class _Processor(grpclib.protocol.EventsProcessor):
         self._loop = asyncio.get_event_loop()
         self._pending: dict[int, _Pending] = {}
         self._running: dict[int, trio.CancelScope] = {}
+        self._windows: dict[int, trio.Event] = {}  # streaming answers waiting for a window
+        self.started = False  # a task was started for a call (see Protocol.data_received)
 
     # Headers arrive first; a request that qualifies waits here for its data.
     def process_request_received(self, event: Any) -> None:
@@ -402,6 +477,7 @@ class _Processor(grpclib.protocol.EventsProcessor):
         if (
             spec is None
             or (spec.is_async and self._calls is None)
+            or (spec.streaming and not spec.is_async)
             or h.get(":method") != "POST"
             or h.get("te") != "trailers"
             or h.get("content-type") not in _ACCEPTED_CONTENT_TYPES
@@ -484,8 +560,9 @@ class _Processor(grpclib.protocol.EventsProcessor):
                 if remaining is not None:
                     scope.deadline = trio.current_time() + remaining
                 self._running[sid] = scope
-                self._calls.start_soon(self._answer_async, sid, spec, scope, ctx, req,
-                                       name=spec.path)
+                self.started = True
+                answer = self._answer_stream if spec.streaming else self._answer_async
+                self._calls.start_soon(answer, sid, spec, scope, ctx, req, name=spec.path)
                 return
             data = spec.encode(_call_sync(spec.impl, spec.path, ctx, req))
             if p.deadline is not None and p.deadline.time_remaining() <= 0:
@@ -530,6 +607,118 @@ class _Processor(grpclib.protocol.EventsProcessor):
             out.holding = held
         if not held:
             out.flush()
+
+    async def _answer_stream(self, sid: int, spec: _Inline, scope: trio.CancelScope,
+                             ctx: CallContext, req: Any) -> None:
+        """A server-streaming call, answered as grpclib's ``Stream`` would: headers
+        before the first message, each message sent as the window allows, then
+        trailers (trailers-only if nothing was sent)."""
+        started = False
+
+        async def send(msg: Any) -> None:
+            nonlocal started
+            data = spec.encode(msg)
+            if not started:
+                await self._writable()
+                self._h2.send_headers(sid, _OK_HEADERS)
+                started = True
+            await self._send_data(sid, data)
+
+        error = None
+        with scope:
+            try:
+                await spec.impl(ctx, req, send)
+            except (h2.exceptions.ProtocolError, _StreamGone):
+                error = _GONE  # the client reset the stream or the connection is going
+            except Exception as e:
+                error = _service_error(e, spec.path)
+        self._windows.pop(sid, None)
+        if self._running.pop(sid, None) is None or error is _GONE:
+            return  # reset by the client, or its connection is gone
+        if scope.cancelled_caught:
+            error = _deadline_exceeded()
+        if not self.connection.write_ready.is_set():
+            with trio.move_on_after(_TRAILERS_WAIT) as waited:
+                await self._writable()
+            if waited.cancelled_caught:
+                return
+        try:
+            if not started:
+                if error is None:
+                    self._h2.send_headers(sid, [*_OK_HEADERS, *_OK_TRAILERS],
+                                          end_stream=True)
+                else:
+                    self._reply_error(sid, error.status, error.message)
+            elif error is None:
+                self._h2.send_headers(sid, _OK_TRAILERS, end_stream=True)
+            else:
+                trailers = [("grpc-status", str(error.status.value))]
+                if error.message is not None:
+                    trailers.append(("grpc-message", encode_grpc_message(error.message)))
+                self._h2.send_headers(sid, trailers, end_stream=True)
+                stream = self._h2.streams.get(sid)
+                if stream is not None and not stream.closed:
+                    self._h2.reset_stream(sid)  # as grpclib after an error status
+        except h2.exceptions.ProtocolError:
+            return
+        self._flush()
+
+    async def _writable(self) -> None:
+        """Until the transport takes writes again (grpclib's ``write_ready``)."""
+        ready = self.connection.write_ready
+        if not ready.is_set():
+            await trio_asyncio.aio_as_trio(ready.wait)()
+
+    async def _send_data(self, sid: int, data: bytes) -> None:
+        """One framed message on a stream, in pieces as flow control allows."""
+        conn = self._h2
+        view = memoryview(data)
+        while view:
+            await self._writable()
+            if sid not in self._running:
+                raise _StreamGone()
+            window = conn.local_flow_control_window(sid)
+            if window <= 0:
+                # Woken by a WINDOW_UPDATE for the stream or the connection, or by
+                # new settings (process_window_updated and friends, below).
+                wake = self._windows[sid] = trio.Event()
+                await wake.wait()
+                continue
+            n = min(window, conn.max_outbound_frame_size, len(view))
+            conn.send_data(sid, view[:n].tobytes())
+            view = view[n:]
+            # To the gathering transport: it sends on the next loop turn, together with
+            # whatever else this call writes before then (often its trailers).
+            self.connection.flush()
+
+    def _flush(self) -> None:
+        """h2's bytes out now (a task's write does not wait for the next loop turn)."""
+        out, held = self._out, self._out.holding
+        out.holding = True
+        try:
+            self.connection.flush()
+        finally:
+            out.holding = held
+        if not held:
+            out.flush()
+
+    def _wake_senders(self, sid: int | None = None) -> None:
+        if sid is None:
+            waiting, self._windows = self._windows, {}
+            for wake in waiting.values():
+                wake.set()
+        else:
+            wake = self._windows.pop(sid, None)
+            if wake is not None:
+                wake.set()
+
+    def process_window_updated(self, event: Any) -> None:
+        self._wake_senders(event.stream_id or None)
+        super().process_window_updated(event)
+
+    def process_remote_settings_changed(self, event: Any) -> None:
+        self._wake_senders()  # a new initial window size changes every stream's window
+        super().process_remote_settings_changed(event)
 
     def _reply(self, sid: int, data: bytes) -> None:
         conn = self._h2
@@ -613,11 +802,19 @@ class Protocol(grpclib.protocol.H2Protocol):
     def data_received(self, data: bytes) -> None:
         out = self._out
         out.holding = True
+        processor = self.processor
+        processor.started = False
         try:
             super().data_received(data)
         finally:
             out.holding = False
-            out.flush()
+            if processor.started:
+                # A call now runs as a task and sends its answer soon: what h2 wrote
+                # meanwhile (PING and SETTINGS acks, window updates) can go with it, or
+                # on the next loop turn if the task is not done by then.
+                out.flush_soon()
+            else:
+                out.flush()
 
 
 class Server(grpclib.server.Server):

@@ -121,7 +121,8 @@ class ContentService:
             raise errdefs.InvalidArgument(f"{req.digest}: {why}", raw=True)
         ns = ctx.namespace_required()
         info = self.store.info(ns, req.digest)
-        async with self.store.reader(ns, req.digest) as r:
+        # The namespace has the blob (info above): open it without asking again.
+        async with self.store.backend.reader(req.digest) as r:
             offset = max(req.offset, 0)
             if offset > info.size:
                 raise errdefs.OutOfRange(f"read past object length {info.size} bytes",

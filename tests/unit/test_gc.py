@@ -456,3 +456,38 @@ async def test_first_collection_waits_until_plugins_are_initialised(
         await trio.sleep(1)
         assert col.runs == 1
         nursery.cancel_scope.cancel()
+
+
+def test_idle_ticks_are_computed_not_waited_for() -> None:
+    from core.gc.scheduler import _tick_after
+
+    assert _tick_after(10.0, 0.05, 9.0) == 10.0  # still ahead: unchanged
+    assert _tick_after(10.0, 0.5, 10.0) == 10.5
+    assert _tick_after(10.0, 0.5, 11.2) == pytest.approx(11.5)  # the ticks skipped meanwhile
+    assert _tick_after(10.0, 0.0, 12.0) == 12.0  # no spacing: due now
+
+
+async def test_idle_scheduler_sleeps_until_something_is_due(
+        autojump_clock: trio.testing.MockClock) -> None:
+    col = CountingCollector()
+    s = GCScheduler(col, Config())  # type: ignore[arg-type]
+    wakeups = 0
+    real_receive = s._recv.receive
+
+    async def counting_receive() -> object:
+        nonlocal wakeups
+        wakeups += 1
+        return await real_receive()
+
+    s._recv.receive = counting_receive  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        await trio.sleep(0.5)
+        assert col.runs == 1
+        before = wakeups
+        await trio.sleep(600)  # ten minutes of nothing to do
+        assert wakeups - before <= 1
+        s.mutated(True)
+        await trio.sleep(1)
+        assert col.runs == 2  # a deletion is still collected at the next tick
+        nursery.cancel_scope.cancel()

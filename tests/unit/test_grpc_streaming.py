@@ -1,0 +1,171 @@
+"""Server-streaming calls on the bridge's own path (core/grpc/bridge.py), end to end.
+
+A real grpclib client talks to ``core.grpc.server.serve`` over a unix socket in a
+temporary folder; the service is a stand-in for Content.Read whose behaviour each
+request picks (by digest).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpclib.client
+import grpclib.config
+import grpclib.const
+import pytest
+import trio
+import trio_asyncio
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from core import errdefs
+from core.api.containerd.services.content import v1 as api
+from core.grpc import bridge, server
+from core.grpc.context import CallContext
+
+READ = "/containerd.services.content.v1.Content/Read"
+BIG = bytes(range(256)) * 1500  # 384000 bytes: several flow-control windows
+
+
+class FakeContent:
+    base = api.ContentBase
+
+    def __init__(self) -> None:
+        self.cancelled = trio.Event()
+        self.namespaces: list[str | None] = []
+
+    async def read(self, ctx: CallContext, req: api.ReadContentRequest,
+                   send: Callable[[api.ReadContentResponse], Awaitable[None]]) -> None:
+        self.namespaces.append(ctx.namespace)
+        what = req.digest
+        if what == "empty":
+            return
+        if what == "missing":
+            raise errdefs.NotFound(f"content {what}")
+        if what == "big":
+            for i in range(0, len(BIG), 100_000):
+                await send(api.ReadContentResponse(offset=i, data=BIG[i:i + 100_000]))
+            return
+        if what == "fail-late":
+            await send(api.ReadContentResponse(offset=0, data=b"first"))
+            raise errdefs.FailedPrecondition("went wrong after one message")
+        if what == "hang":
+            await send(api.ReadContentResponse(offset=0, data=b"waiting"))
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled.set()
+        await send(api.ReadContentResponse(offset=0, data=what.encode()))
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Path, FakeContent]]:
+    base = Path(tempfile.mkdtemp(prefix="berth-gs-", dir="/tmp"))
+    svc = FakeContent()
+    try:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            sock = base / "grpc.sock"
+            await nursery.start(server.serve, bridge.handlers_for(svc, api.ContentBase), sock)
+            yield sock, svc
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def read(sock: Path, digest: str, *, timeout: float | None = None,
+               cancel_after_first: bool = False) -> tuple[list[Any], Status, str | None]:
+    """All messages of one Read call, its status and message (as a client sees them)."""
+
+    async def call() -> tuple[list[Any], Status, str | None]:
+        # Small windows (grpclib's default is 4 MiB): the server must wait for updates.
+        config = grpclib.config.Configuration(http2_connection_window_size=2 ** 16 - 1,
+                                              http2_stream_window_size=2 ** 16 - 1)
+        channel = grpclib.client.Channel(path=str(sock), config=config)
+        got: list[Any] = []
+        try:
+            async with channel.request(
+                READ, grpclib.const.Cardinality.UNARY_STREAM, api.ReadContentRequest,
+                api.ReadContentResponse, timeout=timeout,
+                metadata={"containerd-namespace": "ns1"},
+            ) as stream:
+                await stream.send_message(api.ReadContentRequest(digest=digest),
+                                          end=True)
+                async for msg in stream:
+                    got.append(msg)
+                    if cancel_after_first:
+                        await stream.cancel()
+                        return got, Status.CANCELLED, None
+        except GRPCError as e:
+            return got, e.status, e.message
+        except TimeoutError:  # the client's own deadline (grpclib enforces it too)
+            return got, Status.DEADLINE_EXCEEDED, None
+        finally:
+            channel.close()
+        return got, Status.OK, None
+
+    with trio.fail_after(30):  # bounds a hang (a lost window update); decides nothing
+        return await trio_asyncio.aio_as_trio(call)()
+
+
+async def test_one_message(served: tuple[Path, FakeContent]) -> None:
+    sock, svc = served
+    got, status, _ = await read(sock, "hello")
+    assert status is Status.OK
+    assert [m.data for m in got] == [b"hello"]
+    assert svc.namespaces == ["ns1"]
+
+
+async def test_many_large_messages_wait_for_flow_control(
+        served: tuple[Path, FakeContent]) -> None:
+    sock, _ = served
+    got, status, _ = await read(sock, "big")
+    assert status is Status.OK
+    assert [m.offset for m in got] == list(range(0, len(BIG), 100_000))
+    assert b"".join(m.data for m in got) == BIG
+
+
+async def test_no_message_is_a_trailers_only_ok(served: tuple[Path, FakeContent]) -> None:
+    sock, _ = served
+    assert await read(sock, "empty") == ([], Status.OK, None)
+
+
+async def test_error_before_any_message(served: tuple[Path, FakeContent]) -> None:
+    sock, _ = served
+    got, status, message = await read(sock, "missing")
+    assert (got, status, message) == ([], Status.NOT_FOUND, "content missing: not found")
+
+
+async def test_error_after_a_message_ends_the_stream_with_it(
+        served: tuple[Path, FakeContent]) -> None:
+    sock, _ = served
+    got, status, message = await read(sock, "fail-late")
+    assert [m.data for m in got] == [b"first"]
+    assert status is Status.FAILED_PRECONDITION
+    assert message == "went wrong after one message: failed precondition"
+
+
+async def test_client_cancel_cancels_the_service(served: tuple[Path, FakeContent]) -> None:
+    sock, svc = served
+    got, _, _ = await read(sock, "hang", cancel_after_first=True)
+    assert [m.data for m in got] == [b"waiting"]
+    with trio.fail_after(10):  # bounds a failure only
+        await svc.cancelled.wait()
+
+
+async def test_deadline_ends_a_running_stream(served: tuple[Path, FakeContent]) -> None:
+    sock, svc = served
+    got, status, _ = await read(sock, "hang", timeout=0.5)
+    assert [m.data for m in got] == [b"waiting"]
+    assert status is Status.DEADLINE_EXCEEDED
+    with trio.fail_after(10):
+        await svc.cancelled.wait()
+
+
+async def test_the_calls_take_the_bridge_path() -> None:
+    handler = bridge.handlers_for(FakeContent(), api.ContentBase)[READ]
+    spec = handler.func.inline
+    assert spec.streaming and spec.is_async
