@@ -834,7 +834,7 @@ def report_parallel_and_memory(s: Session, n: int, idle: dict[str, int]) -> None
     shared = mem_g.rows[0]
     print(f"{mem_g.label:<36} {mb(shared['Rss'])} {mb(shared['Pss'])} {mb(shared['USS'])} "
           f"{mb(shared['Anonymous'])}")
-    print(f"shim PSS per container with one shim for all {n} ({GROUP_ANNOTATION}): "
+    print(f"one shared shim, PSS per container ({n} with {GROUP_ANNOTATION}): "
           f"{mb(shared['Pss'] / n)}: {shared['Pss'] / n / pss_c:.2f}x of containerd's")
     print("(USS = Private_Clean + Private_Dirty; a berth shim shares the zygote's pages "
           "until it writes them; reference before: containerd-shim-runc-v2 "

@@ -19,12 +19,16 @@ from functools import partial
 import trio
 
 from core import log
+from core.grpc import messages
 from core.oci.reaper import Reaper
 from core.shim import address as addr, logging as shim_logging
 from core.shim.flags import Flags
 from core.shim.publisher import Publisher
 from core.shim.service import TASK_SERVICE, TaskService
 from core.ttrpc import Server
+
+# Building and reading betterproto messages without raising exceptions per field.
+messages.install()
 
 RUNTIME_NAME = "io.containerd.berth.v1"
 PUBLISHER_FLUSH_TIMEOUT = 5.0

@@ -51,7 +51,7 @@ PEEK_TIMEOUT = 5.0  # a client sends its request as it connects
 _MAX_REQUEST = 1 << 20
 
 # Code the shims run: a change to any of these files means a new zygote.
-_CODE_DIRS = ("core", "core/shim", "core/ttrpc", "core/oci", "core/events",
+_CODE_DIRS = ("core", "core/shim", "core/ttrpc", "core/oci", "core/events", "core/grpc",
               "plugins/runtimes/ocicli", "plugins/runtimes/inprocess")
 _PRELOAD = (
     "core.shim.serve", "core.shim.oom", "core.mount", "core.api.containerd.runc.v1",

@@ -90,22 +90,26 @@ def test_quick_run_prints_every_row_and_ratio_and_cleans_up() -> None:
         assert re.search(MS, line(one, f"ctr start -> shim serving, {VARIANTS[key]}:"))
 
     # 2. three at once, both daemons, and their ratio
-    for label in ("berthd + berth shim (in-process), default", "containerd + runc "):
+    for label in ("berthd + berth shim (in-process), default",
+                  "berthd + one berth shim for all (group)", "containerd + runc "):
         row = line(part["2"], label)
         assert len(re.findall(rf"{NUMBER}s", row)) == 4 and re.search(MS, row), row
-    assert re.search(rf"all RUNNING: {RATIO}", line(part["2"], "ratio berth/containerd"))
+    assert re.search(rf"all RUNNING: {RATIO} \(one shared shim: {RATIO}\)",
+                     line(part["2"], "ratio berth/containerd"))
 
     # 3. memory: daemons idle and per container; shims, zygote; ratios
     for daemon in ("berthd ", "containerd "):
         row = line(part["3"], daemon)
         assert len(re.findall(rf"{NUMBER} MB", row)) == 3 and row.endswith(" KB"), row
     for shim in ("berth shim (in-process runtime)", "berth zygote (one per daemon)",
-                 "containerd-shim-runc-v2 "):
+                 "containerd-shim-runc-v2 ", "one berth shim serving all 3 "):
         row = line(part["3"], shim)
         assert len(re.findall(rf"{NUMBER} MB", row)) == 4, row
         assert all(n > 0 for n in numbers(row)), row
     assert len(re.findall(RATIO, line(part["3"], "ratio berth shim / runc-v2 shim"))) == 3
     assert re.search(rf": {RATIO}$", line(part["3"], "shim PSS per container"))
+    assert re.search(rf"{NUMBER} MB: {RATIO} of containerd's$",
+                     line(part["3"], "one shared shim, PSS per container"))
 
     # 4. Python start-up on the shim's path
     for label in ("python -I -S -c pass", "python -c pass", "containerd-shim-berth-v1 -v",
