@@ -15,9 +15,11 @@ reach it.
 
 from __future__ import annotations
 
+import array
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -166,25 +168,45 @@ class ShimBinary:
         return out.strip()
 
     async def _start_through_zygote(self, options: AnyMsg | None) -> str | None:
-        """berth's own shim: ask its warm zygote for the shim, as ``start`` would.
+        """berth's own shim: the start action's steps done here, the shim forked by the
+        warm zygote (``core.shim.start``, ``core.shim.zygote``).
 
         Saves an interpreter start per container; None when no zygote runs yet (the
         binary's ``start`` forks one) or the request failed in a way ``start`` reports
-        better.
+        better. The steps are quick syscalls on the state folder and run inline; the
+        wait for the zygote's fork is a trio socket.
         """
-        from core.shim import flags as shim_flags, start
+        from core.shim import flags as shim_flags, start, zygote
 
         flags = shim_flags.Flags(namespace=self.bundle.namespace, id=self.bundle.id,
                                  address=self.address, publish_binary=publish_binary(),
                                  debug=self.debug)
-        raw = bytes(options) if options is not None else b""
+        bundle = str(self.bundle.path)
+        lg = log.get("runtime", namespace=self.bundle.namespace, id=self.bundle.id)
         try:
-            return await trio.to_thread.run_sync(
-                start.start_through_zygote, flags, raw, str(self.bundle.path), self._env())
-        except (OSError, RuntimeError) as e:
-            log.get("runtime", namespace=self.bundle.namespace, id=self.bundle.id).warning(
-                "starting the shim through its zygote failed; running start", error=str(e))
+            address, listener = start.claim(flags, bundle)
+        except OSError as e:
+            lg.warning("claiming the shim socket failed; running start", error=str(e))
             return None
+        if listener is None:
+            return address  # the group's shim serves already
+        try:
+            pid = await _ask_zygote(zygote.zygote_path(self.address),
+                                    start.serve_request(flags, bundle, self._env()), listener)
+        except BaseException as e:
+            start.release(address, listener)
+            if isinstance(e, (OSError, RuntimeError, trio.TooSlowError)):
+                lg.warning("starting the shim through its zygote failed; running start",
+                           error=str(e))
+                return None
+            raise
+        if pid is None:
+            start.release(address, listener)
+            return None
+        listener.close()
+        start.settle(pid, bytes(options) if options is not None else b"",
+                     parent=os.getpid(), follow=True)
+        return address
 
     async def delete(self) -> Exit:
         """Run ``delete`` for a shim that is gone, then remove the bundle."""
@@ -210,6 +232,24 @@ class ShimBinary:
             raise errdefs.Unknown(f"shim delete: bad response: {e}", raw=True) from None
         await trio.to_thread.run_sync(self.bundle.delete)
         return Exit(pid=resp.pid, status=resp.exit_status, timestamp=resp.exited_at)
+
+
+async def _ask_zygote(path: str, payload: bytes, listener: socket.socket) -> int | None:
+    """``core.shim.zygote.request`` on a trio socket: the zygote's shim pid, None when
+    no zygote listens or it gave no usable answer."""
+    from core.shim import zygote
+
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with s:
+        try:
+            await s.connect(path)
+        except OSError:
+            return None
+        fds = array.array("i", [listener.fileno()])
+        with trio.fail_after(zygote.REQUEST_TIMEOUT):
+            await s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+            reply = await s.recv(4096)
+    return zygote.read_reply(reply)
 
 
 def _exit_text(returncode: int) -> str:

@@ -102,12 +102,16 @@ class Bundle:
             return None
 
     def write(self, name: str, text: str, mode: int = 0o600) -> None:
-        """Write a small file atomically (write, fsync, rename)."""
+        """Write a small file atomically (write, rename).
+
+        No fsync, as containerd writes ``shim-binary-path``: the bundle describes a live
+        shim and lives under the state folder (a tmpfs such as /run), which a power
+        loss empties along with the shims; the rename keeps readers from a torn file.
+        """
         tmp = self.path / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             os.write(fd, text.encode())
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path / name)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Callable
 
 from core.shim import address as addr, host, wire, zygote
 from core.shim.flags import Flags, to_argv
@@ -46,62 +45,60 @@ def _serve_flags(flags: Flags) -> list[str]:
 def start(flags: Flags, options: bytes, *, use_zygote: bool = True) -> str:
     """Make sure a shim serves this container; its address."""
     bundle = os.getcwd()
-
-    def get_shim(listener: socket.socket) -> int:
-        return spawn(flags, listener, bundle, use_zygote=use_zygote)
-
-    address = _start(flags, options, bundle, get_shim, parent=os.getppid(),
-                     follow=use_zygote)
-    assert address is not None
+    address, listener = claim(flags, bundle)
+    if listener is None:
+        return address
+    try:
+        pid = spawn(flags, listener, bundle, use_zygote=use_zygote)
+    except BaseException:
+        release(address, listener)
+        raise
+    listener.close()
+    settle(pid, options, parent=os.getppid(), follow=use_zygote)
     return address
 
 
-def start_through_zygote(flags: Flags, options: bytes, bundle: str,
-                         env: dict[str, str]) -> str | None:
-    """The start action done by the daemon itself, when a zygote for its code runs.
+def claim(flags: Flags, bundle: str) -> tuple[str, socket.socket | None]:
+    """The address of the shim for this container's group, written to the bundle, and
+    a socket listening on it for a new shim; None when a live shim serves the group
+    already (the container joins it).
 
-    berthd calls this instead of running ``containerd-shim-berth-v1 start``: the
-    result is the same (socket bound, address file written, a shim forked by the
-    zygote with ``env`` and ``bundle`` as its environment and working directory), less
-    an interpreter start per container. None when no zygote answers: the caller runs
-    the binary, which forks one.
+    berthd runs these steps itself for berth's own shim (``core.runtime.binary``),
+    with its request to the zygote in between, instead of running this action.
     """
-    payload = zygote.make_request(_serve_flags(flags), bundle, env)
-    path = zygote.zygote_path(flags.address)
-
-    def get_shim(listener: socket.socket) -> int | None:
-        return zygote.request(path, payload, listener)
-
-    return _start(flags, options, bundle, get_shim, parent=os.getpid(), follow=True)
-
-
-def _start(flags: Flags, options: bytes, bundle: str,
-           get_shim: Callable[[socket.socket], int | None], *, parent: int,
-           follow: bool) -> str | None:
     group = addr.group_of(addr.read_annotations(bundle), flags.id)
     address = addr.socket_address(flags.address, flags.namespace, group)
     listener = addr.listen(address)
-    if listener is None:  # the group's shim is alive: join it
-        addr.write_atomic(os.path.join(bundle, addr.ADDRESS_FILE), address)
-        return address
     try:
         addr.write_atomic(os.path.join(bundle, addr.ADDRESS_FILE), address)
-        pid = get_shim(listener)
     except BaseException:
-        listener.close()
-        addr.remove_socket(address)
+        if listener is not None:
+            release(address, listener)
         raise
+    return address, listener
+
+
+def release(address: str, listener: socket.socket) -> None:
+    """Give up a claimed socket (no shim came to serve it)."""
     listener.close()
-    if pid is None:
-        addr.remove_socket(address)
-        return None
+    addr.remove_socket(address)
+
+
+def settle(pid: int, options: bytes, *, parent: int, follow: bool) -> None:
+    """Put a new shim where containerd's runc manager puts it: the runtime options'
+    ``shim_cgroup`` (else, with ``follow``, the caller's cgroups), OOM score above
+    ``parent``'s."""
     cgroup = shim_cgroup(options)
     if cgroup:
         host.join_static_cgroup(pid, cgroup)
     elif follow:
         host.follow_cgroups(pid)
     host.adjust_oom_score(pid, parent)
-    return address
+
+
+def serve_request(flags: Flags, bundle: str, env: dict[str, str]) -> bytes:
+    """The request a zygote takes to fork this container's shim."""
+    return zygote.make_request(_serve_flags(flags), bundle, env)
 
 
 def spawn(flags: Flags, listener: socket.socket, bundle: str, *, use_zygote: bool) -> int:

@@ -60,8 +60,26 @@ _PRELOAD = (
 _OPTIONAL_PRELOAD = ("plugins.runtimes.inprocess",)
 
 
+_KEY_TTL = 1.0
+_key_cache: tuple[float, str] = (-_KEY_TTL, "")
+
+
 def code_key() -> str:
-    """A digest of the interpreter and the shim's source files (names, sizes, mtimes)."""
+    """A digest of the interpreter and the shim's source files (names, sizes, mtimes).
+
+    Kept for a second: berthd asks once per container, and a burst of starts need
+    not stat a hundred files each.
+    """
+    global _key_cache
+    now = time.monotonic()
+    if now - _key_cache[0] < _KEY_TTL:
+        return _key_cache[1]
+    key = _compute_code_key()
+    _key_cache = (now, key)
+    return key
+
+
+def _compute_code_key() -> str:
     h = addr.sha256(os.path.realpath(sys.executable).encode() + sys.version.encode())
     top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for rel in _CODE_DIRS:
@@ -111,9 +129,17 @@ def request(path: str, payload: bytes, listener: socket.socket,
         return None
     finally:
         s.close()
+    return read_reply(reply)
+
+
+def read_reply(reply: bytes) -> int | None:
+    """The shim's pid from a zygote's answer; None for no usable answer, RuntimeError
+    for the zygote's own error."""
     try:
         answer = json.loads(reply)
     except ValueError:
+        return None
+    if not isinstance(answer, dict):
         return None
     if "error" in answer:
         raise RuntimeError(f"zygote: {answer['error']}")

@@ -102,40 +102,70 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_start_through_zygote_without_one_leaves_nothing(short_tmp):
-    """berthd's in-process start: no zygote listens, so it gives up (None) and unbinds
-    the socket, for the binary's ``start`` to bind it again."""
-    from core.shim import start
-    from core.shim.flags import Flags
-
-    bundle = short_tmp / "bundle"
+def _bundle(root, annotations):
+    bundle = root / "bundle"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
-    daemon = str(short_tmp / "d" / "berth.sock")
-    flags = Flags(namespace="ns", id="c1", address=daemon)
-    assert start.start_through_zygote(flags, b"", str(bundle), {}) is None
-    assert addr.socket_dir(daemon) == str(short_tmp / "d" / "s")
-    assert os.listdir(short_tmp / "d" / "s") == []
+    (bundle / "config.json").write_text(json.dumps({"annotations": annotations}))
+    return bundle
 
 
-def test_start_through_zygote_joins_a_live_group_shim(short_tmp):
-    """A group whose shim serves already is joined without asking any zygote."""
+def test_claim_binds_the_group_socket_and_release_leaves_nothing(short_tmp):
+    """The start action's first step (also berthd's when it asks the zygote itself)."""
     import socket
 
     from core.shim import start
     from core.shim.flags import Flags
 
-    bundle = short_tmp / "bundle"
-    bundle.mkdir()
-    group = {addr.GROUP_ANNOTATIONS[1]: "pod1"}
-    (bundle / "config.json").write_text(json.dumps({"annotations": group}))
+    bundle = _bundle(short_tmp, {})
+    daemon = str(short_tmp / "d" / "berth.sock")
+    address, listener = start.claim(Flags(namespace="ns", id="c1", address=daemon),
+                                    str(bundle))
+    assert address == addr.socket_address(daemon, "ns", "c1")
+    assert isinstance(listener, socket.socket)
+    assert (bundle / addr.ADDRESS_FILE).read_text() == address
+    assert addr.can_connect(address)
+    start.release(address, listener)
+    assert os.listdir(short_tmp / "d" / "s") == []
+
+
+def test_claim_joins_a_live_group_shim(short_tmp):
+    """A group whose shim serves already is joined: no socket to bind."""
+    import socket
+
+    from core.shim import start
+    from core.shim.flags import Flags
+
+    bundle = _bundle(short_tmp, {addr.GROUP_ANNOTATIONS[1]: "pod1"})
     daemon = str(short_tmp / "d" / "berth.sock")
     address = addr.socket_address(daemon, "ns", "pod1")
     live = addr.listen(address)
     assert isinstance(live, socket.socket)
     try:
         flags = Flags(namespace="ns", id="c2", address=daemon)
-        assert start.start_through_zygote(flags, b"", str(bundle), {}) == address
+        assert start.claim(flags, str(bundle)) == (address, None)
         assert (bundle / addr.ADDRESS_FILE).read_text() == address
     finally:
         live.close()
+
+
+async def test_berthd_asks_no_zygote_where_none_listens(short_tmp):
+    import socket
+
+    from core.runtime.binary import _ask_zygote
+
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        assert await _ask_zygote(str(short_tmp / "zygote-x"), b"{}", listener) is None
+    finally:
+        listener.close()
+
+
+def test_zygote_replies():
+    from core.shim import zygote
+
+    assert zygote.read_reply(b'{"pid": 42}') == 42
+    assert zygote.read_reply(b"not json") is None
+    assert zygote.read_reply(b"[1]") is None
+    assert zygote.read_reply(b'{"pid": -1}') is None
+    with pytest.raises(RuntimeError, match="zygote: expected one listening socket"):
+        zygote.read_reply(b'{"error": "expected one listening socket"}')
