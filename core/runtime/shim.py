@@ -101,6 +101,8 @@ class ShimTask:
         # Set once the connection's owner is done, cleanup after a dead shim included.
         self.ended = trio.Event()
         self._md = {NAMESPACE_KEY: bundle.namespace}
+        # The init's pid as Create answered it (0: not created by this connection).
+        self.created_pid = 0
 
     @property
     def id(self) -> str:
@@ -141,7 +143,8 @@ class ShimTask:
                                 checkpoint=checkpoint)
         if options is not None:
             req.options = options
-        return (await self._call("Create", req, CreateTaskResponse)).pid
+        self.created_pid = (await self._call("Create", req, CreateTaskResponse)).pid
+        return self.created_pid
 
     async def start(self, exec_id: str = "") -> int:
         return (await self._call("Start", StartRequest(id=self.id, exec_id=exec_id),
