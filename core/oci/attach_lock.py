@@ -11,7 +11,8 @@ that wait on the critical path of every Create, right after forking the containe
 already in: a migration that moves nothing, but that starts the grace period. Run in a
 thread as Create begins, the wait overlaps the work done before the fork (rootfs,
 stdio, spec, the cgroup's directories) and the container's real migration finds the
-lock ready. Best effort: any error only means no head start.
+lock ready. Best effort: any error only means no head start. berthd decides when
+(``core.runtime.attach_primer``): only for a start with no other under way.
 """
 
 from __future__ import annotations

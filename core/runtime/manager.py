@@ -41,6 +41,7 @@ from core.api.containerd.events import TaskDelete, TaskExit
 from core.api.containerd.types import Mount
 from core.events.exchange import Exchange
 from core.metadata.containers import ContainerStore
+from core.runtime.attach_primer import Primer
 from core.runtime.binary import Exit, RuntimeResolver, ShimBinary, now
 from core.runtime.bundle import Bundle, list_bundles
 from core.runtime.shim import (
@@ -96,6 +97,7 @@ class TaskManager:
         self.nursery = nursery
         self.debug = debug
         self.resolver = resolver or RuntimeResolver()
+        self.primer = Primer(nursery)
         self._tasks: dict[str, dict[str, ShimTask]] = {}
         self._log = log.get("runtime")
         for d in (root, state):
@@ -129,6 +131,10 @@ class TaskManager:
     # -- create and delete -----------------------------------------------------------
 
     async def create(self, namespace: str, task_id: str, opts: CreateOpts) -> ShimTask:
+        with self.primer.starting():
+            return await self._create(namespace, task_id, opts)
+
+    async def _create(self, namespace: str, task_id: str, opts: CreateOpts) -> ShimTask:
         try:
             task = await self._start(namespace, task_id, opts)
         except (errdefs.BerthError, OSError) as e:

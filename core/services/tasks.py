@@ -130,7 +130,11 @@ class TasksService:
         task = self._task(ctx, req.container_id)
         await self._process(task, req.exec_id)
         # The shim's Start answer carries the pid containerd reads back with State.
-        pid = await task.start(req.exec_id)
+        if req.exec_id:
+            with self.runtime.primer.starting():  # the exec'd process joins the cgroups
+                pid = await task.start(req.exec_id)
+        else:
+            pid = await task.start(req.exec_id)
         return StartResponse(pid=pid)
 
     async def delete(self, ctx: CallContext, req: DeleteTaskRequest) -> DeleteResponse:

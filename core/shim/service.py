@@ -26,7 +26,6 @@ from core import errdefs, log
 from core.api.containerd import events as ev
 from core.api.containerd.task import v2 as api
 from core.api.containerd.v1.types import ProcessInfo, Status
-from core.oci import attach_lock
 from core.oci.reaper import Reaper
 from core.oci.runtime import OCIRuntime
 from core.shim import metrics, options
@@ -146,8 +145,6 @@ class TaskService:
         # process's TaskStart always precedes its TaskExit (the Go shim's eventSendMu).
         self._send_lock = trio.Lock()
         self._log = log.get("shim.service", namespace=namespace)
-        # A Create follows at once: its migration will find the lock ready sooner.
-        self._prime_attach_lock()
 
     def methods(self) -> dict[str, Method]:
         return {
@@ -189,13 +186,6 @@ class TaskService:
             except Exception:
                 self._log.exception("background task failed", task=fn.__name__)
         self.nursery.start_soon(guarded, name=fn.__name__)
-
-    def _prime_attach_lock(self) -> None:
-        """Start the kernel's wait for the cgroup attach lock now, in a thread, so that
-        the runtime's move of the new process into its cgroup does not wait for it."""
-        async def prime() -> None:
-            await trio.to_thread.run_sync(attach_lock.prime, abandon_on_cancel=True)
-        self._background(prime)
 
     def _watch(self, container: Container, process: Process) -> None:
         self._background(self._wait_exit, container, process)
@@ -246,9 +236,7 @@ class TaskService:
             raise errdefs.NotImplemented_("restore from checkpoint is not supported by berth",
                                           raw=True)
         self._creating.add(req.id)
-        self._prime_attach_lock()
         try:
-            await trio.lowlevel.checkpoint()  # let the priming thread start first
             return await self._create(req)
         finally:
             self._creating.discard(req.id)
@@ -337,7 +325,6 @@ class TaskService:
             raise errdefs.AlreadyExists(f"id {req.exec_id}")
         container.init.check_exec()
         spec = _exec_spec(req.spec)
-        self._prime_attach_lock()  # for the cgroup migration its Start will do
         paths = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
         container.execs[req.exec_id] = Exec(req.exec_id, container.init, spec, paths)
         self._send(ev.TaskExecAdded(container_id=container.id, exec_id=req.exec_id))
