@@ -619,6 +619,17 @@ async def test_terminal_through_console_socket(harness: Harness, rootfs: Path, r
             io.close()
 
 
+async def start_wait_delete(client: Client, h: Harness, cid: str, io: Fifos
+                            ) -> tuple[bytes, int]:
+    """Start a created task, read its stdout to the end, wait for it and delete it:
+    what it printed and its exit status."""
+    await call(client, h, "Start", api.StartRequest(id=cid), api.StartResponse)
+    out = await read_to_eof(io.fds["stdout"])
+    waited = await call(client, h, "Wait", api.WaitRequest(id=cid), api.WaitResponse)
+    await call(client, h, "Delete", api.DeleteRequest(id=cid), api.DeleteResponse)
+    return out, waited.exit_status
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 async def test_rootfs_mounts_are_mounted_and_removed(harness: Harness, rootfs: Path,
                                                      runtime: str):
@@ -635,12 +646,7 @@ async def test_rootfs_mounts_are_mounted_and_removed(harness: Harness, rootfs: P
                     rootfs=[Mount(type="bind", source=str(rootfs), options=["rbind", "ro"])],
                     options=runtime_options(runtime)), api.CreateTaskResponse)
                 assert str(shim.bundle / "rootfs") in mounts_under(shim.bundle)
-                await call(client, h, "Start", api.StartRequest(id=cid), api.StartResponse)
-                assert await read_to_eof(io.fds["stdout"]) == b"/bin/busybox\n"
-                waited = await call(client, h, "Wait", api.WaitRequest(id=cid),
-                                    api.WaitResponse)
-                assert waited.exit_status == 0
-                await call(client, h, "Delete", api.DeleteRequest(id=cid), api.DeleteResponse)
+                assert await start_wait_delete(client, h, cid, io) == (b"/bin/busybox\n", 0)
                 assert mounts_under(shim.bundle) == []
                 shim_pid = (await call(client, h, "Connect", api.ConnectRequest(id=cid),
                                        api.ConnectResponse)).shim_pid
@@ -680,12 +686,7 @@ async def test_overlay_rootfs_with_page_long_options(harness: Harness, rootfs: P
                 shim_pid = (await call(client, h, "Connect", api.ConnectRequest(id=cid),
                                        api.ConnectResponse)).shim_pid
                 assert os.readlink(f"/proc/{shim_pid}/cwd") == str(shim.bundle)
-                await call(client, h, "Start", api.StartRequest(id=cid), api.StartResponse)
-                assert await read_to_eof(io.fds["stdout"]) == b"top layer\n"
-                waited = await call(client, h, "Wait", api.WaitRequest(id=cid),
-                                    api.WaitResponse)
-                assert waited.exit_status == 0
-                await call(client, h, "Delete", api.DeleteRequest(id=cid), api.DeleteResponse)
+                assert await start_wait_delete(client, h, cid, io) == (b"top layer\n", 0)
                 assert mounts_under(shim.bundle) == []
                 await shutdown(client, h, shim_pid, shim.address.removeprefix("unix://"))
         finally:
