@@ -18,9 +18,10 @@ are offered to KSM, which, where the host enables it, merges the many identical
 copies shims make.
 
 The zygote is not needed for correctness: when it cannot be reached, ``start`` forks
-the shim itself. It exits after ``IDLE_TIMEOUT`` without requests, when its socket
-file disappears or is replaced (its daemon's folder was removed), or on SIGTERM; the
-shims it forked live on without it.
+the shim itself. It exits after ``IDLE_TIMEOUT`` without requests once its daemon no
+longer answers on its socket (``BERTH_SHIM_ZYGOTE_IDLE`` seconds, default 600), when its
+socket file disappears or is replaced (its daemon's folder was removed), or on SIGTERM;
+the shims it forked live on without it.
 
 The zygote's socket name carries a digest of the interpreter and of the shim's code,
 so a zygote never serves code older than the files on disk.
@@ -43,7 +44,16 @@ import time
 
 from core.shim import address as addr
 
-IDLE_TIMEOUT = 600.0
+
+def _idle_timeout(default: float = 600.0) -> float:
+    try:
+        value = float(os.environ.get("BERTH_SHIM_ZYGOTE_IDLE", default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+IDLE_TIMEOUT = _idle_timeout()
 POLL_INTERVAL = 1.0
 REHEARSAL_ROUNDS = 10
 REQUEST_TIMEOUT = 30.0
@@ -277,7 +287,7 @@ def _zygote(path: str, first_request: bytes, listener: socket.socket, report_fd:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         _rehearse()
-        _serve_requests(server, path, inode)
+        _serve_requests(server, path, inode, _daemon_socket(first_request))
     finally:
         server.close()
         with contextlib.suppress(OSError):
@@ -353,8 +363,37 @@ def _on_term(signum: int, frame: object) -> None:
     raise _Stop
 
 
-def _serve_requests(server: socket.socket, path: str, inode: int) -> None:
+def _daemon_socket(request: bytes) -> str:
+    """The socket path of the daemon whose shims a request is for ("" if unknown)."""
+    try:
+        from core.shim import flags as shim_flags
+
+        return shim_flags.parse(json.loads(request)["argv"]).address.removeprefix("unix://")
+    except Exception:  # noqa: BLE001 - only the idle check uses it
+        return ""
+
+
+def daemon_alive(socket_path: str) -> bool:
+    """Whether a daemon accepts connections on ``socket_path``."""
+    if not socket_path:
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(1.0)
+    try:
+        s.connect(socket_path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _serve_requests(server: socket.socket, path: str, inode: int, daemon: str) -> None:
     """Fork a shim per connection until idle, stopped, or the socket file is replaced.
+
+    Idle means ``IDLE_TIMEOUT`` without a request while the daemon is gone: as long as
+    the daemon serves, the zygote stays, so that a container started after a quiet
+    hour does not pay the imports again (one probe connection per timeout).
 
     Every page this loop writes after a fork stays with the shims forked before
     (the copy-on-write copy goes to the zygote), so the loop does as little as
@@ -377,7 +416,9 @@ def _serve_requests(server: socket.socket, path: str, inode: int) -> None:
                 last = time.monotonic()
                 continue
             if time.monotonic() - last > IDLE_TIMEOUT:
-                return
+                if not daemon_alive(daemon):
+                    return
+                last = time.monotonic()
             try:
                 if os.stat(path).st_ino != inode:
                     return

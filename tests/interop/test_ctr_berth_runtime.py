@@ -488,6 +488,37 @@ def test_berthd_asks_the_zygote_and_runs_start_without_one(berth: Berth) -> None
     assert zygote_pid(berth) not in (0, warm)
 
 
+def test_zygote_outlives_idle_spells_while_its_daemon_serves() -> None:
+    """The zygote's idle timeout (here 1 s) ends it only once its daemon is gone."""
+    base = Path(tempfile.mkdtemp(prefix="berth-zi-", dir="/tmp"))
+    daemon = daemons.berthd(base / "d")
+    daemon.env["BERTH_SHIM_ZYGOTE_IDLE"] = "1"
+    b = Berth(daemon, base, f"berth-zi-{uuid.uuid4().hex[:8]}")
+    try:
+        daemon.start()
+        write_oci_tar(base / "busybox.tar")
+        b.ok("images", "import", str(base / "busybox.tar"))
+        r = b.run(b.id("z1"), "true")
+        assert r.rc == 0, r
+        pid = zygote_pid(b)
+        assert pid > 0
+        time.sleep(3)  # three idle timeouts, berthd serving
+        assert zygote_pid(b) == pid and alive(pid)
+        r = b.run(b.id("z2"), "true")
+        assert r.rc == 0, r
+        assert start_paths(b, b.made[-1]) == ["zygote"]
+        daemon.stop()
+        wait_for("the zygote to leave after its daemon", lambda: not alive(pid))
+        assert not os.path.exists(zygote.zygote_path(str(daemon.address)))
+    finally:
+        daemon.stop()
+        zygote.stop(zygote.zygote_path(str(daemon.address)))
+        remove_cgroups(b.namespace)
+        for point in sorted(mounts_under(base), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # -- 2. a detached task: exec and the task and container commands -----------------------------
 
 

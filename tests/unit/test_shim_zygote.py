@@ -1,8 +1,10 @@
-"""The zygote offers its memory to KSM only when asked to (BERTH_SHIM_KSM=1)."""
+"""The zygote's pure parts: KSM opt-in, its idle timeout, its daemon check."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 
 from core.shim import zygote
 
@@ -55,3 +57,27 @@ def test_ksm_marks_the_writable_private_mappings():
     writable, mergeable = _mergeable_writable_mappings("1")
     # A few writable mappings may be refused (e.g. ones mapped after the scan).
     assert mergeable >= writable - 2 and mergeable > 0
+
+
+def test_idle_timeout_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BERTH_SHIM_ZYGOTE_IDLE", "2.5")
+    assert zygote._idle_timeout() == 2.5
+    for bad in ("", "soon", "0", "-3"):
+        monkeypatch.setenv("BERTH_SHIM_ZYGOTE_IDLE", bad)
+        assert zygote._idle_timeout() == 600.0
+    monkeypatch.delenv("BERTH_SHIM_ZYGOTE_IDLE")
+    assert zygote._idle_timeout() == 600.0
+
+
+def test_daemon_socket_of_a_request_and_whether_it_answers(tmp_path):
+    request = zygote.make_request(
+        ["-namespace", "ns", "-address", f"unix://{tmp_path}/d.sock", "-id", "c1"], "/", {})
+    assert zygote._daemon_socket(request) == f"{tmp_path}/d.sock"
+    assert zygote._daemon_socket(b"garbage") == ""
+    assert zygote._daemon_socket(json.dumps({"argv": ["-bogus-flag"]}).encode()) == ""
+    assert not zygote.daemon_alive(f"{tmp_path}/d.sock")
+    assert not zygote.daemon_alive("")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(f"{tmp_path}/d.sock")
+        s.listen(1)
+        assert zygote.daemon_alive(f"{tmp_path}/d.sock")
