@@ -185,8 +185,9 @@ class ShimBinary:
         lg = log.get("runtime", namespace=self.bundle.namespace, id=self.bundle.id)
         try:
             address, listener = start.claim(flags, bundle)
-        except OSError as e:
-            lg.warning("claiming the shim socket failed; running start", error=str(e))
+        except (OSError, ValueError) as e:
+            # The start action meets the same trouble and words it for the client.
+            lg.debug("claiming the shim socket failed; running start", error=str(e))
             return None
         if listener is None:
             return address  # the group's shim serves already
