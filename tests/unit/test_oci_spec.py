@@ -18,6 +18,7 @@ from core import errdefs
 from core.oci import Reaper, Stdio, spec as oci_spec
 from core.oci.reaper import exit_status
 from plugins.runtimes.inprocess import caps, cgroups, seccomp, spec as ispec, syscalls as S
+from tests import forked
 
 
 # ---- core.oci.spec -------------------------------------------------------------------
@@ -181,29 +182,18 @@ def test_seccomp_build_and_enforce() -> None:
     })
     assert flags == 2 and bpf and len(bpf) % 8 == 0
     sc = S.Syscalls()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+
+    def filtered() -> str:
+        sc.set_no_new_privs()
+        sc.seccomp_set_filter(bpf, flags)
         try:
-            os.close(r)
-            sc.set_no_new_privs()
-            sc.seccomp_set_filter(bpf, flags)
-            try:
-                os.mkdir("/tmp/berth-seccomp-test-never")
-                result = "made"
-            except OSError as e:
-                result = errno.errorcode[e.errno]
-            os.write(w, f"{result} {os.getpid() > 0}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    out = os.read(r, 100).decode()
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert out == "EACCES True"
+            os.mkdir("/tmp/berth-seccomp-test-never")
+            result = "made"
+        except OSError as e:
+            result = errno.errorcode[e.errno]
+        return f"{result} {os.getpid() > 0}"
+
+    assert forked.in_child(filtered) == "EACCES True"
 
 
 # ---- cgroups -------------------------------------------------------------------------

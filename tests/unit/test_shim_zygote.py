@@ -7,43 +7,31 @@ import os
 import socket
 
 from core.shim import zygote
+from tests import forked
 
 
 def _mergeable_writable_mappings(env_value: str | None) -> tuple[int, int]:
     """In a forked child: (writable private mappings, those flagged mergeable "mg")."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            if env_value is None:
-                os.environ.pop("BERTH_SHIM_KSM", None)
-            else:
-                os.environ["BERTH_SHIM_KSM"] = env_value
-            zygote._offer_to_ksm()
-            writable = mergeable = 0
-            perms = ""
-            with open("/proc/self/smaps") as f:
-                for line in f:
-                    fields = line.split()
-                    if "-" in fields[0] and not fields[0].endswith(":"):
-                        perms = fields[1]
-                    elif fields[0] == "VmFlags:" and perms == "rw-p":
-                        writable += 1
-                        mergeable += "mg" in fields[1:]
-            os.write(w, f"{writable} {mergeable}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        data = os.read(r, 100).decode()
-    finally:
-        os.close(r)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    writable, mergeable = map(int, data.split())
+
+    def count() -> str:
+        if env_value is None:
+            os.environ.pop("BERTH_SHIM_KSM", None)
+        else:
+            os.environ["BERTH_SHIM_KSM"] = env_value
+        zygote._offer_to_ksm()
+        writable = mergeable = 0
+        perms = ""
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                fields = line.split()
+                if "-" in fields[0] and not fields[0].endswith(":"):
+                    perms = fields[1]
+                elif fields[0] == "VmFlags:" and perms == "rw-p":
+                    writable += 1
+                    mergeable += "mg" in fields[1:]
+        return f"{writable} {mergeable}"
+
+    writable, mergeable = map(int, forked.in_child(count).split())
     return writable, mergeable
 
 
