@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import tempfile
@@ -52,6 +51,7 @@ from core.mountflags import (  # re-exported: callers use these as <module>.MS_*
     MS_UNBINDABLE as MS_UNBINDABLE,
     PROPAGATION as PROPAGATION,
 )
+from core.oci.libc import load_libc
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -229,12 +229,16 @@ def readonly(mounts: Iterable[Mount]) -> list[Mount]:
 
 # --------------------------------------------------------------------------- syscalls
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-_libc.unshare.argtypes = [ctypes.c_int]
+# Function pointers of their own (``libc[name]``): the shared libc's attributes carry
+# argtypes other modules set.
+_libc = load_libc()
+_mount = _libc["mount"]
+_mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                   ctypes.c_char_p]
+_umount2 = _libc["umount2"]
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_unshare = _libc["unshare"]
+_unshare.argtypes = [ctypes.c_int]
 CLONE_FS = 0x00000200
 
 
@@ -254,11 +258,11 @@ def _mount_from(call: MountCall) -> int:
 
     def run() -> None:
         try:
-            if _libc.unshare(CLONE_FS) != 0:
+            if _unshare(CLONE_FS) != 0:
                 result[0] = ctypes.get_errno() or errno.EPERM
                 return
             os.chdir(call.chdir)
-            if _libc.mount(_b(call.source), _b(call.target), _b(call.fstype), call.flags,
+            if _mount(_b(call.source), _b(call.target), _b(call.fstype), call.flags,
                            _b(call.data)) != 0:
                 result[0] = ctypes.get_errno() or errno.EIO
         except OSError as e:
@@ -277,7 +281,7 @@ def syscall(call: MountCall) -> None:
         if err:
             raise OSError(err, os.strerror(err), call.target)
         return
-    if _libc.mount(_b(call.source), _b(call.target), _b(call.fstype), call.flags,
+    if _mount(_b(call.source), _b(call.target), _b(call.fstype), call.flags,
                    _b(call.data)) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), call.target)
@@ -297,7 +301,7 @@ def unmount(target: str | os.PathLike[str], flags: int = 0) -> None:
     """umount2 once, retrying while busy; "not mounted" (EINVAL) is not an error."""
     path = os.fsencode(target)
     for _ in range(50):
-        if _libc.umount2(path, flags) == 0:
+        if _umount2(path, flags) == 0:
             return
         e = ctypes.get_errno()
         if e == errno.EINVAL:
@@ -314,7 +318,7 @@ def unmount_all(target: str | os.PathLike[str], flags: int = 0) -> None:
     if not os.path.exists(path):
         return
     while True:
-        if _libc.umount2(path, flags) != 0:
+        if _umount2(path, flags) != 0:
             e = ctypes.get_errno()
             if e == errno.EINVAL:
                 return

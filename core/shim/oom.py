@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable
 
 import trio
 
 from core import log
+from core.oci.libc import load_libc
 
 _IN_MODIFY = 0x2
 _IN_NONBLOCK = os.O_NONBLOCK
@@ -113,7 +113,7 @@ async def _watch_v1(directory: str, on_oom: Callable[[], None],
 
 async def _watch_v2(directory: str, on_oom: Callable[[], None],
                     task_status: trio.TaskStatus[None]) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = load_libc()
     fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         raise OSError(ctypes.get_errno(), "inotify_init1")

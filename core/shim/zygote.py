@@ -336,8 +336,9 @@ def _offer_to_ksm() -> None:
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
+        from core.oci.libc import load_libc
+
+        madvise = load_libc()["madvise"]
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
