@@ -24,26 +24,37 @@ def adjust_oom_score(pid: int, parent: int | None = None) -> None:
             f.write(str(min(score + 1, OOM_SCORE_MAX)))
 
 
-def cgroups_of(pid: int | str = "self") -> dict[str, str]:
-    """hierarchy (controllers, "" for cgroup v2) → path, from /proc/<pid>/cgroup."""
+def parse_cgroups(text: str) -> dict[str, str]:
+    """hierarchy (controllers, "" for cgroup v2) → path, from /proc/<pid>/cgroup's text."""
     out: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                parts = line.rstrip("\n").split(":", 2)
-                if len(parts) == 3:
-                    out[parts[1]] = parts[2]
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out[parts[1]] = parts[2]
     return out
 
 
-def _hierarchy_dirs(controllers: str) -> list[str]:
+def cgroups_of(pid: int | str = "self") -> dict[str, str]:
+    """``parse_cgroups`` of /proc/<pid>/cgroup ({} when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return parse_cgroups(f.read())
+    except OSError:
+        return {}
+
+
+def hierarchy_candidates(controllers: str, root: str = CGROUP_ROOT) -> list[str]:
+    """Where a hierarchy of /proc/<pid>/cgroup may be mounted, most likely first: v2
+    under ``unified`` (hybrid hosts) or at the root; a v1 hierarchy under its name or
+    one of its controllers' names."""
     if controllers == "":
-        unified = os.path.join(CGROUP_ROOT, "unified")
-        return [unified if os.path.isdir(unified) else CGROUP_ROOT]
+        return [os.path.join(root, "unified"), root]
     name = controllers.removeprefix("name=")
-    candidates = [os.path.join(CGROUP_ROOT, name)]
-    candidates += [os.path.join(CGROUP_ROOT, c) for c in controllers.split(",")]
-    return [c for c in candidates if os.path.isdir(c)][:1]
+    return [os.path.join(root, name)] + [os.path.join(root, c) for c in controllers.split(",")]
+
+
+def _hierarchy_dirs(controllers: str) -> list[str]:
+    return [c for c in hierarchy_candidates(controllers) if os.path.isdir(c)][:1]
 
 
 def join_cgroups(pid: int, cgroups: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ import trio
 
 from core import log
 from core.oci.libc import load_libc
+from core.shim import host
 
 _IN_MODIFY = 0x2
 _IN_NONBLOCK = os.O_NONBLOCK
@@ -25,14 +26,8 @@ _IN_CLOEXEC = os.O_CLOEXEC
 
 def memory_cgroup(pid: int, root: str = "/sys/fs/cgroup") -> tuple[str, int] | None:
     """(directory, cgroup version) holding ``pid``'s memory controller, if any."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
     unified = None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
+    for controllers, path in host.cgroups_of(pid).items():
         if "memory" in controllers.split(","):
             directory = os.path.join(root, "memory", path.lstrip("/"))
             if os.path.exists(os.path.join(directory, "memory.oom_control")):

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 from core import errdefs
-from core.oci import attach_lock
 from plugins.runtimes.inprocess import runtime, syscalls as S
 from plugins.runtimes.inprocess.state import ContainerState, StateStore
 from tests.unit.test_inprocess_steps import container, first, run_init
@@ -67,23 +66,3 @@ def test_state_file_round_trips_and_a_torn_one_is_not_found(tmp_path: Path) -> N
         pass
     else:
         raise AssertionError("a torn state file must read as a missing container")
-
-
-def test_attach_lock_primer_picks_an_existing_own_cgroup(tmp_path: Path) -> None:
-    root = tmp_path / "cgroup"
-    (root / "pids" / "a" / "b").mkdir(parents=True)
-    (root / "pids" / "a" / "b" / "cgroup.procs").write_text("")
-    (root / "unified" / "x").mkdir(parents=True)
-    (root / "unified" / "x" / "cgroup.procs").write_text("")
-    text = "9:name=systemd:/gone\n8:pids:/a/b\n0::/x\n"
-    assert attach_lock.own_procs_file(text, str(root)) == str(
-        root / "pids" / "a" / "b" / "cgroup.procs")
-    # v1 hierarchies missing: the v2 line (hybrid layout, under "unified")
-    assert attach_lock.own_procs_file("8:pids:/nope\n0::/x\n", str(root)) == str(
-        root / "unified" / "x" / "cgroup.procs")
-    # combined controllers live in one directory named after all of them
-    (root / "cpu,cpuacct" / "s").mkdir(parents=True)
-    (root / "cpu,cpuacct" / "s" / "cgroup.procs").write_text("")
-    assert attach_lock.own_procs_file("3:cpu,cpuacct:/s\n", str(root)) == str(
-        root / "cpu,cpuacct" / "s" / "cgroup.procs")
-    assert attach_lock.own_procs_file("garbage\n", str(root)) is None

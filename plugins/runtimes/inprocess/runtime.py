@@ -288,7 +288,7 @@ class Runtime:
 
         ``before_go`` (making the cgroup) runs after the fork, before the child is moved
         into the cgroup and told to go on: the kernel may keep cgroup calls waiting for
-        a while (see ``core.oci.attach_lock``), and the fork need not wait with them.
+        a while (see ``core.runtime.attach_primer``), and the fork need not wait with them.
 
         With ``new_pid_ns`` the child is forked straight into a new pid namespace, as
         its pid 1, and is the process that execs (see ``_fork_into_new_pid_ns``)."""
