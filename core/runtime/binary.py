@@ -15,7 +15,6 @@ reach it.
 
 from __future__ import annotations
 
-import array
 import os
 import shutil
 import signal
@@ -246,10 +245,9 @@ async def _ask_zygote(path: str, payload: bytes, listener: socket.socket) -> int
             await s.connect(path)
         except OSError:
             return None
-        fds = array.array("i", [listener.fileno()])
         with trio.fail_after(zygote.REQUEST_TIMEOUT):
-            await s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
-            reply = await s.recv(4096)
+            await s.sendmsg([payload], zygote.passing(listener))
+            reply = await s.recv(zygote.REPLY_MAX)
     return zygote.read_reply(reply)
 
 

@@ -57,6 +57,7 @@ IDLE_TIMEOUT = _idle_timeout()
 POLL_INTERVAL = 1.0
 REHEARSAL_ROUNDS = 10
 REQUEST_TIMEOUT = 30.0
+REPLY_MAX = 4096
 PEEK_TIMEOUT = 5.0  # a client sends its request as it connects
 _MAX_REQUEST = 1 << 20
 
@@ -132,14 +133,19 @@ def request(path: str, payload: bytes, listener: socket.socket,
             s.connect(path)
         except OSError:
             return None
-        fds = array.array("i", [listener.fileno()])
-        s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
-        reply = s.recv(4096)
+        s.sendmsg([payload], passing(listener))
+        reply = s.recv(REPLY_MAX)
     except OSError:
         return None
     finally:
         s.close()
     return read_reply(reply)
+
+
+def passing(listener: socket.socket) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that hands ``listener`` to the zygote with a request."""
+    fds = array.array("i", [listener.fileno()])
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
 
 
 def read_reply(reply: bytes) -> int | None:
