@@ -28,14 +28,14 @@ import h2.events
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import log as logsetup  # noqa: E402
-from core.api.containerd.services.namespaces.v1 import (  # noqa: E402
+from berth.core import log as logsetup  # noqa: E402
+from berth.core.api.containerd.services.namespaces.v1 import (  # noqa: E402
     ListNamespacesResponse,
     Namespace,
     NamespacesBase,
 )
-from core.api.containerd.services.version.v1 import VersionBase, VersionResponse  # noqa: E402
-from core.grpc import bridge  # noqa: E402
+from berth.core.api.containerd.services.version.v1 import VersionBase, VersionResponse  # noqa: E402
+from berth.core.grpc import bridge  # noqa: E402
 
 VERSION = "/containerd.services.version.v1.Version/Version"
 LIST = "/containerd.services.namespaces.v1.Namespaces/List"

@@ -61,7 +61,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.shim import zygote  # noqa: E402
+from berth.core.shim import zygote  # noqa: E402
 from tests import daemons, images  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -843,7 +843,7 @@ def report_parallel_and_memory(s: Session, n: int, idle: dict[str, int]) -> None
 
 def report_startup(s: Session, repeat: int) -> None:
     print(f"\n== 4. Python start-up on berth's shim path ({repeat} runs each) ==")
-    start_imports = "import re, core.shim, core.shim.flags, core.shim.start"
+    start_imports = "import re, berth.core.shim, berth.core.shim.flags, berth.core.shim.start"
     rows = [
         ("python -I -S -c pass (bare interpreter)", timed([PYTHON, "-I", "-S", "-c", "pass"],
                                                          repeat)),
@@ -853,7 +853,7 @@ def report_startup(s: Session, repeat: int) -> None:
         ("python -c '<the start action's imports>'", timed([PYTHON, "-c", start_imports],
                                                           repeat)),
         ("python: import + warm a serving shim (zygote preload)",
-         timed([PYTHON, "-c", "from core.shim import zygote; zygote.preload()"],
+         timed([PYTHON, "-c", "from berth.core.shim import zygote; zygote.preload()"],
                max(3, repeat // 2))),
     ]
     for label, (med, least) in rows:

@@ -40,13 +40,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.api.containerd.services.namespaces.v1 import (  # noqa: E402
+from berth.core.api.containerd.services.namespaces.v1 import (  # noqa: E402
     CreateNamespaceRequest,
     ListNamespacesRequest,
     ListNamespacesResponse,
     Namespace,
 )
-from core.api.containerd.services.version.v1 import VersionResponse  # noqa: E402
+from berth.core.api.containerd.services.version.v1 import VersionResponse  # noqa: E402
 from tests import daemons  # noqa: E402
 
 H2LOAD = "h2load"

@@ -10,7 +10,7 @@ from typing import Any
 
 import tomli_w
 
-from core import errdefs
+from berth.core import errdefs
 
 DEFAULT_CONFIG_PATH = Path("/etc/berth/config.toml")
 

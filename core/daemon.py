@@ -15,31 +15,31 @@ from typing import Any
 import structlog
 import trio
 
-from core import __version__, config, errdefs, log as logsetup
+from berth.core import __version__, config, errdefs, log as logsetup
 
 log = structlog.get_logger("berthd")
 
 # Built-in plugin modules, registered with pluggy exactly like third-party ones.
 BUILTIN_PLUGINS = [
-    "core.metadata.plugin",
-    "core.events.plugin",
-    "core.services.version",
-    "core.services.namespaces",
-    "core.services.leases",
-    "core.services.events",
-    "core.services.eventlog",
-    "core.services.introspection",
-    "core.gc.scheduler",
-    "core.services.content",
-    "core.services.images",
-    "plugins.snapshotters.overlayfs",
-    "plugins.snapshotters.native",
-    "core.services.snapshots",
-    "plugins.differ.plugin",
-    "core.services.diff",
-    "core.services.containers",
-    "core.runtime.plugin",
-    "core.services.tasks",
+    "berth.core.metadata.plugin",
+    "berth.core.events.plugin",
+    "berth.core.services.version",
+    "berth.core.services.namespaces",
+    "berth.core.services.leases",
+    "berth.core.services.events",
+    "berth.core.services.eventlog",
+    "berth.core.services.introspection",
+    "berth.core.gc.scheduler",
+    "berth.core.services.content",
+    "berth.core.services.images",
+    "berth.plugins.snapshotters.overlayfs",
+    "berth.plugins.snapshotters.native",
+    "berth.core.services.snapshots",
+    "berth.plugins.differ.plugin",
+    "berth.core.services.diff",
+    "berth.core.services.containers",
+    "berth.core.runtime.plugin",
+    "berth.core.services.tasks",
 ]
 
 
@@ -73,7 +73,7 @@ def root_lock(root: Path) -> Iterator[None]:
 
 
 def _registrations(cfg: config.Config) -> list[Any]:
-    from core.plugin.graph import collect, plugin_manager
+    from berth.core.plugin.graph import collect, plugin_manager
 
     return collect(plugin_manager(BUILTIN_PLUGINS))
 
@@ -91,9 +91,9 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
     """Initialise plugins, serve gRPC and ttrpc until cancelled."""
     import trio_asyncio
 
-    from core.grpc import bridge, server as grpc_server
-    from core.plugin.graph import init_all
-    from core.ttrpc.server import Server as TTRPCServer
+    from berth.core.grpc import bridge, server as grpc_server
+    from berth.core.plugin.graph import init_all
+    from berth.core.ttrpc.server import Server as TTRPCServer
 
     registrations = _registrations(cfg)
     disabled = set(cfg.data.get("disabled_plugins", []))

@@ -31,8 +31,8 @@ import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
-from core import log
-from core.errdefs import InvalidArgument
+from berth.core import log
+from berth.core.errdefs import InvalidArgument
 
 __all__ = [
     "ALWAYS",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from core.errdefs import InvalidArgument
+from berth.core.errdefs import InvalidArgument
 
 __all__ = ["MAX_LENGTH", "PATTERN", "go_quote", "is_valid", "validate"]
 

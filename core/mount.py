@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import errdefs
-from core.mountflags import (  # re-exported: callers use these as <module>.MS_*
+from berth.core import errdefs
+from berth.core.mountflags import (  # re-exported: callers use these as <module>.MS_*
     MNT_DETACH as MNT_DETACH,
     MNT_FORCE as MNT_FORCE,
     MS_BIND as MS_BIND,
@@ -51,7 +51,7 @@ from core.mountflags import (  # re-exported: callers use these as <module>.MS_*
     MS_UNBINDABLE as MS_UNBINDABLE,
     PROPAGATION as PROPAGATION,
 )
-from core.oci.libc import load_libc
+from berth.core.oci.libc import load_libc
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -103,7 +103,7 @@ class Mount:
     options: list[str] = field(default_factory=list)
 
     def to_proto(self) -> Any:
-        from core.api.containerd.types import Mount as ApiMount
+        from berth.core.api.containerd.types import Mount as ApiMount
 
         return ApiMount(type=self.type, source=self.source, options=list(self.options))
 

@@ -106,7 +106,7 @@ def berthd(base: Path, *extra: str) -> Daemon:
     base.mkdir(parents=True, exist_ok=True)
     d = Daemon("berth", base, [])
     d.argv = [
-        sys.executable, "-m", "core.daemon", "--root", str(d.root), "--state", str(d.state),
+        sys.executable, "-m", "berth.core.daemon", "--root", str(d.root), "--state", str(d.state),
         "--address", str(d.address), "--log-level", "debug", *extra,
     ]
     return d
@@ -158,7 +158,7 @@ def ctr(address: Path, *args: str, namespace: str | None = None, timeout: float 
 
 def berth(address: Path, *args: str, namespace: str | None = None, timeout: float = 60
           ) -> Result:
-    argv = [sys.executable, "-m", "core.cli", "--address", str(address)]
+    argv = [sys.executable, "-m", "berth.core.cli", "--address", str(address)]
     if namespace:
         argv += ["--namespace", namespace]
     p = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout)

@@ -1,5 +1,5 @@
 """berth: a ctr-style command line client for berthd (and for containerd)."""
 
-from core.cli.app import main
+from berth.core.cli.app import main
 
 __all__ = ["main"]

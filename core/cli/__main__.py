@@ -1,5 +1,5 @@
 import sys
 
-from core.cli.app import main
+from berth.core.cli.app import main
 
 sys.exit(main())

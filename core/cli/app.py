@@ -8,14 +8,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from core import __version__
-from core.cli import client
+from berth.core import __version__
+from berth.core.cli import client
 
 Handler = Callable[[argparse.Namespace, client.Session], Awaitable[int | None]]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from core.cli import (
+    from berth.core.cli import (
         containers,
         content,
         events,
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.handler
     # Library modules log through structlog; a CLI's stdout is its output, so only
     # warnings and errors are shown, on stderr.
-    from core import log
+    from berth.core import log
 
     log.setup("warn")
     try:

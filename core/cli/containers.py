@@ -11,8 +11,8 @@ from typing import Any
 
 from grpclib import GRPCError
 
-from core.cli import app, client, run as run_cli, tasks as tasks_cli
-from core.cli.output import emit
+from berth.core.cli import app, client, run as run_cli, tasks as tasks_cli
+from berth.core.cli.output import emit
 
 
 async def create(args: argparse.Namespace, s: client.Session) -> int:
@@ -21,7 +21,7 @@ async def create(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def ls(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.containers.v1 import ListContainersRequest
+    from berth.core.api.containerd.services.containers.v1 import ListContainersRequest
 
     resp = await tasks_cli.containers_stub(s).list(ListContainersRequest(filters=args.filters))
     if args.quiet:
@@ -58,7 +58,7 @@ def any_json(msg: Any) -> dict[str, str] | None:
 
 
 def container_json(c: Any) -> dict[str, Any]:
-    from core.oci import default_spec
+    from berth.core.oci import default_spec
 
     doc: dict[str, Any] = {
         "ID": c.id,
@@ -79,7 +79,7 @@ def container_json(c: Any) -> dict[str, Any]:
 
 
 async def info(args: argparse.Namespace, s: client.Session) -> int:
-    from core.oci import default_spec
+    from berth.core.oci import default_spec
 
     c = await tasks_cli.get_container(s, args.container)
     doc = default_spec.from_any(c.spec) if args.spec else container_json(c)
@@ -88,8 +88,8 @@ async def info(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def delete_one(s: client.Session, container_id: str, *, keep_snapshot: bool) -> None:
-    from core.api.containerd.services.tasks.v1 import GetRequest
-    from core.api.containerd.v1.types import Status
+    from berth.core.api.containerd.services.tasks.v1 import GetRequest
+    from berth.core.api.containerd.v1.types import Status
 
     container = await tasks_cli.get_container(s, container_id)
     try:
@@ -122,7 +122,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
 async def label(args: argparse.Namespace, s: client.Session) -> int:
     from betterproto.lib.google.protobuf import FieldMask
 
-    from core.api.containerd.services.containers.v1 import Container, UpdateContainerRequest
+    from berth.core.api.containerd.services.containers.v1 import Container, UpdateContainerRequest
 
     if not args.container:
         raise app.CommandError("container id must be provided")

@@ -7,14 +7,14 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from core import errdefs
-from core.cli import app, client
-from core.cli.output import emit
-from core.cli.transfer import human
+from berth.core import errdefs
+from berth.core.cli import app, client
+from berth.core.cli.output import emit
+from berth.core.cli.transfer import human
 
 
 def _client(s: client.Session) -> Any:
-    from core.images.client import Client
+    from berth.core.images.client import Client
 
     return Client(s.channel, s.namespace)
 

@@ -6,11 +6,11 @@ import argparse
 import json
 from typing import Any
 
-from core.cli import app, client
+from berth.core.cli import app, client
 
 
 def _line(env: Any, seq: int | None, fmt: str) -> str:
-    from core.events import typeurl
+    from berth.core.events import typeurl
 
     payload = typeurl.to_dict(env.event) if env.event else None
     if fmt == "json":
@@ -27,12 +27,12 @@ def _line(env: Any, seq: int | None, fmt: str) -> str:
 
 async def events(args: argparse.Namespace, s: client.Session) -> int:
     if args.since is None:
-        from core.api.containerd.services.events.v1 import EventsStub, SubscribeRequest
+        from berth.core.api.containerd.services.events.v1 import EventsStub, SubscribeRequest
 
         async for env in EventsStub(s.channel).subscribe(SubscribeRequest(filters=args.filters)):
             print(_line(env, None, args.format), flush=True)
         return 0
-    from core.api.berth.services.eventlog.v1 import EventLogStub, SubscribeRequest as Req
+    from berth.core.api.berth.services.eventlog.v1 import EventLogStub, SubscribeRequest as Req
 
     req = Req(filters=args.filters, since=args.since, follow=not args.no_follow)
     async for item in EventLogStub(s.channel).subscribe(req):

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core import errdefs
-from core.cli import app, client
-from core.cli.output import emit
-from core.cli.transfer import for_terminal, human
+from berth.core import errdefs
+from berth.core.cli import app, client
+from berth.core.cli.output import emit
+from berth.core.cli.transfer import for_terminal, human
 
 
 def default_snapshotter() -> str:
@@ -20,14 +20,14 @@ def default_snapshotter() -> str:
 
 
 def _client(s: client.Session, args: argparse.Namespace) -> Any:
-    from core.images.client import Client
+    from berth.core.images.client import Client
 
     return Client(s.channel, s.namespace,
                   snapshotter=getattr(args, "snapshotter", None) or default_snapshotter())
 
 
 def _matcher(args: argparse.Namespace, *, strict: bool = False) -> Any:
-    from core.images import platforms
+    from berth.core.images import platforms
 
     if getattr(args, "all_platforms", False):
         return platforms.ALL
@@ -39,8 +39,8 @@ def _matcher(args: argparse.Namespace, *, strict: bool = False) -> Any:
 
 
 def _registry(args: argparse.Namespace, host: str) -> Any:
-    from core.registry import Credentials, Registry, TLSOptions
-    from core.registry.auth import parse_credentials
+    from berth.core.registry import Credentials, Registry, TLSOptions
+    from berth.core.registry.auth import parse_credentials
 
     creds: Credentials | None = parse_credentials(args.user) if args.user else None
     tls = TLSOptions(ca_file=args.tlscacert, skip_verify=args.skip_verify)
@@ -48,7 +48,7 @@ def _registry(args: argparse.Namespace, host: str) -> Any:
 
 
 def _ref(text: str) -> Any:
-    from core.images import reference
+    from berth.core.images import reference
 
     return reference.parse(reference.normalize(text))
 
@@ -66,7 +66,7 @@ def _network_errors() -> tuple[type[Exception], ...]:
 # --- pull / push --------------------------------------------------------------------------
 
 async def pull(args: argparse.Namespace, s: client.Session) -> int:
-    from core.images.pull import pull as do_pull
+    from berth.core.images.pull import pull as do_pull
 
     spec = _ref(args.ref)
     c = _client(s, args)
@@ -83,8 +83,8 @@ async def pull(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def push(args: argparse.Namespace, s: client.Session) -> int:
-    from core.images.manifest import Descriptor
-    from core.images.push import push as do_push
+    from berth.core.images.manifest import Descriptor
+    from berth.core.images.push import push as do_push
 
     spec = _ref(args.remote)
     c = _client(s, args)
@@ -95,7 +95,7 @@ async def push(args: argparse.Namespace, s: client.Session) -> int:
         except errdefs.NotFound:
             img = await c.get_image(str(spec))
         root = Descriptor.from_api(img.target)
-        from core.images import platforms
+        from berth.core.images import platforms
 
         matcher = _matcher(args) if args.platform else platforms.ALL
         async with _registry(args, spec.hostname) as reg:
@@ -110,8 +110,8 @@ async def push(args: argparse.Namespace, s: client.Session) -> int:
 # --- listing and removal ------------------------------------------------------------------
 
 async def _size(c: Any, target: Any, matcher: Any) -> int | None:
-    from core.images import mediatypes
-    from core.images.manifest import Descriptor, parse_index, parse_manifest
+    from berth.core.images import mediatypes
+    from berth.core.images.manifest import Descriptor, parse_index, parse_manifest
 
     total = 0
 
@@ -134,9 +134,9 @@ async def _size(c: Any, target: Any, matcher: Any) -> int | None:
 
 
 async def ls(args: argparse.Namespace, s: client.Session) -> int:
-    from core.images import platforms
-    from core.images.image import platforms_of
-    from core.images.manifest import Descriptor
+    from berth.core.images import platforms
+    from berth.core.images.image import platforms_of
+    from berth.core.images.manifest import Descriptor
 
     c = _client(s, args)
     imgs = await c.list_images(args.filters)
@@ -180,7 +180,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def tag(args: argparse.Namespace, s: client.Session) -> int:
-    from core.images.manifest import Descriptor
+    from berth.core.images.manifest import Descriptor
 
     c = _client(s, args)
     src = await c.get_image(args.source)
@@ -193,8 +193,8 @@ async def tag(args: argparse.Namespace, s: client.Session) -> int:
 # --- archives -----------------------------------------------------------------------------
 
 async def _unpack(c: Any, name: str, target: Any, matcher: Any) -> None:
-    from core.images.image import manifest_for
-    from core.images.unpack import unpack
+    from berth.core.images.image import manifest_for
+    from berth.core.images.unpack import unpack
 
     print(f"unpacking {name} ({target.digest})...", end="", flush=True)
     async with c.lease():
@@ -203,7 +203,7 @@ async def _unpack(c: Any, name: str, target: Any, matcher: Any) -> None:
 
 
 async def import_(args: argparse.Namespace, s: client.Session) -> int:
-    from core.images import archive, platforms
+    from berth.core.images import archive, platforms
 
     if args.base_name:
         translate = archive.filter_ref_prefix(args.base_name)
@@ -237,8 +237,8 @@ async def import_(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def export(args: argparse.Namespace, s: client.Session) -> int:
-    from core.images import archive
-    from core.images.manifest import Descriptor
+    from berth.core.images import archive
+    from berth.core.images.manifest import Descriptor
 
     c = _client(s, args)
     images = [(n, Descriptor.from_api((await c.get_image(n)).target)) for n in args.refs]
@@ -261,8 +261,8 @@ async def export(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def import_rootfs(args: argparse.Namespace, s: client.Session) -> int:
-    from core.images import platforms
-    from core.images.rootfs import import_rootfs as build
+    from berth.core.images import platforms
+    from berth.core.images.rootfs import import_rootfs as build
 
     c = _client(s, args)
     name = args.ref
@@ -284,13 +284,13 @@ async def mount(args: argparse.Namespace, s: client.Session) -> int:
 
     from grpclib import GRPCError
 
-    from core import mount as mounting
-    from core.api.containerd.services.leases.v1 import CreateRequest, LeasesStub
-    from core.images import mediatypes, platforms
-    from core.images.client import LEASE_EXPIRY, go_time, translate
-    from core.images.image import manifest_for
-    from core.images.manifest import Descriptor, chain_id
-    from core.images.unpack import unpack
+    from berth.core import mount as mounting
+    from berth.core.api.containerd.services.leases.v1 import CreateRequest, LeasesStub
+    from berth.core.images import mediatypes, platforms
+    from berth.core.images.client import LEASE_EXPIRY, go_time, translate
+    from berth.core.images.image import manifest_for
+    from berth.core.images.manifest import Descriptor, chain_id
+    from berth.core.images.unpack import unpack
 
     c = _client(s, args)
     target = os.path.abspath(args.target)
@@ -329,9 +329,9 @@ async def mount(args: argparse.Namespace, s: client.Session) -> int:
 async def unmount(args: argparse.Namespace, s: client.Session) -> int:
     from grpclib import GRPCError
 
-    from core import mount as mounting
-    from core.api.containerd.services.leases.v1 import DeleteRequest, LeasesStub
-    from core.images.client import translate
+    from berth.core import mount as mounting
+    from berth.core.api.containerd.services.leases.v1 import DeleteRequest, LeasesStub
+    from berth.core.images.client import translate
 
     target = os.path.abspath(args.target)
     try:

@@ -7,8 +7,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from core.cli import app, client
-from core.cli.output import emit
+from berth.core.cli import app, client
+from berth.core.cli.output import emit
 
 EXPIRE_LABEL = "containerd.io/gc.expire"
 
@@ -25,13 +25,13 @@ def _duration(text: str) -> timedelta:
 
 
 def _stub(s: client.Session) -> Any:
-    from core.api.containerd.services.leases.v1 import LeasesStub
+    from berth.core.api.containerd.services.leases.v1 import LeasesStub
 
     return LeasesStub(s.channel, metadata=s.metadata)
 
 
 async def create(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.leases.v1 import CreateRequest
+    from berth.core.api.containerd.services.leases.v1 import CreateRequest
 
     labels = app.labels_from(args.labels)
     if args.expires:
@@ -43,7 +43,7 @@ async def create(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def ls(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.leases.v1 import ListRequest
+    from berth.core.api.containerd.services.leases.v1 import ListRequest
 
     resp = await _stub(s).list(ListRequest(filters=args.filters))
     if args.quiet:
@@ -62,7 +62,7 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
 async def rm(args: argparse.Namespace, s: client.Session) -> int:
     from grpclib import GRPCError
 
-    from core.api.containerd.services.leases.v1 import DeleteRequest
+    from berth.core.api.containerd.services.leases.v1 import DeleteRequest
 
     failed = False
     for lid in args.ids:

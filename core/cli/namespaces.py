@@ -6,18 +6,18 @@ import argparse
 import sys
 from typing import Any
 
-from core.cli import app, client
-from core.cli.output import emit
+from berth.core.cli import app, client
+from berth.core.cli.output import emit
 
 
 def _stub(s: client.Session) -> Any:
-    from core.api.containerd.services.namespaces.v1 import NamespacesStub
+    from berth.core.api.containerd.services.namespaces.v1 import NamespacesStub
 
     return NamespacesStub(s.channel, metadata=s.metadata)
 
 
 async def create(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.namespaces.v1 import CreateNamespaceRequest, Namespace
+    from berth.core.api.containerd.services.namespaces.v1 import CreateNamespaceRequest, Namespace
 
     await _stub(s).create(CreateNamespaceRequest(
         namespace=Namespace(name=args.name, labels=app.labels_from(args.labels))))
@@ -25,7 +25,7 @@ async def create(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def ls(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.namespaces.v1 import ListNamespacesRequest
+    from berth.core.api.containerd.services.namespaces.v1 import ListNamespacesRequest
 
     resp = await _stub(s).list(ListNamespacesRequest())
     if args.quiet:
@@ -42,7 +42,7 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
 async def label(args: argparse.Namespace, s: client.Session) -> int:
     from betterproto.lib.google.protobuf import FieldMask
 
-    from core.api.containerd.services.namespaces.v1 import Namespace, UpdateNamespaceRequest
+    from berth.core.api.containerd.services.namespaces.v1 import Namespace, UpdateNamespaceRequest
 
     labels = app.labels_from(args.labels)
     await _stub(s).update(UpdateNamespaceRequest(
@@ -56,7 +56,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
     from grpclib import GRPCError
     from grpclib.const import Status
 
-    from core.api.containerd.services.namespaces.v1 import DeleteNamespaceRequest
+    from berth.core.api.containerd.services.namespaces.v1 import DeleteNamespaceRequest
 
     failed = False
     for name in args.names:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from core.cli import app, client
-from core.cli.output import emit
+from berth.core.cli import app, client
+from berth.core.cli.output import emit
 
 
 def _status(p: Any) -> str:
@@ -24,7 +24,10 @@ def _platforms(p: Any) -> str:
 
 
 async def ls(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.introspection.v1 import IntrospectionStub, PluginsRequest
+    from berth.core.api.containerd.services.introspection.v1 import (
+        IntrospectionStub,
+        PluginsRequest,
+    )
 
     resp = await IntrospectionStub(s.channel, metadata=s.metadata).plugins(
         PluginsRequest(filters=args.filters))

@@ -20,8 +20,8 @@ from typing import Any
 
 from grpclib import GRPCError
 
-from core import cio, errdefs
-from core.cli import app, client, tasks as tasks_cli
+from berth.core import cio, errdefs
+from berth.core.cli import app, client, tasks as tasks_cli
 
 DEFAULT_RUNTIME = "io.containerd.berth.v1"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
@@ -43,7 +43,7 @@ def runtime_options(runtime: str, runc_binary: str) -> Any:
     sends them), and for any runtime when a runc binary is named."""
     from betterproto.lib.google.protobuf import Any as AnyMsg
 
-    from core.api.containerd.runc.v1 import Options
+    from berth.core.api.containerd.runc.v1 import Options
 
     if runc_binary or runtime.startswith("io.containerd.runc."):
         return AnyMsg(type_url=RUNC_OPTIONS_TYPE,
@@ -52,7 +52,7 @@ def runtime_options(runtime: str, runc_binary: str) -> Any:
 
 
 def spec_options(args: argparse.Namespace, cmd: list[str]) -> Any:
-    from core.oci import default_spec
+    from berth.core.oci import default_spec
 
     opts = default_spec.Options(
         args=list(cmd), env=list(args.env), cwd=args.cwd, user=args.user, tty=args.tty,
@@ -95,15 +95,15 @@ async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
                         container_id: str, cmd: list[str],
                         tty_size: tuple[int, int] | None = None) -> Any:
     """Create the container ``ctr run``/``ctr containers create`` would; returns it."""
-    from core.api.containerd.services.containers.v1 import (
+    from berth.core.api.containerd.services.containers.v1 import (
         Container,
         ContainerRuntime,
         ContainersStub,
         CreateContainerRequest,
     )
-    from core.cli.images import default_snapshotter
-    from core.images.client import Client
-    from core.oci import default_spec
+    from berth.core.cli.images import default_snapshotter
+    from berth.core.images.client import Client
+    from berth.core.oci import default_spec
 
     if not ref:
         raise app.CommandError("image ref must be provided")
@@ -136,13 +136,13 @@ async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
 async def _from_image(args: argparse.Namespace, s: client.Session, images: Any,
                       containers: Any, ref: str, container_id: str, opts: Any,
                       runtime: Any) -> Any:
-    from core import mount as mounting
-    from core.api.containerd.services.containers.v1 import Container, CreateContainerRequest
-    from core.images import platforms
-    from core.images.image import manifest_for
-    from core.images.manifest import Descriptor, chain_id
-    from core.images.unpack import unpack
-    from core.oci import default_spec
+    from berth.core import mount as mounting
+    from berth.core.api.containerd.services.containers.v1 import Container, CreateContainerRequest
+    from berth.core.images import platforms
+    from berth.core.images.image import manifest_for
+    from berth.core.images.manifest import Descriptor, chain_id
+    from berth.core.images.unpack import unpack
+    from berth.core.oci import default_spec
 
     image = await images.get_image(ref)
     resolved = await manifest_for(images, Descriptor.from_api(image.target),
@@ -179,8 +179,8 @@ async def _from_image(args: argparse.Namespace, s: client.Session, images: Any,
 async def remove_container(s: client.Session, container: Any, *,
                            keep_snapshot: bool = False) -> None:
     """Delete the record and, unless kept, its snapshot (WithSnapshotCleanup)."""
-    from core.api.containerd.services.containers.v1 import DeleteContainerRequest
-    from core.api.containerd.services.snapshots.v1 import RemoveSnapshotRequest, SnapshotsStub
+    from berth.core.api.containerd.services.containers.v1 import DeleteContainerRequest
+    from berth.core.api.containerd.services.snapshots.v1 import RemoveSnapshotRequest, SnapshotsStub
 
     if container.snapshot_key and not keep_snapshot:
         if not container.snapshotter:

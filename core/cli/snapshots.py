@@ -7,16 +7,16 @@ import json
 import sys
 from typing import Any
 
-from core import errdefs
-from core.cli import app, client
-from core.cli.images import default_snapshotter
-from core.cli.output import emit
+from berth.core import errdefs
+from berth.core.cli import app, client
+from berth.core.cli.images import default_snapshotter
+from berth.core.cli.output import emit
 
 _KINDS = {0: "Unknown", 1: "View", 2: "Active", 3: "Committed"}
 
 
 def _client(s: client.Session, args: argparse.Namespace) -> Any:
-    from core.images.client import Client
+    from berth.core.images.client import Client
 
     return Client(s.channel, s.namespace, snapshotter=args.snapshotter or default_snapshotter())
 
@@ -87,7 +87,7 @@ async def mounts(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def usage(args: argparse.Namespace, s: client.Session) -> int:
-    from core.cli.transfer import human
+    from berth.core.cli.transfer import human
 
     c = _client(s, args)
     keys = args.keys or [i.name for i in await c.list_snapshots()]

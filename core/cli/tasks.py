@@ -21,9 +21,9 @@ from typing import Any
 from grpclib import GRPCError
 from grpclib.const import Status as GStatus
 
-from core import cio, errdefs
-from core.cli import app, client
-from core.cli.output import emit
+from berth.core import cio, errdefs
+from berth.core.cli import app, client
+from berth.core.cli.output import emit
 
 #: After a process exits, how long its output may still be draining before we delete it
 #: (the shim closes the FIFOs then). Output held open by a background child is cut here.
@@ -39,19 +39,19 @@ FORWARDED_SIGNALS = (
 
 
 def tasks_stub(s: client.Session) -> Any:
-    from core.api.containerd.services.tasks.v1 import TasksStub
+    from berth.core.api.containerd.services.tasks.v1 import TasksStub
 
     return TasksStub(s.channel, metadata=s.metadata)
 
 
 def containers_stub(s: client.Session) -> Any:
-    from core.api.containerd.services.containers.v1 import ContainersStub
+    from berth.core.api.containerd.services.containers.v1 import ContainersStub
 
     return ContainersStub(s.channel, metadata=s.metadata)
 
 
 async def get_container(s: client.Session, container_id: str) -> Any:
-    from core.api.containerd.services.containers.v1 import GetContainerRequest
+    from berth.core.api.containerd.services.containers.v1 import GetContainerRequest
 
     if not container_id:
         raise app.CommandError("container id must be provided")
@@ -59,7 +59,7 @@ async def get_container(s: client.Session, container_id: str) -> Any:
 
 
 def container_spec(container: Any) -> dict[str, Any]:
-    from core.oci import default_spec
+    from berth.core.oci import default_spec
 
     return default_spec.from_any(container.spec)
 
@@ -126,7 +126,7 @@ async def run_attached(s: client.Session, container_id: str, fifos: cio.FIFOSet,
     already: attach). Returns its exit status, or None when detached (after Start).
     The caller deletes the process and removes the FIFOs.
     """
-    from core.api.containerd.services.tasks.v1 import (
+    from berth.core.api.containerd.services.tasks.v1 import (
         CloseIoRequest,
         KillRequest,
         ResizePtyRequest,
@@ -184,8 +184,8 @@ async def run_attached(s: client.Session, container_id: str, fifos: cio.FIFOSet,
 
 async def create_task(s: client.Session, container: Any, fifos: cio.FIFOSet) -> int:
     """Tasks.Create for a container, its snapshot's mounts as the rootfs."""
-    from core.api.containerd.services.snapshots.v1 import MountsRequest, SnapshotsStub
-    from core.api.containerd.services.tasks.v1 import CreateTaskRequest
+    from berth.core.api.containerd.services.snapshots.v1 import MountsRequest, SnapshotsStub
+    from berth.core.api.containerd.services.tasks.v1 import CreateTaskRequest
 
     rootfs = []
     if container.snapshot_key:
@@ -204,8 +204,8 @@ async def create_task(s: client.Session, container: Any, fifos: cio.FIFOSet) -> 
 async def delete_task(s: client.Session, container_id: str, *, force: bool = False,
                       fifos: cio.FIFOSet | None = None) -> Any:
     """Delete a stopped task (with ``force``, kill it first), then its FIFOs."""
-    from core.api.containerd.services.tasks.v1 import DeleteTaskRequest, GetRequest
-    from core.api.containerd.v1.types import Status
+    from berth.core.api.containerd.services.tasks.v1 import DeleteTaskRequest, GetRequest
+    from berth.core.api.containerd.v1.types import Status
 
     t = tasks_stub(s)
     process = (await t.get(GetRequest(container_id=container_id))).process
@@ -228,7 +228,7 @@ async def delete_task(s: client.Session, container_id: str, *, force: bool = Fal
 
 async def kill_and_wait(s: client.Session, container_id: str, exec_id: str) -> None:
     """WithProcessKill: SIGKILL (the whole container for the task) and wait for the exit."""
-    from core.api.containerd.services.tasks.v1 import KillRequest, WaitRequest
+    from berth.core.api.containerd.services.tasks.v1 import KillRequest, WaitRequest
 
     t = tasks_stub(s)
     waiter = asyncio.ensure_future(t.wait(WaitRequest(container_id=container_id,
@@ -249,7 +249,7 @@ async def kill_and_wait(s: client.Session, container_id: str, exec_id: str) -> N
 
 
 def status_name(status: Any) -> str:
-    from core.api.containerd.v1.types import Status
+    from berth.core.api.containerd.v1.types import Status
 
     try:
         return Status(status).name.lower()
@@ -298,14 +298,14 @@ def write_pid_file(path: str, pid: int) -> None:
 
 
 async def ls(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import ListTasksRequest
+    from berth.core.api.containerd.services.tasks.v1 import ListTasksRequest
 
     resp = await tasks_stub(s).list(ListTasksRequest())
     if args.quiet:
         for t in resp.tasks:
             print(t.id)
         return 0
-    from core.api.containerd.v1.types import Status
+    from berth.core.api.containerd.v1.types import Status
 
     def name(st: Any) -> str:
         try:
@@ -323,14 +323,14 @@ def _process_info(info: Any) -> str:
     if info is None or not info.type_url:
         return "-"
     if info.type_url.rsplit("/", 1)[-1] == "containerd.runc.v1.ProcessDetails":
-        from core.api.containerd.runc.v1 import ProcessDetails
+        from berth.core.api.containerd.runc.v1 import ProcessDetails
 
         return f"&ProcessDetails{{ExecID:{ProcessDetails().parse(info.value).exec_id},}}"
     return f"{info.type_url} ({len(info.value)} bytes)"
 
 
 async def ps(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import ListPidsRequest
+    from berth.core.api.containerd.services.tasks.v1 import ListPidsRequest
 
     await get_container(s, args.container)
     resp = await tasks_stub(s).list_pids(ListPidsRequest(container_id=args.container))
@@ -340,8 +340,8 @@ async def ps(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def exec_(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import DeleteProcessRequest, ExecProcessRequest
-    from core.oci import default_spec
+    from berth.core.api.containerd.services.tasks.v1 import DeleteProcessRequest, ExecProcessRequest
+    from berth.core.oci import default_spec
 
     if not args.exec_id:
         raise app.CommandError("exec id must not be empty: invalid argument")
@@ -358,7 +358,7 @@ async def exec_(args: argparse.Namespace, s: client.Session) -> int:
     process["args"] = list(args.args)
     process.pop("consoleSize", None)
     if args.tty:
-        from core.cli.run import terminal_size
+        from berth.core.cli.run import terminal_size
 
         size = terminal_size()
         if size:
@@ -395,9 +395,9 @@ async def exec_(args: argparse.Namespace, s: client.Session) -> int:
 async def rootfs_users(s: client.Session, container: Any, spec: dict[str, Any]) -> Any:
     """The users of a container's root filesystem: its rootfs path, or its snapshot
     mounted read-only for the lookup (mount.WithTempMount)."""
-    from core import mount as mounting
-    from core.api.containerd.services.snapshots.v1 import MountsRequest, SnapshotsStub
-    from core.oci.default_spec import UserDB
+    from berth.core import mount as mounting
+    from berth.core.api.containerd.services.snapshots.v1 import MountsRequest, SnapshotsStub
+    from berth.core.oci.default_spec import UserDB
 
     if not container.snapshot_key:
         root = (spec.get("root") or {}).get("path") or ""
@@ -413,7 +413,7 @@ async def rootfs_users(s: client.Session, container: Any, spec: dict[str, Any]) 
 
 
 async def kill(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import KillRequest
+    from berth.core.api.containerd.services.tasks.v1 import KillRequest
 
     if args.all and args.exec_id:
         raise app.CommandError("specify an exec-id or all; not both")
@@ -426,7 +426,7 @@ async def kill(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def pause(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import PauseTaskRequest
+    from berth.core.api.containerd.services.tasks.v1 import PauseTaskRequest
 
     await get_container(s, args.container)
     await tasks_stub(s).pause(PauseTaskRequest(container_id=args.container))
@@ -434,7 +434,7 @@ async def pause(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def resume(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import ResumeTaskRequest
+    from berth.core.api.containerd.services.tasks.v1 import ResumeTaskRequest
 
     await get_container(s, args.container)
     await tasks_stub(s).resume(ResumeTaskRequest(container_id=args.container))
@@ -442,7 +442,7 @@ async def resume(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def rm(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import DeleteProcessRequest, GetRequest
+    from berth.core.api.containerd.services.tasks.v1 import DeleteProcessRequest, GetRequest
 
     if args.exec_id:
         cid = args.containers[0]
@@ -472,7 +472,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
 
 
 async def attach(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import GetRequest
+    from berth.core.api.containerd.services.tasks.v1 import GetRequest
 
     container = await get_container(s, args.container)
     spec = container_spec(container)
@@ -503,7 +503,7 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def _message(data: bytes) -> dict[int, Any]:
     """Field number → value (last wins; repeated varints collected as lists)."""
-    from core.shim.wire import WIRE_LEN, fields
+    from berth.core.shim.wire import WIRE_LEN, fields
 
     out: dict[int, Any] = {}
     for number, kind, value in fields(data):
@@ -568,7 +568,7 @@ def go_time(t: datetime) -> str:
 
 
 async def metrics(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.tasks.v1 import MetricsRequest
+    from berth.core.api.containerd.services.tasks.v1 import MetricsRequest
 
     container = await get_container(s, args.container)
     resp = await tasks_stub(s).metrics(MetricsRequest(filters=[f"id=={container.id}"]))

@@ -6,8 +6,8 @@ import sys
 import threading
 from typing import Any
 
-from core.images.manifest import Descriptor
-from core.images.progress import Progress
+from berth.core.images.manifest import Descriptor
+from berth.core.images.progress import Progress
 
 
 def human(n: float) -> str:
@@ -20,7 +20,7 @@ def human(n: float) -> str:
 
 
 def _label(desc: Descriptor) -> str:
-    from core.images.mediatypes import ref_key
+    from berth.core.images.mediatypes import ref_key
 
     return ref_key(desc.media_type, desc.digest)
 

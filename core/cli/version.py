@@ -7,14 +7,14 @@ from typing import Any
 
 from betterproto.lib.google.protobuf import Empty
 
-from core import __version__
-from core.cli import app, client
-from core.cli.output import emit
+from berth.core import __version__
+from berth.core.cli import app, client
+from berth.core.cli.output import emit
 
 
 async def version(args: argparse.Namespace, s: client.Session) -> int:
-    from core.api.containerd.services.introspection.v1 import IntrospectionStub
-    from core.api.containerd.services.version.v1 import VersionStub
+    from berth.core.api.containerd.services.introspection.v1 import IntrospectionStub
+    from berth.core.api.containerd.services.version.v1 import VersionStub
 
     v = await VersionStub(s.channel).version(Empty())
     info = await IntrospectionStub(s.channel).server(Empty())

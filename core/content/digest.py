@@ -12,7 +12,7 @@ import hashlib
 import re
 from typing import Any
 
-from core.errdefs import InvalidArgument
+from berth.core.errdefs import InvalidArgument
 
 CANONICAL = "sha256"
 

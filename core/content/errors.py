@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.errdefs import OutOfRange
-from core.identifiers import go_quote
+from berth.core.errdefs import OutOfRange
+from berth.core.identifiers import go_quote
 
 __all__ = ["OutOfRange", "go_quote"]

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core.content import digest as dg
+from berth.core.content import digest as dg
 
 REF, DATA, STARTED, UPDATED, TOTAL, EXPECTED = (
     "ref", "data", "startedat", "updatedat", "total", "expected",

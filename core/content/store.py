@@ -22,13 +22,13 @@ from pathlib import Path
 
 import trio
 
-from core import log
-from core.content import digest as dg, ingest
-from core.content.errors import OutOfRange, go_quote
-from core.content.ingest import Status
-from core.content.writer import Writer
-from core.errdefs import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from core.gofmt import go_duration
+from berth.core import log
+from berth.core.content import digest as dg, ingest
+from berth.core.content.errors import OutOfRange, go_quote
+from berth.core.content.ingest import Status
+from berth.core.content.writer import Writer
+from berth.core.errdefs import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from berth.core.gofmt import go_duration
 
 # Reads up to this size run inline: a pread from the page cache is cheaper than a
 # thread hop. Anything larger goes to a worker thread.

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from core.content import digest as dg, ingest
-from core.content.errors import OutOfRange, go_quote
-from core.errdefs import AlreadyExists, FailedPrecondition
+from berth.core.content import digest as dg, ingest
+from berth.core.content.errors import OutOfRange, go_quote
+from berth.core.errdefs import AlreadyExists, FailedPrecondition
 
 if TYPE_CHECKING:
-    from core.content.store import ContentStore, _RefLock
+    from berth.core.content.store import ContentStore, _RefLock
 
 # Buffered bytes above this go to disk; writes at least this large skip the buffer.
 FLUSH_AT = 1 << 20

@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import betterproto
 
-from core import errdefs, identifiers
-from core.api.containerd.services.events.v1 import Envelope
-from core.events import typeurl
+from berth.core import errdefs, identifiers
+from berth.core.api.containerd.services.events.v1 import Envelope
+from berth.core.events import typeurl
 
 
 def validate_topic(topic: str) -> None:

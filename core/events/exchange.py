@@ -17,10 +17,10 @@ import betterproto
 import structlog
 import trio
 
-from core import errdefs, filters, identifiers
-from core.api.containerd.services.events.v1 import Envelope
-from core.events import envelope as envelopes
-from core.events.log import EventLog
+from berth.core import errdefs, filters, identifiers
+from berth.core.api.containerd.services.events.v1 import Envelope
+from berth.core.events import envelope as envelopes
+from berth.core.events.log import EventLog
 
 log = structlog.get_logger("events")
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from core.api.containerd.services.events.v1 import Envelope
-from core.metadata.db import Database
+from berth.core.api.containerd.services.events.v1 import Envelope
+from berth.core.metadata.db import Database
 
 _TRIM_EVERY = 256
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from core.events.exchange import DEFAULT_QUEUE, Exchange
-from core.events.log import EventLog
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import EVENT, METADATA
+from berth.core.events.exchange import DEFAULT_QUEUE, Exchange
+from berth.core.events.log import EventLog
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import EVENT, METADATA
 
 
 async def _init(ctx: InitContext) -> Exchange:

@@ -23,9 +23,9 @@ _EVENT_NAMES = (
 
 # (proto package, generated module, names) of everything berth wraps in an Any.
 _PACKAGES: list[tuple[str, str, tuple[str, ...]]] = [
-    ("containerd.events", "core.api.containerd.events", _EVENT_NAMES),
+    ("containerd.events", "berth.core.api.containerd.events", _EVENT_NAMES),
     # Image events live in the images service package, as in containerd.
-    ("containerd.services.images.v1", "core.api.containerd.services.images.v1",
+    ("containerd.services.images.v1", "berth.core.api.containerd.services.images.v1",
      ("ImageCreate", "ImageUpdate", "ImageDelete")),
 ]
 
@@ -57,7 +57,7 @@ def name_of(msg: betterproto.Message) -> str:
     try:
         return _by_class[type(msg)]
     except KeyError:
-        module = type(msg).__module__.removeprefix("core.api.")
+        module = type(msg).__module__.removeprefix("berth.core.api.")
         return f"{module}.{type(msg).__name__}"
 
 

@@ -11,7 +11,7 @@ Other stores take part through two hooks:
 - ``Collector.add_root_source(name, fn)``: ``fn(conn)`` returns extra root nodes, read
   through the collector's sqlite connection, inside its transaction (so never opening
   another); a containers store adds each container's snapshot and
-  :func:`core.gc.mark.label_refs` of its labels;
+  :func:`berth.core.gc.mark.label_refs` of its labels;
 - snapshotters come from the snapshot service plugin: a dict name -> object with
   ``gc_list() -> [(namespace, key, parent_or_empty, labels)]``,
   ``async gc_remove(namespace, key)`` and ``async cleanup()``.
@@ -28,11 +28,11 @@ from typing import Any
 
 import trio
 
-from core import log
-from core.gc import mark
-from core.gc.mark import Graph, Node, Plan
-from core.metadata import content as content_meta, images as images_meta
-from core.metadata.db import Database
+from berth.core import log
+from berth.core.gc import mark
+from berth.core.gc.mark import Graph, Node, Plan
+from berth.core.metadata import content as content_meta, images as images_meta
+from berth.core.metadata.db import Database
 
 RootSource = Callable[[sqlite3.Connection], Iterable[Node]]
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from core.content.ingest import parse_ns
+from berth.core.content.ingest import parse_ns
 
 LABEL_ROOT = "containerd.io/gc.root"
 LABEL_CONTENT_REF = "containerd.io/gc.ref.content"

@@ -23,11 +23,11 @@ from typing import Any
 
 import trio
 
-from core import errdefs, log
-from core.gc.collector import Collector, Stats
-from core.gofmt import go_duration
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import ALL, GC, METADATA, SERVICE
+from berth.core import errdefs, log
+from berth.core.gc.collector import Collector, Stats
+from berth.core.gofmt import go_duration
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import ALL, GC, METADATA, SERVICE
 
 _log = log.get("gc")
 

@@ -33,7 +33,7 @@ wait a moment for that task's answer. Client and bidi streams, unknown paths and
 malformed requests take grpclib's ordinary path.
 
 Third-party hot spots patched here, once, for the whole process: betterproto's
-attribute hooks (``core.grpc.messages``), hyperframe's frame ``repr`` and hpack's
+attribute hooks (``berth.core.grpc.messages``), hyperframe's frame ``repr`` and hpack's
 debug logging (both computed for log lines nobody reads), and hpack's Huffman decoder
 (memoised).
 """
@@ -63,9 +63,9 @@ from grpclib.const import Cardinality, Status
 from grpclib.metadata import Deadline, decode_metadata, encode_grpc_message
 from h2.events import DataReceived, StreamEnded
 
-from core import errdefs
-from core.grpc import messages
-from core.grpc.context import CallContext
+from berth.core import errdefs
+from berth.core.grpc import messages
+from berth.core.grpc.context import CallContext
 
 # h2 formats every received frame with repr() for a trace log that is a no-op, and
 # hyperframe's reprs hex-encode payloads (DataFrame: 3-7% of berthd's CPU during an

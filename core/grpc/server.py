@@ -16,7 +16,7 @@ import structlog
 import trio
 import trio_asyncio
 
-from core.grpc.bridge import Server
+from berth.core.grpc.bridge import Server
 
 log = structlog.get_logger("grpc")
 

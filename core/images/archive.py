@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, BinaryIO
 
-from core import errdefs
-from core.images import gojson, mediatypes, reference
-from core.images.image import child_labels
-from core.images.manifest import (
+from berth.core import errdefs
+from berth.core.images import gojson, mediatypes, reference
+from berth.core.images.image import child_labels
+from berth.core.images.manifest import (
     Descriptor,
     Index,
     descriptor_for,
@@ -35,8 +35,8 @@ from core.images.manifest import (
     parse_index,
     parse_manifest,
 )
-from core.images.platforms import Matcher, Platform, normalize
-from plugins.differ import compression
+from berth.core.images.platforms import Matcher, Platform, normalize
+from berth.plugins.differ import compression
 
 COPY_CHUNK = 1 << 20
 JSON_LIMIT = 20 << 20
@@ -458,7 +458,7 @@ async def export_docker_archive(client: Any, out: BinaryIO,
                                 matcher: Matcher) -> None:
     """``docker save``'s layout: ``manifest.json``, ``<config>.json``,
     ``<layer>/layer.tar``, ``repositories``."""
-    from core.images.image import manifest_for
+    from berth.core.images.image import manifest_for
 
     tw = TarWriter(out)
     written: set[str] = set()

@@ -4,7 +4,7 @@ and leases over containerd's gRPC API (berthd's or containerd's own).
 Every call carries the namespace header, and the lease header while a lease is held
 (:meth:`Client.lease`), so whatever a pull or an import writes is protected from
 garbage collection until it is referenced by an image, as with containerd's clients.
-gRPC errors come back as :mod:`core.errdefs` errors.
+gRPC errors come back as :mod:`berth.core.errdefs` errors.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Cardinality
 
-from core import errdefs
-from core.api.containerd.services.content import v1 as content_api
-from core.api.containerd.services.diff import v1 as diff_api
-from core.api.containerd.services.images import v1 as images_api
-from core.api.containerd.services.leases import v1 as leases_api
-from core.api.containerd.services.snapshots import v1 as snapshots_api
-from core.api.containerd.types import Mount
-from core.images import mediatypes
-from core.images.manifest import Descriptor
+from berth.core import errdefs
+from berth.core.api.containerd.services.content import v1 as content_api
+from berth.core.api.containerd.services.diff import v1 as diff_api
+from berth.core.api.containerd.services.images import v1 as images_api
+from berth.core.api.containerd.services.leases import v1 as leases_api
+from berth.core.api.containerd.services.snapshots import v1 as snapshots_api
+from berth.core.api.containerd.types import Mount
+from berth.core.images import mediatypes
+from berth.core.images.manifest import Descriptor
 
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"

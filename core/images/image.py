@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from core import errdefs
-from core.images import mediatypes
-from core.images.manifest import (
+from berth.core import errdefs
+from berth.core.images import mediatypes
+from berth.core.images.manifest import (
     Descriptor,
     ImageConfig,
     Manifest,
@@ -22,7 +22,7 @@ from core.images.manifest import (
     parse_index,
     parse_manifest,
 )
-from core.images.platforms import Matcher, Platform
+from berth.core.images.platforms import Matcher, Platform
 
 # Indexes nest; refuse absurd depths (a loop cannot happen with digests, a bomb can).
 MAX_DEPTH = 8

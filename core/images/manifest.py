@@ -1,7 +1,7 @@
 """Descriptors, manifests, indexes and image configs (OCI and Docker schema 2), as data.
 
 Pure parsing and building: nothing here reads or writes content. JSON that becomes
-content is produced through :mod:`core.images.gojson`, with fields in the order of the
+content is produced through :mod:`berth.core.images.gojson`, with fields in the order of the
 Go structs containerd marshals, so a document built here has containerd's digest.
 """
 
@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import errdefs
-from core.images import gojson, mediatypes
-from core.images.platforms import Platform, normalize
+from berth.core import errdefs
+from berth.core.images import gojson, mediatypes
+from berth.core.images.platforms import Platform, normalize
 
 # Manifests and configs are small; refuse to parse anything larger (containerd's limit).
 MAX_JSON = 20 << 20
@@ -64,7 +64,7 @@ class Descriptor:
         )
 
     def to_api(self) -> Any:
-        from core.api.containerd.types import Descriptor as ApiDescriptor
+        from berth.core.api.containerd.types import Descriptor as ApiDescriptor
 
         return ApiDescriptor(media_type=self.media_type, digest=self.digest, size=self.size,
                              annotations=dict(self.annotations))

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from core import errdefs
+from berth.core import errdefs
 
 _SPECIFIER = re.compile(r"[A-Za-z0-9_-]+")
 _KNOWN_OS = frozenset({

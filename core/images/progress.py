@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.images.manifest import Descriptor
+from berth.core.images.manifest import Descriptor
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

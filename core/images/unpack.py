@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from core import errdefs, log
-from core.images import mediatypes
-from core.images.image import Resolved
-from core.images.manifest import chain_id
-from core.snapshots import filter_inherited_labels
+from berth.core import errdefs, log
+from berth.core.images import mediatypes
+from berth.core.images.image import Resolved
+from berth.core.images.manifest import chain_id
+from berth.core.snapshots import filter_inherited_labels
 
 _log = log.get("unpack")
 

@@ -1,5 +1,5 @@
 """Metadata: one transactional sqlite store (WAL) for every namespaced object."""
 
-from core.metadata.db import Database
+from berth.core.metadata.db import Database
 
 __all__ = ["Database"]

@@ -26,9 +26,9 @@ from typing import Any
 import betterproto
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from core import errdefs, filters, identifiers
-from core.metadata import namespaces
-from core.metadata.db import Database
+from berth.core import errdefs, filters, identifiers
+from berth.core.metadata import namespaces
+from berth.core.metadata.db import Database
 
 COMPONENT = "containers"
 
@@ -333,7 +333,7 @@ class ContainerStore:
 def gc_roots(c: sqlite3.Connection) -> list[Any]:
     """GC roots from containers, read in the collector's transaction: each container's
     snapshot (``<snapshotter>/<key>``) and the content and snapshots its labels name."""
-    from core.gc import mark
+    from berth.core.gc import mark
 
     out = []
     for ns, labels, snapshotter, key in c.execute(

@@ -1,7 +1,7 @@
 """Namespaced content: which blobs each namespace has, with labels, and its open ingests.
 
 The model is containerd's ``metadata/content.go`` over the local blob store
-(:mod:`core.content`):
+(:mod:`berth.core.content`):
 
 - A blob is visible in a namespace only once committed there. Committing bytes the
   backend already holds (pulled in another namespace) only records them; with an
@@ -30,12 +30,12 @@ from datetime import datetime
 
 import trio
 
-from core import errdefs, filters, log
-from core.content import ContentStore, Reader, Status, Writer, digest as dg
-from core.content.errors import go_quote
-from core.content.ingest import ns_to_datetime
-from core.metadata import namespaces
-from core.metadata.db import Database
+from berth.core import errdefs, filters, log
+from berth.core.content import ContentStore, Reader, Status, Writer, digest as dg
+from berth.core.content.errors import go_quote
+from berth.core.content.ingest import ns_to_datetime
+from berth.core.metadata import namespaces
+from berth.core.metadata.db import Database
 
 # Append-only, versioned through Database.ensure_schema("content", MIGRATIONS).
 MIGRATIONS: list[str] = [

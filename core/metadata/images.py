@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from core import errdefs, filters, log
-from core.content import digest as dg
-from core.content.errors import go_quote
-from core.content.ingest import ns_to_datetime
-from core.metadata import namespaces
-from core.metadata.content import validate_labels
-from core.metadata.db import Database
+from berth.core import errdefs, filters, log
+from berth.core.content import digest as dg
+from berth.core.content.errors import go_quote
+from berth.core.content.ingest import ns_to_datetime
+from berth.core.metadata import namespaces
+from berth.core.metadata.content import validate_labels
+from berth.core.metadata.db import Database
 
 MIGRATIONS: list[str] = [
     """

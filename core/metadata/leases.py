@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from core import errdefs, filters
-from core.metadata import namespaces
-from core.metadata.db import Database
+from berth.core import errdefs, filters
+from berth.core.metadata import namespaces
+from berth.core.metadata.db import Database
 
 
 @dataclass
@@ -43,7 +43,7 @@ def validate_resource(r: Resource) -> Resource:
         if len(keys) != 1:
             raise errdefs.InvalidArgument(f"invalid resource type {r.type}")
         if kind == "content":
-            from core.content.digest import problem
+            from berth.core.content.digest import problem
 
             why = problem(r.id)
             if why is not None:

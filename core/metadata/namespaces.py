@@ -11,8 +11,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from core import errdefs, identifiers
-from core.metadata.db import Database
+from berth.core import errdefs, identifiers
+from berth.core.metadata.db import Database
 
 MAX_LABEL_SIZE = 4096
 

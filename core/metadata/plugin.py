@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from core.metadata.db import Database
-from core.metadata.leases import LeaseStore
-from core.metadata.namespaces import NamespaceStore
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import METADATA
+from berth.core.metadata.db import Database
+from berth.core.metadata.leases import LeaseStore
+from berth.core.metadata.namespaces import NamespaceStore
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import METADATA
 
 
 class Metadata:

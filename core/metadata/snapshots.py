@@ -27,13 +27,13 @@ from typing import Any
 
 import trio
 
-from core import errdefs, filters, log
-from core.api.containerd.events import SnapshotCommit, SnapshotPrepare, SnapshotRemove
-from core.content.errors import go_quote
-from core.metadata import namespaces
-from core.metadata.db import Database
-from core.mount import Mount
-from core.snapshots import (
+from berth.core import errdefs, filters, log
+from berth.core.api.containerd.events import SnapshotCommit, SnapshotPrepare, SnapshotRemove
+from berth.core.content.errors import go_quote
+from berth.core.metadata import namespaces
+from berth.core.metadata.db import Database
+from berth.core.mount import Mount
+from berth.core.snapshots import (
     LABEL_SNAPSHOT_REF,
     Info,
     Kind,

@@ -12,7 +12,7 @@ fields in the order Go's encoder writes them, and ``to_any`` wraps it as
 User and group names are resolved in the container's root filesystem (its
 ``/etc/passwd`` and ``/etc/group``), given as a :class:`UserDB`.
 
-This is the client-side default; ``core.oci.spec`` holds the runtime-side helpers
+This is the client-side default; ``berth.core.oci.spec`` holds the runtime-side helpers
 (``runc spec``'s smaller default, bundles, hook state).
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from core import errdefs
+from berth.core import errdefs
 
 Spec = dict[str, Any]
 

@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 
 import trio
 
-from core import log
-from core.oci.libc import load_libc
+from berth.core import log
+from berth.core.oci.libc import load_libc
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37

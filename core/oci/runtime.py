@@ -2,7 +2,7 @@
 
 It follows the OCI runtime's command-line operations (create/start/state/kill/delete) plus
 runc's extensions that containerd's shim needs (exec, pause/resume, ps, update, stats).
-Errors are ``core.errdefs`` classes: ``NotFound`` for an unknown id, ``AlreadyExists`` for a
+Errors are ``berth.core.errdefs`` classes: ``NotFound`` for an unknown id, ``AlreadyExists`` for a
 reused id, ``FailedPrecondition`` when the container is in the wrong state for the call.
 """
 
@@ -83,5 +83,5 @@ class OCIRuntime(Protocol):
         ...
 
     async def stats(self, id: str) -> dict:
-        """cgroup statistics; see ``core.oci.spec.STATS_SHAPE`` for the keys."""
+        """cgroup statistics; see ``berth.core.oci.spec.STATS_SHAPE`` for the keys."""
         ...

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from core import errdefs
+from berth.core import errdefs
 
 OCI_VERSION = "1.0.2"
 

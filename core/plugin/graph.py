@@ -12,9 +12,9 @@ import pluggy
 import structlog
 import trio
 
-from core import errdefs
-from core.plugin import hookspecs
-from core.plugin.registration import ALL, InitContext, Registration, SkipPlugin
+from berth.core import errdefs
+from berth.core.plugin import hookspecs
+from berth.core.plugin.registration import ALL, InitContext, Registration, SkipPlugin
 
 log = structlog.get_logger("plugins")
 

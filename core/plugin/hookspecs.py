@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from core.plugin.registration import Registration
+    from berth.core.plugin.registration import Registration
 
 PROJECT = "berth"
 ENTRY_POINT_GROUP = "berth.plugins"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import trio
 
-    from core.plugin.graph import PluginSet
+    from berth.core.plugin.graph import PluginSet
 
 
 class SkipPlugin(Exception):

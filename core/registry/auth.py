@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
-from core import errdefs
+from berth.core import errdefs
 
 # Tokens that say nothing about their lifetime are good for 60 s (the token spec).
 DEFAULT_TOKEN_SECONDS = 60

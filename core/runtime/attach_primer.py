@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 import trio
 
-from core.shim import host
+from berth.core.shim import host
 
 QUIET = 0.03
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from core import errdefs, log
-from core.api.containerd.task.v2 import DeleteResponse
-from core.runtime.bundle import Bundle, go_error
+from berth.core import errdefs, log
+from berth.core.api.containerd.task.v2 import DeleteResponse
+from berth.core.runtime.bundle import Bundle, go_error
 
 SHIM_BINARY_FORMAT = "containerd-shim-{}-{}"
 TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
@@ -168,14 +168,14 @@ class ShimBinary:
 
     async def _start_through_zygote(self, options: AnyMsg | None) -> str | None:
         """berth's own shim: the start action's steps done here, the shim forked by the
-        warm zygote (``core.shim.start``, ``core.shim.zygote``).
+        warm zygote (``berth.core.shim.start``, ``berth.core.shim.zygote``).
 
         Saves an interpreter start per container; None when no zygote runs yet (the
         binary's ``start`` forks one) or the request failed in a way ``start`` reports
         better. The steps are quick syscalls on the state folder and run inline; the
         wait for the zygote's fork is a trio socket.
         """
-        from core.shim import flags as shim_flags, start, zygote
+        from berth.core.shim import flags as shim_flags, start, zygote
 
         flags = shim_flags.Flags(namespace=self.bundle.namespace, id=self.bundle.id,
                                  address=self.address, publish_binary=publish_binary(),
@@ -235,9 +235,9 @@ class ShimBinary:
 
 
 async def _ask_zygote(path: str, payload: bytes, listener: socket.socket) -> int | None:
-    """``core.shim.zygote.request`` on a trio socket: the zygote's shim pid, None when
+    """``berth.core.shim.zygote.request`` on a trio socket: the zygote's shim pid, None when
     no zygote listens or it gave no usable answer."""
-    from core.shim import zygote
+    from berth.core.shim import zygote
 
     s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with s:

@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import errdefs, identifiers, mount as mounts
+from berth.core import errdefs, identifiers, mount as mounts
 
 CONFIG = "config.json"
 

@@ -36,15 +36,15 @@ from typing import Any
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from core import errdefs, log
-from core.api.containerd.events import TaskDelete, TaskExit
-from core.api.containerd.types import Mount
-from core.events.exchange import Exchange
-from core.metadata.containers import ContainerStore
-from core.runtime.attach_primer import Primer
-from core.runtime.binary import Exit, RuntimeResolver, ShimBinary, now
-from core.runtime.bundle import Bundle, list_bundles
-from core.runtime.shim import (
+from berth.core import errdefs, log
+from berth.core.api.containerd.events import TaskDelete, TaskExit
+from berth.core.api.containerd.types import Mount
+from berth.core.events.exchange import Exchange
+from berth.core.metadata.containers import ContainerStore
+from berth.core.runtime.attach_primer import Primer
+from berth.core.runtime.binary import Exit, RuntimeResolver, ShimBinary, now
+from berth.core.runtime.bundle import Bundle, list_bundles
+from berth.core.runtime.shim import (
     CLEANUP_TIMEOUT,
     LOAD_TIMEOUT,
     ShimTask,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.metadata.containers import store_for
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.graph import host_platform
-from core.plugin.registration import EVENT, METADATA, RUNTIME_V2
-from core.runtime.manager import TaskManager
+from berth.core.metadata.containers import store_for
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.graph import host_platform
+from berth.core.plugin.registration import EVENT, METADATA, RUNTIME_V2
+from berth.core.runtime.manager import TaskManager
 
 
 async def _init(ctx: InitContext) -> TaskManager:

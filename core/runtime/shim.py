@@ -16,8 +16,8 @@ import betterproto
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
-from core import errdefs, log
-from core.api.containerd.task.v2 import (
+from berth.core import errdefs, log
+from berth.core.api.containerd.task.v2 import (
     CheckpointTaskRequest,
     CloseIoRequest,
     ConnectRequest,
@@ -44,12 +44,12 @@ from core.api.containerd.task.v2 import (
     WaitRequest,
     WaitResponse,
 )
-from core.api.containerd.types import Mount
-from core.api.containerd.v1.types import ProcessInfo
-from core.runtime.binary import Exit, ShimBinary
-from core.runtime.bundle import Bundle
-from core.ttrpc import NAMESPACE_KEY, Client, open_client
-from core.ttrpc.client import CLOSED_MESSAGE
+from berth.core.api.containerd.types import Mount
+from berth.core.api.containerd.v1.types import ProcessInfo
+from berth.core.runtime.binary import Exit, ShimBinary
+from berth.core.runtime.bundle import Bundle
+from berth.core.ttrpc import NAMESPACE_KEY, Client, open_client
+from berth.core.ttrpc.client import CLOSED_MESSAGE
 
 TASK_SERVICE = "containerd.task.v2.Task"
 

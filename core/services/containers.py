@@ -8,14 +8,14 @@ from typing import Any
 import betterproto
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs, log
-from core.api.containerd.events import (
+from berth.core import errdefs, log
+from berth.core.api.containerd.events import (
     ContainerCreate,
     ContainerCreateRuntime,
     ContainerDelete,
     ContainerUpdate,
 )
-from core.api.containerd.services.containers.v1 import (
+from berth.core.api.containerd.services.containers.v1 import (
     Container,
     ContainerRuntime,
     ContainersBase,
@@ -30,11 +30,11 @@ from core.api.containerd.services.containers.v1 import (
     UpdateContainerRequest,
     UpdateContainerResponse,
 )
-from core.events.exchange import Exchange
-from core.grpc.context import CallContext
-from core.metadata import containers as store
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import EVENT, GC, GRPC, METADATA
+from berth.core.events.exchange import Exchange
+from berth.core.grpc.context import CallContext
+from berth.core.metadata import containers as store
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import EVENT, GC, GRPC, METADATA
 
 _log = log.get("containers")
 
@@ -146,7 +146,7 @@ def wire_gc(plugins: Any) -> Callable[[bool], None] | None:
     the scheduler must initialise before this plugin (earlier in the plugin list).
     """
     try:
-        from core.gc.scheduler import notifier
+        from berth.core.gc.scheduler import notifier
         scheduler = plugins.get(GC, "scheduler")
     except (ImportError, errdefs.NotFound):
         return None

@@ -2,10 +2,10 @@
 
 Three plugins, as in containerd:
 
-- ``io.containerd.content.v1.content``: :class:`core.content.ContentStore` in the plugin
+- ``io.containerd.content.v1.content``: :class:`berth.core.content.ContentStore` in the plugin
   root (``<root>/io.containerd.content.v1.content/{blobs,ingest}``);
 - ``io.containerd.service.v1.content-service``: the namespaced store of
-  :mod:`core.metadata.content`, which also publishes ``/content/delete``;
+  :mod:`berth.core.metadata.content`, which also publishes ``/content/delete``;
 - ``io.containerd.grpc.v1.content``: ``containerd.services.content.v1.Content``, a thin
   translation whose validation, messages and Write protocol follow containerd's
   contentserver.
@@ -19,19 +19,19 @@ from typing import Any
 
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs, log
-from core.api.containerd.events import ContentDelete
-from core.api.containerd.services.content import v1 as api
-from core.content import ContentStore, Status
-from core.content.digest import problem
-from core.content.errors import go_quote
-from core.events.exchange import Exchange
-from core.gc.scheduler import notifier
-from core.grpc.context import CallContext
-from core.metadata.content import Info, NamespacedContent
-from core.metadata.db import Database
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import CONTENT, EVENT, GRPC, METADATA, SERVICE
+from berth.core import errdefs, log
+from berth.core.api.containerd.events import ContentDelete
+from berth.core.api.containerd.services.content import v1 as api
+from berth.core.content import ContentStore, Status
+from berth.core.content.digest import problem
+from berth.core.content.errors import go_quote
+from berth.core.events.exchange import Exchange
+from berth.core.gc.scheduler import notifier
+from berth.core.grpc.context import CallContext
+from berth.core.metadata.content import Info, NamespacedContent
+from berth.core.metadata.db import Database
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import CONTENT, EVENT, GRPC, METADATA, SERVICE
 
 _log = log.get("content")
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from core import errdefs
-from core.api.containerd.services.diff import v1 as api
-from core.api.containerd.types import Descriptor
-from core.grpc.context import CallContext
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import DIFFER, GRPC, SERVICE
-from plugins.differ.plugin import Applied, Mount
+from berth.core import errdefs
+from berth.core.api.containerd.services.diff import v1 as api
+from berth.core.api.containerd.types import Descriptor
+from berth.core.grpc.context import CallContext
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import DIFFER, GRPC, SERVICE
+from berth.plugins.differ.plugin import Applied, Mount
 
 SERVICE_ID = "diff-service"
 

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from core import errdefs
-from core.api.berth.services.eventlog.v1 import (
+from berth.core import errdefs
+from berth.core.api.berth.services.eventlog.v1 import (
     EventLogBase,
     InfoRequest,
     InfoResponse,
     SequencedEnvelope,
     SubscribeRequest,
 )
-from core.events.exchange import Exchange
-from core.grpc.context import CallContext
-from core.plugin import InitContext, Registration, SkipPlugin, hookimpl
-from core.plugin.registration import EVENT, GRPC
+from berth.core.events.exchange import Exchange
+from berth.core.grpc.context import CallContext
+from berth.core.plugin import InitContext, Registration, SkipPlugin, hookimpl
+from berth.core.plugin.registration import EVENT, GRPC
 
 
 class EventLogService:

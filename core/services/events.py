@@ -6,20 +6,20 @@ from collections.abc import Awaitable, Callable
 
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs
-from core.api.containerd.services.events.ttrpc import v1 as ttrpc_events
-from core.api.containerd.services.events.v1 import (
+from berth.core import errdefs
+from berth.core.api.containerd.services.events.ttrpc import v1 as ttrpc_events
+from berth.core.api.containerd.services.events.v1 import (
     Envelope,
     EventsBase,
     ForwardRequest,
     PublishRequest,
     SubscribeRequest,
 )
-from core.events.envelope import make as make_envelope
-from core.events.exchange import Exchange
-from core.grpc.context import CallContext
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import EVENT, GRPC
+from berth.core.events.envelope import make as make_envelope
+from berth.core.events.exchange import Exchange
+from berth.core.grpc.context import CallContext
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import EVENT, GRPC
 
 TTRPC_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 

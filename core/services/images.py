@@ -10,15 +10,15 @@ from __future__ import annotations
 import betterproto
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs, log
-from core.api.containerd.services.images import v1 as api
-from core.api.containerd.types import Descriptor as ApiDescriptor
-from core.events.exchange import Exchange
-from core.gc.scheduler import GCScheduler
-from core.grpc.context import CallContext
-from core.metadata.images import Descriptor, Image, ImageStore
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import EVENT, GC, GRPC, METADATA, SERVICE
+from berth.core import errdefs, log
+from berth.core.api.containerd.services.images import v1 as api
+from berth.core.api.containerd.types import Descriptor as ApiDescriptor
+from berth.core.events.exchange import Exchange
+from berth.core.gc.scheduler import GCScheduler
+from berth.core.grpc.context import CallContext
+from berth.core.metadata.images import Descriptor, Image, ImageStore
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import EVENT, GC, GRPC, METADATA, SERVICE
 
 _log = log.get("images")
 

@@ -6,20 +6,20 @@ import os
 import uuid
 from pathlib import Path
 
-from core import errdefs, filters
-from core.api.containerd.services.introspection.v1 import (
+from berth.core import errdefs, filters
+from berth.core.api.containerd.services.introspection.v1 import (
     IntrospectionBase,
     Plugin,
     PluginsRequest,
     PluginsResponse,
     ServerResponse,
 )
-from core.api.containerd.types import Platform
-from core.api.google.rpc import Status
-from core.grpc.context import CallContext
-from core.plugin import InitContext, Registration, SkipPlugin, hookimpl
-from core.plugin.graph import PluginSet
-from core.plugin.registration import GRPC
+from berth.core.api.containerd.types import Platform
+from berth.core.api.google.rpc import Status
+from berth.core.grpc.context import CallContext
+from berth.core.plugin import InitContext, Registration, SkipPlugin, hookimpl
+from berth.core.plugin.graph import PluginSet
+from berth.core.plugin.registration import GRPC
 
 
 def load_uuid(path: Path) -> str:

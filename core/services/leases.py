@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs
-from core.api.containerd.services.leases.v1 import (
+from berth.core import errdefs
+from berth.core.api.containerd.services.leases.v1 import (
     AddResourceRequest,
     CreateRequest,
     CreateResponse,
@@ -19,12 +19,12 @@ from core.api.containerd.services.leases.v1 import (
     ListResponse,
     Resource,
 )
-from core.gc.scheduler import notifier
-from core.grpc.context import CallContext
-from core.metadata import leases
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.graph import PluginSet
-from core.plugin.registration import GC, GRPC, METADATA
+from berth.core.gc.scheduler import notifier
+from berth.core.grpc.context import CallContext
+from berth.core.metadata import leases
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.graph import PluginSet
+from berth.core.plugin.registration import GC, GRPC, METADATA
 
 
 def _to_api(lease: leases.Lease) -> Lease:

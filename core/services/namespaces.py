@@ -5,9 +5,9 @@ from __future__ import annotations
 import betterproto
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs
-from core.api.containerd.events import NamespaceCreate, NamespaceDelete, NamespaceUpdate
-from core.api.containerd.services.namespaces.v1 import (
+from berth.core import errdefs
+from berth.core.api.containerd.events import NamespaceCreate, NamespaceDelete, NamespaceUpdate
+from berth.core.api.containerd.services.namespaces.v1 import (
     CreateNamespaceRequest,
     CreateNamespaceResponse,
     DeleteNamespaceRequest,
@@ -20,11 +20,11 @@ from core.api.containerd.services.namespaces.v1 import (
     UpdateNamespaceRequest,
     UpdateNamespaceResponse,
 )
-from core.events.exchange import Exchange
-from core.grpc.context import CallContext
-from core.metadata.namespaces import NamespaceStore
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import EVENT, GRPC, METADATA
+from berth.core.events.exchange import Exchange
+from berth.core.grpc.context import CallContext
+from berth.core.metadata.namespaces import NamespaceStore
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import EVENT, GRPC, METADATA
 
 
 class NamespacesService:

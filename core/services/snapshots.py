@@ -17,8 +17,8 @@ from datetime import datetime
 
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs, log
-from core.api.containerd.services.snapshots.v1 import (
+from berth.core import errdefs, log
+from berth.core.api.containerd.services.snapshots.v1 import (
     CleanupRequest,
     CommitSnapshotRequest,
     Info,
@@ -40,12 +40,12 @@ from core.api.containerd.services.snapshots.v1 import (
     ViewSnapshotRequest,
     ViewSnapshotResponse,
 )
-from core.grpc.context import CallContext
-from core.metadata import snapshots as metadata_snapshots
-from core.metadata.snapshots import NamespacedSnapshotter
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import EVENT, GRPC, METADATA, SERVICE, SNAPSHOTTER
-from core.snapshots import Info as SnapshotInfo, Kind as SnapshotKind
+from berth.core.grpc.context import CallContext
+from berth.core.metadata import snapshots as metadata_snapshots
+from berth.core.metadata.snapshots import NamespacedSnapshotter
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import EVENT, GRPC, METADATA, SERVICE, SNAPSHOTTER
+from berth.core.snapshots import Info as SnapshotInfo, Kind as SnapshotKind
 
 SERVICE_ID = "snapshots-service"
 LIST_BATCH = 100
@@ -166,7 +166,7 @@ class SnapshotsService:
 
 
 async def _init_service(ctx: InitContext) -> SnapshotsServicePlugin:
-    from core.gc.scheduler import notifier
+    from berth.core.gc.scheduler import notifier
 
     md = ctx.plugins.get(METADATA)
     exchange = ctx.plugins.get(EVENT)

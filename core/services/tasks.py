@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 import betterproto
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs, filters, identifiers, log
-from core.api.containerd.runc.v1 import Options as RuncOptions
-from core.api.containerd.services.tasks.v1 import (
+from berth.core import errdefs, filters, identifiers, log
+from berth.core.api.containerd.runc.v1 import Options as RuncOptions
+from berth.core.api.containerd.services.tasks.v1 import (
     CheckpointTaskRequest,
     CheckpointTaskResponse,
     CloseIoRequest,
@@ -44,14 +44,14 @@ from core.api.containerd.services.tasks.v1 import (
     WaitRequest,
     WaitResponse,
 )
-from core.api.containerd.types import Metric, Mount
-from core.api.containerd.v1.types import Process, Status
-from core.grpc.context import CallContext
-from core.metadata.containers import Container, ContainerStore, present, store_for
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import EVENT, GRPC, METADATA, RUNTIME_V2
-from core.runtime.manager import CreateOpts, TaskManager, wrap
-from core.runtime.shim import ShimTask
+from berth.core.api.containerd.types import Metric, Mount
+from berth.core.api.containerd.v1.types import Process, Status
+from berth.core.grpc.context import CallContext
+from berth.core.metadata.containers import Container, ContainerStore, present, store_for
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import EVENT, GRPC, METADATA, RUNTIME_V2
+from berth.core.runtime.manager import CreateOpts, TaskManager, wrap
+from berth.core.runtime.shim import ShimTask
 
 # containerd's io.containerd.timeout.task.state.
 STATE_TIMEOUT = 2.0

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from core import __version__
-from core.api.containerd.services.version.v1 import VersionBase, VersionResponse
-from core.grpc.context import CallContext
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import GRPC
+from berth.core import __version__
+from berth.core.api.containerd.services.version.v1 import VersionBase, VersionResponse
+from berth.core.grpc.context import CallContext
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import GRPC
 
 REVISION = "berth"
 

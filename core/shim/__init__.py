@@ -21,7 +21,7 @@ VERSION_TEXT = "{argv0}:\n  Version:  {version}\n  Revision: berth\n  Python:   
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.shim import flags as shim_flags
+    from berth.core.shim import flags as shim_flags
 
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{exc}\n")
         return 2
     if flags.version:
-        from core import __version__
+        from berth.core import __version__
 
         sys.stdout.write(VERSION_TEXT.format(argv0=sys.argv[0], version=__version__,
                                              python=sys.version.split()[0]) + "\n")
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if flags.action == "start":
-            from core.shim import start
+            from berth.core.shim import start
 
             address = start.start(flags, start.read_stdin(),
                                   use_zygote=os.environ.get("BERTH_SHIM_ZYGOTE", "1") != "0")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 os._exit(0)
             return 0
         if flags.action == "delete":
-            from core.shim import delete
+            from berth.core.shim import delete
 
             data, warnings = delete.delete(flags)
             for warning in warnings:
@@ -74,7 +74,7 @@ def _serve_inherited(flags) -> int:
     """Serve mode when exec'd like a Go shim: the socket is fd 3, or ``-socket`` path."""
     import socket
 
-    from core.shim import address as addr, serve
+    from berth.core.shim import address as addr, serve
 
     if flags.socket:
         listener = addr.listen("unix://" + flags.socket.removeprefix("unix://"))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import signal
 
-from core.shim import options, wire
-from core.shim.flags import Flags
+from berth.core.shim import options, wire
+from berth.core.shim.flags import Flags
 
 EXIT_STATUS = 128 + signal.SIGKILL
 
@@ -44,7 +44,7 @@ def _runtime_delete(choice: options.RuntimeChoice, container_id: str) -> str:
     if not os.path.exists(state):
         return ""  # deleted through the Task API already: the usual case
     if choice.binary:
-        from plugins.runtimes.ocicli import resolve
+        from berth.plugins.runtimes.ocicli import resolve
 
         try:
             binary = resolve(choice.binary)
@@ -63,8 +63,8 @@ def _runtime_delete(choice: options.RuntimeChoice, container_id: str) -> str:
 def _inprocess_delete(choice: options.RuntimeChoice, container_id: str) -> str:
     import trio
 
-    from core.oci.reaper import Reaper
-    from plugins.runtimes.inprocess import Runtime
+    from berth.core.oci.reaper import Reaper
+    from berth.plugins.runtimes.inprocess import Runtime
 
     async def run() -> None:
         reaper = Reaper(subreaper=False)
@@ -91,7 +91,7 @@ def delete(flags: Flags) -> tuple[bytes, list[str]]:
             warnings.append(warning)
     rootfs = os.path.join(bundle, "rootfs")
     if _mounted(rootfs):
-        from core import mount
+        from berth.core import mount
 
         try:
             mount.unmount_all(rootfs)

@@ -7,7 +7,7 @@ carry the cgroups protos, so the fields berth fills are encoded here by number.
 
 from __future__ import annotations
 
-from core.shim.wire import WIRE_LEN, uint_field, varint
+from berth.core.shim.wire import WIRE_LEN, uint_field, varint
 
 METRICS_TYPE_URL = "io.containerd.cgroups.v1.Metrics"
 
@@ -43,7 +43,7 @@ def _entry(limit: object, usage: object, max_: object = 0, failcnt: object = 0) 
 
 
 def encode(stats: dict) -> bytes:
-    """The Metrics message body for a ``core.oci.spec.STATS_SHAPE`` dict."""
+    """The Metrics message body for a ``berth.core.oci.spec.STATS_SHAPE`` dict."""
     out = b""
     pids = stats.get("pids")
     if isinstance(pids, dict):

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import trio
 
-from core import log
-from core.oci.libc import load_libc
-from core.shim import host
+from berth.core import log
+from berth.core.oci.libc import load_libc
+from berth.core.shim import host
 
 _IN_MODIFY = 0x2
 _IN_NONBLOCK = os.O_NONBLOCK

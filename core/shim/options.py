@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 
-from core import errdefs
-from core.shim import wire
+from berth.core import errdefs
+from berth.core.shim import wire
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
@@ -97,7 +97,7 @@ def decode(type_url: str, value: bytes) -> dict:
     if not name:
         return {}
     if name == RUNC_OPTIONS:
-        from core.api.containerd.runc.v1 import Options
+        from berth.core.api.containerd.runc.v1 import Options
 
         opts = Options().parse(value)
         return {"binary": opts.binary_name, "root": opts.root,

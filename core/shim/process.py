@@ -4,7 +4,7 @@ The states and their messages follow containerd's pkg/process (init_state.go,
 exec_state.go): created → running ⇄ paused, → stopped → deleted, with the same
 "cannot <verb> a <state> process" refusals, because clients show them verbatim.
 Errors the Go shim creates untyped travel as Unknown here too; the ones it wraps in
-errdefs keep their codes. The service (``core.shim.service``) decides when events go
+errdefs keep their codes. The service (``berth.core.shim.service``) decides when events go
 out; processes only change state and talk to the OCI runtime.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import trio
 
-from core import errdefs, log
-from core.oci.reaper import Reaper
-from core.oci.runtime import OCIRuntime, Stdio
-from core.shim.stdio import Console, ConsoleSocket, ProcessIO, StdioPaths
+from berth.core import errdefs, log
+from berth.core.oci.reaper import Reaper
+from berth.core.oci.runtime import OCIRuntime, Stdio
+from berth.core.shim.stdio import Console, ConsoleSocket, ProcessIO, StdioPaths
 
 INIT_PID_FILE = "init.pid"
 ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)  # Go's time.Time{}
@@ -266,7 +266,7 @@ class Init(Process):
                 await self.io.aclose()
         if self.rootfs:
             try:
-                from core import mount
+                from berth.core import mount
 
                 mount.unmount_all(self.rootfs)
             except OSError as exc:

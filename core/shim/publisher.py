@@ -18,11 +18,11 @@ import betterproto
 import trio
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs, log
-from core.api.containerd import events as ev
-from core.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
-from core.events import typeurl
-from core.ttrpc import NAMESPACE_KEY, Client, open_client
+from berth.core import errdefs, log
+from berth.core.api.containerd import events as ev
+from berth.core.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
+from berth.core.events import typeurl
+from berth.core.ttrpc import NAMESPACE_KEY, Client, open_client
 
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 MAX_REQUEUE = 5

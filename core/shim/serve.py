@@ -18,14 +18,14 @@ from functools import partial
 
 import trio
 
-from core import log
-from core.grpc import messages
-from core.oci.reaper import Reaper
-from core.shim import address as addr, logging as shim_logging
-from core.shim.flags import Flags
-from core.shim.publisher import Publisher
-from core.shim.service import TASK_SERVICE, TaskService
-from core.ttrpc import Server
+from berth.core import log
+from berth.core.grpc import messages
+from berth.core.oci.reaper import Reaper
+from berth.core.shim import address as addr, logging as shim_logging
+from berth.core.shim.flags import Flags
+from berth.core.shim.publisher import Publisher
+from berth.core.shim.service import TASK_SERVICE, TaskService
+from berth.core.ttrpc import Server
 
 # Building and reading betterproto messages without raising exceptions per field.
 messages.install()
@@ -153,9 +153,9 @@ def rehearse(rounds: int = 10) -> None:
 async def _rehearsal(tmp: str, rounds: int) -> None:
     from betterproto.lib.google.protobuf import Empty
 
-    from core.api.containerd.services.events.ttrpc.v1 import ForwardRequest
-    from core.shim.publisher import EVENTS_SERVICE
-    from core.ttrpc import Method
+    from berth.core.api.containerd.services.events.ttrpc.v1 import ForwardRequest
+    from berth.core.shim.publisher import EVENTS_SERVICE
+    from berth.core.ttrpc import Method
 
     async def forward(ctx, req: ForwardRequest) -> Empty:
         return Empty()
@@ -174,10 +174,10 @@ async def _rehearsal(tmp: str, rounds: int) -> None:
 async def _rehearse_one(tmp: str, id: str, events_path: str) -> None:
     from betterproto.lib.google.protobuf import Empty
 
-    from core import errdefs
-    from core.api.containerd import events as ev
-    from core.api.containerd.task import v2 as api
-    from core.ttrpc import open_client
+    from berth.core import errdefs
+    from berth.core.api.containerd import events as ev
+    from berth.core.api.containerd.task import v2 as api
+    from berth.core.ttrpc import open_client
 
     path = os.path.join(tmp, f"{id}.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -22,17 +22,17 @@ from typing import Any
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
-from core import errdefs, log
-from core.api.containerd import events as ev
-from core.api.containerd.task import v2 as api
-from core.api.containerd.v1.types import ProcessInfo, Status
-from core.oci.reaper import Reaper
-from core.oci.runtime import OCIRuntime
-from core.shim import metrics, options
-from core.shim.process import ZERO_TIME, Exec, Init, Process
-from core.shim.publisher import Publisher
-from core.shim.stdio import StdioPaths
-from core.ttrpc import Context, Method
+from berth.core import errdefs, log
+from berth.core.api.containerd import events as ev
+from berth.core.api.containerd.task import v2 as api
+from berth.core.api.containerd.v1.types import ProcessInfo, Status
+from berth.core.oci.reaper import Reaper
+from berth.core.oci.runtime import OCIRuntime
+from berth.core.shim import metrics, options
+from berth.core.shim.process import ZERO_TIME, Exec, Init, Process
+from berth.core.shim.publisher import Publisher
+from berth.core.shim.stdio import StdioPaths
+from berth.core.ttrpc import Context, Method
 
 TASK_SERVICE = "containerd.task.v2.Task"
 PROCESS_DETAILS = "containerd.runc.v1.ProcessDetails"
@@ -48,14 +48,14 @@ RuntimeFactory = Callable[[options.RuntimeChoice, str, Reaper], OCIRuntime]
 def default_runtime(choice: options.RuntimeChoice, bundle: str, reaper: Reaper) -> OCIRuntime:
     """The runtime a container's options ask for: a runc-like binary, or in-process."""
     if choice.binary:
-        from plugins.runtimes.ocicli import Runtime as CliRuntime
+        from berth.plugins.runtimes.ocicli import Runtime as CliRuntime
 
         return CliRuntime(choice.root, reaper, binary=choice.binary,
                           log=Path(bundle) / "log.json",
                           systemd_cgroup=choice.systemd_cgroup,
                           no_pivot=choice.no_pivot_root,
                           no_new_keyring=choice.no_new_keyring)
-    from plugins.runtimes.inprocess import Runtime as InProcessRuntime
+    from berth.plugins.runtimes.inprocess import Runtime as InProcessRuntime
 
     return InProcessRuntime(choice.root, reaper)
 
@@ -208,7 +208,7 @@ class TaskService:
 
     async def _watch_oom(self, container: Container) -> None:
         """Watch the container's memory cgroup from before it starts (it may OOM at once)."""
-        from core.shim import oom
+        from berth.core.shim import oom
 
         async def run(*, task_status: trio.TaskStatus[None]) -> None:
             status = _StartedOnce(task_status)
@@ -248,7 +248,7 @@ class TaskService:
         options.save(req.bundle, choice)
         rootfs = ""
         if req.rootfs:
-            from core import mount
+            from berth.core import mount
 
             rootfs = os.path.join(req.bundle, "rootfs")
             os.makedirs(rootfs, mode=0o711, exist_ok=True)
@@ -268,7 +268,7 @@ class TaskService:
             await init.create(self.nursery)
         except BaseException:
             if rootfs:
-                from core import mount
+                from berth.core import mount
 
                 mount.unmount_all(rootfs)
             raise
@@ -376,7 +376,7 @@ class TaskService:
             info = ProcessInfo(pid=pid)
             exec_process = by_pid.get(pid)
             if exec_process is not None:
-                from core.api.containerd.runc.v1 import ProcessDetails
+                from berth.core.api.containerd.runc.v1 import ProcessDetails
 
                 info.info = AnyMsg(type_url=PROCESS_DETAILS,
                                    value=bytes(ProcessDetails(exec_id=exec_process.id)))

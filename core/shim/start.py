@@ -1,10 +1,10 @@
 """The ``start`` action: bind the shim's socket, get a shim serving on it, print it.
 
 As containerd's runc manager does it: the shim's address is derived from the daemon's
-address, the namespace and the container's group (``core.shim.address``); when a live
+address, the namespace and the container's group (``berth.core.shim.address``); when a live
 shim already owns it, this container joins that shim. Otherwise the socket is bound
 here, so that containerd can connect as soon as the address is printed, and handed
-to a forked shim (through the zygote when one runs, see ``core.shim.zygote``). The
+to a forked shim (through the zygote when one runs, see ``berth.core.shim.zygote``). The
 address is also written to ``<bundle>/address`` and printed without a newline.
 
 Only the standard library and small berth modules are imported: this runs for every
@@ -17,8 +17,8 @@ import os
 import socket
 import sys
 
-from core.shim import address as addr, host, wire, zygote
-from core.shim.flags import Flags, to_argv
+from berth.core.shim import address as addr, host, wire, zygote
+from berth.core.shim.flags import Flags, to_argv
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 
@@ -63,7 +63,7 @@ def claim(flags: Flags, bundle: str) -> tuple[str, socket.socket | None]:
     a socket listening on it for a new shim; None when a live shim serves the group
     already (the container joins it).
 
-    berthd runs these steps itself for berth's own shim (``core.runtime.binary``),
+    berthd runs these steps itself for berth's own shim (``berth.core.runtime.binary``),
     with its request to the zygote in between, instead of running this action.
     """
     group = addr.group_of(addr.read_annotations(bundle), flags.id)
@@ -126,7 +126,7 @@ def fork_shim(flags: Flags, listener: socket.socket) -> int:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        from core.shim import serve
+        from berth.core.shim import serve
 
         code = serve.run(flags, listener)
     except BaseException:  # noqa: B036 - nothing may escape a forked child

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import trio
 
-from core import errdefs, log
-from core.oci.reaper import Reaper
-from core.oci.runtime import Stdio
+from berth.core import errdefs, log
+from berth.core.oci.reaper import Reaper
+from berth.core.oci.runtime import Stdio
 
 _CHUNK = 32 * 1024
 # How long Delete waits for output still being copied (pkg/process waitTimeout).

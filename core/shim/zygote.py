@@ -42,7 +42,7 @@ import struct
 import sys
 import time
 
-from core.shim import address as addr
+from berth.core.shim import address as addr
 
 
 def _idle_timeout(default: float = 600.0) -> float:
@@ -65,10 +65,11 @@ _MAX_REQUEST = 1 << 20
 _CODE_DIRS = ("core", "core/shim", "core/ttrpc", "core/oci", "core/events", "core/grpc",
               "plugins/runtimes/ocicli", "plugins/runtimes/inprocess")
 _PRELOAD = (
-    "core.shim.serve", "core.shim.oom", "core.mount", "core.api.containerd.runc.v1",
-    "plugins.runtimes.ocicli",
+    "berth.core.shim.serve", "berth.core.shim.oom", "berth.core.mount",
+    "berth.core.api.containerd.runc.v1",
+    "berth.plugins.runtimes.ocicli",
 )
-_OPTIONAL_PRELOAD = ("plugins.runtimes.inprocess",)
+_OPTIONAL_PRELOAD = ("berth.plugins.runtimes.inprocess",)
 
 
 _KEY_TTL = 1.0
@@ -224,15 +225,15 @@ def preload() -> None:
             importlib.import_module(name)
     with contextlib.suppress(Exception):
         # Locating libc runs ``ldconfig -p``: once here rather than in every shim.
-        from core.oci.libc import load_libc
+        from berth.core.oci.libc import load_libc
 
         load_libc()
     # betterproto builds each message class's field tables on first use.
     import betterproto
 
-    from core.api.containerd import events
-    from core.api.containerd.services.events.ttrpc import v1 as ttrpc_events
-    from core.api.containerd.task import v2 as task
+    from berth.core.api.containerd import events
+    from berth.core.api.containerd.services.events.ttrpc import v1 as ttrpc_events
+    from berth.core.api.containerd.task import v2 as task
 
     for module in (task, events, ttrpc_events):
         for value in vars(module).values():
@@ -240,7 +241,7 @@ def preload() -> None:
                     and value is not betterproto.Message:
                 with contextlib.suppress(Exception):
                     value().parse(bytes(value()))
-    from core.events import typeurl
+    from berth.core.events import typeurl
 
     typeurl.name_of(events.TaskExit())
 
@@ -311,7 +312,7 @@ def _rehearse() -> None:
     here, those writes are shared instead (about 0.7 MB less private memory per shim).
     """
     try:
-        from core.shim import serve
+        from berth.core.shim import serve
 
         serve.rehearse(REHEARSAL_ROUNDS)
     except Exception:  # noqa: BLE001 - a warm-up only: shims work without it
@@ -342,7 +343,7 @@ def _offer_to_ksm() -> None:
     try:
         import ctypes
 
-        from core.oci.libc import load_libc
+        from berth.core.oci.libc import load_libc
 
         madvise = load_libc()["madvise"]
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -373,7 +374,7 @@ def _on_term(signum: int, frame: object) -> None:
 def _daemon_socket(request: bytes) -> str:
     """The socket path of the daemon whose shims a request is for ("" if unknown)."""
     try:
-        from core.shim import flags as shim_flags
+        from berth.core.shim import flags as shim_flags
 
         return shim_flags.parse(json.loads(request)["argv"]).address.removeprefix("unix://")
     except Exception:  # noqa: BLE001 - only the idle check uses it
@@ -531,7 +532,7 @@ def _become_shim(req: dict, listener_fd: int) -> int:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
-    from core.shim import flags as shim_flags, serve
+    from berth.core.shim import flags as shim_flags, serve
 
     listener = socket.socket(fileno=listener_fd)
     return serve.run(shim_flags.parse(req["argv"]), listener)

@@ -1,7 +1,7 @@
 """Snapshots: the snapshotter interface, its data types and label rules."""
 
-from core.mount import Mount
-from core.snapshots.snapshotter import (
+from berth.core.mount import Mount
+from berth.core.snapshots.snapshotter import (
     INHERITED_LABEL_PREFIX,
     LABEL_SNAPSHOT_REF,
     Info,

@@ -4,7 +4,7 @@ A snapshot is a directory tree identified by a key. An *active* snapshot is writ
 and can be committed under a name, which turns it into a *committed* snapshot that
 children are prepared from; a *view* is a read-only snapshot of a committed parent.
 Snapshotter backends (``plugins/snapshotters``) know nothing of namespaces: the
-namespaced layer in ``core.metadata.snapshots`` maps namespaced keys onto backend keys.
+namespaced layer in ``berth.core.metadata.snapshots`` maps namespaced keys onto backend keys.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
-from core import errdefs, filters
-from core.metadata.namespaces import validate_label
-from core.mount import Mount
+from berth.core import errdefs, filters
+from berth.core.metadata.namespaces import validate_label
+from berth.core.mount import Mount
 
 # Labels a snapshotter backend sees (and keeps): everything else lives only in metadata.
 INHERITED_LABEL_PREFIX = "containerd.io/snapshot/"
@@ -112,7 +112,7 @@ def adapt_info(info: Info) -> filters.Adaptor:
 
 @runtime_checkable
 class Snapshotter(Protocol):
-    """A snapshotter backend. Errors are ``core.errdefs`` types worded like containerd's."""
+    """A snapshotter backend. Errors are ``berth.core.errdefs`` types worded like containerd's."""
 
     async def stat(self, key: str) -> Info: ...
 

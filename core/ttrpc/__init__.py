@@ -1,14 +1,14 @@
 """ttrpc, containerd's lightweight RPC for shims: sans-io codec, trio client and server."""
 
-from core.ttrpc.client import Client, open_client, open_stream_client
-from core.ttrpc.codec import (
+from berth.core.ttrpc.client import Client, open_client, open_stream_client
+from berth.core.ttrpc.codec import (
     MAX_MESSAGE_LENGTH,
     FrameTooLarge,
     MessageDecodeError,
     ProtocolError,
     TruncatedFrame,
 )
-from core.ttrpc.server import NAMESPACE_KEY, Context, Method, PeerCredentials, Server
+from berth.core.ttrpc.server import NAMESPACE_KEY, Context, Method, PeerCredentials, Server
 
 __all__ = [
     "MAX_MESSAGE_LENGTH",

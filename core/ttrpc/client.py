@@ -17,9 +17,9 @@ from typing import TypeVar
 import betterproto
 import trio
 
-from core import errdefs, log
-from core.ttrpc import codec
-from core.ttrpc._writer import FrameWriter
+from berth.core import errdefs, log
+from berth.core.ttrpc import codec
+from berth.core.ttrpc._writer import FrameWriter
 
 CLOSED_MESSAGE = "ttrpc: closed"
 

@@ -10,7 +10,7 @@ decoded here by hand rather than through betterproto: it is several times
 faster on a path every shim call and every forwarded event takes, and it is
 strict where betterproto is lenient (a truncated field is an error here, not a
 shortened string). ``tests/unit/test_ttrpc_codec.py`` checks the bytes against
-the generated ``core.api.ttrpc`` classes.
+the generated ``berth.core.api.ttrpc`` classes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from core import errdefs
+from berth.core import errdefs
 
 HEADER_LENGTH = 10
 # ttrpc's messageLengthMax: a bigger frame is skipped and answered with

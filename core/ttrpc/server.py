@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 import betterproto
 import trio
 
-from core import errdefs, log
-from core.errdefs import Code
-from core.ttrpc import codec
-from core.ttrpc._writer import FrameWriter
+from berth.core import errdefs, log
+from berth.core.errdefs import Code
+from berth.core.ttrpc import codec
+from berth.core.ttrpc._writer import FrameWriter
 
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 

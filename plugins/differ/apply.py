@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from core import errdefs, log
-from plugins.differ import layer
-from plugins.differ.layer import Action, Kind
-from plugins.differ.tarheader import FastTarInfo
+from berth.core import errdefs, log
+from berth.plugins.differ import layer
+from berth.plugins.differ.layer import Action, Kind
+from berth.plugins.differ.tarheader import FastTarInfo
 
 Mode = Literal["overlay", "native"]
 

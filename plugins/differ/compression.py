@@ -17,7 +17,7 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
-from core import errdefs
+from berth.core import errdefs
 
 try:
     # ISA-L's inflate (python-isal): zlib's API, about twice zlib's speed, which is

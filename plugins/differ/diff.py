@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from plugins.differ.layer import WHITEOUT_PREFIX
+from berth.plugins.differ.layer import WHITEOUT_PREFIX
 
 _CAPABILITY = "security.capability"
 _COPY_CHUNK = 1 << 20

@@ -17,7 +17,7 @@ import enum
 import tarfile
 from dataclasses import dataclass
 
-from core import errdefs
+from berth.core import errdefs
 
 WHITEOUT_PREFIX = ".wh."
 # ``.wh..wh.`` names are metadata, not deletions (aufs left ``.wh..wh.plnk`` and friends).

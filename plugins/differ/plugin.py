@@ -2,10 +2,10 @@
 and write the layer between two mounts into it, as containerd's walking differ does.
 
 Apply reads the blob from the namespace's content, checks its size and digest while
-the bytes go by, and unpacks it with :func:`plugins.differ.apply_blob` into the
+the bytes go by, and unpacks it with :func:`berth.plugins.differ.apply_blob` into the
 directory the mounts name (overlay upperdir, bind source) or, for any other mounts,
 into a temporary mount of them. Compare mounts both sides (a bind mount is used in
-place), writes :func:`plugins.differ.write_diff`'s tar (gzip by default) into a content
+place), writes :func:`berth.plugins.differ.write_diff`'s tar (gzip by default) into a content
 writer and commits it with the ``containerd.io/uncompressed`` label.
 """
 
@@ -24,10 +24,10 @@ from typing import Any, BinaryIO
 
 import trio
 
-from core import errdefs, log
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.registration import CONTENT, DIFFER, METADATA, SERVICE
-from plugins.differ import ApplyResult, apply_blob, compression, target_for_mounts, write_diff
+from berth.core import errdefs, log
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import CONTENT, DIFFER, METADATA, SERVICE
+from berth.plugins.differ import ApplyResult, apply_blob, compression, target_for_mounts, write_diff
 
 LAYER = "application/vnd.oci.image.layer.v1.tar"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -91,7 +91,7 @@ def _as_tuples(mounts: Sequence[Mount]) -> list[tuple[str, str, Sequence[str]]]:
 
 
 def _core_mounts(mounts: Sequence[Mount]) -> list[Any]:
-    from core import mount as core_mount
+    from berth.core import mount as core_mount
 
     return [core_mount.Mount(m.type, m.source, list(m.options)) for m in mounts]
 
@@ -103,7 +103,7 @@ def _directory(mounts: Sequence[Mount], *, read_only: bool) -> Iterator[Path]:
                              or {"bind", "rbind"} & set(mounts[0].options)):
         yield Path(mounts[0].source)
         return
-    from core import mount as core_mount
+    from berth.core import mount as core_mount
 
     with core_mount.mounted(_core_mounts(mounts), read_only=read_only) as root:
         yield root
@@ -252,7 +252,7 @@ class WalkingDiffer:
                             await store.abort(namespace, ref, lease)
         info = store.info(namespace, digest)
         if compress and LABEL_UNCOMPRESSED not in info.labels:
-            from core.metadata.content import Info
+            from berth.core.metadata.content import Info
 
             store.update(namespace, Info(digest=digest, labels={
                 LABEL_UNCOMPRESSED: labels[LABEL_UNCOMPRESSED]}),
@@ -261,7 +261,7 @@ class WalkingDiffer:
 
 
 async def _init(ctx: InitContext) -> WalkingDiffer:
-    from core.plugin.graph import host_platform
+    from berth.core.plugin.graph import host_platform
 
     ctx.platforms.append(host_platform())
     return WalkingDiffer(ctx.plugins)

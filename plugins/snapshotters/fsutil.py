@@ -12,8 +12,8 @@ import os
 import shutil
 import stat
 
-from core import errdefs
-from core.snapshots import Usage
+from berth.core import errdefs
+from berth.core.snapshots import Usage
 
 
 def go_strerror(code: int) -> str:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import trio
 
-from core import errdefs, log
-from core.mount import Mount
-from core.snapshots import Info, Kind, Usage
-from plugins.snapshotters import fsutil
-from plugins.snapshotters.storage import MetaStore, Snapshot
+from berth.core import errdefs, log
+from berth.core.mount import Mount
+from berth.core.snapshots import Info, Kind, Usage
+from berth.plugins.snapshotters import fsutil
+from berth.plugins.snapshotters.storage import MetaStore, Snapshot
 
 
 def wrap(prefix: str, e: errdefs.BerthError) -> errdefs.BerthError:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.mount import Mount
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.graph import host_platform
-from core.plugin.registration import SNAPSHOTTER
-from core.snapshots import Kind
-from plugins.snapshotters import fsutil
-from plugins.snapshotters.local import LocalSnapshotter
-from plugins.snapshotters.storage import Snapshot
+from berth.core.mount import Mount
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.graph import host_platform
+from berth.core.plugin.registration import SNAPSHOTTER
+from berth.core.snapshots import Kind
+from berth.plugins.snapshotters import fsutil
+from berth.plugins.snapshotters.local import LocalSnapshotter
+from berth.plugins.snapshotters.storage import Snapshot
 
 
 class NativeSnapshotter(LocalSnapshotter):

@@ -17,13 +17,13 @@ import platform
 import re
 from pathlib import Path
 
-from core.mount import Mount
-from core.plugin import InitContext, Registration, hookimpl
-from core.plugin.graph import host_platform
-from core.plugin.registration import SNAPSHOTTER
-from core.snapshots import Kind
-from plugins.snapshotters.local import LocalSnapshotter
-from plugins.snapshotters.storage import Snapshot
+from berth.core.mount import Mount
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.graph import host_platform
+from berth.core.plugin.registration import SNAPSHOTTER
+from berth.core.snapshots import Kind
+from berth.plugins.snapshotters.local import LocalSnapshotter
+from berth.plugins.snapshotters.storage import Snapshot
 
 _INDEX_PARAM = "/sys/module/overlay/parameters/index"
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core import errdefs, filters
-from core.content.errors import go_quote
-from core.snapshots import Info, Kind, Usage, adapt_info
+from berth.core import errdefs, filters
+from berth.core.content.errors import go_quote
+from berth.core.snapshots import Info, Kind, Usage, adapt_info
 
 _SCHEMA = [
     """

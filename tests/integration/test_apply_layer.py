@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from core import errdefs
-from plugins.differ import apply_blob, apply_layer
-from plugins.differ.apply import ApplyResult
+from berth.core import errdefs
+from berth.plugins.differ import apply_blob, apply_layer
+from berth.plugins.differ.apply import ApplyResult
 
 pytestmark = pytest.mark.root
 
@@ -548,7 +548,7 @@ def tree_of(root: Path) -> dict[str, object]:
 
 
 def test_write_diff_round_trips(tmp_path: Path) -> None:
-    from plugins.differ import write_diff
+    from berth.plugins.differ import write_diff
 
     lower, upper, rebuilt = tmp_path / "lower", tmp_path / "upper", tmp_path / "rebuilt"
     lower.mkdir()

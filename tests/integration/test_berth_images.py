@@ -155,7 +155,7 @@ def test_pull_resumes_interrupted_layer(berthd: daemons.Daemon, registry: Regist
     ref = f"{proxy.host}/busybox:latest"
     ingest = f"layer-{img.layer_digest}"
 
-    argv = [sys.executable, "-m", "core.cli", "--address", str(berthd.address),
+    argv = [sys.executable, "-m", "berth.core.cli", "--address", str(berthd.address),
             "images", "pull", "--plain-http", ref]
     client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               start_new_session=True)

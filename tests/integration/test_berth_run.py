@@ -50,7 +50,7 @@ class Target:
 
     def berth(self, *args: str, input: str | None = None, ns: str | None = None
               ) -> daemons.Result:
-        argv = [sys.executable, "-m", "core.cli", "--address", str(self.daemon.address)]
+        argv = [sys.executable, "-m", "berth.core.cli", "--address", str(self.daemon.address)]
         if ns:
             argv += ["--namespace", ns]
         p = subprocess.run([*argv, *args], capture_output=True, text=True,
@@ -171,7 +171,7 @@ def test_run_copies_stdin_and_closes_it(target: Target, rootfs: Path) -> None:
 
 def test_run_forwards_signals(target: Target, rootfs: Path) -> None:
     t4 = uid("t4")
-    argv = [sys.executable, "-m", "core.cli", "--address", str(target.daemon.address),
+    argv = [sys.executable, "-m", "berth.core.cli", "--address", str(target.daemon.address),
             "run", "--rm", *target.run_flags(), "--rootfs", str(rootfs), t4, "sh", "-c",
             'trap "echo got-term; exit 11" TERM; echo ready; while :; do sleep 0.05; done']
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -265,7 +265,7 @@ def _tty_run(target: Target, args: list[str], *, rows: int, cols: int,
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            os.execv(sys.executable, [sys.executable, "-m", "core.cli", "--address",
+            os.execv(sys.executable, [sys.executable, "-m", "berth.core.cli", "--address",
                                       str(target.daemon.address), *args])
         finally:
             os._exit(127)

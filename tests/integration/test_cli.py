@@ -1,4 +1,4 @@
-"""berth's own CLI (`python -m core.cli`) against a real berthd, checked with the real ctr."""
+"""berth's own CLI (`python -m berth.core.cli`) against a real berthd, checked with the real ctr."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def berth_env(env: dict[str, str], *args: str) -> Result:
     clean = {k: v for k, v in os.environ.items()
              if k not in ("BERTH_ADDRESS", "BERTH_NAMESPACE", "CONTAINERD_ADDRESS",
                           "CONTAINERD_NAMESPACE")}
-    p = subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "berth.core.cli", *args], capture_output=True,
                        text=True, timeout=60, env={**clean, **env})
     return Result(p.returncode, p.stdout, p.stderr)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import trio
 
-from core.content import ContentStore
-from core.content.writer import FLUSH_AT
+from berth.core.content import ContentStore
+from berth.core.content.writer import FLUSH_AT
 
 CHUNK = 1 << 20
 TOTAL = 192 * CHUNK + 12345  # not chunk-aligned on purpose

@@ -26,7 +26,7 @@ def base() -> Iterator[Path]:
 
 
 def berthd_cmd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "core.daemon", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "berth.core.daemon", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -61,7 +61,7 @@ def test_signals_shut_down_cleanly(base: Path, sig: signal.Signals) -> None:
         daemons.ctr_ok(d.address, "namespaces", "create", "kept")
         # Open streams must not hold the shutdown up.
         with daemons.ctr_events(d.address) as ctr_events, daemons.Follower([
-                sys.executable, "-m", "core.cli", "--address", str(d.address), "events",
+                sys.executable, "-m", "berth.core.cli", "--address", str(d.address), "events",
                 "--since", "0"]) as berth_events:
             berth_events.wait_for(lambda line: "/namespaces/create" in line)
             daemons.wait_subscribed(ctr_events, d.address)

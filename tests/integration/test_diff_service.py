@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core import errdefs
-from core.services.diff import DiffLocal
-from plugins.differ.plugin import Applied, Mount, apply_sync
+from berth.core import errdefs
+from berth.core.services.diff import DiffLocal
+from berth.plugins.differ.plugin import Applied, Mount, apply_sync
 
 
 def _layer() -> tuple[bytes, bytes]:
@@ -82,7 +82,7 @@ class _Differ:
 
 
 async def test_differs_are_tried_in_order() -> None:
-    from core.api.containerd.types import Descriptor
+    from berth.core.api.containerd.types import Descriptor
 
     first, second = _Differ(None), _Differ(Applied("t", "sha256:x", 1))
     local = DiffLocal([first, second])

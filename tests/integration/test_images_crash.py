@@ -281,7 +281,7 @@ def check_mount(d: daemons.Daemon, name: str, target: Path,
 
 
 def berth_argv(d: daemons.Daemon, *args: str) -> list[str]:
-    return [sys.executable, "-m", "core.cli", "--address", str(d.address), *args]
+    return [sys.executable, "-m", "berth.core.cli", "--address", str(d.address), *args]
 
 
 # --- the tests -------------------------------------------------------------------------------

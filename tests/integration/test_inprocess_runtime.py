@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import trio
 
-from core import errdefs
-from core.oci import Reaper, Stdio, spec as oci_spec
-from plugins.runtimes.inprocess import Runtime, caps
+from berth.core import errdefs
+from berth.core.oci import Reaper, Stdio, spec as oci_spec
+from berth.plugins.runtimes.inprocess import Runtime, caps
 
 pytestmark = pytest.mark.root
 

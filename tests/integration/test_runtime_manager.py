@@ -27,17 +27,17 @@ import pytest
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from core import errdefs, mount as mounts
-from core.api.containerd import events as ev
-from core.api.containerd.types import Mount
-from core.api.containerd.v1.types import Status
-from core.events import typeurl
-from core.events.exchange import Exchange, Subscription
-from core.metadata.containers import store_for
-from core.metadata.db import Database
-from core.runtime.manager import CreateOpts, TaskManager
-from core.services.events import EventsService
-from core.ttrpc import Server
+from berth.core import errdefs, mount as mounts
+from berth.core.api.containerd import events as ev
+from berth.core.api.containerd.types import Mount
+from berth.core.api.containerd.v1.types import Status
+from berth.core.events import typeurl
+from berth.core.events.exchange import Exchange, Subscription
+from berth.core.metadata.containers import store_for
+from berth.core.metadata.db import Database
+from berth.core.runtime.manager import CreateOpts, TaskManager
+from berth.core.services.events import EventsService
+from berth.core.ttrpc import Server
 
 pytestmark = [pytest.mark.root]
 

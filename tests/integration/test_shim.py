@@ -31,17 +31,17 @@ import betterproto.lib.google.protobuf as pb
 import pytest
 import trio
 
-from core import errdefs
-from core.api.containerd import events as ev
-from core.api.containerd.runc.v1 import Options as RuncOptions
-from core.api.containerd.services.events.ttrpc.v1 import ForwardRequest
-from core.api.containerd.task import v2 as api
-from core.api.containerd.types import Mount
-from core.api.containerd.v1.types import Status
-from core.mount import Mount as PlanMount, plan as plan_mount
-from core.oci import spec as oci_spec
-from core.shim import zygote
-from core.ttrpc import NAMESPACE_KEY, Client, Context, Method, Server, open_client
+from berth.core import errdefs
+from berth.core.api.containerd import events as ev
+from berth.core.api.containerd.runc.v1 import Options as RuncOptions
+from berth.core.api.containerd.services.events.ttrpc.v1 import ForwardRequest
+from berth.core.api.containerd.task import v2 as api
+from berth.core.api.containerd.types import Mount
+from berth.core.api.containerd.v1.types import Status
+from berth.core.mount import Mount as PlanMount, plan as plan_mount
+from berth.core.oci import spec as oci_spec
+from berth.core.shim import zygote
+from berth.core.ttrpc import NAMESPACE_KEY, Client, Context, Method, Server, open_client
 
 pytestmark = pytest.mark.root
 
@@ -237,7 +237,7 @@ class Harness:
 
 
 def _event_container(req: ForwardRequest) -> str:
-    from core.events import typeurl
+    from berth.core.events import typeurl
 
     msg = typeurl.unmarshal_any(req.envelope.event)
     return getattr(msg, "container_id", "")
@@ -533,7 +533,7 @@ async def test_exec_stdin_pause_resume_kill(harness: Harness, rootfs: Path, runt
                 details = by_pid[exec_started.pid].info
                 assert details.type_url == "containerd.runc.v1.ProcessDetails"
                 assert RuncOptions  # the ProcessDetails message carries the exec id
-                from core.api.containerd.runc.v1 import ProcessDetails
+                from berth.core.api.containerd.runc.v1 import ProcessDetails
                 assert ProcessDetails().parse(details.value).exec_id == "e1"
 
                 # stdin: the client writes and closes, CloseIO lets EOF through.

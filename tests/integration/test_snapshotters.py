@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from core import mount
-from core.mount import Mount
-from core.snapshots import Kind
-from plugins.snapshotters.native import NativeSnapshotter
-from plugins.snapshotters.overlayfs import OverlaySnapshotter
+from berth.core import mount
+from berth.core.mount import Mount
+from berth.core.snapshots import Kind
+from berth.plugins.snapshotters.native import NativeSnapshotter
+from berth.plugins.snapshotters.overlayfs import OverlaySnapshotter
 
 pytestmark = pytest.mark.root
 

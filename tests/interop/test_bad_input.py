@@ -20,12 +20,12 @@ import pytest
 import trio
 from betterproto.lib.google.protobuf import Empty
 
-from core import errdefs
-from core.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
-from core.api.containerd.services.leases.v1 import ListRequest as ListLeasesRequest
-from core.api.containerd.services.namespaces.v1 import CreateNamespaceRequest, Namespace
-from core.ttrpc import codec
-from core.ttrpc.client import open_client
+from berth.core import errdefs
+from berth.core.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
+from berth.core.api.containerd.services.leases.v1 import ListRequest as ListLeasesRequest
+from berth.core.api.containerd.services.namespaces.v1 import CreateNamespaceRequest, Namespace
+from berth.core.ttrpc import codec
+from berth.core.ttrpc.client import open_client
 from tests import daemons
 from tests.daemons import Daemon
 

@@ -35,9 +35,9 @@ from pathlib import Path
 import betterproto.lib.google.protobuf as pb
 import pytest
 
-from core.api.containerd.runc.v1 import Options as RuncOptions
-from core.api.containerd.services.containers import v1 as containers_api
-from core.shim import zygote
+from berth.core.api.containerd.runc.v1 import Options as RuncOptions
+from berth.core.api.containerd.services.containers import v1 as containers_api
+from berth.core.shim import zygote
 from tests import daemons
 from tests.integration.test_shim import (
     alive,

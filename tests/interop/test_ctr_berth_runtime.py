@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from core.shim import zygote
+from berth.core.shim import zygote
 from tests import daemons
 from tests.images import NAME, write_oci_tar
 

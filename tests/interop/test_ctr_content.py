@@ -25,10 +25,10 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError
 
-from core.api.containerd.services.content import v1 as capi
-from core.api.containerd.services.images import v1 as iapi
-from core.api.containerd.services.leases import v1 as lapi
-from core.api.containerd.types import Descriptor
+from berth.core.api.containerd.services.content import v1 as capi
+from berth.core.api.containerd.services.images import v1 as iapi
+from berth.core.api.containerd.services.leases import v1 as lapi
+from berth.core.api.containerd.types import Descriptor
 from tests import daemons
 
 pytestmark = [pytest.mark.interop]

@@ -20,12 +20,12 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError
 
-from core.api.containerd.events import ContentDelete
-from core.api.containerd.services.content import v1 as capi
-from core.api.containerd.services.events import v1 as eapi
-from core.api.containerd.services.images import v1 as iapi
-from core.api.containerd.types import Descriptor
-from core.content import digest as dg
+from berth.core.api.containerd.events import ContentDelete
+from berth.core.api.containerd.services.content import v1 as capi
+from berth.core.api.containerd.services.events import v1 as eapi
+from berth.core.api.containerd.services.images import v1 as iapi
+from berth.core.api.containerd.types import Descriptor
+from berth.core.content import digest as dg
 from tests import daemons
 
 pytestmark = [pytest.mark.interop]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from core import mount
+from berth.core import mount
 from tests import daemons
 
 pytestmark = [pytest.mark.interop, pytest.mark.root]

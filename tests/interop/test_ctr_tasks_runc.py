@@ -363,8 +363,8 @@ def _grpc_session(daemon: daemons.Daemon, namespace: str, rootfs: Path, cid: str
     from grpclib import GRPCError
     from grpclib.client import Channel
 
-    from core.api.containerd.services.containers import v1 as containers
-    from core.api.containerd.services.tasks import v1 as tasks
+    from berth.core.api.containerd.services.containers import v1 as containers
+    from berth.core.api.containerd.services.tasks import v1 as tasks
 
     spec = {
         "ociVersion": "1.0.2-dev",
@@ -466,8 +466,8 @@ def test_restore_from_checkpoint_is_not_implemented(berthd: daemons.Daemon,
     from grpclib.client import Channel
     from grpclib.const import Status
 
-    from core.api.containerd.services.tasks import v1 as tasks
-    from core.api.containerd.types import Descriptor
+    from berth.core.api.containerd.services.tasks import v1 as tasks
+    from berth.core.api.containerd.types import Descriptor
 
     ctr = Ctr(berthd, leftovers.namespace)
     cid = ids("cp")

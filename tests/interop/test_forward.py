@@ -14,11 +14,11 @@ import pytest
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
-from core import errdefs
-from core.api.containerd.events import TaskExit, TaskOom
-from core.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
-from core.events.typeurl import marshal_any
-from core.ttrpc.client import open_client
+from berth.core import errdefs
+from berth.core.api.containerd.events import TaskExit, TaskOom
+from berth.core.api.containerd.services.events.ttrpc.v1 import Envelope, ForwardRequest
+from berth.core.events.typeurl import marshal_any
+from berth.core.ttrpc.client import open_client
 from tests import daemons
 from tests.daemons import Daemon
 

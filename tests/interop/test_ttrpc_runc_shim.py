@@ -31,10 +31,10 @@ import betterproto.lib.google.protobuf as pb
 import pytest
 import trio
 
-from core import errdefs
-from core.api.containerd import events
-from core.api.containerd.services.events.ttrpc.v1 import ForwardRequest
-from core.api.containerd.task.v2 import (
+from berth.core import errdefs
+from berth.core.api.containerd import events
+from berth.core.api.containerd.services.events.ttrpc.v1 import ForwardRequest
+from berth.core.api.containerd.task.v2 import (
     ConnectRequest,
     ConnectResponse,
     CreateTaskRequest,
@@ -47,7 +47,7 @@ from core.api.containerd.task.v2 import (
     WaitRequest,
     WaitResponse,
 )
-from core.ttrpc import NAMESPACE_KEY, Context, Method, Server, open_client
+from berth.core.ttrpc import NAMESPACE_KEY, Context, Method, Server, open_client
 
 pytestmark = [pytest.mark.interop, pytest.mark.root]
 

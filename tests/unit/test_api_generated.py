@@ -4,14 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.api import ttrpc
-from core.api.berth.services.eventlog import v1 as eventlog
-from core.api.containerd import events
-from core.api.containerd.services.events import v1 as events_v1
-from core.api.containerd.services.images import v1 as images
-from core.api.containerd.services.namespaces import v1 as namespaces
-from core.api.containerd.task import v2 as shim
-from core.api.google import rpc
+from berth.core.api import ttrpc
+from berth.core.api.berth.services.eventlog import v1 as eventlog
+from berth.core.api.containerd import events
+from berth.core.api.containerd.services.events import v1 as events_v1
+from berth.core.api.containerd.services.images import v1 as images
+from berth.core.api.containerd.services.namespaces import v1 as namespaces
+from berth.core.api.containerd.task import v2 as shim
+from berth.core.api.google import rpc
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "core" / "api"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import trio
 
-from core.runtime import attach_primer
-from core.runtime.attach_primer import QUIET, Primer, should_prime
+from berth.core.runtime import attach_primer
+from berth.core.runtime.attach_primer import QUIET, Primer, should_prime
 
 
 def test_should_prime():

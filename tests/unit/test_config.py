@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core import config, daemon, errdefs
+from berth.core import config, daemon, errdefs
 
 
 def test_defaults() -> None:

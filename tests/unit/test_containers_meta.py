@@ -9,9 +9,9 @@ import pytest
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg, FieldMask
 
-from core import errdefs
-from core.api.containerd import events as ev
-from core.api.containerd.services.containers.v1 import (
+from berth.core import errdefs
+from berth.core.api.containerd import events as ev
+from berth.core.api.containerd.services.containers.v1 import (
     Container as PbContainer,
     ContainerRuntime,
     CreateContainerRequest,
@@ -20,15 +20,15 @@ from core.api.containerd.services.containers.v1 import (
     ListContainersRequest,
     UpdateContainerRequest,
 )
-from core.events import typeurl
-from core.events.exchange import Exchange
-from core.gc import mark
-from core.gc.collector import Collector
-from core.grpc.context import CallContext
-from core.metadata.containers import Container, ContainerStore, gc_roots, store_for
-from core.metadata.db import Database
-from core.metadata.namespaces import NamespaceStore
-from core.services.containers import ContainersService
+from berth.core.events import typeurl
+from berth.core.events.exchange import Exchange
+from berth.core.gc import mark
+from berth.core.gc.collector import Collector
+from berth.core.grpc.context import CallContext
+from berth.core.metadata.containers import Container, ContainerStore, gc_roots, store_for
+from berth.core.metadata.db import Database
+from berth.core.metadata.namespaces import NamespaceStore
+from berth.core.services.containers import ContainersService
 
 SPEC = b'{"ociVersion":"1.0.2-dev"}'
 
@@ -300,10 +300,10 @@ async def test_service_errors(db: Database) -> None:
 
 
 async def test_gc_wiring_registers_roots_and_reports_deletions(db: Database) -> None:
-    from core.gc.scheduler import GCScheduler
-    from core.plugin.graph import Plugin, PluginSet
-    from core.plugin.registration import GC, Registration
-    from core.services.containers import wire_gc
+    from berth.core.gc.scheduler import GCScheduler
+    from berth.core.plugin.graph import Plugin, PluginSet
+    from berth.core.plugin.registration import GC, Registration
+    from berth.core.services.containers import wire_gc
 
     plugins = PluginSet()
     assert wire_gc(plugins) is None  # no scheduler: nothing to wire

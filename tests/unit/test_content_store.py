@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from core.content import ContentStore, OutOfRange, digest as dg, ingest
-from core.errdefs import (
+from berth.core.content import ContentStore, OutOfRange, digest as dg, ingest
+from berth.core.errdefs import (
     AlreadyExists,
     Code,
     FailedPrecondition,

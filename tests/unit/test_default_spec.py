@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core import errdefs
-from core.oci import default_spec as ds
+from berth.core import errdefs
+from berth.core.oci import default_spec as ds
 
 # containerd 1.6 oci/spec.go defaultUnixCaps, in its order.
 CONTAINERD_CAPS = [

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from core import errdefs
-from core.api.containerd.events import NamespaceCreate, TaskExit, TaskOom
-from core.api.containerd.services.events.v1 import Envelope
-from core.events import typeurl
-from core.events.exchange import Exchange
-from core.events.log import EventLog
-from core.metadata.db import Database
+from berth.core import errdefs
+from berth.core.api.containerd.events import NamespaceCreate, TaskExit, TaskOom
+from berth.core.api.containerd.services.events.v1 import Envelope
+from berth.core.events import typeurl
+from berth.core.events.exchange import Exchange
+from berth.core.events.log import EventLog
+from berth.core.metadata.db import Database
 
 
 @pytest.fixture

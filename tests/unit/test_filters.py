@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from core import filters
-from core.errdefs import Code, InvalidArgument
-from core.filters import (
+from berth.core import filters
+from berth.core.errdefs import Code, InvalidArgument
+from berth.core.filters import (
     ALWAYS,
     UnsupportedRegexp,
     adapt_mapping,

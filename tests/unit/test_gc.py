@@ -10,16 +10,16 @@ import pytest
 import trio
 import trio.testing
 
-from core import errdefs
-from core.content import ContentStore, digest as dg
-from core.gc import mark
-from core.gc.collector import Collector
-from core.gc.mark import Graph, Ingest, Kind, Lease, Node, Snapshot
-from core.gc.scheduler import Config, GCScheduler, parse_duration
-from core.metadata.content import NamespacedContent
-from core.metadata.db import Database
-from core.metadata.images import Descriptor, Image, ImageStore
-from core.metadata.leases import LeaseStore, Resource
+from berth.core import errdefs
+from berth.core.content import ContentStore, digest as dg
+from berth.core.gc import mark
+from berth.core.gc.collector import Collector
+from berth.core.gc.mark import Graph, Ingest, Kind, Lease, Node, Snapshot
+from berth.core.gc.scheduler import Config, GCScheduler, parse_duration
+from berth.core.metadata.content import NamespacedContent
+from berth.core.metadata.db import Database
+from berth.core.metadata.images import Descriptor, Image, ImageStore
+from berth.core.metadata.leases import LeaseStore, Resource
 
 NOW = 1_700_000_000 * 1_000_000_000
 A, B, C, D = (dg.from_string(x) for x in "abcd")
@@ -367,7 +367,7 @@ class CountingCollector:
         self.dirty_snapshotters: set[str] = set()
 
     async def collect(self) -> object:
-        from core.gc.collector import Stats
+        from berth.core.gc.collector import Stats
 
         self.runs += 1
         await trio.sleep(0.001)
@@ -459,7 +459,7 @@ async def test_first_collection_waits_until_plugins_are_initialised(
 
 
 def test_idle_ticks_are_computed_not_waited_for() -> None:
-    from core.gc.scheduler import _tick_after
+    from berth.core.gc.scheduler import _tick_after
 
     assert _tick_after(10.0, 0.05, 9.0) == 10.0  # still ahead: unchanged
     assert _tick_after(10.0, 0.5, 10.0) == 10.5

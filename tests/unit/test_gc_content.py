@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from core import errdefs
-from core.content import ContentStore, digest as dg
-from core.metadata.content import Info, NamespacedContent, SharedExclusive
-from core.metadata.db import Database
-from core.metadata.leases import LeaseStore, Resource
-from core.metadata.namespaces import NamespaceStore
+from berth.core import errdefs
+from berth.core.content import ContentStore, digest as dg
+from berth.core.metadata.content import Info, NamespacedContent, SharedExclusive
+from berth.core.metadata.db import Database
+from berth.core.metadata.leases import LeaseStore, Resource
+from berth.core.metadata.namespaces import NamespaceStore
 
 
 @pytest.fixture

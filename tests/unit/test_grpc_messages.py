@@ -1,4 +1,4 @@
-"""core.grpc.messages: betterproto messages behave the same with the cheaper methods."""
+"""berth.core.grpc.messages: betterproto messages behave the same with the cheaper methods."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import betterproto
 import pytest
 from betterproto.lib.google.protobuf import Any as AnyMsg, Empty, ListValue, Struct, Value
 
-from core.api.containerd.services.containers.v1 import (
+from berth.core.api.containerd.services.containers.v1 import (
     Container,
     ContainerRuntime,
     GetContainerResponse,
     UpdateContainerRequest,
 )
-from core.grpc import messages
+from berth.core.grpc import messages
 
 T = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 
@@ -51,7 +51,7 @@ def outcome(fn: Callable[[], Any]) -> Any:
 
 
 def test_installed_by_the_bridge() -> None:
-    import core.grpc.bridge  # noqa: F401
+    import berth.core.grpc.bridge  # noqa: F401
 
     assert betterproto.Message.__getattribute__ is messages._getattribute
     assert betterproto.Message.__setattr__ is messages._setattr

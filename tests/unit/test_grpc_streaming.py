@@ -1,6 +1,6 @@
 """Server-streaming calls on the bridge's own path (core/grpc/bridge.py), end to end.
 
-A real grpclib client talks to ``core.grpc.server.serve`` over a unix socket in a
+A real grpclib client talks to ``berth.core.grpc.server.serve`` over a unix socket in a
 temporary folder; the service is a stand-in for Content.Read whose behaviour each
 request picks (by digest).
 """
@@ -22,10 +22,10 @@ import trio_asyncio
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from core import errdefs
-from core.api.containerd.services.content import v1 as api
-from core.grpc import bridge, server
-from core.grpc.context import CallContext
+from berth.core import errdefs
+from berth.core.api.containerd.services.content import v1 as api
+from berth.core.grpc import bridge, server
+from berth.core.grpc.context import CallContext
 
 READ = "/containerd.services.content.v1.Content/Read"
 BIG = bytes(range(256)) * 1500  # 384000 bytes: several flow-control windows

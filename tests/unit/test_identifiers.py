@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.errdefs import Code, InvalidArgument
-from core.identifiers import MAX_LENGTH, PATTERN, go_quote, is_valid, validate
+from berth.core.errdefs import Code, InvalidArgument
+from berth.core.identifiers import MAX_LENGTH, PATTERN, go_quote, is_valid, validate
 
 MUST_MATCH = "must match ^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$"
 

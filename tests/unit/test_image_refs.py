@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from core import errdefs
-from core.images import gojson, mediatypes, platforms, reference
-from core.images.image import append_source, child_labels, select_manifests
-from core.images.manifest import (
+from berth.core import errdefs
+from berth.core.images import gojson, mediatypes, platforms, reference
+from berth.core.images.image import append_source, child_labels, select_manifests
+from berth.core.images.manifest import (
     Descriptor,
     Index,
     Manifest,
@@ -22,7 +22,7 @@ from core.images.manifest import (
     parse_index,
     parse_manifest,
 )
-from core.images.platforms import Platform
+from berth.core.images.platforms import Platform
 
 # --- containerd's reference.Parse (cases from containerd's reference tests) -------------
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from core import errdefs
-from core.content import digest as dg
-from core.metadata.db import Database
-from core.metadata.images import Descriptor, Image, ImageStore
-from core.metadata.namespaces import NamespaceStore
+from berth.core import errdefs
+from berth.core.content import digest as dg
+from berth.core.metadata.db import Database
+from berth.core.metadata.images import Descriptor, Image, ImageStore
+from berth.core.metadata.namespaces import NamespaceStore
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"

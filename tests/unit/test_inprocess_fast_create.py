@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core import errdefs
-from plugins.runtimes.inprocess import runtime, syscalls as S
-from plugins.runtimes.inprocess.state import ContainerState, StateStore
+from berth.core import errdefs
+from berth.plugins.runtimes.inprocess import runtime, syscalls as S
+from berth.plugins.runtimes.inprocess.state import ContainerState, StateStore
 from tests.unit.test_inprocess_steps import container, first, run_init
 
 

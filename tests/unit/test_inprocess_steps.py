@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from core.oci import spec as oci_spec
-from plugins.runtimes.inprocess import mounts, spec as ispec, steps, syscalls as S
+from berth.core.oci import spec as oci_spec
+from berth.plugins.runtimes.inprocess import mounts, spec as ispec, steps, syscalls as S
 
 DIR = stat.S_IFDIR | 0o755
 REG = stat.S_IFREG | 0o755

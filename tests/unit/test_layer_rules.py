@@ -10,10 +10,10 @@ import tarfile
 import pytest
 import zstandard
 
-from core import errdefs
-from plugins.differ import ApplyTarget, compression, layer, target_for_mounts
-from plugins.differ.apply import HashingReader
-from plugins.differ.layer import Kind
+from berth.core import errdefs
+from berth.plugins.differ import ApplyTarget, compression, layer, target_for_mounts
+from berth.plugins.differ.apply import HashingReader
+from berth.plugins.differ.layer import Kind
 
 # -- paths -----------------------------------------------------------------
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from core import errdefs
-from core.metadata import db as dbmod
-from core.metadata.db import Database
-from core.metadata.leases import LeaseStore, Resource, random_id
-from core.metadata.namespaces import NamespaceStore
+from berth.core import errdefs
+from berth.core.metadata import db as dbmod
+from berth.core.metadata.db import Database
+from berth.core.metadata.leases import LeaseStore, Resource, random_id
+from berth.core.metadata.namespaces import NamespaceStore
 
 
 @pytest.fixture

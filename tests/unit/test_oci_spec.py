@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import trio
 
-from core import errdefs
-from core.oci import Reaper, Stdio, spec as oci_spec
-from core.oci.reaper import exit_status
-from plugins.runtimes.inprocess import caps, cgroups, seccomp, spec as ispec, syscalls as S
+from berth.core import errdefs
+from berth.core.oci import Reaper, Stdio, spec as oci_spec
+from berth.core.oci.reaper import exit_status
+from berth.plugins.runtimes.inprocess import caps, cgroups, seccomp, spec as ispec, syscalls as S
 from tests import forked
 
 
@@ -422,7 +422,7 @@ async def test_reaper_wait_can_be_cancelled() -> None:
 
 
 def test_state_of_a_zombie_is_stopped(tmp_path: Path) -> None:
-    from plugins.runtimes.inprocess import state
+    from berth.plugins.runtimes.inprocess import state
 
     pid = os.fork()
     if pid == 0:
@@ -453,7 +453,7 @@ def test_state_of_a_zombie_is_stopped(tmp_path: Path) -> None:
 
 
 async def test_reaper_is_a_subreaper_only_while_running(tmp_path: Path) -> None:
-    from plugins.runtimes.inprocess import Runtime
+    from berth.plugins.runtimes.inprocess import Runtime
 
     sc = S.Syscalls()
     before = sc.is_child_subreaper()

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from core import errdefs
-from core.plugin import Registration, SkipPlugin
-from core.plugin.graph import collect, init_all, order, plugin_manager
+from berth.core import errdefs
+from berth.core.plugin import Registration, SkipPlugin
+from berth.core.plugin.graph import collect, init_all, order, plugin_manager
 
 
 async def _ok(ctx):  # noqa: ANN001, ANN202
@@ -78,7 +78,7 @@ async def test_disabled_plugins_are_not_loaded(tmp_path: Path) -> None:
 
 
 def test_builtins_register_through_pluggy() -> None:
-    from core.daemon import BUILTIN_PLUGINS
+    from berth.core.daemon import BUILTIN_PLUGINS
 
     uris = _uris(collect(plugin_manager(BUILTIN_PLUGINS, entry_points=False)))
     assert "io.containerd.grpc.v1.namespaces" in uris
@@ -90,7 +90,7 @@ def test_third_party_package_registers_through_entry_points(tmp_path: Path,
                                                             ) -> None:
     # A real installed distribution (dist-info on sys.path) naming its module in berth.plugins.
     (tmp_path / "thirdparty_snap.py").write_text(textwrap.dedent("""
-        from core.plugin import Registration, hookimpl
+        from berth.core.plugin import Registration, hookimpl
 
         async def init(ctx):
             return "snapshotter instance"
@@ -106,7 +106,7 @@ def test_third_party_package_registers_through_entry_points(tmp_path: Path,
     (dist / "entry_points.txt").write_text("[berth.plugins]\nthirdparty = thirdparty_snap\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        regs = collect(plugin_manager(["core.services.version"]))
+        regs = collect(plugin_manager(["berth.core.services.version"]))
         assert "io.containerd.snapshotter.v1.thirdparty" in _uris(regs)
     finally:
         sys.modules.pop("thirdparty_snap", None)

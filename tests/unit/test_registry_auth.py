@@ -15,11 +15,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from core import errdefs
-from core.images import mediatypes
-from core.images.manifest import Descriptor
-from core.registry import auth
-from core.registry.client import Registry
+from berth.core import errdefs
+from berth.core.images import mediatypes
+from berth.core.images.manifest import Descriptor
+from berth.core.registry import auth
+from berth.core.registry.client import Registry
 
 # --- challenges ----------------------------------------------------------------------------
 

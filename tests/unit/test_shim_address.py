@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from core.shim import address as addr
+from berth.core.shim import address as addr
 
 
 def test_socket_lives_beside_the_daemon_socket():
@@ -81,7 +81,7 @@ def test_listen_refuses_a_non_socket(tmp_path):
 
 
 def test_zygote_socket_sits_with_the_shim_sockets():
-    from core.shim import zygote
+    from berth.core.shim import zygote
 
     path = zygote.zygote_path("/run/containerd/containerd.sock")
     assert path.startswith("/run/containerd/s/zygote-")
@@ -113,8 +113,8 @@ def test_claim_binds_the_group_socket_and_release_leaves_nothing(short_tmp):
     """The start action's first step (also berthd's when it asks the zygote itself)."""
     import socket
 
-    from core.shim import start
-    from core.shim.flags import Flags
+    from berth.core.shim import start
+    from berth.core.shim.flags import Flags
 
     bundle = _bundle(short_tmp, {})
     daemon = str(short_tmp / "d" / "berth.sock")
@@ -132,8 +132,8 @@ def test_claim_joins_a_live_group_shim(short_tmp):
     """A group whose shim serves already is joined: no socket to bind."""
     import socket
 
-    from core.shim import start
-    from core.shim.flags import Flags
+    from berth.core.shim import start
+    from berth.core.shim.flags import Flags
 
     bundle = _bundle(short_tmp, {addr.GROUP_ANNOTATIONS[1]: "pod1"})
     daemon = str(short_tmp / "d" / "berth.sock")
@@ -151,7 +151,7 @@ def test_claim_joins_a_live_group_shim(short_tmp):
 async def test_berthd_asks_no_zygote_where_none_listens(short_tmp):
     import socket
 
-    from core.runtime.binary import _ask_zygote
+    from berth.core.runtime.binary import _ask_zygote
 
     listener = socket.socket(socket.AF_UNIX)
     try:
@@ -161,7 +161,7 @@ async def test_berthd_asks_no_zygote_where_none_listens(short_tmp):
 
 
 def test_zygote_replies():
-    from core.shim import zygote
+    from berth.core.shim import zygote
 
     assert zygote.read_reply(b'{"pid": 42}') == 42
     assert zygote.read_reply(b"not json") is None

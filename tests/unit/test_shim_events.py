@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from core.api.containerd import events as ev
-from core.events import typeurl
-from core.shim import publisher
+from berth.core.api.containerd import events as ev
+from berth.core.events import typeurl
+from berth.core.shim import publisher
 
 
 @pytest.mark.parametrize(("event", "topic", "type_url"), [

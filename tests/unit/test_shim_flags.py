@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.shim import flags
-from core.shim.flags import Flags, UsageError
+from berth.core.shim import flags
+from berth.core.shim.flags import Flags, UsageError
 
 
 def test_containerd_start_command_line():
@@ -59,7 +59,7 @@ def test_to_argv_round_trips():
 
 
 def test_main_reports_usage_errors_and_empty_namespace(capsys):
-    from core.shim import main
+    from berth.core.shim import main
 
     assert main(["-bogus"]) == 2
     assert "flag provided but not defined: -bogus" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import os
 
 import structlog
 
-from core.shim import logging as shim_logging
+from berth.core.shim import logging as shim_logging
 
 
 def test_fifo_without_reader_is_opened_read_write(tmp_path):

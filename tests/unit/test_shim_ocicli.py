@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from core import errdefs
-from core.oci import Reaper, Stdio
-from plugins.runtimes.ocicli import Runtime, classify, resolve
-from plugins.runtimes.ocicli.stats import from_events
+from berth.core import errdefs
+from berth.core.oci import Reaper, Stdio
+from berth.plugins.runtimes.ocicli import Runtime, classify, resolve
+from berth.plugins.runtimes.ocicli.stats import from_events
 
 FAKE = r'''
 import json, os, sys

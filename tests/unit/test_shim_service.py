@@ -14,14 +14,14 @@ import betterproto.lib.google.protobuf as pb
 import pytest
 import trio
 
-from core import errdefs
-from core.api.containerd.runc.v1 import ProcessDetails
-from core.api.containerd.task import v2 as api
-from core.api.containerd.v1.types import Status
-from core.oci.reaper import Exit
-from core.shim import options
-from core.shim.process import kill_error
-from core.shim.service import TaskService, kills_all_on_exit
+from berth.core import errdefs
+from berth.core.api.containerd.runc.v1 import ProcessDetails
+from berth.core.api.containerd.task import v2 as api
+from berth.core.api.containerd.v1.types import Status
+from berth.core.oci.reaper import Exit
+from berth.core.shim import options
+from berth.core.shim.process import kill_error
+from berth.core.shim.service import TaskService, kills_all_on_exit
 
 CTX = None  # handlers ignore the ttrpc context
 

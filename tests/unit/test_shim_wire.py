@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import betterproto.lib.google.protobuf as pb
 import pytest
 
-from core.api.containerd.runc.v1 import Options
-from core.api.containerd.task.v2 import DeleteResponse
-from core.shim import metrics, options, start, wire
+from berth.core.api.containerd.runc.v1 import Options
+from berth.core.api.containerd.task.v2 import DeleteResponse
+from berth.core.shim import metrics, options, start, wire
 
 
 def test_delete_response_matches_generated_encoding():

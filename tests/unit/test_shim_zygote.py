@@ -6,7 +6,7 @@ import json
 import os
 import socket
 
-from core.shim import zygote
+from berth.core.shim import zygote
 from tests import forked
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from core import errdefs
-from core.mount import Mount
-from core.snapshots import Info, Kind
-from plugins.snapshotters import local
-from plugins.snapshotters.native import NativeSnapshotter
-from plugins.snapshotters.overlayfs import OverlaySnapshotter, overlay_mounts
-from plugins.snapshotters.storage import Snapshot
+from berth.core import errdefs
+from berth.core.mount import Mount
+from berth.core.snapshots import Info, Kind
+from berth.plugins.snapshotters import local
+from berth.plugins.snapshotters.native import NativeSnapshotter
+from berth.plugins.snapshotters.overlayfs import OverlaySnapshotter, overlay_mounts
+from berth.plugins.snapshotters.storage import Snapshot
 
 
 @pytest.fixture

@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from core import errdefs
-from core.api.containerd.events import SnapshotCommit, SnapshotPrepare, SnapshotRemove
-from core.events import typeurl
-from core.events.exchange import Exchange
-from core.metadata import snapshots as msnap
-from core.metadata.db import Database
-from core.metadata.leases import LeaseStore, Resource
-from core.metadata.namespaces import NamespaceStore
-from core.metadata.snapshots import NamespacedSnapshotter
-from core.snapshots import Info, Kind
-from plugins.snapshotters.native import NativeSnapshotter
-from plugins.snapshotters.overlayfs import OverlaySnapshotter
+from berth.core import errdefs
+from berth.core.api.containerd.events import SnapshotCommit, SnapshotPrepare, SnapshotRemove
+from berth.core.events import typeurl
+from berth.core.events.exchange import Exchange
+from berth.core.metadata import snapshots as msnap
+from berth.core.metadata.db import Database
+from berth.core.metadata.leases import LeaseStore, Resource
+from berth.core.metadata.namespaces import NamespaceStore
+from berth.core.metadata.snapshots import NamespacedSnapshotter
+from berth.core.snapshots import Info, Kind
+from berth.plugins.snapshotters.native import NativeSnapshotter
+from berth.plugins.snapshotters.overlayfs import OverlaySnapshotter
 
 
 @pytest.fixture

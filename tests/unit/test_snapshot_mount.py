@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core import errdefs, mount as m
-from core.mount import Mount, MountCall
+from berth.core import errdefs, mount as m
+from berth.core.mount import Mount, MountCall
 
 
 def test_flag_words_become_flags_and_the_rest_is_data() -> None:

@@ -10,8 +10,8 @@ import pytest
 import trio
 from betterproto.lib.google.protobuf import FieldMask
 
-from core import errdefs
-from core.api.containerd.services.snapshots.v1 import (
+from berth.core import errdefs
+from berth.core.api.containerd.services.snapshots.v1 import (
     CleanupRequest,
     CommitSnapshotRequest,
     Info,
@@ -25,18 +25,18 @@ from core.api.containerd.services.snapshots.v1 import (
     UsageRequest,
     ViewSnapshotRequest,
 )
-from core.grpc.context import CallContext
-from core.plugin.graph import collect, host_platform, init_all, plugin_manager
-from core.plugin.registration import GRPC, METADATA, SERVICE, SNAPSHOTTER
-from core.services.snapshots import LIST_BATCH, SnapshotsService
-from plugins.snapshotters.overlayfs import OverlaySnapshotter
+from berth.core.grpc.context import CallContext
+from berth.core.plugin.graph import collect, host_platform, init_all, plugin_manager
+from berth.core.plugin.registration import GRPC, METADATA, SERVICE, SNAPSHOTTER
+from berth.core.services.snapshots import LIST_BATCH, SnapshotsService
+from berth.plugins.snapshotters.overlayfs import OverlaySnapshotter
 
 MODULES = [
-    "core.metadata.plugin",
-    "core.events.plugin",
-    "plugins.snapshotters.overlayfs",
-    "plugins.snapshotters.native",
-    "core.services.snapshots",
+    "berth.core.metadata.plugin",
+    "berth.core.events.plugin",
+    "berth.plugins.snapshotters.overlayfs",
+    "berth.plugins.snapshotters.native",
+    "berth.core.services.snapshots",
 ]
 
 

@@ -14,7 +14,7 @@ import tarfile
 
 import pytest
 
-from plugins.differ.tarheader import FastTarInfo
+from berth.plugins.differ.tarheader import FastTarInfo
 
 FIELDS = ("name", "mode", "uid", "gid", "size", "mtime", "chksum", "type", "linkname",
           "uname", "gname", "devmajor", "devminor")

@@ -8,11 +8,11 @@ import random
 import betterproto.lib.google.protobuf as pb
 import pytest
 
-from core import errdefs
-from core.api.google.rpc import Status
-from core.api.ttrpc import KeyValue, Request, Response
-from core.ttrpc import codec
-from core.ttrpc.codec import (
+from berth.core import errdefs
+from berth.core.api.google.rpc import Status
+from berth.core.api.ttrpc import KeyValue, Request, Response
+from berth.core.ttrpc import codec
+from berth.core.ttrpc.codec import (
     MAX_MESSAGE_LENGTH,
     CallRequest,
     CallResponse,

@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 import trio
 
-from core import errdefs
-from core.api.containerd.task.v2 import ConnectRequest, ConnectResponse
-from core.api.ttrpc import KeyValue
-from core.ttrpc import Context, Method, Server, codec, open_client, server as server_module
-from core.ttrpc.codec import CallRequest, FrameDecoder
+from berth.core import errdefs
+from berth.core.api.containerd.task.v2 import ConnectRequest, ConnectResponse
+from berth.core.api.ttrpc import KeyValue
+from berth.core.ttrpc import Context, Method, Server, codec, open_client, server as server_module
+from berth.core.ttrpc.codec import CallRequest, FrameDecoder
 
 Code = errdefs.Code
 

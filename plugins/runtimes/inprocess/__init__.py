@@ -6,6 +6,6 @@ setup sequence over a ``Syscalls`` object (``syscalls`` is the only module that 
 persists containers under a root directory and ``runtime`` ties them to the OCIRuntime API.
 """
 
-from plugins.runtimes.inprocess.runtime import Runtime
+from berth.plugins.runtimes.inprocess.runtime import Runtime
 
 __all__ = ["Runtime"]

@@ -20,8 +20,8 @@ from typing import Any
 
 import trio
 
-from core import errdefs
-from plugins.runtimes.inprocess.devices import DEFAULT_ALLOW
+from berth.core import errdefs
+from berth.plugins.runtimes.inprocess.devices import DEFAULT_ALLOW
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 _V2_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "hugetlb", "pids")

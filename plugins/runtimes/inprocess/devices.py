@@ -6,9 +6,9 @@ import os
 import stat
 from typing import Any
 
-from plugins.runtimes.inprocess import syscalls as sys_
-from plugins.runtimes.inprocess.mounts import mkdir_all, secure_join
-from plugins.runtimes.inprocess.spec import Device
+from berth.plugins.runtimes.inprocess import syscalls as sys_
+from berth.plugins.runtimes.inprocess.mounts import mkdir_all, secure_join
+from berth.plugins.runtimes.inprocess.spec import Device
 
 DEFAULT_DEVICES = [
     Device("/dev/null", "c", 1, 3),

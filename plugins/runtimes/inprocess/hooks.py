@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
-from core import errdefs
-from core.oci.reaper import Reaper
+from berth.core import errdefs
+from berth.core.oci.reaper import Reaper
 
 _OUTPUT_LIMIT = 64 * 1024
 

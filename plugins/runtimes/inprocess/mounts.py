@@ -12,8 +12,8 @@ import stat
 from collections import deque
 from typing import Any
 
-from plugins.runtimes.inprocess import syscalls as sys_
-from plugins.runtimes.inprocess.spec import Container, Mount
+from berth.plugins.runtimes.inprocess import syscalls as sys_
+from berth.plugins.runtimes.inprocess.spec import Container, Mount
 
 _O_DIR = os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC
 # flags a bind remount must keep when the kernel locked them (user namespaces)

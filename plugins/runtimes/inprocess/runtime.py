@@ -1,4 +1,4 @@
-"""The in-process OCI runtime: ``Runtime(root, reaper)`` implements ``core.oci.OCIRuntime``.
+"""The in-process OCI runtime: ``Runtime(root, reaper)`` implements ``berth.core.oci.OCIRuntime``.
 
 Containers are made by forking this process (no runc binary, no re-exec of Python): the
 spec is parsed, the seccomp program compiled, the cgroup made and every fd opened before
@@ -32,11 +32,11 @@ from typing import Any
 
 import trio
 
-from core import errdefs, log
-from core.oci import spec as oci_spec
-from core.oci.reaper import Reaper
-from core.oci.runtime import State, Stdio
-from plugins.runtimes.inprocess import (
+from berth.core import errdefs, log
+from berth.core.oci import spec as oci_spec
+from berth.core.oci.reaper import Reaper
+from berth.core.oci.runtime import State, Stdio
+from berth.plugins.runtimes.inprocess import (
     caps,
     cgroups,
     hooks,
@@ -45,8 +45,8 @@ from plugins.runtimes.inprocess import (
     steps,
     syscalls as sys_,
 )
-from plugins.runtimes.inprocess.state import ContainerState, StateStore, alive, proc_stat
-from plugins.runtimes.inprocess.syscalls import Syscalls
+from berth.plugins.runtimes.inprocess.state import ContainerState, StateStore, alive, proc_stat
+from berth.plugins.runtimes.inprocess.syscalls import Syscalls
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 _GONE_TIMEOUT = 10.0
@@ -288,7 +288,7 @@ class Runtime:
 
         ``before_go`` (making the cgroup) runs after the fork, before the child is moved
         into the cgroup and told to go on: the kernel may keep cgroup calls waiting for
-        a while (see ``core.runtime.attach_primer``), and the fork need not wait with them.
+        a while (see ``berth.core.runtime.attach_primer``), and the fork need not wait with them.
 
         With ``new_pid_ns`` the child is forked straight into a new pid namespace, as
         its pid 1, and is the process that execs (see ``_fork_into_new_pid_ns``)."""

@@ -15,7 +15,7 @@ import errno
 import os
 from typing import Any
 
-from core import errdefs
+from berth.core import errdefs
 
 _ACT_KILL_THREAD = 0x00000000
 _ACT_KILL_PROCESS = 0x80000000

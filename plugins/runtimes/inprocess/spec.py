@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import errdefs
-from plugins.runtimes.inprocess import caps, syscalls as sys_
+from berth.core import errdefs
+from berth.plugins.runtimes.inprocess import caps, syscalls as sys_
 
 NAMESPACE_FLAGS = {
     "user": sys_.CLONE_NEWUSER,

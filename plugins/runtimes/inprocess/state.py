@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from core import errdefs
-from core.oci.spec import validate_id
+from berth.core import errdefs
+from berth.core.oci.spec import validate_id
 
 STATE_FILE = "state.json"
 FIFO = "exec.fifo"

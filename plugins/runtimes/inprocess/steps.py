@@ -25,8 +25,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from plugins.runtimes.inprocess import caps, devices, hooks, mounts, syscalls as sys_
-from plugins.runtimes.inprocess.spec import NAMESPACE_FLAGS, Container, Process
+from berth.plugins.runtimes.inprocess import caps, devices, hooks, mounts, syscalls as sys_
+from berth.plugins.runtimes.inprocess.spec import NAMESPACE_FLAGS, Container, Process
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 

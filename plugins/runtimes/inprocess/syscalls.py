@@ -17,7 +17,7 @@ import platform
 import socket
 import struct
 
-from core.mountflags import (  # re-exported: callers use these as <module>.MS_*
+from berth.core.mountflags import (  # re-exported: callers use these as <module>.MS_*
     MNT_DETACH as MNT_DETACH,
     MS_BIND as MS_BIND,
     MS_DIRSYNC as MS_DIRSYNC,
@@ -42,7 +42,7 @@ from core.mountflags import (  # re-exported: callers use these as <module>.MS_*
     MS_SYNCHRONOUS as MS_SYNCHRONOUS,
     MS_UNBINDABLE as MS_UNBINDABLE,
 )
-from core.oci.libc import load_libc
+from berth.core.oci.libc import load_libc
 
 # clone/unshare/setns flags
 CLONE_NEWNS = 0x00020000

@@ -1,5 +1,5 @@
 """OCI runtimes with a runc-compatible command line (runc, crun) behind ``OCIRuntime``."""
 
-from plugins.runtimes.ocicli.runtime import Runtime, classify, resolve
+from berth.plugins.runtimes.ocicli.runtime import Runtime, classify, resolve
 
 __all__ = ["Runtime", "classify", "resolve"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from core.oci.reaper import Reaper
+from berth.core.oci.reaper import Reaper
 
 # Marks a stream whose bytes the caller wants back.
 CAPTURE = -2

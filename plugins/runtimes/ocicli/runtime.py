@@ -18,11 +18,11 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core import errdefs
-from core.oci.reaper import Reaper
-from core.oci.runtime import State, Stdio
-from plugins.runtimes.ocicli import command
-from plugins.runtimes.ocicli.stats import from_events
+from berth.core import errdefs
+from berth.core.oci.reaper import Reaper
+from berth.core.oci.runtime import State, Stdio
+from berth.plugins.runtimes.ocicli import command
+from berth.plugins.runtimes.ocicli.stats import from_events
 
 DEFAULT_BINARY = "runc"
 

@@ -1,4 +1,4 @@
-"""``runc events --stats`` output turned into ``core.oci.spec.STATS_SHAPE``."""
+"""``runc events --stats`` output turned into ``berth.core.oci.spec.STATS_SHAPE``."""
 
 from __future__ import annotations
 
