@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from berth.core import __version__
-from berth.core.cli import client
+from berth.core.client import connection
 
-Handler = Callable[[argparse.Namespace, client.Session], Awaitable[int | None]]
+Handler = Callable[[argparse.Namespace, connection.Session], Awaitable[int | None]]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,9 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = argparse.ArgumentParser(prog="berth", description="command line client for berthd")
-    p.add_argument("--address", "-a", default=client.default_address(),
+    p.add_argument("--address", "-a", default=connection.default_address(),
                    help="berthd socket (env BERTH_ADDRESS)")
-    p.add_argument("--namespace", "-n", default=client.default_namespace(),
+    p.add_argument("--namespace", "-n", default=connection.default_namespace(),
                    help="namespace (env BERTH_NAMESPACE)")
     p.add_argument("--format", choices=["auto", "table", "json"], default="auto",
                    help="output: tables on a terminal, plain columns otherwise, or json")
@@ -79,7 +79,7 @@ async def _run(handler: Handler, args: argparse.Namespace) -> int | None:
     from grpclib.exceptions import StreamTerminatedError
 
     try:
-        async with client.connect(args.address, args.namespace) as session:
+        async with connection.connect(args.address, args.namespace) as session:
             return await handler(args, session)
     except GRPCError as e:
         raise CommandError(f"{e.status.name}: {e.message}") from None

@@ -11,16 +11,17 @@ from typing import Any
 
 from grpclib import GRPCError
 
-from berth.core.cli import app, client, run as run_cli, tasks as tasks_cli
+from berth.core.cli import app, run as run_cli, tasks as tasks_cli
 from berth.core.cli.output import emit
+from berth.core.client import connection
 
 
-async def create(args: argparse.Namespace, s: client.Session) -> int:
+async def create(args: argparse.Namespace, s: connection.Session) -> int:
     await run_cli.new_container(args, s, args.ref, args.id, args.cmd)
     return 0
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.containers.v1 import ListContainersRequest
 
     resp = await tasks_cli.containers_stub(s).list(ListContainersRequest(filters=args.filters))
@@ -78,7 +79,7 @@ def container_json(c: Any) -> dict[str, Any]:
     return doc
 
 
-async def info(args: argparse.Namespace, s: client.Session) -> int:
+async def info(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.oci import default_spec
 
     c = await tasks_cli.get_container(s, args.container)
@@ -87,7 +88,7 @@ async def info(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def delete_one(s: client.Session, container_id: str, *, keep_snapshot: bool) -> None:
+async def delete_one(s: connection.Session, container_id: str, *, keep_snapshot: bool) -> None:
     from berth.core.api.containerd.services.tasks.v1 import GetRequest
     from berth.core.api.containerd.v1.types import Status
 
@@ -107,7 +108,7 @@ async def delete_one(s: client.Session, container_id: str, *, keep_snapshot: boo
     await run_cli.remove_container(s, container, keep_snapshot=keep_snapshot)
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     failed = False
     for cid in args.containers:
         try:
@@ -119,7 +120,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
     return 1 if failed else 0
 
 
-async def label(args: argparse.Namespace, s: client.Session) -> int:
+async def label(args: argparse.Namespace, s: connection.Session) -> int:
     from betterproto.lib.google.protobuf import FieldMask
 
     from berth.core.api.containerd.services.containers.v1 import Container, UpdateContainerRequest

@@ -8,13 +8,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.cli import app, client
+from berth.core.cli import app
 from berth.core.cli.output import emit
 from berth.core.cli.transfer import human
+from berth.core.client import connection
 
 
-def _client(s: client.Session) -> Any:
-    from berth.core.images.client import Client
+def _client(s: connection.Session) -> Any:
+    from berth.core.client.client import Client
 
     return Client(s.channel, s.namespace)
 
@@ -27,7 +28,7 @@ def _age(t: datetime) -> str:
     return f"{int(secs)} seconds" if secs >= 1 else "Less than a second"
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     infos = await _client(s).list_content(args.filters)
     if args.quiet:
         for i in infos:
@@ -41,7 +42,7 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def get(args: argparse.Namespace, s: client.Session) -> int:
+async def get(args: argparse.Namespace, s: connection.Session) -> int:
     out = sys.stdout.buffer
     async for chunk in _client(s).read_chunks(args.digest):
         out.write(chunk)
@@ -49,7 +50,7 @@ async def get(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     c = _client(s)
     failed = False
     for d in args.digests:
@@ -63,13 +64,13 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
     return 1 if failed else 0
 
 
-async def label(args: argparse.Namespace, s: client.Session) -> int:
+async def label(args: argparse.Namespace, s: connection.Session) -> int:
     labels = app.labels_from(args.labels)
     await _client(s).update_labels(args.digest, labels)
     return 0
 
 
-async def active(args: argparse.Namespace, s: client.Session) -> int:
+async def active(args: argparse.Namespace, s: connection.Session) -> int:
     statuses = await _client(s).list_statuses(args.filters)
     rows = [(st.ref, st.offset, st.total, st.updated_at.isoformat()) for st in statuses]
     emit(["REF", "OFFSET", "TOTAL", "UPDATED"], rows, fmt=args.format, records=[

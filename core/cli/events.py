@@ -6,7 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from berth.core.cli import app, client
+from berth.core.cli import app
+from berth.core.client import connection
 
 
 def _line(env: Any, seq: int | None, fmt: str) -> str:
@@ -25,7 +26,7 @@ def _line(env: Any, seq: int | None, fmt: str) -> str:
     return f"{prefix}{env.timestamp} {env.namespace} {env.topic} {body}"
 
 
-async def events(args: argparse.Namespace, s: client.Session) -> int:
+async def events(args: argparse.Namespace, s: connection.Session) -> int:
     if args.since is None:
         from berth.core.api.containerd.services.events.v1 import EventsStub, SubscribeRequest
 

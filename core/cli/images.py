@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.cli import app, client
+from berth.core.cli import app
 from berth.core.cli.output import emit
 from berth.core.cli.transfer import for_terminal, human
+from berth.core.client import connection
 
 
 def default_snapshotter() -> str:
@@ -19,8 +20,8 @@ def default_snapshotter() -> str:
         or "overlayfs"
 
 
-def _client(s: client.Session, args: argparse.Namespace) -> Any:
-    from berth.core.images.client import Client
+def _client(s: connection.Session, args: argparse.Namespace) -> Any:
+    from berth.core.client.client import Client
 
     return Client(s.channel, s.namespace,
                   snapshotter=getattr(args, "snapshotter", None) or default_snapshotter())
@@ -39,8 +40,8 @@ def _matcher(args: argparse.Namespace, *, strict: bool = False) -> Any:
 
 
 def _registry(args: argparse.Namespace, host: str) -> Any:
-    from berth.core.registry import Credentials, Registry, TLSOptions
-    from berth.core.registry.auth import parse_credentials
+    from berth.core.client.registry import Credentials, Registry, TLSOptions
+    from berth.core.client.registry.auth import parse_credentials
 
     creds: Credentials | None = parse_credentials(args.user) if args.user else None
     tls = TLSOptions(ca_file=args.tlscacert, skip_verify=args.skip_verify)
@@ -65,8 +66,8 @@ def _network_errors() -> tuple[type[Exception], ...]:
 
 # --- pull / push --------------------------------------------------------------------------
 
-async def pull(args: argparse.Namespace, s: client.Session) -> int:
-    from berth.core.images.pull import pull as do_pull
+async def pull(args: argparse.Namespace, s: connection.Session) -> int:
+    from berth.core.client.images.pull import pull as do_pull
 
     spec = _ref(args.ref)
     c = _client(s, args)
@@ -82,9 +83,9 @@ async def pull(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def push(args: argparse.Namespace, s: client.Session) -> int:
+async def push(args: argparse.Namespace, s: connection.Session) -> int:
+    from berth.core.client.images.push import push as do_push
     from berth.core.images.manifest import Descriptor
-    from berth.core.images.push import push as do_push
 
     spec = _ref(args.remote)
     c = _client(s, args)
@@ -133,9 +134,9 @@ async def _size(c: Any, target: Any, matcher: Any) -> int | None:
     return total
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
+    from berth.core.client.images.image import platforms_of
     from berth.core.images import platforms
-    from berth.core.images.image import platforms_of
     from berth.core.images.manifest import Descriptor
 
     c = _client(s, args)
@@ -164,7 +165,7 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     c = _client(s, args)
     failed = False
     for i, name in enumerate(args.refs):
@@ -179,7 +180,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
     return 1 if failed else 0
 
 
-async def tag(args: argparse.Namespace, s: client.Session) -> int:
+async def tag(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.images.manifest import Descriptor
 
     c = _client(s, args)
@@ -193,8 +194,8 @@ async def tag(args: argparse.Namespace, s: client.Session) -> int:
 # --- archives -----------------------------------------------------------------------------
 
 async def _unpack(c: Any, name: str, target: Any, matcher: Any) -> None:
-    from berth.core.images.image import manifest_for
-    from berth.core.images.unpack import unpack
+    from berth.core.client.images.image import manifest_for
+    from berth.core.client.images.unpack import unpack
 
     print(f"unpacking {name} ({target.digest})...", end="", flush=True)
     async with c.lease():
@@ -202,8 +203,9 @@ async def _unpack(c: Any, name: str, target: Any, matcher: Any) -> None:
     print("done")
 
 
-async def import_(args: argparse.Namespace, s: client.Session) -> int:
-    from berth.core.images import archive, platforms
+async def import_(args: argparse.Namespace, s: connection.Session) -> int:
+    from berth.core.client.images import archive
+    from berth.core.images import platforms
 
     if args.base_name:
         translate = archive.filter_ref_prefix(args.base_name)
@@ -236,8 +238,8 @@ async def import_(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def export(args: argparse.Namespace, s: client.Session) -> int:
-    from berth.core.images import archive
+async def export(args: argparse.Namespace, s: connection.Session) -> int:
+    from berth.core.client.images import archive
     from berth.core.images.manifest import Descriptor
 
     c = _client(s, args)
@@ -260,9 +262,9 @@ async def export(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def import_rootfs(args: argparse.Namespace, s: client.Session) -> int:
+async def import_rootfs(args: argparse.Namespace, s: connection.Session) -> int:
+    from berth.core.client.images.rootfs import import_rootfs as build
     from berth.core.images import platforms
-    from berth.core.images.rootfs import import_rootfs as build
 
     c = _client(s, args)
     name = args.ref
@@ -279,18 +281,18 @@ async def import_rootfs(args: argparse.Namespace, s: client.Session) -> int:
 
 # --- mount --------------------------------------------------------------------------------
 
-async def mount(args: argparse.Namespace, s: client.Session) -> int:
+async def mount(args: argparse.Namespace, s: connection.Session) -> int:
     from datetime import UTC, datetime
 
     from grpclib import GRPCError
 
     from berth.core import mount as mounting
     from berth.core.api.containerd.services.leases.v1 import CreateRequest, LeasesStub
+    from berth.core.client.client import LEASE_EXPIRY, go_time, translate
+    from berth.core.client.images.image import manifest_for
+    from berth.core.client.images.unpack import unpack
     from berth.core.images import mediatypes, platforms
-    from berth.core.images.client import LEASE_EXPIRY, go_time, translate
-    from berth.core.images.image import manifest_for
     from berth.core.images.manifest import Descriptor, chain_id
-    from berth.core.images.unpack import unpack
 
     c = _client(s, args)
     target = os.path.abspath(args.target)
@@ -326,12 +328,12 @@ async def mount(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def unmount(args: argparse.Namespace, s: client.Session) -> int:
+async def unmount(args: argparse.Namespace, s: connection.Session) -> int:
     from grpclib import GRPCError
 
     from berth.core import mount as mounting
     from berth.core.api.containerd.services.leases.v1 import DeleteRequest, LeasesStub
-    from berth.core.images.client import translate
+    from berth.core.client.client import translate
 
     target = os.path.abspath(args.target)
     try:

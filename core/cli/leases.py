@@ -7,8 +7,9 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from berth.core.cli import app, client
+from berth.core.cli import app
 from berth.core.cli.output import emit
+from berth.core.client import connection
 
 EXPIRE_LABEL = "containerd.io/gc.expire"
 
@@ -24,13 +25,13 @@ def _duration(text: str) -> timedelta:
     return timedelta(seconds=sum(float(a) * unit[b] for a, b in parts))
 
 
-def _stub(s: client.Session) -> Any:
+def _stub(s: connection.Session) -> Any:
     from berth.core.api.containerd.services.leases.v1 import LeasesStub
 
     return LeasesStub(s.channel, metadata=s.metadata)
 
 
-async def create(args: argparse.Namespace, s: client.Session) -> int:
+async def create(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.leases.v1 import CreateRequest
 
     labels = app.labels_from(args.labels)
@@ -42,7 +43,7 @@ async def create(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.leases.v1 import ListRequest
 
     resp = await _stub(s).list(ListRequest(filters=args.filters))
@@ -59,7 +60,7 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     from grpclib import GRPCError
 
     from berth.core.api.containerd.services.leases.v1 import DeleteRequest

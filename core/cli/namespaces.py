@@ -6,17 +6,18 @@ import argparse
 import sys
 from typing import Any
 
-from berth.core.cli import app, client
+from berth.core.cli import app
 from berth.core.cli.output import emit
+from berth.core.client import connection
 
 
-def _stub(s: client.Session) -> Any:
+def _stub(s: connection.Session) -> Any:
     from berth.core.api.containerd.services.namespaces.v1 import NamespacesStub
 
     return NamespacesStub(s.channel, metadata=s.metadata)
 
 
-async def create(args: argparse.Namespace, s: client.Session) -> int:
+async def create(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.namespaces.v1 import CreateNamespaceRequest, Namespace
 
     await _stub(s).create(CreateNamespaceRequest(
@@ -24,7 +25,7 @@ async def create(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.namespaces.v1 import ListNamespacesRequest
 
     resp = await _stub(s).list(ListNamespacesRequest())
@@ -39,7 +40,7 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def label(args: argparse.Namespace, s: client.Session) -> int:
+async def label(args: argparse.Namespace, s: connection.Session) -> int:
     from betterproto.lib.google.protobuf import FieldMask
 
     from berth.core.api.containerd.services.namespaces.v1 import Namespace, UpdateNamespaceRequest
@@ -52,7 +53,7 @@ async def label(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     from grpclib import GRPCError
     from grpclib.const import Status
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from berth.core.cli import app, client
+from berth.core.cli import app
 from berth.core.cli.output import emit
+from berth.core.client import connection
 
 
 def _status(p: Any) -> str:
@@ -23,7 +24,7 @@ def _platforms(p: Any) -> str:
     return ",".join(out) or "-"
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.introspection.v1 import (
         IntrospectionStub,
         PluginsRequest,

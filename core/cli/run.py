@@ -20,8 +20,9 @@ from typing import Any
 
 from grpclib import GRPCError
 
-from berth.core import cio, errdefs
-from berth.core.cli import app, client, tasks as tasks_cli
+from berth.core import errdefs
+from berth.core.cli import app, tasks as tasks_cli
+from berth.core.client import cio, connection
 
 DEFAULT_RUNTIME = "io.containerd.berth.v1"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
@@ -91,7 +92,7 @@ def read_env_file(path: str) -> list[str]:
     return out
 
 
-async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
+async def new_container(args: argparse.Namespace, s: connection.Session, ref: str,
                         container_id: str, cmd: list[str],
                         tty_size: tuple[int, int] | None = None) -> Any:
     """Create the container ``ctr run``/``ctr containers create`` would; returns it."""
@@ -102,7 +103,7 @@ async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
         CreateContainerRequest,
     )
     from berth.core.cli.images import default_snapshotter
-    from berth.core.images.client import Client
+    from berth.core.client.client import Client
     from berth.core.oci import default_spec
 
     if not ref:
@@ -133,15 +134,15 @@ async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
         raise app.CommandError(str(e)) from None
 
 
-async def _from_image(args: argparse.Namespace, s: client.Session, images: Any,
+async def _from_image(args: argparse.Namespace, s: connection.Session, images: Any,
                       containers: Any, ref: str, container_id: str, opts: Any,
                       runtime: Any) -> Any:
     from berth.core import mount as mounting
     from berth.core.api.containerd.services.containers.v1 import Container, CreateContainerRequest
+    from berth.core.client.images.image import manifest_for
+    from berth.core.client.images.unpack import unpack
     from berth.core.images import platforms
-    from berth.core.images.image import manifest_for
     from berth.core.images.manifest import Descriptor, chain_id
-    from berth.core.images.unpack import unpack
     from berth.core.oci import default_spec
 
     image = await images.get_image(ref)
@@ -176,7 +177,7 @@ async def _from_image(args: argparse.Namespace, s: client.Session, images: Any,
         raise
 
 
-async def remove_container(s: client.Session, container: Any, *,
+async def remove_container(s: connection.Session, container: Any, *,
                            keep_snapshot: bool = False) -> None:
     """Delete the record and, unless kept, its snapshot (WithSnapshotCleanup)."""
     from berth.core.api.containerd.services.containers.v1 import DeleteContainerRequest
@@ -195,7 +196,7 @@ async def remove_container(s: client.Session, container: Any, *,
     await tasks_cli.containers_stub(s).delete(DeleteContainerRequest(id=container.id))
 
 
-async def run(args: argparse.Namespace, s: client.Session) -> int:
+async def run(args: argparse.Namespace, s: connection.Session) -> int:
     if args.rm and args.detach:
         raise app.CommandError("flags --detach and --rm cannot be specified together")
     container = await new_container(args, s, args.ref, args.id, args.cmd,
@@ -207,7 +208,7 @@ async def run(args: argparse.Namespace, s: client.Session) -> int:
             await remove_container(s, container)
 
 
-async def _run_task(args: argparse.Namespace, s: client.Session, container: Any) -> int:
+async def _run_task(args: argparse.Namespace, s: connection.Session, container: Any) -> int:
     fifos = cio.new_fifo_set(args.fifo_dir, container.id, terminal=args.tty)
     created = False
 

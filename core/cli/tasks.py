@@ -21,9 +21,10 @@ from typing import Any
 from grpclib import GRPCError
 from grpclib.const import Status as GStatus
 
-from berth.core import cio, errdefs
-from berth.core.cli import app, client
+from berth.core import errdefs
+from berth.core.cli import app
 from berth.core.cli.output import emit
+from berth.core.client import cio, connection
 
 #: After a process exits, how long its output may still be draining before we delete it
 #: (the shim closes the FIFOs then). Output held open by a background child is cut here.
@@ -38,19 +39,19 @@ FORWARDED_SIGNALS = (
 )
 
 
-def tasks_stub(s: client.Session) -> Any:
+def tasks_stub(s: connection.Session) -> Any:
     from berth.core.api.containerd.services.tasks.v1 import TasksStub
 
     return TasksStub(s.channel, metadata=s.metadata)
 
 
-def containers_stub(s: client.Session) -> Any:
+def containers_stub(s: connection.Session) -> Any:
     from berth.core.api.containerd.services.containers.v1 import ContainersStub
 
     return ContainersStub(s.channel, metadata=s.metadata)
 
 
-async def get_container(s: client.Session, container_id: str) -> Any:
+async def get_container(s: connection.Session, container_id: str) -> Any:
     from berth.core.api.containerd.services.containers.v1 import GetContainerRequest
 
     if not container_id:
@@ -117,7 +118,7 @@ class SignalForwarder:
 
 # --- an attached process ----------------------------------------------------------------
 
-async def run_attached(s: client.Session, container_id: str, fifos: cio.FIFOSet, *,
+async def run_attached(s: connection.Session, container_id: str, fifos: cio.FIFOSet, *,
                        exec_id: str = "", create: Callable[[], Awaitable[None]] | None,
                        detach: bool = False, start: bool = True) -> int | None:
     """Create (``create``), start and follow one process of a container.
@@ -182,7 +183,7 @@ async def run_attached(s: client.Session, container_id: str, fifos: cio.FIFOSet,
     return int(status.exit_status)
 
 
-async def create_task(s: client.Session, container: Any, fifos: cio.FIFOSet) -> int:
+async def create_task(s: connection.Session, container: Any, fifos: cio.FIFOSet) -> int:
     """Tasks.Create for a container, its snapshot's mounts as the rootfs."""
     from berth.core.api.containerd.services.snapshots.v1 import MountsRequest, SnapshotsStub
     from berth.core.api.containerd.services.tasks.v1 import CreateTaskRequest
@@ -201,7 +202,7 @@ async def create_task(s: client.Session, container: Any, fifos: cio.FIFOSet) -> 
     return int(resp.pid)
 
 
-async def delete_task(s: client.Session, container_id: str, *, force: bool = False,
+async def delete_task(s: connection.Session, container_id: str, *, force: bool = False,
                       fifos: cio.FIFOSet | None = None) -> Any:
     """Delete a stopped task (with ``force``, kill it first), then its FIFOs."""
     from berth.core.api.containerd.services.tasks.v1 import DeleteTaskRequest, GetRequest
@@ -226,7 +227,7 @@ async def delete_task(s: client.Session, container_id: str, *, force: bool = Fal
     return resp
 
 
-async def kill_and_wait(s: client.Session, container_id: str, exec_id: str) -> None:
+async def kill_and_wait(s: connection.Session, container_id: str, exec_id: str) -> None:
     """WithProcessKill: SIGKILL (the whole container for the task) and wait for the exit."""
     from berth.core.api.containerd.services.tasks.v1 import KillRequest, WaitRequest
 
@@ -259,7 +260,7 @@ def status_name(status: Any) -> str:
 
 # --- commands ---------------------------------------------------------------------------
 
-async def start(args: argparse.Namespace, s: client.Session) -> int:
+async def start(args: argparse.Namespace, s: connection.Session) -> int:
     container = await get_container(s, args.container)
     spec = container_spec(container)
     tty = bool((spec.get("process") or {}).get("terminal"))
@@ -297,7 +298,7 @@ def write_pid_file(path: str, pid: int) -> None:
     os.replace(tmp, path)
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import ListTasksRequest
 
     resp = await tasks_stub(s).list(ListTasksRequest())
@@ -329,7 +330,7 @@ def _process_info(info: Any) -> str:
     return f"{info.type_url} ({len(info.value)} bytes)"
 
 
-async def ps(args: argparse.Namespace, s: client.Session) -> int:
+async def ps(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import ListPidsRequest
 
     await get_container(s, args.container)
@@ -339,7 +340,7 @@ async def ps(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def exec_(args: argparse.Namespace, s: client.Session) -> int:
+async def exec_(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import DeleteProcessRequest, ExecProcessRequest
     from berth.core.oci import default_spec
 
@@ -392,7 +393,7 @@ async def exec_(args: argparse.Namespace, s: client.Session) -> int:
 
 
 @contextlib.asynccontextmanager
-async def rootfs_users(s: client.Session, container: Any, spec: dict[str, Any]) -> Any:
+async def rootfs_users(s: connection.Session, container: Any, spec: dict[str, Any]) -> Any:
     """The users of a container's root filesystem: its rootfs path, or its snapshot
     mounted read-only for the lookup (mount.WithTempMount)."""
     from berth.core import mount as mounting
@@ -412,7 +413,7 @@ async def rootfs_users(s: client.Session, container: Any, spec: dict[str, Any]) 
         yield UserDB.from_root(root)
 
 
-async def kill(args: argparse.Namespace, s: client.Session) -> int:
+async def kill(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import KillRequest
 
     if args.all and args.exec_id:
@@ -425,7 +426,7 @@ async def kill(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def pause(args: argparse.Namespace, s: client.Session) -> int:
+async def pause(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import PauseTaskRequest
 
     await get_container(s, args.container)
@@ -433,7 +434,7 @@ async def pause(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def resume(args: argparse.Namespace, s: client.Session) -> int:
+async def resume(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import ResumeTaskRequest
 
     await get_container(s, args.container)
@@ -441,7 +442,7 @@ async def resume(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import DeleteProcessRequest, GetRequest
 
     if args.exec_id:
@@ -471,7 +472,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
     return 1 if failed else 0
 
 
-async def attach(args: argparse.Namespace, s: client.Session) -> int:
+async def attach(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import GetRequest
 
     container = await get_container(s, args.container)
@@ -567,7 +568,7 @@ def go_time(t: datetime) -> str:
     return f"{t.year:04d}-{t:%m-%d %H:%M:%S}{frac} +0000 UTC"
 
 
-async def metrics(args: argparse.Namespace, s: client.Session) -> int:
+async def metrics(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.tasks.v1 import MetricsRequest
 
     container = await get_container(s, args.container)

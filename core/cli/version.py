@@ -8,11 +8,12 @@ from typing import Any
 from betterproto.lib.google.protobuf import Empty
 
 from berth.core import __version__
-from berth.core.cli import app, client
+from berth.core.cli import app
 from berth.core.cli.output import emit
+from berth.core.client import connection
 
 
-async def version(args: argparse.Namespace, s: client.Session) -> int:
+async def version(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.introspection.v1 import IntrospectionStub
     from berth.core.api.containerd.services.version.v1 import VersionStub
 

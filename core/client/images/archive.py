@@ -25,8 +25,9 @@ from datetime import date
 from typing import Any, BinaryIO
 
 from berth.core import errdefs
+from berth.core.archive import compression
+from berth.core.client.images.image import child_labels
 from berth.core.images import gojson, mediatypes, reference
-from berth.core.images.image import child_labels
 from berth.core.images.manifest import (
     Descriptor,
     Index,
@@ -36,7 +37,6 @@ from berth.core.images.manifest import (
     parse_manifest,
 )
 from berth.core.images.platforms import Matcher, Platform, normalize
-from berth.plugins.differ import compression
 
 COPY_CHUNK = 1 << 20
 JSON_LIMIT = 20 << 20
@@ -458,7 +458,7 @@ async def export_docker_archive(client: Any, out: BinaryIO,
                                 matcher: Matcher) -> None:
     """``docker save``'s layout: ``manifest.json``, ``<config>.json``,
     ``<layer>/layer.tar``, ``repositories``."""
-    from berth.core.images.image import manifest_for
+    from berth.core.client.images.image import manifest_for
 
     tw = TarWriter(out)
     written: set[str] = set()
