@@ -81,18 +81,22 @@ async def active(args: argparse.Namespace, s: connection.Session) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("content", help="manage content")
+    p = app.group(sub, "content", example="berth content ls", help="manage content")
     g = p.add_subparsers(dest="cmd", metavar="COMMAND")
     g.required = True
-    c = app.add(g, "list", ls, help="list blobs", aliases=["ls"])
+    c = app.add(g, "list", ls, example="berth content ls -q", help="list blobs", aliases=["ls"])
     c.add_argument("--quiet", "-q", action="store_true")
     c.add_argument("filters", nargs="*")
-    c = app.add(g, "get", get, help="write a blob to stdout")
+    c = app.add(g, "get", get, example="berth content get sha256:<64 hex digits> > blob",
+                help="write a blob to stdout")
     c.add_argument("digest")
-    c = app.add(g, "delete", rm, help="remove blobs", aliases=["rm", "del", "remove"])
+    c = app.add(g, "delete", rm, example="berth content rm sha256:<64 hex digits>",
+                help="remove blobs", aliases=["rm", "del", "remove"])
     c.add_argument("digests", nargs="+")
-    c = app.add(g, "label", label, help="set (KEY=VALUE) and clear (KEY=) labels")
+    c = app.add(g, "label", label, example="berth content label sha256:<64 hex digits> keep=yes",
+                help="set (KEY=VALUE) and clear (KEY=) labels")
     c.add_argument("digest")
     c.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-    c = app.add(g, "active", active, help="show ingests in progress")
+    c = app.add(g, "active", active, example="berth content active",
+                help="show ingests in progress")
     c.add_argument("filters", nargs="*")

@@ -42,7 +42,8 @@ async def events(args: argparse.Namespace, s: connection.Session) -> int:
 
 
 def register(sub: Any) -> None:
-    c = app.add(sub, "events", events, help="display events", aliases=["event"])
+    c = app.add(sub, "events", events, example="berth events 'topic~=/tasks/'",
+                help="display events", aliases=["event"])
     c.add_argument("--since", type=int, default=None,
                    help="replay the durable log after this sequence number, then follow")
     c.add_argument("--no-follow", action="store_true", help="with --since: stop at the end")

@@ -123,31 +123,37 @@ async def tree(args: argparse.Namespace, s: connection.Session) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("snapshots", aliases=["snapshot"], help="manage snapshots")
+    p = app.group(sub, "snapshots", example="berth snapshots ls",
+                  aliases=["snapshot"], help="manage snapshots")
     p.add_argument("--snapshotter", default=None,
                    help="snapshotter (env BERTH_SNAPSHOTTER, default overlayfs)")
     g = p.add_subparsers(dest="cmd", metavar="COMMAND")
     g.required = True
-    c = app.add(g, "list", ls, help="list snapshots", aliases=["ls"])
+    c = app.add(g, "list", ls, example="berth snapshots ls", help="list snapshots", aliases=["ls"])
     c.add_argument("filters", nargs="*")
-    c = app.add(g, "info", info, help="show a snapshot's details")
+    c = app.add(g, "info", info, example="berth snapshots info my-key",
+                help="show a snapshot's details")
     c.add_argument("key")
-    c = app.add(g, "remove", rm, help="remove snapshots", aliases=["rm", "delete", "del"])
+    c = app.add(g, "remove", rm, example="berth snapshots rm my-key",
+                help="remove snapshots", aliases=["rm", "delete", "del"])
     c.add_argument("keys", nargs="+")
     for name, fn in (("prepare", prepare), ("view", view)):
-        c = app.add(g, name, fn, help=f"{name} a snapshot from a committed one")
+        c = app.add(g, name, fn, help=f"{name} a snapshot from a committed one",
+                    example=f"berth snapshots {name} my-key my-layer")
         c.add_argument("--target", "-t", default="", help="print the mount command for it")
         c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
         c.add_argument("key")
         c.add_argument("parent", nargs="?", default="")
-    c = app.add(g, "commit", commit, help="commit an active snapshot")
+    c = app.add(g, "commit", commit, example="berth snapshots commit my-layer my-key",
+                help="commit an active snapshot")
     c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("name")
     c.add_argument("key")
-    c = app.add(g, "mounts", mounts, help="print the mounts of a snapshot",
+    c = app.add(g, "mounts", mounts, example="berth snapshots mounts /mnt/x my-key",
+                help="print the mounts of a snapshot",
                 aliases=["m", "mount"])
     c.add_argument("target")
     c.add_argument("key")
-    c = app.add(g, "usage", usage, help="disk usage of snapshots")
+    c = app.add(g, "usage", usage, example="berth snapshots usage", help="disk usage of snapshots")
     c.add_argument("keys", nargs="*")
-    app.add(g, "tree", tree, help="show the snapshots as a tree")
+    app.add(g, "tree", tree, example="berth snapshots tree", help="show the snapshots as a tree")
