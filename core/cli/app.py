@@ -6,18 +6,31 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from berth.core import __version__
 from berth.core.cli.errors import CommandError
 from berth.core.client import connection
 
-__all__ = ["CommandError", "add", "group", "labels_from", "main"]
+__all__ = ["EXAMPLES", "CommandError", "add", "group", "labels_from", "main", "parser"]
 
 Handler = Callable[[argparse.Namespace, connection.Session], Awaitable[int | None]]
 
 
-def _parser() -> argparse.ArgumentParser:
+# Every command's and group's example, by its prog ("berth images pull"); filled as the
+# parser is built, so tests can walk every command.
+EXAMPLES: dict[str, str] = {}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as two short lines (what is wrong, where help is) rather than the
+    whole usage block; exit status 2 as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\nSee '{self.prog} --help'.\n")
+
+
+def parser() -> argparse.ArgumentParser:
     from berth.core.cli import (
         containers,
         content,
@@ -32,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         version,
     )
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="berth", description="command line client for berthd (and containerd)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -58,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     handler: Handler = args.handler
     # Library modules log through structlog; a CLI's stdout is its output, so only
     # warnings and errors are shown, on stderr.
@@ -123,13 +136,16 @@ def _epilog(example: str) -> dict[str, Any]:
 def group(sub: Any, name: str, *, example: str, help: str, aliases: list[str] | None = None
           ) -> argparse.ArgumentParser:
     """A command group (``berth images ...``); its help shows ``example``."""
-    return sub.add_parser(name, help=help, aliases=aliases or [], **_epilog(example))
+    p = sub.add_parser(name, help=help, aliases=aliases or [], **_epilog(example))
+    EXAMPLES[p.prog] = example
+    return p
 
 
 def add(sub: Any, name: str, handler: Handler, *, example: str, help: str,
         aliases: list[str] | None = None) -> argparse.ArgumentParser:
     """A command; every one shows an example in its help."""
     p = sub.add_parser(name, help=help, aliases=aliases or [], **_epilog(example))
+    EXAMPLES[p.prog] = example
     p.set_defaults(handler=handler)
     # Also accepted after the command, as in `berth ns ls --format json`.
     p.add_argument("--format", choices=["auto", "table", "json"], default=argparse.SUPPRESS)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.cli import app
+from berth.core.cli import app, errors
 from berth.core.cli.output import emit
 from berth.core.cli.transfer import human
 from berth.core.client import connection
@@ -44,8 +44,9 @@ async def ls(args: argparse.Namespace, s: connection.Session) -> int:
 
 async def get(args: argparse.Namespace, s: connection.Session) -> int:
     out = sys.stdout.buffer
-    async for chunk in _client(s).read_chunks(args.digest):
-        out.write(chunk)
+    with errors.naming(args.digest):
+        async for chunk in _client(s).read_chunks(args.digest):
+            out.write(chunk)
     out.flush()
     return 0
 
@@ -60,13 +61,18 @@ async def rm(args: argparse.Namespace, s: connection.Session) -> int:
             print(f"berth: content {d} not found", file=sys.stderr)
             failed = True
             continue
+        except errdefs.BerthError as e:
+            print(f"berth: could not delete {d}: {errors.message(e)}", file=sys.stderr)
+            failed = True
+            continue
         print(d)
     return 1 if failed else 0
 
 
 async def label(args: argparse.Namespace, s: connection.Session) -> int:
     labels = app.labels_from(args.labels)
-    await _client(s).update_labels(args.digest, labels)
+    with errors.naming(args.digest):
+        await _client(s).update_labels(args.digest, labels)
     return 0
 
 

@@ -8,9 +8,11 @@ host, and a daemon that is not there names its socket. Tracebacks are for ``--de
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from grpclib import GRPCError
@@ -139,6 +141,17 @@ def describe(exc: BaseException, *, address: str, connected: bool = False) -> Fa
 def message(exc: GRPCError | errdefs.BerthError | CommandError) -> str:
     """The words for one failed item of a command that goes on with the next."""
     return describe(exc, address="").message
+
+
+@contextlib.contextmanager
+def naming(argument: str) -> Iterator[None]:
+    """Make an error from the daemon name ``argument`` when its message does not."""
+    try:
+        yield
+    except errdefs.BerthError as e:
+        if argument in e.message:
+            raise
+        raise errdefs.from_status(int(e.code), f"{argument}: {e.message}") from None
 
 
 def _probe_text(address: str) -> str | None:
