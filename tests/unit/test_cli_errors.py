@@ -34,7 +34,8 @@ def describe(exc: BaseException, address: str = "/nonexistent/berth.sock",
      'namespace "web": already exists'),
     (Status.INTERNAL, "boom", "boom: unknown"),
     (Status.UNKNOWN, "", "unknown"),
-    (Status.FAILED_PRECONDITION, "task must be stopped", "task must be stopped: failed precondition"),
+    (Status.FAILED_PRECONDITION, "task must be stopped",
+     "task must be stopped: failed precondition"),
 ])
 def test_grpc_status_reads_as_containerds_client(status: Status, message: str,
                                                  want: str) -> None:
