@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,6 +77,12 @@ def _network(e: BaseException) -> str | None:
         host = "registry"
     cause: BaseException | None = e
     while cause is not None:
+        # Before OSError: ssl's errors are OSErrors whose errno means nothing here.
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (f"failed to connect to {host}: tls: certificate verify failed: "
+                    f"{cause.verify_message or cause.reason}")
+        if isinstance(cause, ssl.SSLError):
+            return f"failed to connect to {host}: tls: {cause.reason or cause}"
         if isinstance(cause, socket.gaierror):
             return f"failed to resolve {host}: {cause.strerror or cause}"
         if isinstance(cause, OSError) and cause.errno is not None:
@@ -83,10 +90,7 @@ def _network(e: BaseException) -> str | None:
         cause = cause.__cause__ or cause.__context__
     if isinstance(e, httpx.TimeoutException):
         return f"{host}: timeout"
-    text = str(e)
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower():
-        return f"failed to connect to {host}: tls: {text}"
-    return f"failed to connect to {host}: {text or type(e).__name__}"
+    return f"failed to connect to {host}: {e or type(e).__name__}"
 
 
 def unreachable(address: str, detail: str) -> str:

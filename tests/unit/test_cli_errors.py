@@ -127,6 +127,48 @@ def test_registry_host_that_does_not_resolve_is_named() -> None:
     assert describe(e).message == "failed to resolve docker.io: Name or service not known"
 
 
+def test_untrusted_registry_certificate_is_named() -> None:
+    # A TLS server on 127.0.0.1 with a certificate nobody trusts (made here by openssl).
+    import ssl
+    import subprocess
+    import tempfile
+    import threading
+
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                        "1", "-subj", "/CN=127.0.0.1", "-keyout", f"{d}/k.pem", "-out",
+                        f"{d}/c.pem"], check=True, capture_output=True, timeout=60)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(f"{d}/c.pem", f"{d}/k.pem")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with contextlib.suppress(OSError), ctx.wrap_socket(conn, server_side=True):
+            pass
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+
+    async def get() -> None:
+        async with httpx.AsyncClient() as client:
+            await client.get(f"https://127.0.0.1:{port}/v2/")
+
+    try:
+        with pytest.raises(httpx.ConnectError) as info:
+            asyncio.run(get())
+    finally:
+        t.join(timeout=60)
+        listener.close()
+    assert describe(info.value).message == (
+        f"failed to connect to 127.0.0.1:{port}: tls: certificate verify failed: "
+        "self-signed certificate")
+
+
 def test_unexpected_errors_are_one_line() -> None:
     failure = describe(RuntimeError("bug"))
     assert failure.exit_code == 1
