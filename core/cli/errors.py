@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 import ssl
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -64,11 +65,8 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def _network(e: BaseException) -> str | None:
     """``failed to resolve <host>: ...`` and friends, for an httpx transport error."""
-    try:
-        import httpx
-    except ImportError:  # pragma: no cover - httpx is a dependency
-        return None
-    if not isinstance(e, httpx.TransportError):
+    httpx = sys.modules.get("httpx")  # not loaded: the error cannot be one of its own
+    if httpx is None or not isinstance(e, httpx.TransportError):
         return None
     try:
         url = e.request.url
@@ -99,7 +97,7 @@ def unreachable(address: str, detail: str) -> str:
 
 
 def _daemon_gone(address: str, detail: str) -> str:
-    return f"connection to berthd at {address} lost: {detail}"
+    return f"connection to berthd at {connection.socket_path(address)} lost: {detail}"
 
 
 def describe(exc: BaseException, *, address: str, connected: bool = False) -> Failure:
@@ -134,7 +132,7 @@ def describe(exc: BaseException, *, address: str, connected: bool = False) -> Fa
                 if not connected:
                     return Failure(unreachable(address, probe), EXIT_FAILURE)
                 return Failure(_daemon_gone(address, probe), EXIT_FAILURE)
-        return Failure(go_errno(exc), EXIT_FAILURE)
+        return Failure(go_errno(exc) or type(exc).__name__, EXIT_FAILURE)
     if isinstance(exc, UnicodeError | ValueError):
         return Failure(str(exc) or type(exc).__name__, EXIT_FAILURE)
     # A bug of ours: still one line, and --debug shows where.

@@ -13,6 +13,7 @@ The rule a reader can rely on: a file's path tells its concurrency model.
   manifests, platforms, references; ``core/archive``: layer compression and tar;
   ``core/errdefs``, ``core/api``), which both sides import.
 
-berthd never imports this package, and nothing here imports berthd's server modules or a
-plugin.
+berthd never imports this package (tests/unit/test_client_layering.py checks it), and
+nothing here imports a plugin. From the rest of core it uses the shared vocabulary and a
+few blocking helpers with no event loop (``core.mount``, ``core.oci.default_spec``).
 """
