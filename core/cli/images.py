@@ -120,8 +120,8 @@ async def _size(c: Any, target: Any, matcher: Any) -> int | None:
 
 
 async def ls(args: argparse.Namespace, s: connection.Session) -> int:
-    from berth.core.client.images.image import platforms_of
     from berth.core.images import platforms
+    from berth.core.images.image import platforms_of
     from berth.core.images.manifest import Descriptor
 
     c = _client(s, args)
@@ -179,8 +179,8 @@ async def tag(args: argparse.Namespace, s: connection.Session) -> int:
 # --- archives -----------------------------------------------------------------------------
 
 async def _unpack(c: Any, name: str, target: Any, matcher: Any) -> None:
-    from berth.core.client.images.image import manifest_for
     from berth.core.client.images.unpack import unpack
+    from berth.core.images.image import manifest_for
 
     print(f"unpacking {name} ({target.digest})...", end="", flush=True)
     async with c.lease():
@@ -277,9 +277,9 @@ async def mount(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core import mount as mounting
     from berth.core.api.containerd.services.leases.v1 import CreateRequest, LeasesStub
     from berth.core.client.client import LEASE_EXPIRY, go_time, translate
-    from berth.core.client.images.image import manifest_for
     from berth.core.client.images.unpack import unpack
     from berth.core.images import mediatypes, platforms
+    from berth.core.images.image import manifest_for
     from berth.core.images.manifest import Descriptor, chain_id
 
     c = _client(s, args)

@@ -26,8 +26,8 @@ from typing import Any, BinaryIO
 
 from berth.core import errdefs
 from berth.core.archive import compression
-from berth.core.client.images.image import child_labels
 from berth.core.images import gojson, mediatypes, reference
+from berth.core.images.image import child_labels
 from berth.core.images.manifest import (
     Descriptor,
     Index,
@@ -462,7 +462,7 @@ async def export_docker_archive(client: Any, out: BinaryIO,
                                 matcher: Matcher) -> None:
     """``docker save``'s layout: ``manifest.json``, ``<config>.json``,
     ``<layer>/layer.tar``, ``repositories``."""
-    from berth.core.client.images.image import manifest_for
+    from berth.core.images.image import manifest_for
 
     tw = TarWriter(out)
     written: set[str] = set()

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.client.images.image import (
+from berth.core.client.images.progress import Progress, first_error
+from berth.core.client.registry.client import Registry
+from berth.core.images import mediatypes
+from berth.core.images.image import (
     append_source,
     child_labels,
     distribution_source_label,
     select_manifests,
 )
-from berth.core.client.images.progress import Progress, first_error
-from berth.core.client.registry.client import Registry
-from berth.core.images import mediatypes
 from berth.core.images.manifest import Descriptor, children
 from berth.core.images.platforms import Matcher
 from berth.core.images.reference import Spec
@@ -208,8 +208,8 @@ async def pull(client: Any, registry: Registry, spec: Spec, *, matcher: Matcher,
                progress: Progress | None = None,
                concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, Fetched]:
     """Pull ``spec`` and record it as image ``name`` (default: the reference)."""
-    from berth.core.client.images.image import manifest_for
     from berth.core.client.images.unpack import unpack as unpack_image
+    from berth.core.images.image import manifest_for
 
     progress = progress or Progress()
     puller = Puller(client, registry, spec, matcher=matcher, progress=progress,

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from berth.core import errdefs, log
-from berth.core.client.images.image import Resolved
 from berth.core.images import mediatypes
+from berth.core.images.image import Resolved
 from berth.core.images.manifest import chain_id
 
 _log = log.get("unpack")
