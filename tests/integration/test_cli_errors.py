@@ -9,6 +9,7 @@ Also: a daemon that is not there, one killed mid-command, and ^C.
 
 from __future__ import annotations
 
+import select
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,14 +247,17 @@ def test_version_without_daemon(tmp_path: Path) -> None:
 def _follow_events(address: Path) -> subprocess.Popen[str]:
     p = subprocess.Popen([sys.executable, "-m", "berth.core.cli", "--address", str(address),
                           "events"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # The subscription is live once an event published after it comes through.
+    assert p.stdout is not None
+    # The subscription is live once an event published after it comes through; publish
+    # until one does (the first may precede the subscription).
     deadline = time.monotonic() + HANG_GUARD
     while time.monotonic() < deadline:
-        daemons.berth(address, "namespaces", "create", f"probe{int(time.monotonic() * 1e6)}")
-        assert p.stdout is not None
-        if p.stdout.readline():
+        daemons.berth(address, "namespaces", "create", f"probe-{uuid.uuid4().hex[:12]}")
+        ready, _, _ = select.select([p.stdout], [], [], 1.0)
+        if ready and p.stdout.readline():
             return p
     p.kill()
+    p.communicate()
     raise AssertionError("events never arrived")
 
 
