@@ -7,6 +7,8 @@ import contextlib
 import errno
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -200,15 +202,26 @@ def test_every_command_and_group_shows_an_example(capsys: pytest.CaptureFixture[
     assert "examples:\n  berth images pull" in capsys.readouterr().out
 
 
-def test_main_prints_one_line_and_a_traceback_only_with_debug(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _berth(*args: str) -> subprocess.CompletedProcess[str]:
+    # A process of its own: main() sets up logging for the process's stderr.
+    return subprocess.run([sys.executable, "-m", "berth.core.cli", *args], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_main_prints_one_line_and_a_traceback_only_with_debug(tmp_path: Path) -> None:
     address = str(tmp_path / "none.sock")
-    assert app.main(["--address", address, "images", "ls"]) == 1
-    err = capsys.readouterr().err
-    assert err == f'berth: failed to dial "{address}": connect: no such file or directory ' \
-                  "(daemon not reachable)\n"
-    assert app.main(["--debug", "--address", address, "images", "ls"]) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" in err and err.endswith("(daemon not reachable)\n")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(address)
+    r = _berth("--address", address, "images", "ls")
+    assert (r.returncode, r.stderr) == (
+        1, f'berth: failed to dial "{address}": connect: no such file or directory '
+           "(daemon not reachable)\n")
+    r = _berth("--debug", "--address", address, "images", "ls")
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr and r.stderr.endswith("(daemon not reachable)\n")
+
+
+def test_usage_mistakes_are_two_lines() -> None:
+    r = _berth("images", "pul")
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("berth images: argument COMMAND: invalid choice: 'pul'")
+    assert lines[1:] == ["See 'berth images --help'."]
