@@ -256,9 +256,15 @@ async def _init(ctx: InitContext) -> CNINetworks:
     cfg = dict(DEFAULTS)
     cfg.update(ctx.config)
     if cfg["write_default"]:
-        written = await trio.to_thread.run_sync(write_default, Path(cfg["conf_dir"]), cfg)
-        if written is not None:
-            _log.info("wrote the default network", path=str(written))
+        try:
+            written = await trio.to_thread.run_sync(write_default, Path(cfg["conf_dir"]), cfg)
+        except OSError as e:
+            # A read-only /etc costs the default network, not the plugin.
+            _log.warning("cannot write the default network", conf_dir=cfg["conf_dir"],
+                         error=str(e))
+        else:
+            if written is not None:
+                _log.info("wrote the default network", path=str(written))
     plugin = CNINetworks(cfg)
     ctx.exports["conf_dir"] = str(plugin.conf_dir)
     ctx.exports["bin_dirs"] = plugin.path
