@@ -62,6 +62,7 @@ class Prepared:
     netns: str = ""            # "" with the host's network
     host: bool = False
     files: dict[str, Path] = field(default_factory=dict)  # /etc/x -> file to bind
+    hostname: str = ""
     attachments: list[Attachment] = field(default_factory=list)
 
 
@@ -269,8 +270,12 @@ class NetworkManager:
                     try:
                         await self._teardown_one(r)
                     except Exception as te:
+                        # A config that cannot set up often cannot tear down either
+                        # (its DEL fails the same way): what it made lives in the
+                        # namespace, which goes below, so the record goes too.
                         _log.error("cleanup after failed attach", namespace=namespace,
                                    id=id, network=r.network, error=str(te), cause=str(e))
+                        self.store.remove(r)
                 await self._release_netns(namespace, id)
             if isinstance(e, errdefs.BerthError):
                 raise
@@ -363,11 +368,12 @@ class NetworkManager:
             prepared = Prepared(netns=path, attachments=attachments)
             addresses = [ip for a in attachments if a.result for ip in a.result.addresses()]
             if addresses:
+                prepared.hostname = hostname or id[:63]
                 dns = next((a.result.dns for a in attachments
                             if a.result and a.result.dns.nameservers), Result().dns)
                 try:
                     prepared.files = await trio.to_thread.run_sync(
-                        etcfiles.write, self.etc_dir / namespace / id, hostname or id[:63],
+                        etcfiles.write, self.etc_dir / namespace / id, prepared.hostname,
                         addresses, dns)
                 except OSError as e:
                     with trio.CancelScope(shield=True):
@@ -444,6 +450,11 @@ def apply_to_spec(spec: AnyMsg, prepared: Prepared) -> AnyMsg:
     if not prepared.host:
         spaces.append({"type": "network", "path": prepared.netns})
     linux["namespaces"] = spaces
+    # Docker's way: a container of its own network answers to its name (in its own UTS
+    # namespace), matching the /etc/hosts and /etc/hostname written for it.
+    if prepared.hostname and not doc.get("hostname") and any(
+            n.get("type") == "uts" and not n.get("path") for n in spaces):
+        doc["hostname"] = prepared.hostname
     mounts = doc.setdefault("mounts", [])
     taken = {m.get("destination") for m in mounts}
     for dest, src in prepared.files.items():
