@@ -1,4 +1,4 @@
-"""A third-party network plugin: a dummy link with a fixed address in the namespace.
+"""A third-party network plugin: a veth pair inside the namespace, one end addressed.
 
 It knows berth only through the plugin hook, the registration and the network types.
 """
@@ -19,7 +19,7 @@ LINK = "tn0"
 
 def _add_link() -> None:
     with IPRoute() as ipr:
-        ipr.link("add", ifname=LINK, kind="dummy")
+        ipr.link("add", ifname=LINK, kind="veth", peer="tn1")
         idx = ipr.link_lookup(ifname=LINK)[0]
         ipr.addr("add", index=idx, address=ADDRESS, prefixlen=24)
         ipr.link("set", index=idx, state="up")
