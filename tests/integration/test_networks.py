@@ -424,27 +424,61 @@ def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+async def _container_cycles(net: Net, count: int, batch: int) -> None:
+    """Containers with a network and a `true` task, created and deleted through the API
+    (no CLI process per container: the loop measures berth, not Python start-up)."""
+    from berth.core.api.containerd.services.containers.v1 import (
+        Container,
+        ContainerRuntime,
+        ContainersStub,
+        CreateContainerRequest,
+        DeleteContainerRequest,
+    )
+    from berth.core.api.containerd.services.tasks.v1 import (
+        CreateTaskRequest,
+        DeleteTaskRequest,
+        StartRequest,
+        TasksStub,
+        WaitRequest,
+    )
+    from berth.core.oci import default_spec
+
+    ch = Channel(path=str(net.daemon.address))
+    md = {"containerd-namespace": "default"}
+    containers, tasks = ContainersStub(ch, metadata=md), TasksStub(ch, metadata=md)
+    users = default_spec.UserDB.from_root(str(net.rootfs))
+
+    async def one(cid: str) -> None:
+        spec = default_spec.build("default", cid, default_spec.Options(
+            args=["true"], rootfs=str(net.rootfs)), users)
+        await containers.create(CreateContainerRequest(container=Container(
+            id=cid, runtime=ContainerRuntime(name="io.containerd.berth.v1"),
+            spec=default_spec.to_any(spec), labels={
+                "io.berth.network": "bridge",
+                "io.berth.ports": f"127.0.0.1:{daemons_free_port()}:80"})))
+        await tasks.create(CreateTaskRequest(container_id=cid))
+        await tasks.start(StartRequest(container_id=cid))
+        assert (await tasks.wait(WaitRequest(container_id=cid))).exit_status == 0
+        await tasks.delete(DeleteTaskRequest(container_id=cid))
+        await containers.delete(DeleteContainerRequest(id=cid))
+
+    try:
+        for i in range(0, count, batch):
+            await asyncio.gather(*(one(f"many-{i + j}-{uuid.uuid4().hex[:6]}")
+                                   for j in range(batch)))
+    finally:
+        ch.close()
+
+
 def test_hundred_containers_leak_nothing(net: Net, chains: list[str]) -> None:
     assert net.daemon.proc is not None
     pid = net.daemon.proc.pid
-    # One first, so that lazily opened files and CNI's shared chains exist before counting.
-    net.ok("run", "--rm", "--net", "bridge", "--fifo-dir", str(net.base / "fifo"),
-           "--rootfs", str(net.rootfs), uid("warm"), "true")
+    # A few first, so that lazily opened files and CNI's shared chains exist before counting.
+    asyncio.run(_container_cycles(net, 5, 5))
     before, fds_before = net.leftovers(), _fd_count(pid)
     with IPRoute() as ipr:
         links_before = len(ipr.get_links())
-    batch = 5
-    for i in range(0, 100, batch):
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "berth.core.cli", "--address", str(net.daemon.address),
-             "run", "--rm", "--net", "bridge", "-p", f"127.0.0.1:{daemons_free_port()}:80",
-             "--fifo-dir", str(net.base / "fifo"), "--rootfs", str(net.rootfs),
-             f"many-{i + j}-{uuid.uuid4().hex[:6]}", "true"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for j in range(batch)]
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
+    asyncio.run(_container_cycles(net, 100, 5))
     assert net.settled(before) == before
     net.assert_clean(chains)
     with IPRoute() as ipr:
