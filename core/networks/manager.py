@@ -233,7 +233,7 @@ class NetworkManager:
                 netns_path = pinned[0].netns
             elif any(info.needs_netns for info, _ in infos):
                 netns_path, owned = str(self.netns_path(namespace, id)), True
-        elif not await trio.to_thread.run_sync(netns.is_netns, netns_path):
+        elif not netns.is_netns(netns_path):  # two stat calls: inline
             raise errdefs.InvalidArgument(f"{netns_path} is not a network namespace",
                                           raw=True)
         used = {a.ifname for a in existing}
@@ -302,10 +302,14 @@ class NetworkManager:
 
     async def _release_netns(self, namespace: str, id: str) -> None:
         path = self.netns_path(namespace, id)
+        folder = self.etc_dir / namespace / id
+        # Namespaces the caller named were never pinned here: no thread hops for them.
+        if not (os.path.lexists(path) or os.path.lexists(folder)):
+            return
         if self.store.using_netns(str(path)) == 0:
             await trio.to_thread.run_sync(netns.remove, path)
             await trio.to_thread.run_sync(
-                lambda: shutil.rmtree(self.etc_dir / namespace / id, ignore_errors=True))
+                lambda: shutil.rmtree(folder, ignore_errors=True))
 
     async def detach(self, namespace: str, id: str, network: str = "") -> int:
         """Tear down the id's attachments (to ``network`` only, if named); how many."""
