@@ -236,6 +236,10 @@ class NetworkManager:
         elif not netns.is_netns(netns_path):  # two stat calls: inline
             raise errdefs.InvalidArgument(f"{netns_path} is not a network namespace",
                                           raw=True)
+        elif netns.is_own(netns_path):
+            # Plugins would rename and address links of the host itself.
+            raise errdefs.InvalidArgument(
+                f"{netns_path} is berthd's own network namespace", raw=True)
         used = {a.ifname for a in existing}
         records: list[Attachment] = []
         ports_left = list(ports)

@@ -104,6 +104,15 @@ def is_netns(path: Path | str) -> bool:
         return False
 
 
+def is_own(path: Path | str) -> bool:
+    """Whether ``path`` is the namespace this process runs in (the host's, for berthd)."""
+    try:
+        a, b = os.stat(path), os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def run_in(path: Path | str, fn: Callable[[], T]) -> T:
     """Call ``fn`` in a thread that has entered the namespace at ``path``."""
 

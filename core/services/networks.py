@@ -7,6 +7,7 @@ the task then runs in it. Attaching a caller's own namespace names its path.
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import UTC, datetime
 
 from betterproto.lib.google.protobuf import Empty
@@ -67,8 +68,15 @@ def _ports(req: AttachRequest) -> list[PortMapping]:
         proto = (p.protocol or "tcp").lower()
         if proto not in PROTOCOLS:
             raise errdefs.InvalidArgument(f"invalid protocol {p.protocol!r}", raw=True)
+        host_ip = p.host_ip
+        if host_ip:
+            try:
+                host_ip = str(ipaddress.ip_address(host_ip))
+            except ValueError:
+                raise errdefs.InvalidArgument(f"invalid host address {p.host_ip!r}",
+                                              raw=True) from None
         out.append(PortMapping(host_port=p.host_port, container_port=p.container_port,
-                               protocol=proto, host_ip=p.host_ip))
+                               protocol=proto, host_ip=host_ip))
     return out
 
 

@@ -549,6 +549,17 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(net: Net, chains: list[st
                         "--label", "io.berth.ports=127.0.0.1:70000:80", "--rootfs",
                         str(net.rootfs), uid("badctr"), "/bin/busybox", "true")
         assert r.rc != 0 and "outside 1-65535" in r.err, r.err
+        e = _grpc_error(net, "attach", AttachRequest(id=c, network="bridge", port_mappings=[
+            PortMapping(host_ip="not-an-ip", host_port=8080, container_port=80)]))
+        assert e.status == Status.INVALID_ARGUMENT and "not-an-ip" in e.message
+        for path in ("/proc/self/ns/net", "/proc/1/ns/net", "/etc/hostname", "relative"):
+            e = _grpc_error(net, "attach", AttachRequest(id="raw", network="bridge",
+                                                         netns=path))
+            assert e.status == Status.INVALID_ARGUMENT, (path, e.message)
+        e = _grpc_error(net, "attach", AttachRequest(id="no/such", network="bridge"))
+        assert e.status == Status.INVALID_ARGUMENT
+        e = _grpc_error(net, "attach", AttachRequest(id="ghost", network="bridge"))
+        assert e.status == Status.NOT_FOUND
         e = _grpc_error(net, "detach", DetachRequest(id=c, network="bridge"))
         assert e.status == Status.NOT_FOUND
         assert net.api("list_attachments", ListAttachmentsRequest()).attachments == []
