@@ -256,9 +256,9 @@ class NetworkManager:
                 netns=netns_path if info.needs_netns else "", ifname=name,
                 container=container, owned_netns=owned and info.needs_netns,
                 port_mappings=list(mine)))
-        # The records first: a crash from here on leaves them for the teardown.
-        for r in records:
-            self.store.add(r)
+        # The records first, in one transaction: a crash from here on leaves them for
+        # the teardown.
+        self.store.add(*records)
         done: list[Attachment] = []
         try:
             if owned and not os.path.exists(netns_path):
@@ -314,6 +314,19 @@ class NetworkManager:
             await trio.to_thread.run_sync(netns.remove, path)
             await trio.to_thread.run_sync(
                 lambda: shutil.rmtree(folder, ignore_errors=True))
+
+    async def check(self, namespace: str, id: str, network: str) -> None:
+        """The plugin's check of one attachment (CNI CHECK with the setup's result)."""
+        async with self.lock(namespace, id):
+            a = next((a for a in self.store.list(namespace, id) if a.network == network),
+                     None)
+            if a is None:
+                raise errdefs.NotFound(f"attachment of {id} to network {network!r}",
+                                       raw=True)
+            if a.state == ATTACHING:
+                raise errdefs.FailedPrecondition(
+                    f"attachment of {id} to network {network!r} is not set up", raw=True)
+            await self._plugin_of(a).check(a.network, a.request())
 
     async def detach(self, namespace: str, id: str, network: str = "") -> int:
         """Tear down the id's attachments (to ``network`` only, if named); how many."""

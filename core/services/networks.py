@@ -17,6 +17,7 @@ from berth.core.api.berth.services.networks.v1 import (
     Attachment as AttachmentMsg,
     AttachRequest,
     AttachResponse,
+    CheckRequest,
     ConfigError,
     DetachRequest,
     Dns,
@@ -128,6 +129,13 @@ class NetworksService:
         n = await self.manager.detach(ns, req.id, req.network)
         if n == 0 and not req.network:
             raise errdefs.NotFound(f"attachments of {req.id}", raw=True)
+        return Empty()
+
+    async def check(self, ctx: CallContext, req: CheckRequest) -> Empty:
+        ns = ctx.namespace_required()
+        if not req.id or not req.network:
+            raise errdefs.InvalidArgument("id and network are required", raw=True)
+        await self.manager.check(ns, req.id, req.network)
         return Empty()
 
     def list_attachments(self, ctx: CallContext, req: ListAttachmentsRequest
