@@ -34,8 +34,8 @@ from berth.core.api.berth.services.networks.v1 import (
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import ContainerStore, store_for
 from berth.core.metadata.networks import Attachment
-from berth.core.networks import manager as netmanager
-from berth.core.networks.manager import NetworkManager, pm_msg
+from berth.core.networks import labels as netlabels, manager as netmanager
+from berth.core.networks.manager import Capabilities, NetworkManager, pm_msg
 from berth.core.networks.plugin import ID as MANAGER_ID
 from berth.core.networks.types import PortMapping
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -81,6 +81,21 @@ def _ports(req: AttachRequest) -> list[PortMapping]:
     return out
 
 
+def _caps(req: AttachRequest) -> Capabilities:
+    for ip in req.ips:
+        try:
+            ipaddress.ip_interface(ip)
+        except ValueError:
+            raise errdefs.InvalidArgument(f"invalid address {ip!r}", raw=True) from None
+    bw = req.bandwidth
+    bandwidth = {k: v for k, v in (
+        ("ingressRate", bw.ingress_rate), ("ingressBurst", bw.ingress_burst),
+        ("egressRate", bw.egress_rate), ("egressBurst", bw.egress_burst)) if v} \
+        if bw is not None else {}
+    return Capabilities(ips=list(req.ips), mac=netlabels.check_mac(req.mac),
+                        bandwidth=bandwidth)
+
+
 class NetworksService:
     base = NetworksBase
 
@@ -119,7 +134,8 @@ class NetworksService:
             raise errdefs.InvalidArgument("a namespace cannot join the host network",
                                           raw=True)
         a = await self.manager.attach(ns, req.id, req.network, netns_path=req.netns,
-                                      ports=ports, ifname=req.ifname, container=container)
+                                      ports=ports, ifname=req.ifname, container=container,
+                                      caps=_caps(req))
         return AttachResponse(attachment=to_proto(a))
 
     async def detach(self, ctx: CallContext, req: DetachRequest) -> Empty:

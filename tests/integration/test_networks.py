@@ -411,6 +411,34 @@ def daemons_free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_capability_args_static_ip_and_mac(net: Net, chains: list[str]) -> None:
+    conf = json.loads((net.conf_dir / "10-berth-bridge.conflist").read_text())
+    conf["name"] = "static"
+    conf["plugins"][0]["capabilities"] = {"ips": True, "mac": True}
+    conf["plugins"][0]["ipam"]["dataDir"] = str(net.ipam_dir)
+    (net.conf_dir / "20-static.conflist").write_text(json.dumps(conf))
+    c = uid("static")
+    ip = net.prefix + "77"
+    try:
+        r = net.ok("run", "--rm", "--net", "static", "--label", f"io.berth.ips={ip}/24",
+                   "--label", "io.berth.mac=02:42:0a:d6:00:4d", "--fifo-dir",
+                   str(net.base / "fifo"), "--rootfs", str(net.rootfs), c, "sh", "-c",
+                   "ip -o addr show eth0; ip -o link show eth0")
+        assert f"inet {ip}/24" in r.out, r.out
+        assert "link/ether 02:42:0a:d6:00:4d" in r.out, r.out
+        bad = net.berth("run", "--rm", "--net", "static", "--label", "io.berth.mac=nope",
+                        "--fifo-dir", str(net.base / "fifo"), "--rootfs", str(net.rootfs),
+                        uid("badmac"), "true")
+        assert bad.rc != 0 and "invalid MAC address" in bad.err, bad
+    finally:
+        (net.conf_dir / "20-static.conflist").unlink()
+        for cid in net.berth("containers", "ls", "-q").out.split():
+            if cid.startswith(("static", "badmac")):
+                net.remove(cid)
+    net.assert_clean(chains)
+    assert not list((net.ipam_dir / "static").glob(net.prefix + "*"))
+
+
 # -- what killed processes leave -------------------------------------------------------
 
 def _ppid(pid: int) -> int:

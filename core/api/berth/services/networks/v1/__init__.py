@@ -81,6 +81,27 @@ class AttachRequest(betterproto.Message):
     Interface name inside the namespace; empty: eth0, eth1... in attach order.
     """
 
+    ips: List[str] = betterproto.string_field(6)
+    """
+    CNI capability arguments (runtimeConfig), passed to the plugins that declare them:
+     static addresses ("ips"), a MAC address ("mac") and traffic shaping ("bandwidth").
+    """
+
+    mac: str = betterproto.string_field(7)
+    bandwidth: "Bandwidth" = betterproto.message_field(8)
+
+
+@dataclass(eq=False, repr=False)
+class Bandwidth(betterproto.Message):
+    """
+    CNI's bandwidth capability: rates in bits per second, bursts in bits.
+    """
+
+    ingress_rate: int = betterproto.uint64_field(1)
+    ingress_burst: int = betterproto.uint64_field(2)
+    egress_rate: int = betterproto.uint64_field(3)
+    egress_burst: int = betterproto.uint64_field(4)
+
 
 @dataclass(eq=False, repr=False)
 class Interface(betterproto.Message):
