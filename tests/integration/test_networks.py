@@ -496,6 +496,17 @@ def test_berthd_killed_between_attach_and_task_start(net: Net, chains: list[str]
     net.assert_clean(chains)
 
 
+def test_deleting_a_container_tears_down_its_attachments(net: Net, chains: list[str]
+                                                         ) -> None:
+    c = uid("del")
+    net.ok("containers", "create", "--rootfs", str(net.rootfs), c, "true")
+    net.api("attach", AttachRequest(id=c, network="bridge"))
+    assert net.leftovers()["netns"] == [f"default@{c}"]
+    net.ok("containers", "rm", c)
+    net.assert_clean(chains)
+    assert net.api("list_attachments", ListAttachmentsRequest(id=c)).attachments == []
+
+
 # -- many containers --------------------------------------------------------------------
 
 def _fd_count(pid: int) -> int:
