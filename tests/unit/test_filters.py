@@ -13,7 +13,6 @@ from berth.core.filters import (
     compile_go_regexp,
     parse,
     parse_all,
-    translate_go_regexp,
 )
 
 CORPUS = [
@@ -350,10 +349,27 @@ def test_adapt_mapping_conventions() -> None:
         ("(?i:A)(?-i:b)", "aB", False),
         ("(?P<1st>x)y", "xy", True),
         ("", "anything", True),
+        # Unicode classes, Go's (?U) and an empty flag group are Go syntax too.
+        (r"^\pL+$", "héllo", True),
+        (r"^\pL+$", "h3llo", False),
+        (r"^\p{Greek}+$", "αβγ", True),
+        (r"^\PL$", "1", True),
+        ("(?U)^(a+)", "aaa", True),
+        ("(?)a", "a", True),
+        # Case folding follows Unicode's simple folds, as Go's: K matches the Kelvin sign.
+        ("(?i)k", "\u212a", True),
+        # Linear time: the classic catastrophic patterns answer at once.
+        ("^(a+)+$", "a" * 5000 + "!", False),
+        ("^(([a-z/]+)+)+X$", "/tasks/exit" * 500, False),
+        ("^(a|a)*$", "a" * 5000, True),
+        # Bytes that are not UTF-8 (surrogate escapes) match as themselves, never crash.
+        ("^a.b$", "a\udcffb", True),
+        ("x", "\ud800x", True),
+        ("^a\uFFFD\uFFFDb$", "a\udcff\udc80b", True),
     ],
 )
 def test_go_regexp_semantics(pattern: str, text: str, found: bool) -> None:
-    assert (compile_go_regexp(pattern).search(text) is not None) == found
+    assert compile_go_regexp(pattern).search(text) == found
 
 
 @pytest.mark.parametrize(
@@ -372,12 +388,11 @@ def test_go_regexp_semantics(pattern: str, text: str, found: bool) -> None:
         "a{2}{3}",
         "a{1001}",
         "a{3,2}",
-        "(?U)a*",  # a Go flag Python lacks
         "(?x)a",  # a Python flag Go lacks
-        "(?)",
         "(?i-)a",
-        r"\pL",  # Unicode classes: valid in Go, not expressible in re
-        r"\p{Greek}",
+        r"\p{Klingon}",
+        r"\C",  # RE2's any-byte, refused by Go
+        r"[\C]",
         r"\Z",
         r"\e",
         r"\u0041",
@@ -394,11 +409,33 @@ def test_go_regexp_semantics(pattern: str, text: str, found: bool) -> None:
 )
 def test_go_regexp_rejections(pattern: str) -> None:
     with pytest.raises(UnsupportedRegexp):
-        translate_go_regexp(pattern)
+        compile_go_regexp(pattern)
 
 
-@pytest.mark.parametrize("pattern", ["(", "a**", r"\pL", "[z-a]", "(?=a)"])
+@pytest.mark.parametrize(
+    "pattern", [r"\Q(?<x>\E", r"[(?<]", r"\\C", r"[]\\C]", r"\Q\C\E", r"[[:alpha:](?<]"]
+)
+def test_go_regexp_checks_skip_literals(pattern: str) -> None:
+    # What looks like a refused construct inside a literal or a class is just characters.
+    compile_go_regexp(pattern)
+
+
+def test_go_regexp_program_size_is_bounded() -> None:
+    # A filter comes from any client: a pattern whose program would be huge is refused
+    # (and its selector never matches) rather than costing every match.
+    with pytest.raises(UnsupportedRegexp):
+        compile_go_regexp("(" + "|".join(f"x{i:05d}y" for i in range(40000)) + ")")
+
+
+@pytest.mark.parametrize("pattern", ["(", "a**", r"\pQ", "[z-a]", "(?=a)"])
 def test_uncompilable_regexp_selector_never_matches(pattern: str) -> None:
     f = parse(f"name~={pattern}")
     assert not f.match(adapt_mapping({"name": "a"}))
     assert not f.match(adapt_mapping({}))
+
+
+def test_go_regexp_refuses_a_pattern_that_is_not_utf8() -> None:
+    # "\xff" in a quoted value is a raw byte; Go refuses a pattern that is not UTF-8.
+    with pytest.raises(UnsupportedRegexp):
+        compile_go_regexp("a\udcff")
+    assert not parse('name~="a\\xff"').match(adapt_mapping({"name": "a\udcff"}))
