@@ -439,3 +439,16 @@ def test_go_regexp_refuses_a_pattern_that_is_not_utf8() -> None:
     with pytest.raises(UnsupportedRegexp):
         compile_go_regexp("a\udcff")
     assert not parse('name~="a\\xff"').match(adapt_mapping({"name": "a\udcff"}))
+
+
+def test_re2_is_the_pinned_release() -> None:
+    # Filter matching depends closely on the engine's syntax: the installed bindings must be
+    # the release pyproject.toml pins.
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    pin = re.search(r'"google-re2==([^"]+)"', pyproject)
+    assert pin is not None
+    assert importlib.metadata.version("google-re2") == pin.group(1)
