@@ -144,3 +144,15 @@ def test_sockets_keep_their_configured_owner(tmp_path_factory: pytest.TempPathFa
     finally:
         d.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_user_namespace_container_reaches_its_rootfs(berth: Berth) -> None:  # noqa: F811
+    # Why the state folder is 0711 and not 0700 (containerd's reason too): runc's init,
+    # already root of the container's user namespace, mounts the rootfs from the bundle
+    # under state; with state 0700 it gets "permission denied" (seen with 0700 here).
+    cid = berth.id("modes-userns")
+    r = berth.ctr("run", "--rm", "--runtime", "io.containerd.runc.v2",
+                  "--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536",
+                  NAME, cid, "cat", "/proc/self/uid_map")
+    assert r.rc == 0, r
+    assert r.out.split() == ["0", "100000", "65536"]
