@@ -452,3 +452,32 @@ def test_re2_is_the_pinned_release() -> None:
     pin = re.search(r'"google-re2==([^"]+)"', pyproject)
     assert pin is not None
     assert importlib.metadata.version("google-re2") == pin.group(1)
+
+
+def test_random_patterns_and_filters_fail_only_as_documented() -> None:
+    # Seeded and bounded: any pattern compiles or raises UnsupportedRegexp, any compiled
+    # one answers a bool for any text (surrogates and NULs included); any expression
+    # parses or raises InvalidArgument, and matching a parsed one never raises.
+    import random
+
+    rng = random.Random(83)
+    alphabet = list("()[]{}|*+?.^$\\-,:=!~\"/'aZ09 _") + [
+        "\\p", "\\P", "\\Q", "\\E", "\\C", "(?", "(?P<", "(?<", "[:", ":]", "{2,", "\x00",
+        "\udcff", "\ud800", "é", "\u212a", "labels.", "~=", "==", "!=",
+    ]
+    texts = ["", "a", "aaaa!", "é\n", "\udcff", "x\x00y", "/tasks/exit"]
+    for _ in range(5000):
+        src = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        try:
+            rx = compile_go_regexp(src)
+        except UnsupportedRegexp:
+            pass
+        else:
+            for text in texts:
+                assert isinstance(rx.search(text), bool)
+        try:
+            f = parse(src)
+        except InvalidArgument:
+            continue
+        for text in texts:
+            assert isinstance(f.match(adapt_mapping({"a": text, "labels": {"a": text}})), bool)

@@ -24,7 +24,6 @@ from berth.core.metadata.snapshots import NamespacedSnapshotter
 from berth.plugins.snapshotters.overlayfs import OverlaySnapshotter
 
 
-
 class YieldingOverlay(OverlaySnapshotter):
     """The real backend, with scheduling points before each removal: other tasks (a
     collection) run in the window between a record's deletion and its backend's, as they
