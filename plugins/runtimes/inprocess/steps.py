@@ -25,7 +25,14 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from berth.plugins.runtimes.inprocess import caps, devices, hooks, mounts, syscalls as sys_
+from berth.plugins.runtimes.inprocess import (
+    caps,
+    devices,
+    execstub,
+    hooks,
+    mounts,
+    syscalls as sys_,
+)
 from berth.plugins.runtimes.inprocess.spec import NAMESPACE_FLAGS, Container, Process
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
@@ -76,6 +83,12 @@ class InitPlan:
     # The runtime forked this process straight into the container's new pid namespace
     # (as its pid 1): no pid namespace to unshare and no second fork.
     in_pid_ns: bool = False
+    exec_fd: int = -1  # the sealed exec stub (see ``execstub``), -1 to exec directly
+
+    def fds(self) -> set[int]:
+        """Every fd this plan needs in the forked child (all others are closed)."""
+        return _plan_fds(self.stdio, self.ns_fds, self.console_fd, self.exec_fd,
+                         self.fifo_fd)
 
 
 @dataclass
@@ -86,6 +99,30 @@ class ExecPlan:
     console_fd: int | None = None
     seccomp: tuple[bytes, int] | None = None
     known_last: int = 40
+    exec_fd: int = -1
+
+    def fds(self) -> set[int]:
+        return _plan_fds(self.stdio, self.ns_fds, self.console_fd, self.exec_fd)
+
+
+def _plan_fds(stdio: tuple[int, int, int], ns_fds: list[tuple[str, int]],
+              console_fd: int | None, *more: int) -> set[int]:
+    fds = {*stdio, *(fd for _, fd in ns_fds), *more}
+    if console_fd is not None:
+        fds.add(console_fd)
+    fds.discard(-1)
+    return fds
+
+
+def enter(sc: Any, keep: set[int]) -> None:
+    """First steps of every forked container process, before it joins anything: it
+    becomes non-dumpable (no process of the container may ptrace it, open its
+    /proc/<pid>/fd or /proc/<pid>/exe, or take its fds with pidfd_getfd), and it closes
+    every fd of the shim that the container is not meant to have (the shim's ttrpc
+    sockets, other containers' stdio...): a copy made by fork is still open, close-on-exec
+    or not, until the execve."""
+    sc.set_dumpable(False)
+    sc.close_fds_except(keep)
 
 
 def expect(sync: Sync, kind: str) -> dict[str, Any]:
@@ -257,7 +294,7 @@ def init_container(sc: Any, sync: Sync, plan: InitPlan) -> None:
         hook_states = expect(sync, "hooked")
     if c.hooks.get("createContainer"):
         hooks.run_in_child(sc, "createContainer", c.hooks["createContainer"],
-                           hook_states["state"])
+                           hook_states["state"], exec_fd=plan.exec_fd)
     mounts.pivot_root(sc, c.rootfs)
     if c.readonly:
         mounts.remount_readonly(sc, "/")
@@ -287,16 +324,36 @@ def init_container(sc: Any, sync: Sync, plan: InitPlan) -> None:
     wait_for_start(sc, plan.fifo_fd)
     if c.hooks.get("startContainer"):
         hooks.run_in_child(sc, "startContainer", c.hooks["startContainer"],
-                           hook_states.get("start_state") or hook_states["state"])
-    exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p)
+                           hook_states.get("start_state") or hook_states["state"],
+                           exec_fd=plan.exec_fd)
+    # The init's sync channel is closed: a failed exec is told on its stderr.
+    exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p,
+                 exec_fd=plan.exec_fd, report_fd=2)
 
 
-def exec_process(sc: Any, seccomp: tuple[bytes, int] | None, path: str, p: Process) -> None:
-    """Last steps before execve: nothing of the runtime leaks, seccomp as late as possible."""
+def exec_process(sc: Any, seccomp: tuple[bytes, int] | None, path: str, p: Process, *,
+                 exec_fd: int = -1, report_fd: int = -1) -> None:
+    """Last steps before execve: nothing of the runtime leaks, seccomp as late as possible.
+
+    With ``exec_fd`` (the sealed stub) the stub execs ``path``, so this process's
+    /proc/self/exe (the host's Python) is never what a ``#!`` line can name; it reports a
+    failed execve on ``report_fd``, handed to it as fd 3 (see ``execstub``)."""
     sc.cloexec_from(3)
+    if exec_fd < 0:
+        if seccomp:
+            sc.seccomp_set_filter(*seccomp)
+        sc.execve(path, p.args, p.environ())
+        return
+    report = execstub.REPORT_FD
+    if exec_fd == report:
+        exec_fd = sc.dup_above(exec_fd, report + 1)
+    if report_fd == report:
+        sc.set_inheritable(report)
+    elif report_fd >= 0:
+        sc.dup2(report_fd, report)
     if seccomp:
         sc.seccomp_set_filter(*seccomp)
-    sc.execve(path, p.args, p.environ())
+    sc.execve(exec_fd, execstub.argv(path, p.args), p.environ())
 
 
 # ---- exec ----------------------------------------------------------------------------
@@ -332,5 +389,10 @@ def run_exec(sc: Any, sync: Sync, plan: ExecPlan) -> bool:
     finalize(sc, p, plan.known_last)
     path = lookup(sc, p)
     sync.send({"type": "ready"})
-    exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p)
+    exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p,
+                 exec_fd=plan.exec_fd, report_fd=_sync_fd(sync))
     return False
+
+
+def _sync_fd(sync: Sync) -> int:
+    return getattr(sync, "fd", -1)

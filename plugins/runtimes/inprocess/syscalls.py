@@ -58,6 +58,7 @@ PROPAGATION_FLAGS = MS_SHARED | MS_SLAVE | MS_PRIVATE | MS_UNBINDABLE
 
 # prctl options
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -171,7 +172,8 @@ class Syscalls:
     def exit(self, code: int) -> None:
         os._exit(code)
 
-    def execve(self, path: str, args: list[str], env: dict[str, str]) -> None:
+    def execve(self, path: str | int, args: list[str], env: dict[str, str]) -> None:
+        """``path`` may be an fd (fexecve: execveat with AT_EMPTY_PATH)."""
         os.execve(path, args, env)
 
     def waitpid(self, pid: int, options: int) -> tuple[int, int]:
@@ -189,6 +191,9 @@ class Syscalls:
 
     def set_keepcaps(self, keep: bool) -> None:
         self.prctl(PR_SET_KEEPCAPS, 1 if keep else 0)
+
+    def set_dumpable(self, dumpable: bool) -> None:
+        self.prctl(PR_SET_DUMPABLE, 1 if dumpable else 0)
 
     def set_pdeathsig(self, sig: int) -> None:
         self.prctl(PR_SET_PDEATHSIG, sig)
@@ -288,6 +293,19 @@ class Syscalls:
                            ctypes.c_uint(0xFFFFFFFF), ctypes.c_uint(_CLOSE_RANGE_CLOEXEC))
         if rc < 0:
             os.closerange(lowest, os.sysconf("SC_OPEN_MAX"))
+
+    def close_fds_except(self, keep: set[int]) -> None:
+        """Close every fd but ``keep`` (close_range over the gaps, as CPython's closerange
+        uses it)."""
+        low = 0
+        for fd in sorted(keep):
+            if fd > low:
+                os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 0x7FFFFFFF)
+
+    def set_inheritable(self, fd: int) -> None:
+        os.set_inheritable(fd, True)
 
     def send_fd(self, sock_fd: int, fd: int, name: str) -> None:
         sock = socket.socket(fileno=sock_fd)
