@@ -113,6 +113,16 @@ class FakeSyscalls:
     def mount_flags(self, path: str) -> int:
         return S.MS_NOSUID | S.MS_NODEV
 
+    def mount_in_root(self, root: str, source: str | None, target: str, fstype: str | None,
+                      flags: int, data: str | None = None) -> None:
+        assert target == root or target.startswith(root.rstrip("/") + "/"), (root, target)
+        self.mount(source, target, fstype, flags, data)
+
+    def resolve(self, path: str) -> str:
+        while path in self.links:
+            path = self.links[path]
+        return path
+
     def executable(self, path: str) -> bool:
         return stat.S_ISREG(self.files.get(path, 0))
 
