@@ -349,10 +349,13 @@ class Runtime:
                             break  # execve closed the child's end: the process runs
                         raise errdefs.Unknown("container process exited during set-up",
                                               raw=True)
-                    failed = execstub.parse_report(data)
-                    if failed is not None:
-                        raise errdefs.Unknown(f"exec failed: {os.strerror(failed)}", raw=True)
-                    msg = json.loads(data)
+                    try:
+                        msg = json.loads(data)
+                    except ValueError:
+                        raise errdefs.Internal("garbled message from container process"
+                                               ) from None
+                    if not isinstance(msg, dict):
+                        raise errdefs.Internal("garbled message from container process")
                 kind = msg.get("type")
                 if kind == "error":
                     raise errdefs.Unknown(msg.get("message") or "set-up failed", raw=True)

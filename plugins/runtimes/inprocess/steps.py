@@ -326,34 +326,24 @@ def init_container(sc: Any, sync: Sync, plan: InitPlan) -> None:
         hooks.run_in_child(sc, "startContainer", c.hooks["startContainer"],
                            hook_states.get("start_state") or hook_states["state"],
                            exec_fd=plan.exec_fd)
-    # The init's sync channel is closed: a failed exec is told on its stderr.
     exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p,
-                 exec_fd=plan.exec_fd, report_fd=2)
+                 exec_fd=plan.exec_fd)
 
 
 def exec_process(sc: Any, seccomp: tuple[bytes, int] | None, path: str, p: Process, *,
-                 exec_fd: int = -1, report_fd: int = -1) -> None:
+                 exec_fd: int = -1) -> None:
     """Last steps before execve: nothing of the runtime leaks, seccomp as late as possible.
 
-    With ``exec_fd`` (the sealed stub) the stub execs ``path``, so this process's
-    /proc/self/exe (the host's Python) is never what a ``#!`` line can name; it reports a
-    failed execve on ``report_fd``, handed to it as fd 3 (see ``execstub``)."""
+    With ``exec_fd`` (the sealed stub, close-on-exec like every other fd here) the stub
+    execs ``path``: this process's /proc/self/exe, the host's Python, is then never what
+    a ``#!`` line in the container can name (see ``execstub``)."""
     sc.cloexec_from(3)
-    if exec_fd < 0:
-        if seccomp:
-            sc.seccomp_set_filter(*seccomp)
-        sc.execve(path, p.args, p.environ())
-        return
-    report = execstub.REPORT_FD
-    if exec_fd == report:
-        exec_fd = sc.dup_above(exec_fd, report + 1)
-    if report_fd == report:
-        sc.set_inheritable(report)
-    elif report_fd >= 0:
-        sc.dup2(report_fd, report)
     if seccomp:
         sc.seccomp_set_filter(*seccomp)
-    sc.execve(exec_fd, execstub.argv(path, p.args), p.environ())
+    if exec_fd < 0:
+        sc.execve(path, p.args, p.environ())
+    else:
+        sc.execve(exec_fd, execstub.argv(path, p.args), p.environ())
 
 
 # ---- exec ----------------------------------------------------------------------------
@@ -390,9 +380,5 @@ def run_exec(sc: Any, sync: Sync, plan: ExecPlan) -> bool:
     path = lookup(sc, p)
     sync.send({"type": "ready"})
     exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p,
-                 exec_fd=plan.exec_fd, report_fd=_sync_fd(sync))
+                 exec_fd=plan.exec_fd)
     return False
-
-
-def _sync_fd(sync: Sync) -> int:
-    return getattr(sync, "fd", -1)

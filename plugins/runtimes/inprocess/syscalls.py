@@ -312,9 +312,6 @@ class Syscalls:
             low = fd + 1
         os.closerange(low, 0x7FFFFFFF)
 
-    def set_inheritable(self, fd: int) -> None:
-        os.set_inheritable(fd, True)
-
     def send_fd(self, sock_fd: int, fd: int, name: str) -> None:
         sock = socket.socket(fileno=sock_fd)
         try:
