@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.images import NAME
 from tests.interop.test_ctr_berth_runtime import (
     GUARD,
     Berth,
     berth as berth,  # noqa: F401
     wait_for,
 )
-from tests.images import NAME
 
 pytestmark = [pytest.mark.interop, pytest.mark.root]
 
