@@ -774,3 +774,29 @@ else:
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
                         "-c", code], capture_output=True, text=True, timeout=60)
     assert (r.returncode, r.stdout) == (0, "refused EXDEV\n"), r
+
+
+# -- the exec stub (issue 8.2) -----------------------------------------------------------------
+
+
+async def test_self_exe_script_runs_nothing_and_missing_interpreter_is_an_error(
+        env: Env) -> None:
+    """A ``#!/proc/self/exe`` script names the exec stub, not the runtime's Python: it
+    exits 127 at once. A script whose interpreter is missing fails the request."""
+    def add_scripts(cfg: dict[str, Any], bundle: str) -> None:
+        rootfs = env.workdir / bundle / "rootfs"
+        for name, text in (("selfexe", "#!/proc/self/exe\nprint('python ran')\n"),
+                           ("nointerp", "#!/no/such/sh\necho ran\n")):
+            (rootfs / name).write_text(text)
+            (rootfs / name).chmod(0o755)
+
+    r = await run(env, "selfexe", ["/selfexe"], lambda cfg: add_scripts(cfg, "selfexe"))
+    assert (r.status, r.out, r.err) == (127, "", ""), r
+    bundle = env.bundle("nointerp", ["/nointerp"], lambda cfg: add_scripts(cfg, "nointerp"))
+    with pytest.raises(errdefs.Unknown, match=r"exec /nointerp: no such file or directory "
+                                              r"\(interpreter /no/such/sh\)"):
+        await env.runtime.create("nointerp", bundle, stdio=Stdio())
+    bundle = env.bundle("noexe", ["/no/such/exe"])
+    with pytest.raises(errdefs.Unknown, match='exec: "/no/such/exe": stat /no/such/exe: no '
+                                              'such file or directory'):
+        await env.runtime.create("noexe", bundle, stdio=Stdio())

@@ -588,3 +588,22 @@ def test_bind_source_symlink_is_followed_on_the_host(tmp_path: Path) -> None:
     assert ("mkdir", dest) in sc.calls and ("touch", dest) not in sc.calls
     ms = [x for x in sc.calls if x[0] == "mount"]
     assert ms[0][1:] == ("/usr/lib", dest, "bind", S.MS_BIND | S.MS_REC, "")
+
+
+def test_lookup_and_interpreter_fail_as_errors_of_the_request() -> None:
+    class Heads(FakeSyscalls):
+        def read_head(self, path: str, size: int) -> bytes:
+            return {"/s": b"#!/no/sh -e\necho\n", "/t": b"#!/bin/sh\n",
+                    "/e": b"\x7fELF"}.get(path, b"")[:size]
+
+    sc = Heads({"/s": REG, "/t": REG, "/e": REG, "/bin/sh": REG, "/d": DIR})
+    p = ispec.parse_process({"args": ["/missing"]}, known_last=40)
+    with pytest.raises(steps.SetupError, match='stat /missing: no such file'):
+        steps.lookup(sc, p)
+    p = ispec.parse_process({"args": ["/d"]}, known_last=40)
+    with pytest.raises(steps.SetupError, match='"/d": permission denied'):
+        steps.lookup(sc, p)
+    with pytest.raises(steps.SetupError, match=r"exec /s: .*\(interpreter /no/sh\)"):
+        steps.check_interpreter(sc, "/s")
+    for path in ("/t", "/e", "/unreadable"):
+        steps.check_interpreter(sc, path)

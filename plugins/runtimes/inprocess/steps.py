@@ -259,12 +259,34 @@ def lookup(sc: Any, p: Process) -> str:
     """The executable for args[0], searched in the process's PATH (after pivot_root)."""
     name = p.args[0]
     if "/" in name:
-        return name
+        # Checked here, as runc's LookPath does, so that the failure is the request's
+        # error: the exec stub could only tell it on stderr.
+        if sc.executable(name):
+            return name
+        if sc.lstat(name) is None:
+            raise SetupError(f'exec: "{name}": stat {name}: no such file or directory')
+        raise SetupError(f'exec: "{name}": permission denied')
     for d in p.search_path():
         candidate = os.path.join(d or ".", name)
         if sc.executable(candidate):
             return candidate
     raise SetupError(f'exec: "{name}": executable file not found in $PATH')
+
+
+def check_interpreter(sc: Any, path: str) -> None:
+    """A script whose ``#!`` interpreter is missing fails here, as an error of the
+    request, rather than in the exec stub (which can only say so on stderr and exit 127).
+    Anything else the kernel decides (ELF, binfmt_misc formats)."""
+    head = sc.read_head(path, 256)
+    if not head or not head.startswith(b"#!"):
+        return
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words or len(head) == 256 and b"\n" not in head:
+        return  # the kernel's own limits decide
+    interpreter = words[0].decode(errors="surrogateescape")
+    if sc.lstat(interpreter) is None:
+        raise SetupError(f"exec {path}: no such file or directory (interpreter "
+                         f"{interpreter})")
 
 
 def wait_for_start(sc: Any, fifo_fd: int) -> None:
@@ -319,6 +341,7 @@ def init_container(sc: Any, sync: Sync, plan: InitPlan) -> None:
         sc.seccomp_set_filter(*plan.seccomp)
     finalize(sc, p, plan.known_last)
     path = lookup(sc, p)
+    check_interpreter(sc, path)
     sync.send({"type": "ready"})
     sync.close()
     wait_for_start(sc, plan.fifo_fd)
@@ -378,6 +401,7 @@ def run_exec(sc: Any, sync: Sync, plan: ExecPlan) -> bool:
         sc.seccomp_set_filter(*plan.seccomp)
     finalize(sc, p, plan.known_last)
     path = lookup(sc, p)
+    check_interpreter(sc, path)
     sync.send({"type": "ready"})
     exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p,
                  exec_fd=plan.exec_fd)

@@ -451,6 +451,19 @@ class Syscalls:
         f = os.statvfs(path).f_flag
         return sum(ms for st, ms in _ST_TO_MS if f & st)
 
+    def read_head(self, path: str, size: int) -> bytes:
+        """The first ``size`` bytes of ``path``, or b"" when it cannot be read."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return b""
+        try:
+            return os.read(fd, size)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
+
     def executable(self, path: str) -> bool:
         try:
             st = os.stat(path)
