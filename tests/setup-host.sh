@@ -12,6 +12,7 @@ PACKAGES=(
   nghttp2-client        # h2load for the benchmarks' load generator
   socat
   gcc libc6-dev         # static probes built by the container-escape tests
+  binutils-aarch64-linux-gnu qemu-user  # the exec stub's aarch64 code, assembled and run
   iproute2
   python3-venv
   ca-certificates

@@ -1,6 +1,7 @@
 """The exec stub (``berth.plugins.runtimes.inprocess.execstub``): its machine code is what
 its assembly source says, and, run from its sealed memfd, it execs only when asked by
-the runtime and cannot be changed. No root needed."""
+the runtime and cannot be changed. The stub of the other machine runs under qemu-user.
+No root needed."""
 
 from __future__ import annotations
 
@@ -9,31 +10,40 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from berth.plugins.runtimes.inprocess import execstub
 
-pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
-                                reason="the stub exists for x86_64 only")
+MACHINES = {
+    # machine: (assembler, objcopy, its source, its code, qemu-user binary)
+    "x86_64": (["as", "--64"], "objcopy", execstub.SOURCE_X86_64, execstub.CODE_X86_64,
+               "qemu-x86_64"),
+    "aarch64": (["aarch64-linux-gnu-as"], "aarch64-linux-gnu-objcopy",
+                execstub.SOURCE_AARCH64, execstub.CODE_AARCH64, "qemu-aarch64"),
+}
 
 
-def test_code_is_the_assembled_source(tmp_path: Path) -> None:
-    assert shutil.which("as") and shutil.which("objcopy"), "binutils (gcc) is needed"
-    (tmp_path / "stub.S").write_text(execstub.SOURCE_X86_64)
-    subprocess.run(["as", "--64", "-o", str(tmp_path / "stub.o"), str(tmp_path / "stub.S")],
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_code_is_the_assembled_source(tmp_path: Path, machine: str) -> None:
+    assembler, objcopy, source, code, _ = MACHINES[machine]
+    assert shutil.which(assembler[0]) and shutil.which(objcopy), \
+        f"{assembler[0]} is needed (tests/setup-host.sh)"
+    (tmp_path / "stub.S").write_text(source)
+    subprocess.run([*assembler, "-o", str(tmp_path / "stub.o"), str(tmp_path / "stub.S")],
                    check=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "stub.o"),
+    subprocess.run([objcopy, "-O", "binary", "-j", ".text", str(tmp_path / "stub.o"),
                     str(tmp_path / "stub.bin")], check=True)
-    assert (tmp_path / "stub.bin").read_bytes() == execstub.CODE_X86_64
+    assert (tmp_path / "stub.bin").read_bytes() == code
 
 
-def run_stub(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+def run_native(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """Exec the sealed memfd with ``argv`` (from a Python child that inherits a copy)."""
     fd = execstub.open_sealed()
-    assert fd >= 0
+    assert fd >= 0, f"no exec stub for {platform.machine()}"
     try:
-        # The memfd is close-on-exec: run it from a copy the child inherits.
         code = ("import os, sys; os.execve(int(sys.argv[1]), sys.argv[2:], "
                 "{'PATH': '/bin', 'MARK': 'env-kept'})")
         inherited = os.dup(fd)
@@ -46,21 +56,36 @@ def run_stub(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
         os.close(fd)
 
 
-def test_stub_execs_what_the_runtime_asks_with_argv_and_env() -> None:
-    r = run_stub(execstub.argv("/bin/sh", ["name0", "-c", 'echo "$0 $MARK"']))
+def runner(machine: str, tmp_path: Path
+           ) -> Callable[[list[str]], subprocess.CompletedProcess[bytes]]:
+    if machine == platform.machine():
+        return run_native
+    qemu = MACHINES[machine][4]
+    assert shutil.which(qemu), f"{qemu} is needed (qemu-user, tests/setup-host.sh)"
+    path = tmp_path / f"stub-{machine}"
+    path.write_bytes(execstub.elf(machine))
+    path.chmod(0o555)
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+        # qemu-user passes the stub's execve of a host program to the kernel.
+        return subprocess.run([qemu, "-0", argv[0], str(path), *argv[1:]],
+                              env={"PATH": "/bin", "MARK": "env-kept"},
+                              capture_output=True, timeout=30)
+    return run
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_stub_execs_what_the_runtime_asks(tmp_path: Path, machine: str) -> None:
+    run = runner(machine, tmp_path)
+    r = run(execstub.argv("/bin/sh", ["name0", "-c", 'echo "$0 $MARK"']))
     assert (r.returncode, r.stdout, r.stderr) == (0, b"name0 env-kept\n", b"")
-
-
-def test_stub_reports_a_failed_execve_on_stderr() -> None:
-    r = run_stub(execstub.argv("/no/such/file", ["x"]))
+    # A failed execve is told on stderr, as a shell tells it.
+    r = run(execstub.argv("/no/such/file", ["x"]))
     assert (r.returncode, r.stdout, r.stderr) == (127, b"", b"berth: exec failed: errno 2\n")
-
-
-def test_stub_is_no_interpreter() -> None:
     # As a #! interpreter, argv[0] is the interpreter's path: the stub runs nothing.
     for argv in (["/proc/self/exe", "/bin/sh", "-c", "echo ran"], ["berth-e", "/bin/true"],
-                 ["berth-exx", "/bin/true"], ["berth-ex"]):
-        r = run_stub(argv)
+                 ["berth-exx", "/bin/true"], ["xerth-ex", "/bin/true"], ["berth-ex"]):
+        r = run(argv)
         assert (r.returncode, r.stdout, r.stderr) == (127, b"", b""), argv
 
 
@@ -68,6 +93,7 @@ def test_memfd_is_sealed() -> None:
     """What /proc/<pid>/exe of a running stub reaches: nothing can write to it, by any
     path, whatever the caller's capabilities (seals bind root too)."""
     fd = execstub.open_sealed()
+    assert fd >= 0, f"no exec stub for {platform.machine()}"
     try:
         assert os.pread(fd, 4096, 0) == execstub.elf()
         with pytest.raises(PermissionError):

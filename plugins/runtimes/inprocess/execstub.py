@@ -19,9 +19,11 @@ that), so it must hold nothing of the shim. The runtime checks what it can befor
 (``steps.lookup``: a regular, executable file), so most failures are still reported
 as errors of the exec request.
 
-The machine code below is assembled from :data:`SOURCE_X86_64` (``as --64``, then
-``objcopy -O binary -j .text``); ``tests/unit/test_execstub.py`` assembles it again and
-compares. The ELF around it (one header, one read+exec PT_LOAD segment) is built here.
+The machine code below is assembled from :data:`SOURCE_X86_64` and
+:data:`SOURCE_AARCH64` (``as``, then ``objcopy -O binary -j .text``);
+``tests/unit/test_execstub.py`` assembles them again and compares, and runs both. The ELF
+around the code (one header, one read+exec PT_LOAD segment) is built here. On other
+machines there is no stub and the runtime execs the command itself (it logs a warning).
 """
 
 from __future__ import annotations
@@ -93,8 +95,74 @@ CODE_X86_64 = bytes.fromhex(
     "440eff8807ffc975f2488d9424800000004829fa4889febf02000000b8010000000f05bf7f000000"
     "b8e70000000f0562657274683a2065786563206661696c65643a206572726e6f20")
 
-_EM = {"x86_64": 62}
-_CODE = {"x86_64": CODE_X86_64}
+SOURCE_AARCH64 = r"""
+	.text
+	.globl _start
+_start:
+	ldr	x19, [sp]               // argc
+	cmp	x19, #2
+	b.lo	refuse
+	ldr	x1, [sp, #8]            // argv[0] must be "berth-ex"
+	ldrb	w2, [x1]
+	cmp	w2, #0x62
+	b.ne	refuse
+	ldur	x2, [x1, #1]
+	mov	x3, #0x7265
+	movk	x3, #0x6874, lsl #16
+	movk	x3, #0x652d, lsl #32
+	movk	x3, #0x0078, lsl #48
+	cmp	x2, x3
+	b.ne	refuse
+	ldr	x0, [sp, #16]           // execve(argv[1], argv + 2, envp)
+	add	x1, sp, #24
+	add	x2, sp, x19, lsl #3
+	add	x2, x2, #16
+	mov	x8, #221
+	svc	#0
+	neg	x4, x0                  // errno, written right to left below the stack
+	sub	sp, sp, #128
+	add	x5, sp, #127
+	mov	x6, #10
+	strb	w6, [x5]
+1:	udiv	x7, x4, x6
+	msub	x9, x7, x6, x4
+	add	x9, x9, #48
+	sub	x5, x5, #1
+	strb	w9, [x5]
+	mov	x4, x7
+	cbnz	x4, 1b
+	adr	x10, prefix
+	mov	x11, #(prefix_end - prefix)
+2:	sub	x11, x11, #1
+	ldrb	w12, [x10, x11]
+	sub	x5, x5, #1
+	strb	w12, [x5]
+	cbnz	x11, 2b
+	mov	x0, #2                  // write(2, message, length)
+	mov	x1, x5
+	add	x2, sp, #128
+	sub	x2, x2, x5
+	mov	x8, #64
+	svc	#0
+refuse:
+	mov	x0, #127                // exit_group(127)
+	mov	x8, #94
+	svc	#0
+prefix:
+	.ascii	"berth: exec failed: errno "
+prefix_end:
+"""
+
+CODE_AARCH64 = bytes.fromhex(
+    "f30340f97f0a00f163050054e10740f9220040395f880171e1040054221040f8a34c8ed2830eadf2"
+    "a3a5ccf2030fe0f25f0003eb01040054e00b40f9e1630091e26f338b42400091a81b80d2010000d4"
+    "e40300cbff0302d1e5ff0191460180d2a60000398708c69ae990069b29c10091a50400d1a9000039"
+    "e40307aa44ffffb50a0200104b0380d26b0500d14c696b38a50400d1ac0000398bffffb5400080d2"
+    "e10305aae2030291420005cb080880d2010000d4e00f80d2c80b80d2010000d462657274683a2065"
+    "786563206661696c65643a206572726e6f20")
+
+_EM = {"x86_64": 62, "aarch64": 183}
+_CODE = {"x86_64": CODE_X86_64, "aarch64": CODE_AARCH64}
 _BASE = 0x400000
 _EHDR = 64
 _PHDR = 56
