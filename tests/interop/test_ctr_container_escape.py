@@ -152,14 +152,15 @@ def probe(berth: Berth) -> Path:
 
 def runtime_args(berth: Berth, oci: str) -> tuple[str, ...]:
     """``ctr run`` options that select berth's shim with ``oci`` as its OCI runtime."""
-    if oci == "berth":
+    if oci in ("berth", "runc-v2"):
         return ()
     return ("--runtime-config-path", str(berth.runtime_config(oci)))
 
 
 def start_watch(berth: Berth, probe: Path, cid: str, oci: str) -> int:
     mount = f"type=bind,src={probe},dst=/probe,options=rbind:rw"
-    berth.ok("run", "-d", "--runtime", RUNTIME, *runtime_args(berth, oci), "--mount", mount,
+    runtime = "io.containerd.runc.v2" if oci == "runc-v2" else RUNTIME
+    berth.ok("run", "-d", "--runtime", runtime, *runtime_args(berth, oci), "--mount", mount,
              *python_mounts(), NAME, cid, "sh", "/probe/watch.sh")
     wait_for("the watch loop's first scan", lambda: (probe / "scans").exists()
              and (probe / "scans").read_text())
@@ -178,6 +179,37 @@ def stop_watch(berth: Berth, probe: Path, cid: str) -> list[str]:
     berth.ok("containers", "rm", cid)
     return [line for line in (probe / "found").read_text().splitlines()
             if not line.startswith("DENIED ")]
+
+
+def runc_own(found: list[str]) -> list[str]:
+    """What runc 1.1's own ``runc init`` shows for a moment, under containerd's runc
+    shim as under berth's: it runs dumpable from its read-only clone of itself (a bind
+    mount already detached, so its exe reads "/") with nothing but the Go runtime's
+    epoll and self-pipe (both ends of one pipe in one process). None of it reaches the
+    shim or the host; anything else found is kept."""
+    pipes: dict[tuple[str, str], set[str]] = {}
+    for line in found:
+        kind, pid, *rest = line.split(" ")
+        if kind in ("FD", "STOLE") and rest[1].startswith("pipe:"):
+            pipes.setdefault((pid, rest[1]), set()).add(rest[0])
+    own = []
+    for line in found:
+        kind, pid, *rest = line.split(" ")
+        if kind == "EXE" and rest == ["/"]:
+            own.append(line)
+        elif kind in ("FD", "STOLE") and (rest[1] == "anon_inode:[eventpoll]" or
+                                         len(pipes.get((pid, rest[1]), ())) == 2):
+            own.append(line)
+    return own
+
+
+def assert_nothing_found(oci: str, probe: Path, found: list[str]) -> None:
+    seen = len(set((probe / "seen").read_text().split()))
+    tolerated = runc_own(found) if oci != "berth" else []
+    print(f"{oci}: the loop saw {seen} processes of ctr; found {len(found)} "
+          f"({len(tolerated)} of them runc init's own)")
+    assert [line for line in found if line not in tolerated] == [], found
+    assert seen > 0, "the loop saw no process of ctr"
 
 
 def assert_all_cloexec(pid: int) -> None:
@@ -199,13 +231,14 @@ def assert_all_cloexec(pid: int) -> None:
     assert leaks == [], leaks
 
 
-@pytest.mark.parametrize("oci", ["berth", "runc"])
+@pytest.mark.parametrize("oci", ["berth", "runc", "runc-v2"])
 def test_exec_helpers_hold_nothing_a_container_can_take(berth: Berth, probe: Path,
                                                         oci: str) -> None:
     before = host_binaries()
     cid = berth.id("watch")
     task = start_watch(berth, probe, cid, oci)
-    assert_all_cloexec(berth.shim_of(task))
+    if oci != "runc-v2":
+        assert_all_cloexec(berth.shim_of(task))
     for i in range(EXECS):
         r = berth.ctr("tasks", "exec", "--exec-id", f"e{i}", cid, "true")
         assert (r.rc, r.err) == (0, ""), r
@@ -217,12 +250,9 @@ def test_exec_helpers_hold_nothing_a_container_can_take(berth: Berth, probe: Pat
         if oci == "berth":
             # The exec stub refuses to be an interpreter: nothing runs.
             assert (r.rc, r.out, r.err) == (127, "", ""), r
-    assert_all_cloexec(berth.shim_of(task))
-    found = stop_watch(berth, probe, cid)
-    seen = len(set((probe / "seen").read_text().split()))
-    print(f"{oci}: the loop saw {seen} processes of ctr, found {found}")
-    assert found == [], found
-    assert seen > 0, "the loop saw no process of ctr"
+    if oci != "runc-v2":
+        assert_all_cloexec(berth.shim_of(task))
+    assert_nothing_found(oci, probe, stop_watch(berth, probe, cid))
     assert host_binaries() == before
 
 
@@ -246,9 +276,5 @@ def test_init_helpers_hold_nothing_a_container_can_take(berth: Berth, probe: Pat
         assert "HOST-PYTHON-RAN" not in r.out + r.err and "Python" not in r.err, r
         if oci == "berth":
             assert (r.rc, r.out, r.err) == (127, "", ""), r
-    found = stop_watch(berth, probe, watcher)
-    seen = len(set((probe / "seen").read_text().split()))
-    print(f"{oci}: the loop saw {seen} processes of ctr, found {found}")
-    assert found == [], found
-    assert seen > 0, "the loop saw no process of ctr"
+    assert_nothing_found(oci, probe, stop_watch(berth, probe, watcher))
     assert host_binaries() == before

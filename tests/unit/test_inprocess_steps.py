@@ -566,6 +566,11 @@ def test_commands_are_exec_ed_through_the_stub(tmp_path: Path) -> None:
     name, path, args, env = sc.calls[-1]
     assert (name, path, args) == ("execve", 77, ["berth-ex", "/bin/sh", "sh", "-c", "x"])
     assert first(sc.calls, "cloexec_from", 3) < len(sc.calls) - 1
+    # Through its /proc link when the container has a /proc: a plain execve.
+    sc = FakeSyscalls({"/bin/sh": REG, "/proc/self/fd/77": stat.S_IFLNK | 0o700}, forks=[0])
+    with pytest.raises(Exec):
+        steps.run_exec(sc, FakeSync(sc.calls, {}), plan)
+    assert sc.calls[-1][1:3] == ("/proc/self/fd/77", ["berth-ex", "/bin/sh", "sh", "-c", "x"])
     # The init too, and the hooks it runs in the container.
     _, calls = run_init(container(tmp_path), exec_fd=88)
     assert calls[-1][1] == 88 and calls[-1][2][0] == "berth-ex"
