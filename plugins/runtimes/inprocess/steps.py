@@ -365,8 +365,12 @@ def exec_process(sc: Any, seccomp: tuple[bytes, int] | None, path: str, p: Proce
         sc.seccomp_set_filter(*seccomp)
     if exec_fd < 0:
         sc.execve(path, p.args, p.environ())
-    else:
-        sc.execve(exec_fd, execstub.argv(path, p.args), p.environ())
+        return
+    # execve of the fd's /proc link rather than execveat (fexecve): a seccomp profile
+    # that allows the container execve need not know execveat. Without a /proc, fexecve.
+    link = f"/proc/self/fd/{exec_fd}"
+    sc.execve(link if sc.lstat(link) is not None else exec_fd,
+              execstub.argv(path, p.args), p.environ())
 
 
 # ---- exec ----------------------------------------------------------------------------
