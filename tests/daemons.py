@@ -105,6 +105,16 @@ class Daemon:
 def berthd(base: Path, *extra: str) -> Daemon:
     base.mkdir(parents=True, exist_ok=True)
     d = Daemon("berth", base, [])
+    if "--config" not in extra and "-c" not in extra:
+        # Without a file of its own a test daemon would read the host's /etc/berth/config.toml
+        # and write the default CNI network into the host's /etc/berth/cni/net.d.
+        cfg = base / "config.toml"
+        if not cfg.exists():
+            cfg.write_text(
+                '[plugins."io.berth.network.v1.cni"]\n'
+                f'conf_dir = "{base / "cni" / "net.d"}"\n'
+            )
+        extra = ("--config", str(cfg), *extra)
     d.argv = [
         sys.executable, "-m", "berth.core.daemon", "--root", str(d.root), "--state", str(d.state),
         "--address", str(d.address), "--log-level", "debug", *extra,
