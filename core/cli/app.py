@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from berth.core import __version__
+from berth.core.cli import errors
 from berth.core.cli.errors import CommandError
 from berth.core.client import connection
 
@@ -93,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(e: BaseException, args: argparse.Namespace, state: _State) -> int:
     """Every failure ends here: one line (a traceback first with ``--debug``)."""
-    from berth.core.cli import errors
-
     if args.debug:
         import traceback
 
