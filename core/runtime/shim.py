@@ -92,7 +92,7 @@ def closed_error() -> errdefs.BerthError:
 class ShimTask:
     """A task (and its exec'd processes) reached through one shim connection."""
 
-    def __init__(self, bundle: Bundle, binary: ShimBinary, client: Client) -> None:
+    def __init__(self, bundle: Bundle, binary: ShimBinary | None, client: Client) -> None:
         self.bundle = bundle
         self.binary = binary
         self.client = client
@@ -233,7 +233,7 @@ class ShimTask:
 
 async def serve_connection(
     bundle: Bundle,
-    binary: ShimBinary,
+    binary: ShimBinary | None,
     address: str,
     log_fd: int,
     on_lost: Callable[[ShimTask], Awaitable[None]],

@@ -33,7 +33,7 @@ from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import Status
 from berth.core.events import typeurl
 from berth.core.events.exchange import Exchange, Subscription
-from berth.core.metadata.containers import store_for
+from berth.core.metadata.containers import Container, store_for
 from berth.core.metadata.db import Database
 from berth.core.runtime.manager import CreateOpts, TaskManager
 from berth.core.services.events import EventsService
@@ -229,8 +229,15 @@ class Harness:
 
     def opts(self, task_id: str, args: list[str], *, stdout: str = "",
              annotations: dict[str, str] | None = None) -> CreateOpts:
+        """The task's create options; its container is recorded first, as berthd's
+        Containers service does (after a restart, a bundle of no container is retired)."""
+        oci = spec(self.namespace, task_id, args, annotations=annotations)
+        containers = store_for(self.db)
+        with contextlib.suppress(errdefs.AlreadyExists):
+            containers.create(self.namespace, Container(id=task_id, runtime_name=RUNTIME,
+                                                        spec=oci))
         return CreateOpts(
-            spec=spec(self.namespace, task_id, args, annotations=annotations),
+            spec=oci,
             runtime=RUNTIME,
             # The shim mounts the rootfs on <bundle>/rootfs itself.
             rootfs=[Mount(type="bind", source=str(self.rootfs), options=["rbind", "ro"])],
