@@ -378,7 +378,7 @@ class TaskManager:
         p = self._pending.get((namespace, task_id))
         if p is None:
             return None
-        await p.probed.wait()
+        await self._probe(p)
         if self.get(namespace, task_id) is not None:
             return None
         await self._retire(p)
@@ -408,16 +408,32 @@ class TaskManager:
 
     async def _recover(self, p: Recovery, probes: trio.CapacityLimiter,
                        cleanups: trio.CapacityLimiter) -> None:
-        lg = self._log.bind(namespace=p.bundle.namespace, id=p.bundle.id)
         try:
+            async with probes:
+                await self._probe(p)
+            if p.settled.is_set():
+                return
+            async with cleanups:
+                await self._retire(p)
+        except Exception:
+            # One broken bundle must not keep the others (or berthd) from loading.
+            self._log.exception("recovering the task failed", namespace=p.bundle.namespace,
+                                id=p.bundle.id)
+            self._settled(p)
+
+    async def _probe(self, p: Recovery) -> None:
+        """Dial the bundle's shim (once, whoever asks first): the task is reconnected,
+        or left for ``_retire``."""
+        async with p.lock:
+            if p.probed.is_set():
+                return
+            lg = self._log.bind(namespace=p.bundle.namespace, id=p.bundle.id)
             task: ShimTask | None = None
             try:
-                async with probes:
-                    task = await self._reconnect(p, lg)
+                task = await self._reconnect(p, lg)
                 if task is not None:
                     self._add(task)
             except Exception as e:
-                # One broken bundle must not keep the others (or berthd) from loading.
                 lg.error("loading task", error=str(e))
                 if task is not None:
                     task.closing = True
@@ -428,12 +444,6 @@ class TaskManager:
             if task is not None:
                 self._settled(p)
                 lg.info("reconnected to shim")
-                return
-            async with cleanups:
-                await self._retire(p)
-        except Exception:
-            lg.exception("recovering the task failed")
-            self._settled(p)
 
     def _settled(self, p: Recovery) -> None:
         key = (p.bundle.namespace, p.bundle.id)
