@@ -485,7 +485,11 @@ class TaskManager:
         if not address:
             return None
         log_fd = bundle.open_log()
-        task = await self._connect(bundle, p.binary, address, log_fd)
+        try:
+            task = await self._connect(bundle, p.binary, address, log_fd)
+        except OSError as e:
+            lg.warning("shim unreachable after restart", error=str(e))
+            return None
         try:
             resp = await task.connect(timeout=LOAD_TIMEOUT)
         except errdefs.BerthError as e:

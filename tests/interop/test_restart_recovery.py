@@ -17,16 +17,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
-import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from berth.core.shim import zygote
 from tests import daemons
 from tests.images import NAME
 from tests.interop.test_ctr_berth_runtime import (
@@ -60,20 +57,6 @@ def bundles(berth: Berth) -> set[str]:
         return set()
 
 
-def zygote_pid(berth: Berth) -> int:
-    """The pid of berth's shim zygote (it keeps the command line of the first shim's
-    start action, ``-id`` included, but serves no task), 0 if none runs."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        s.connect(zygote.zygote_path(str(berth.daemon.address)))
-        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return 0
-    finally:
-        s.close()
-    return struct.unpack("3i", raw)[0]
-
-
 def _cwd(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/cwd")
@@ -82,14 +65,17 @@ def _cwd(pid: int) -> str:
 
 
 def shims_by_id(berth: Berth) -> dict[int, str]:
-    """Live shim processes of this test's namespace and the task id each serves: a runc
-    shim says it on its command line (``-id``), berth's zygote-forked shims run in their
-    bundle (the same holds for runc shims)."""
+    """Live shim processes of this test's namespace and the task id each serves.
+
+    Every shim runs in its bundle (its working directory; `` (deleted)`` once the
+    bundle is gone), and a runc shim also names its task on its command line. berth's
+    zygote and the throwaway shims it warms up with carry the command line of the
+    first shim's start action but run in ``/``: they serve no task.
+    """
     prefix = f"{berth.daemon.state / TASK_DIR / berth.namespace}/"
     out = {}
-    skip = {zygote_pid(berth)}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in skip:
+        if not entry.isdigit():
             continue
         pid = int(entry)
         argv = cmdline(pid).split()
@@ -98,8 +84,9 @@ def shims_by_id(berth: Berth) -> dict[int, str]:
         cwd = _cwd(pid)
         if cwd.startswith(prefix):
             out[pid] = cwd.removeprefix(prefix).removesuffix(" (deleted)")
-        elif "-namespace" in argv and argv[argv.index("-namespace") + 1] == berth.namespace \
-                and "-id" in argv:
+        elif os.path.basename(argv[0]) == "containerd-shim-runc-v2" and "-id" in argv \
+                and "-namespace" in argv \
+                and argv[argv.index("-namespace") + 1] == berth.namespace:
             out[pid] = argv[argv.index("-id") + 1]
     return out
 
@@ -260,12 +247,7 @@ def test_kill_during_parallel_runs_leaves_no_orphan_and_ids_are_reusable(
         assert bundles(berth) <= containers
         strays = {pid: cid for pid, cid in shims_by_id(berth).items()
                   if cid not in containers}
-        assert strays == {}, ({p: (cmdline(p), _cwd(p), parent_of(p),
-                                   cmdline(parent_of(p)), _cwd(parent_of(p)),
-                                   Path(f"/proc/{p}/status").read_text()[:300],
-                                   Path(f"/proc/{p}/stack").read_text()
-                                   if Path(f"/proc/{p}/stack").exists() else "")
-                               for p in strays}, zygote_pid(berth), left, containers)
+        assert strays == {}, {p: (cmdline(p), _cwd(p)) for p in strays}
         for cid in left - containers:
             assert not (RUNC_ROOT / berth.namespace / cid).exists()
         _reuse(berth, ids)
