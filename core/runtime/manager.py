@@ -260,6 +260,13 @@ class TaskManager:
         except errdefs.BerthError as e:
             self._log.error("failed to shutdown shim task", namespace=task.namespace,
                             id=task.id, error=str(e))
+        else:
+            if not self._shares_shim(task):
+                # A shim left with no task exits and hangs up. Until then it still
+                # listens on the socket a new task of the same id (or group) would
+                # get, and would join it only to go away under it.
+                with trio.move_on_after(SHUTDOWN_TIMEOUT):
+                    await task.client.wait_closed()
         await task.close()
         try:
             await trio.to_thread.run_sync(task.bundle.delete)
@@ -270,6 +277,11 @@ class TaskManager:
         if shim_err is not None:
             raise shim_err
         return exit_
+
+    def _shares_shim(self, task: ShimTask) -> bool:
+        """Whether another listed task is served by the same shim (a group)."""
+        return any(t is not task and t.address == task.address
+                   for t in self._tasks.get(task.namespace, {}).values())
 
     # -- dead shims ------------------------------------------------------------------
 
