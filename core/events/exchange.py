@@ -152,7 +152,11 @@ class Exchange:
             if self.hold is not None:
                 # No await between the claim and joining the live list: every held
                 # event is older than every live one this subscriber will get.
-                sub.backlog = [ev for ev in self.hold.claim(sub.key) if sub.matches(ev.envelope)]
+                held = self.hold.claim(sub.key)
+                sub.backlog = [ev for ev in held if sub.matches(ev.envelope)]
+                if held:
+                    log.info("reconnected subscriber gets the events it missed since boot",
+                             filters=list(sub.key), events=len(sub.backlog))
             self.clients[sub.key] += 1
             self._notify_clients()
         self._subs.append(sub)

@@ -109,8 +109,6 @@ class BootHold:
         self.expected[k] -= 1
         self.expected = +self.expected
         held = list(self.events)
-        log.info("reconnected subscriber gets the events held since boot",
-                 filters=list(k), events=len(held))
         if not self.expected:
             self.events = []
         return held
