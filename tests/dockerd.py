@@ -25,7 +25,16 @@ from tests import daemons
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # the Debian client, whatever else is on PATH
-_subnets = itertools.count(200)
+_subnets = itertools.cycle(range(200, 255))
+
+
+def _free_subnet() -> int:
+    """A 172.31.N.0/24 no interface has (other processes may run dockerds too)."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    for n in itertools.islice(_subnets, 55):
+        if f" 172.31.{n}." not in used:
+            return n
+    raise RuntimeError("no free 172.31.N.0/24 subnet (200-254) for a dockerd bridge")
 _alive: set[Dockerd] = set()
 
 
@@ -53,7 +62,7 @@ class Dockerd:
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n = next(_subnets)
+        n = _free_subnet()
         self.bridge = self.bridge or f"bdk{os.getpid() % 10000}x{n}"[:15]
         self.subnet = f"172.31.{n}"
         # The client reads no user's ~/.docker and no DOCKER_HOST.
