@@ -216,9 +216,11 @@ def wait_exec_works(dk: Dockerd, name: str) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_berthd_restart_under_dockerd(berth_stack: tuple[daemons.Daemon, Dockerd],
-                                      sig: signal.Signals) -> None:
-    d, dk = berth_stack
+@pytest.mark.parametrize("kind", ["berth", "containerd"])
+def test_daemon_restart_under_dockerd(kind: str, sig: signal.Signals,
+                                      request: pytest.FixtureRequest) -> None:
+    """berthd restarted under dockerd with three containers up; containerd alike."""
+    d, dk = request.getfixturevalue(f"{kind}_stack")
     names = [f"up{sig.name}{i}" for i in range(3)]
     for n in names:
         dk.ok("run", "-d", "--name", n, "busybox", "sleep", "1000")
