@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests import daemons, dockerd as dockerds, images
+from tests.daemons import until
 from tests.dockerd import Dockerd
 
 
@@ -53,18 +54,6 @@ def berth_stack() -> Iterator[tuple[daemons.Daemon, Dockerd]]:
 @pytest.fixture(scope="module")
 def containerd_stack() -> Iterator[tuple[daemons.Daemon, Dockerd]]:
     yield from _stack("containerd")
-
-
-def until(what: str, probe, timeout: float = 60.0, every: float = 0.1):  # noqa: ANN001, ANN201
-    """``probe()`` once it is truthy; the deadline only bounds a failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s (last: {got!r})")
-        time.sleep(every)
 
 
 def state(dk: Dockerd, name: str) -> tuple[str, int]:
