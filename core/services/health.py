@@ -41,11 +41,6 @@ class HealthService:
         self._changed.set()
         self._changed = trio.Event()
 
-    def shutdown(self) -> None:
-        """Every known service NOT_SERVING, as grpc-go's Server.Shutdown does."""
-        for name in list(self._status):
-            self.set_status(name, Status.NOT_SERVING)
-
     def check(self, ctx: CallContext, req: HealthCheckRequest) -> HealthCheckResponse:
         status = self._status.get(req.service)
         if status is None:
