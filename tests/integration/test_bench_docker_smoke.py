@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.root, pytest.mark.interop]
+
 REPO = Path(__file__).resolve().parents[2]
 MS = r"\d+\.\d+ ms"
 RATIO = r"\d+\.\d+x"

@@ -25,6 +25,8 @@ from tests import daemons, dockerd as dockerds, images
 from tests.daemons import until
 from tests.dockerd import Dockerd
 
+pytestmark = [pytest.mark.interop, pytest.mark.root]
+
 
 def _stack(kind: str) -> Iterator[tuple[daemons.Daemon, Dockerd]]:
     dockerds.require()

@@ -10,6 +10,8 @@ import pytest
 from tests import daemons
 from tests.daemons import Daemon
 
+pytestmark = [pytest.mark.interop]
+
 WATCHED = 'topic~="^/namespaces/"'
 
 

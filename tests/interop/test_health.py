@@ -22,6 +22,8 @@ from berth.core.api.grpc.health.v1 import (
 )
 from tests.daemons import Daemon
 
+pytestmark = [pytest.mark.interop]
+
 SERVICES = ["", "containerd.services.tasks.v1.Tasks", "grpc.health.v1.Health", "no.such.Svc"]
 
 
