@@ -5,8 +5,8 @@ with its own subnet), and no systemd. It may not touch the host beyond that: it 
 with ``--ip-forward=false`` (enabling forwarding makes dockerd set the FORWARD policy
 to DROP, which would cut off every other network on a shared machine), and
 ``cleanup`` removes what it leaves behind: its bridge, the rules it put into the
-built-in chains, its DOCKER* chains once no dockerd of ours is left, and any mount
-under its folders.
+built-in chains, the DOCKER* chains it made once no dockerd of ours is left (never a
+system dockerd's), and any mount under its folders.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def _free_subnet() -> int:
             return n
     raise RuntimeError("no free 172.31.N.0/24 subnet (200-254) for a dockerd bridge")
 _alive: set[Dockerd] = set()
+# DOCKER* chains that were there before our first dockerd (a system dockerd's): kept.
+_foreign_chains: set[str] | None = None
 
 
 def require() -> None:
@@ -93,6 +95,9 @@ class Dockerd:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
+        global _foreign_chains
+        if not _alive:
+            _foreign_chains = _docker_chains()
         _alive.add(self)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
@@ -172,18 +177,33 @@ def _drop_rules(pred: object) -> None:
                 _iptables("-t", table, "-D", *_split(line[3:]))
 
 
-def _drop_docker_chains() -> None:
-    def jumps_to_docker(rule: str) -> bool:
-        return any(part.startswith("DOCKER") for part in rule.split(" -j ")[1:])
+def _docker_chains() -> set[str]:
+    """``table:chain`` of every DOCKER* chain now."""
+    return {f"{table}:{line.split()[1]}" for table in ("filter", "nat")
+            for line in _iptables("-t", table, "-S").stdout.splitlines()
+            if line.startswith("-N DOCKER")}
 
-    _drop_rules(jumps_to_docker)
-    for table in ("filter", "nat"):
-        chains = [line.split()[1] for line in _iptables("-t", table, "-S").stdout.splitlines()
-                  if line.startswith("-N DOCKER")]
-        for c in chains:
-            _iptables("-t", table, "-F", c)
-        for c in chains:
-            _iptables("-t", table, "-X", c)
+
+def _ours() -> set[str]:
+    return _docker_chains() - (_foreign_chains or set())
+
+
+def _drop_docker_chains() -> None:
+    ours = _ours()
+    if not ours:
+        return
+    names = {c.split(":", 1)[1] for c in ours}
+
+    def jumps_to_ours(rule: str) -> bool:
+        return any(part.split()[0] in names for part in rule.split(" -j ")[1:])
+
+    _drop_rules(jumps_to_ours)
+    for c in sorted(ours):
+        table, chain = c.split(":", 1)
+        _iptables("-t", table, "-F", chain)
+    for c in sorted(ours):
+        table, chain = c.split(":", 1)
+        _iptables("-t", table, "-X", chain)
 
 
 def _split(rule: str) -> list[str]:
@@ -209,8 +229,8 @@ def leftovers(d: Dockerd) -> list[str]:
         for line in _iptables("-t", table, "-S").stdout.splitlines():
             if d.bridge in line or f"{d.subnet}.0/24" in line:
                 left.append(f"{table}: {line}")
-            if not _alive and "DOCKER" in line:
-                left.append(f"{table}: {line}")
+    if not _alive:
+        left += [f"chain {c}" for c in sorted(_ours())]
     prefix = str(d.base.resolve()) + "/"
     with open("/proc/self/mountinfo") as f:
         left += [f"mount {p}" for p in (line.split()[4] for line in f) if p.startswith(prefix)]
