@@ -157,7 +157,7 @@ class Exchange:
                 # No await between the claim and joining the live list: every held
                 # event is older than every live one this subscriber will get.
                 held = self.hold.claim(sub.key)
-                sub.backlog = [ev for ev in held if sub.matches(ev.envelope)]
+                sub.backlog = [ev for ev in held if sub.matches(envelopes.adaptor(ev.envelope))]
                 if held:
                     log.info("reconnected subscriber gets the events it missed since boot",
                              filters=list(sub.key), events=len(sub.backlog))
