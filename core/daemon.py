@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = [
     "berth.core.metadata.plugin",
     "berth.core.events.plugin",
     "berth.core.services.version",
+    "berth.core.services.health",
     "berth.core.services.namespaces",
     "berth.core.services.leases",
     "berth.core.services.events",
