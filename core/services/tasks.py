@@ -9,6 +9,10 @@ Right after a restart, the tasks a previous berthd left are still being recovere
 the background (see ``TaskManager.settle``): reads answer at once (UNKNOWN for a task
 whose shim is not reconnected), and a call that acts on such a task first finishes its
 recovery: Delete, Kill and Wait on a task whose shim died get its cleanup's outcome.
+
+berth's addition: a container whose labels name networks (``io.berth.network``) is
+attached before its task is created, runs in the namespace berth pinned for it, and is
+detached when its task is deleted (core.networks.manager).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from datetime import UTC, datetime
 
 import betterproto
 import trio
-from betterproto.lib.google.protobuf import Empty
+from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
 from berth.core import errdefs, filters, identifiers, log
 from berth.core.api.containerd.runc.v1 import Options as RuncOptions
@@ -54,8 +58,10 @@ from berth.core.api.containerd.types import Metric, Mount
 from berth.core.api.containerd.v1.types import Process, Status
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import Container, ContainerStore, present, store_for
+from berth.core.networks.manager import NetworkManager, apply_to_spec, spec_hostname
+from berth.core.networks.plugin import ID as NETWORKS_ID
 from berth.core.plugin import InitContext, Registration, hookimpl
-from berth.core.plugin.registration import EVENT, GRPC, METADATA, RUNTIME_V2
+from berth.core.plugin.registration import EVENT, GRPC, INTERNAL, METADATA, RUNTIME_V2
 from berth.core.runtime.binary import Exit
 from berth.core.runtime.manager import CreateOpts, Recovery, TaskManager, wrap
 from berth.core.runtime.shim import ShimTask
@@ -81,9 +87,11 @@ def restore_path(runtime: str, options: betterproto.Message | None) -> str:
 class TasksService:
     base = TasksBase
 
-    def __init__(self, runtime: TaskManager, containers: ContainerStore) -> None:
+    def __init__(self, runtime: TaskManager, containers: ContainerStore,
+                 networks: NetworkManager | None = None) -> None:
         self.runtime = runtime
         self.containers = containers
+        self.networks = networks
         self._log = log.get("tasks")
 
     # -- lookups ---------------------------------------------------------------------
@@ -133,8 +141,36 @@ class TasksService:
         if self.runtime.get(ns, req.container_id) is not None:
             raise errdefs.AlreadyExists(f"task {req.container_id}")
         assert container.spec is not None  # the store refuses containers without one
+        key = (ns, req.container_id)
+        if self.networks is None:
+            return await self._create(ns, req, container, container.spec, options)
+        if key in self.networks.creating:
+            raise errdefs.AlreadyExists(f"task {req.container_id}")
+        self.networks.creating.add(key)
+        try:
+            prepared = await self.networks.prepare_container(
+                ns, container.id, container.labels, spec_hostname(container.spec))
+            if prepared is None:
+                return await self._create(ns, req, container, container.spec, options)
+            try:
+                return await self._create(ns, req, container,
+                                          apply_to_spec(container.spec, prepared), options)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.networks.release_container(ns, container.id)
+                    except errdefs.BerthError as e:
+                        self._log.error("detach after failed task create", namespace=ns,
+                                        id=container.id, error=str(e))
+                raise
+        finally:
+            self.networks.creating.discard(key)
+
+    async def _create(self, ns: str, req: CreateTaskRequest, container: Container,
+                      spec: AnyMsg, options: betterproto.Message | None
+                      ) -> CreateTaskResponse:
         opts = CreateOpts(
-            spec=container.spec,
+            spec=spec,
             runtime=req.runtime_path or container.runtime_name,
             rootfs=[Mount(type=m.type, source=m.source, options=list(m.options))
                     for m in req.rootfs],
@@ -166,11 +202,16 @@ class TasksService:
     async def delete(self, ctx: CallContext, req: DeleteTaskRequest) -> DeleteResponse:
         ns, container = self._container(ctx, req.container_id)
         task, exit_ = await self._settled(ctx, req.container_id)
-        if task is None and exit_ is not None:
-            # Its shim was found dead at start-up and the cleanup just deleted it.
-            return DeleteResponse(exit_status=exit_.status, exited_at=exit_.timestamp,
-                                  pid=exit_.pid)
-        exit_ = await self.runtime.delete(ns, req.container_id)
+        # exit_ alone: its shim was found dead at start-up, its cleanup deleted it.
+        if task is not None or exit_ is None:
+            exit_ = await self.runtime.delete(ns, req.container_id)
+        if self.networks is not None:
+            try:
+                await self.networks.release_container(ns, container.id)
+            except errdefs.BerthError as e:
+                # The task is gone; its records stay for the next event or the collector.
+                self._log.error("network teardown after task delete", namespace=ns,
+                                id=container.id, error=str(e))
         return DeleteResponse(exit_status=exit_.status, exited_at=exit_.timestamp,
                               pid=exit_.pid)
 
@@ -340,8 +381,12 @@ def _task_adaptor(task: ShimTask) -> filters.Adaptor:
 
 
 async def _init(ctx: InitContext) -> TasksService:
+    try:
+        networks = ctx.plugins.get(INTERNAL, NETWORKS_ID)
+    except errdefs.NotFound:
+        networks = None  # containers then get no networks from their labels
     return TasksService(ctx.plugins.get(RUNTIME_V2, "task"),
-                        store_for(ctx.plugins.get(METADATA).db))
+                        store_for(ctx.plugins.get(METADATA).db), networks)
 
 
 @hookimpl
