@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -33,6 +34,19 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -
                 s.close()
         time.sleep(0.02)
     raise TimeoutError(f"{path} not served after {timeout}s")
+
+
+def until(what: str, probe: Callable[[], object], timeout: float = 60.0,
+          every: float = 0.1) -> Any:
+    """``probe()``'s first truthy value; the deadline only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s (last: {got!r})")
+        time.sleep(every)
 
 
 @dataclass
