@@ -4,6 +4,7 @@ Run as root from the repository root::
 
     python -m benchmarks.bench_restart                   # 100 dead shims per daemon
     python -m benchmarks.bench_restart --containers 3    # smoke run
+    python -m benchmarks.bench_restart --boot-only       # the daemons' plain boots only
 
 berthd and the real containerd start side by side, each on a fresh root in one
 temporary folder, and import the same busybox image (``tests.images``). On each,
@@ -24,7 +25,8 @@ default runtime, started 8 at a time). Then, one daemon after the other:
 Before that, the daemons' own boot: each is started ``--boots`` times (alternating) on
 a fresh root with nothing to recover, and the median is reported of the time from its
 start until ``ctr version`` answered, and of the CPU time it had used by then (user +
-system, all threads: the steadier number on a busy machine). ``--boot-only`` stops there.
+system, all threads: the steadier number on a busy machine). ``--boot-only`` stops there;
+``--drop-caches`` empties the page cache before each start (a boot from disk).
 
 Ratios are berthd / containerd. The machine's load average is printed with the
 results (the machine may be shared). Everything is removed at the end, also when a
@@ -227,7 +229,13 @@ class Boot:
     cpu: float
 
 
-def boots(base: Path, n: int) -> dict[str, Boot]:
+def drop_page_cache() -> None:
+    """Start the next daemon from disk: its binary, libraries and (berthd) modules."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def boots(base: Path, n: int, cold: bool = False) -> dict[str, Boot]:
     """Median time to first answer and boot CPU of each daemon on fresh roots."""
     walls: dict[str, list[float]] = {"containerd": [], "berth": []}
     cpus: dict[str, list[float]] = {"containerd": [], "berth": []}
@@ -236,6 +244,8 @@ def boots(base: Path, n: int) -> dict[str, Boot]:
             folder = base / f"boot-{name}-{i}"
             d = (daemons.berthd(folder, "--log-level", "info") if name == "berth"
                  else daemons.containerd(folder))
+            if cold:
+                drop_page_cache()
             try:
                 wall, pid = start_timed(d)
                 cpus[name].append(own_cpu_seconds(pid))
@@ -306,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="starts per daemon with nothing to recover (default 10)")
     p.add_argument("--boot-only", action="store_true",
                    help="measure the boots only, no containers")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="boots from a cold page cache (drops the machine's page cache "
+                        "before each start)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_restart: run as root (containers, containerd)", file=sys.stderr)
@@ -328,10 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Restart] = {}
     problems: list[str] = []
     try:
-        booted = boots(base, args.boots)
+        booted = boots(base, args.boots, cold=args.drop_caches)
         cb, bb = booted["containerd"], booted["berth"]
         print(f"\n== boot with nothing to recover (fresh root, median of {args.boots} "
-              f"starts each) ==")
+              f"starts each{', cold page cache' if args.drop_caches else ''}) ==")
         print(f"{'daemon':<12} {'first answer':>13} {'boot cpu':>9}")
         for label, r in (("containerd", cb), ("berthd", bb)):
             print(f"{label:<12} {r.first_answer:12.3f}s {r.cpu:8.2f}s")
