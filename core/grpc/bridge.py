@@ -41,6 +41,7 @@ debug logging (both computed for log lines nobody reads), and hpack's Huffman de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import struct
 from collections.abc import Callable
@@ -51,6 +52,7 @@ import grpclib.const
 import grpclib.exceptions
 import grpclib.protocol
 import grpclib.server
+import h2.config
 import h2.exceptions
 import hpack.hpack
 import hpack.huffman_table
@@ -806,6 +808,13 @@ class Protocol(grpclib.protocol.H2Protocol):
         processor.started = False
         try:
             super().data_received(data)
+        except Exception:
+            # A boundary per connection: nothing one client sends (a header value that
+            # is not valid text, a frame h2 chokes on, a bug of ours it triggers) may
+            # escape into the daemon's nursery. That connection ends; the rest go on.
+            log.warning("closing gRPC connection after an error in its input",
+                        exc_info=True)
+            self._abandon()
         finally:
             out.holding = False
             if processor.started:
@@ -815,6 +824,13 @@ class Protocol(grpclib.protocol.H2Protocol):
                 out.flush_soon()
             else:
                 out.flush()
+
+
+    def _abandon(self) -> None:
+        with contextlib.suppress(Exception):
+            self.processor.close("Protocol error")
+        with contextlib.suppress(Exception):
+            self._out.close()
 
 
 class Server(grpclib.server.Server):
@@ -832,7 +848,14 @@ class Server(grpclib.server.Server):
 
     def _protocol_factory(self) -> grpclib.protocol.H2Protocol:
         plain = super()._protocol_factory()
-        return Protocol(plain.handler, plain.config, plain.h2_config, self._calls)
+        # grpclib decodes header values as ASCII: a namespace such as "é" (UTF-8 from
+        # grpc-go, as containerd reads it) would end the connection instead of getting
+        # containerd's InvalidArgument from the service.
+        h2_config = h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8", validate_inbound_headers=False,
+            validate_outbound_headers=False, normalize_inbound_headers=False,
+            normalize_outbound_headers=False)
+        return Protocol(plain.handler, plain.config, h2_config, self._calls)
 
 
 class _Routes:
