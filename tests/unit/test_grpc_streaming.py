@@ -1,8 +1,8 @@
 """Server-streaming calls through berth's gRPC server (core/grpc), end to end.
 
-A real grpclib client (asyncio, hosted by trio-asyncio in the test only) talks to ``berth.core.grpc.server.serve`` over a unix socket in a
-temporary folder; the service is a stand-in for Content.Read whose behaviour each
-request picks (by digest).
+A real grpclib client (asyncio, hosted by trio-asyncio in the test only) talks to
+``berth.core.grpc.server.serve`` over a unix socket in a temporary folder; the service
+is a stand-in for Content.Read whose behaviour each request picks (by digest).
 """
 
 from __future__ import annotations
