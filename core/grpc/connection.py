@@ -314,12 +314,15 @@ class Connection:
             data = await stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
-        if not data:
+        if not data or not self.feed(data):
             return False
-        return self.feed(data)
+        if self._gather:
+            self._wake.set()  # the writer sends once the new call had its first step
+            return True
+        # Answered inline (or nothing to answer): send from here, no task switch.
+        return await self._flush(stream)
 
     async def _write_loop(self, stream: trio.abc.Stream) -> None:
-        h2conn = self.h2
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -328,18 +331,25 @@ class Connection:
                 # let it, so its answer leaves with what this read made h2 say.
                 self._gather = False
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            while data := h2conn.data_to_send():
-                self._writing = True
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._shutdown()
-                    return
-                finally:
-                    self._writing = False
-                    self._drained.unpark_all()
-            if self._finishing:
+            if not await self._flush(stream) or self._finishing:
                 return
+
+    async def _flush(self, stream: trio.abc.Stream) -> bool:
+        """Send what h2 has for the peer; False once the peer is gone. One sender at a
+        time: whoever is sending also takes what others add meanwhile."""
+        if self._writing:
+            return True
+        self._writing = True
+        try:
+            while data := self.h2.data_to_send():
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._shutdown()
+            return False
+        finally:
+            self._writing = False
+            self._drained.unpark_all()
+        return True
 
     # -- input --------------------------------------------------------------------------
 
@@ -365,7 +375,6 @@ class Connection:
             handle = dispatch.get(type(ev))
             if handle is not None:
                 handle(ev)
-        self._wake.set()
         return not self.closed
 
     def _close(self, code: h2.errors.ErrorCodes) -> None:
