@@ -473,7 +473,14 @@ class Connection:
             self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
             return
         if not unary_request and st.reader is not None:
-            st.reader.set()
+            if st.length >= 0 and len(buf) >= 5 + st.length:
+                st.reader.set()  # a whole message for the waiting recv()
+            else:
+                # recv() waits for the rest of this message: let the client send it,
+                # without waking the reader for every frame.
+                st.held -= n
+                if n:
+                    self.h2.acknowledge_received_data(n, sid)
 
     def _on_end(self, ev: h2.events.StreamEnded) -> None:
         st = self.streams.get(ev.stream_id)

@@ -149,10 +149,9 @@ def run_long(name: str, properties: list[Callable[[], None]],
     args = p.parse_args(argv)
     from berth.core import log as logsetup
     logsetup.setup("error")
-    hypothesis.settings.register_profile(
-        "long", max_examples=args.examples, deadline=None, database=None,
+    long = hypothesis.settings(
+        max_examples=args.examples, deadline=None, database=None,
         suppress_health_check=list(hypothesis.HealthCheck))
-    hypothesis.settings.load_profile("long")
     started = time.monotonic()
     end = started + args.hours * 3600
     examples = failures = 0
@@ -160,7 +159,7 @@ def run_long(name: str, properties: list[Callable[[], None]],
         for prop in properties:
             t0 = time.monotonic()
             try:
-                prop()
+                long(prop)()
             except Exception as e:  # a falsifying example: print it and go on
                 failures += 1
                 print(f"FOUND in {prop.__name__}: {e!r}", file=sys.stderr, flush=True)

@@ -90,3 +90,56 @@ def test_frame_gate() -> None:
         gate.feed(bytes(16384 - 100) + b"\x00\x40\x01\x00\x00\x00\x00\x00\x01", 16384)
     with pytest.raises(Refused):
         FrameGate().feed(preface + b"\x00\x00\x08\x06\x00\x00\x00\x00\x00", 16384)  # PING
+
+
+async def test_client_stream_larger_than_the_windows_flows() -> None:
+    # Three 300 kB messages on a Write stream: the server hands the window back as its
+    # service reads, so each message arrives whole (the stream window is 64 KiB).
+    from berth.core.api.containerd.services.content import v1 as content
+
+    rt = harness.router(max_recv=1 << 20)
+    conn = harness.client_h2()
+    conn.send_headers(1, [
+        (b":method", b"POST"), (b":scheme", b"http"),
+        (b":path", b"/containerd.services.content.v1.Content/Write"), (b":authority", b"x"),
+        (b"content-type", b"application/grpc"), (b"te", b"trailers")])
+    pending = bytearray()
+    for _ in range(3):
+        msg = bytes(content.WriteContentRequest(data=bytes(300_000)))
+        pending += b"\x00" + len(msg).to_bytes(4, "big") + msg
+    client, server = trio.testing.memory_stream_pair()
+    offsets, status = [], None
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_connection, rt, server)
+            while status is None:
+                n = min(len(pending), conn.local_flow_control_window(1),
+                        conn.max_outbound_frame_size)
+                if n:
+                    conn.send_data(1, bytes(pending[:n]), end_stream=n == len(pending))
+                    del pending[:n]
+                await client.send_all(conn.data_to_send())
+                if n and pending:
+                    continue
+                for ev in conn.receive_data(await client.receive_some(1 << 16)):
+                    if isinstance(ev, h2.events.DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+                        offsets.append(content.WriteContentResponse().parse(ev.data[5:]).offset)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        status = dict(ev.headers)[b"grpc-status"]
+                await client.send_all(conn.data_to_send())
+            await client.aclose()
+    assert status == b"0" and offsets == [300_000] * 3
+
+
+async def test_malformed_timeout_is_an_error_not_a_crash() -> None:
+    conn = harness.client_h2()
+    conn.send_headers(1, [
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", harness.VERSION.encode()),
+        (b":authority", b"x"), (b"content-type", b"application/grpc"),
+        (b"grpc-timeout", b"12x")], end_stream=True)
+    got = await harness.exchange(harness.router(), conn.data_to_send())
+    events = conn.receive_data(got)
+    trailers = [dict(e.headers) for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert trailers and trailers[0][b"grpc-status"] == b"13", events
+    assert trailers[0][b"grpc-message"].startswith(b"transport: malformed grpc-timeout")
