@@ -152,14 +152,15 @@ def run_long(name: str, properties: list[Callable[[], None]],
     long = hypothesis.settings(
         max_examples=args.examples, deadline=None, database=None,
         suppress_health_check=list(hypothesis.HealthCheck))
+    runs = [long(prop) for prop in properties]  # a function takes settings only once
     started = time.monotonic()
     end = started + args.hours * 3600
     examples = failures = 0
     while time.monotonic() < end:
-        for prop in properties:
+        for prop, run in zip(properties, runs, strict=True):
             t0 = time.monotonic()
             try:
-                long(prop)()
+                run()
             except Exception as e:  # a falsifying example: print it and go on
                 failures += 1
                 print(f"FOUND in {prop.__name__}: {e!r}", file=sys.stderr, flush=True)

@@ -44,7 +44,7 @@ async def _echo(ctx: Any, req: Empty) -> Empty:
 
 
 class _NoCreate(TaskService):
-    async def create(self, req: Any) -> Any:
+    async def create(self, ctx: Any, req: Any) -> Any:
         raise errdefs.FailedPrecondition("create is not fuzzed")
 
 
