@@ -40,6 +40,11 @@ class GRPCStatus(Exception):
         self.message = message
 
 
+class StreamGone(Exception):
+    """The call's stream was reset by the client, or its connection is closing: nobody
+    is left to answer (a service's ``send`` or ``recv`` raises it)."""
+
+
 def truncated_header() -> GRPCStatus:
     return GRPCStatus(Code.INTERNAL, "grpc: received truncated message header")
 
@@ -81,6 +86,8 @@ def service_error(exc: BaseException, path: str) -> GRPCStatus:
         return exc
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]  # a service's own nursery wrapped a lone failure
+    if isinstance(exc, StreamGone):
+        return GRPCStatus(Code.CANCELLED, "stream gone")  # never sent: nobody listens
     if not isinstance(exc, errdefs.BerthError):
         log.error("unhandled error in service", method=path, exc_info=exc)
     code, message = errdefs.to_status(exc)

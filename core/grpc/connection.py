@@ -43,7 +43,7 @@ from grpclib.const import Cardinality
 
 from berth.core.errdefs import Code
 from berth.core.grpc import bridge
-from berth.core.grpc.bridge import GRPCStatus, Method
+from berth.core.grpc.bridge import GRPCStatus, Method, StreamGone
 from berth.core.grpc.context import CallContext
 
 log = structlog.get_logger("grpc")
@@ -157,10 +157,6 @@ class Router:
             else:
                 log.warning("unknown gRPC path", path=path, error=message)
         return GRPCStatus(Code.UNIMPLEMENTED, message)
-
-
-class _StreamGone(Exception):
-    """A call's stream was reset by the client, or its connection is closing."""
 
 
 class _Stream:
@@ -612,7 +608,7 @@ class Connection:
                     if resp is None:
                         raise TypeError(f"{m.path} answered nothing")
                     await self.send_message(st, resp)
-            except _StreamGone:
+            except StreamGone:
                 return
             except Exception as e:
                 error = bridge.service_error(e, m.path)
@@ -630,7 +626,7 @@ class Connection:
         m = st.method
         while True:
             if st.gone:
-                raise _StreamGone()
+                raise StreamGone()
             buf = st.buf
             if st.length >= 0 and len(buf) >= 5 + st.length:
                 end = 5 + st.length
@@ -665,7 +661,7 @@ class Connection:
     async def send_message(self, st: _Stream, msg: Any) -> None:
         data = st.method.encode(msg)
         if st.gone:
-            raise _StreamGone()
+            raise StreamGone()
         if not st.started:
             self._send(lambda: self.h2.send_headers(st.sid, _OK_HEADERS))
             st.started = True
@@ -679,11 +675,11 @@ class Connection:
             while self._writing and not st.gone:
                 await self._drained.park()
             if st.gone:
-                raise _StreamGone()
+                raise StreamGone()
             try:
                 window = h2conn.local_flow_control_window(st.sid)
             except h2.exceptions.ProtocolError:
-                raise _StreamGone() from None
+                raise StreamGone() from None
             if window <= 0:
                 st.window = trio.Event()  # set by a WINDOW_UPDATE or new SETTINGS
                 await st.window.wait()
@@ -692,7 +688,7 @@ class Connection:
             try:
                 h2conn.send_data(st.sid, view[:n].tobytes())
             except h2.exceptions.ProtocolError:
-                raise _StreamGone() from None
+                raise StreamGone() from None
             view = view[n:]
             self._wake.set()
 
@@ -702,7 +698,7 @@ class Connection:
         try:
             fn()
         except h2.exceptions.ProtocolError:
-            raise _StreamGone() from None
+            raise StreamGone() from None
 
     def _reply(self, st: _Stream, data: bytes) -> None:
         h2conn = self.h2
@@ -731,8 +727,9 @@ class Connection:
                 st.started = True
                 await self._send_data(st, data)
                 self._end(st)
-            except _StreamGone:
+            except StreamGone:
                 self._done(st)
+        self._wake.set()
 
     def _end(self, st: _Stream) -> None:
         """OK trailers (trailers-only if nothing was sent)."""
@@ -766,6 +763,8 @@ class Connection:
             self.buffered -= len(st.buf)
             st.buf = bytearray()
         st.gone = True
+        if st.scope is not None:
+            st.scope.cancel()  # a call still running has nobody to answer any more
         st.wake()
 
     def _send_error(self, sid: int, code: int, message: str | None, *, ended: bool) -> None:
