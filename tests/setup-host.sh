@@ -11,6 +11,8 @@ PACKAGES=(
   openssl               # certificates for the registry's TLS tests
   nghttp2-client        # h2load for the benchmarks' load generator
   socat
+  gcc libc6-dev         # static probes built by the container-escape tests
+  binutils-aarch64-linux-gnu qemu-user  # the exec stub's aarch64 code, assembled and run
   iproute2
   python3-venv
   ca-certificates
@@ -27,6 +29,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # The suite starts its own containerd in temporary folders; a system one is not needed.
-for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load docker-registry; do
+for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load docker-registry gcc; do
   command -v "$bin" >/dev/null || { echo "setup-host: $bin missing after install" >&2; exit 1; }
 done
