@@ -293,30 +293,36 @@ class Connection:
                 conn.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
 
     async def _read_loop(self, stream: trio.abc.Stream) -> None:
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            while not self.gate.ready:
-                if not await self._receive(stream):
+        handshake = trio.current_time() + HANDSHAKE_TIMEOUT
+        while True:
+            if self.gate.ready:
+                data = await self._read(stream)
+            else:
+                # Only the wait for bytes is timed: a deadline that fell inside the
+                # processing or the send below would lose an answer already made.
+                data = None
+                with trio.move_on_at(handshake):
+                    data = await self._read(stream)
+                if data is None:
+                    log.info("closing gRPC connection: no HTTP/2 handshake in time")
+                    self._close(h2.errors.ErrorCodes.SETTINGS_TIMEOUT)
                     return
-        if not self.gate.ready:
-            log.info("closing gRPC connection: no HTTP/2 handshake in time")
-            self._close(h2.errors.ErrorCodes.SETTINGS_TIMEOUT)
-            return
-        while await self._receive(stream):
+            if not data or not self.feed(data):
+                return
+            if self._gather:
+                self._wake.set()  # the writer sends once the new call had its first step
+            elif not await self._flush(stream):
+                # Answered inline (or nothing to answer): sent from here, no task switch.
+                return
             if self._writing:
                 await self._drained.park()  # stop reading a client that is not reading
 
-    async def _receive(self, stream: trio.abc.Stream) -> bool:
+    @staticmethod
+    async def _read(stream: trio.abc.Stream) -> bytes:
         try:
-            data = await stream.receive_some(RECEIVE_SIZE)
+            return await stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        if not data or not self.feed(data):
-            return False
-        if self._gather:
-            self._wake.set()  # the writer sends once the new call had its first step
-            return True
-        # Answered inline (or nothing to answer): send from here, no task switch.
-        return await self._flush(stream)
+            return b""
 
     async def _write_loop(self, stream: trio.abc.Stream) -> None:
         while True:

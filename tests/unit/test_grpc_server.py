@@ -143,3 +143,48 @@ async def test_malformed_timeout_is_an_error_not_a_crash() -> None:
     trailers = [dict(e.headers) for e in events if isinstance(e, h2.events.ResponseReceived)]
     assert trailers and trailers[0][b"grpc-status"] == b"13", events
     assert trailers[0][b"grpc-message"].startswith(b"transport: malformed grpc-timeout")
+
+
+class _SlowSend(trio.abc.Stream):
+    """A stream whose sends take (virtual) seconds: a client slow to take answers."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes) -> None:  # type: ignore[override]
+        await trio.sleep(2)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_handshake_deadline_never_cuts_an_answer(autojump_clock: object) -> None:
+    # The handshake deadline (1 s) passes while the first answer is being sent: the
+    # answer still arrives whole (the deadline only bounds the wait for bytes).
+    conn = harness.client_h2()
+    conn.send_headers(1, [
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", harness.VERSION.encode()),
+        (b":authority", b"x"), (b"content-type", b"application/grpc"),
+        (b"containerd-namespace", b"default")])
+    conn.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
+    client, server = trio.testing.memory_stream_pair()
+    status = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, harness.router(), _SlowSend(server))
+        await client.send_all(conn.data_to_send())
+        with trio.fail_after(30):
+            while status is None:
+                data = await client.receive_some(1 << 16)
+                assert data, "hung up"
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                        status = dict(ev.headers).get(b"grpc-status", status)
+        await client.aclose()
+    assert status == b"0"
