@@ -155,7 +155,11 @@ class Router:
             if len(seen) > UNKNOWN_PATHS_REMEMBERED:
                 log.warning("too many distinct unknown gRPC paths; no longer logging them")
             else:
-                log.warning("unknown gRPC path", path=path, error=message)
+                # Undecodable bytes shown escaped: a log line must be printable anywhere.
+                log.warning("unknown gRPC path",
+                            path=raw_path.decode("utf-8", "backslashreplace"),
+                            error=message.encode("utf-8", "surrogateescape")
+                            .decode("utf-8", "backslashreplace"))
         return GRPCStatus(Code.UNIMPLEMENTED, message)
 
 

@@ -56,6 +56,12 @@ async def test_unknown_paths_are_logged_once_each_and_answered() -> None:
     assert [e["path"] for e in warned] == ["/grpc.health.v1.Health/Check",
                                            "/containerd.services.version.v1.Version/Nope"]
     assert all(e["log_level"] == "warning" for e in warned)
+    # A path of undecodable bytes: answered the same way, logged escaped (printable).
+    with structlog.testing.capture_logs() as logs:
+        got = await call(rt, b"/bad\xff.Svc/M")
+    assert got[b"grpc-status"] == b"12"
+    assert got[b"grpc-message"] == b"unknown service bad%FF.Svc"
+    assert [e["path"] for e in logs if e["event"] == "unknown gRPC path"] == ["/bad\\xff.Svc/M"]
 
 
 @pytest.mark.parametrize("namespace,message", [
