@@ -127,7 +127,10 @@ def handlers_for(service: Any, base: type, *, max_recv: int = DEFAULT_MAX_RECV
             continue  # not implemented: the server answers Unimplemented
         is_async = inspect.iscoroutinefunction(impl)
         if h.cardinality is not Cardinality.UNARY_UNARY and not is_async:
-            raise TypeError(f"{path}: streaming methods must be async")
+            # A plain def cannot await send/recv: a plugin bug, kept out of the table
+            # (the call answers Unimplemented) rather than ending the daemon.
+            log.error("streaming gRPC method is not async; not served", method=path)
+            continue
         out[path] = Method(path, impl, h.cardinality, h.request_type, h.reply_type,
                            max_recv, is_async)
     return out
