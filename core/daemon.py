@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = [
     "berth.core.metadata.plugin",
     "berth.core.events.plugin",
     "berth.core.services.version",
+    "berth.core.services.health",
     "berth.core.services.namespaces",
     "berth.core.services.leases",
     "berth.core.services.events",
@@ -40,6 +41,11 @@ BUILTIN_PLUGINS = [
     "berth.core.services.diff",
     "berth.core.services.containers",
     "berth.core.runtime.plugin",
+    "berth.plugins.networks.none",
+    "berth.plugins.networks.host",
+    "berth.plugins.networks.cni.plugin",
+    "berth.core.networks.plugin",
+    "berth.core.services.networks",
     "berth.core.services.tasks",
 ]
 
@@ -148,6 +154,16 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 gid=g["gid"], max_recv=max_recv, task_status=task_status))
         log.info("berthd successfully booted", version=__version__, address=str(cfg.address),
                  root=str(cfg.root), state=str(cfg.state))
+        # Work that must not hold the API back (the runtime's recovery of the tasks a
+        # previous berthd left) starts now, in the nursery each plugin was given.
+        for p in plugins.ordered:
+            hook = getattr(p.instance, "serving", None) if p.ok else None
+            if callable(hook):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("plugin failed to start its background work",
+                                  plugin=p.registration.uri)
         task_status.started(plugins)
 
 
