@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import trio
 
@@ -322,6 +323,13 @@ class NamespacedContent:
         """The backend blob, once this namespace is known to have it."""
         self.info(namespace, digest)
         return self.backend.reader(digest)
+
+    def blob_path(self, namespace: str, digest: str) -> Path:
+        """The local file of a blob this namespace has (NotFound otherwise), for readers
+        that work in a worker thread, such as a differ unpacking a layer. Blobs are
+        immutable once committed; a delete unlinks the file but leaves open files readable."""
+        self.info(namespace, digest)
+        return self.backend.blob_path(digest)
 
     # --- ingests ------------------------------------------------------------------------
 
