@@ -488,13 +488,14 @@ class NamespacedContent:
                     "SELECT expected FROM content_ingests WHERE expected != ''")}
                 brefs = {r[0] for r in c.execute("SELECT bref FROM content_ingests")}
             blobs: list[str] = []
-            async for info in self.backend.walk():
-                if info.digest in keep:
-                    continue
-                with contextlib.suppress(errdefs.NotFound):
-                    await self.backend.delete(info.digest)
-                    blobs.append(info.digest)
-                    self._log.debug("removed content", digest=info.digest)
+            async with contextlib.aclosing(self.backend.walk()) as walk:
+                async for info in walk:
+                    if info.digest in keep:
+                        continue
+                    with contextlib.suppress(errdefs.NotFound):
+                        await self.backend.delete(info.digest)
+                        blobs.append(info.digest)
+                        self._log.debug("removed content", digest=info.digest)
             stale = [st.ref async for st in self.backend.list_statuses()
                      if st.ref not in brefs]
             for bref in stale:

@@ -417,7 +417,8 @@ class TaskService:
 
     async def shutdown(self, ctx: Context, req: api.ShutdownRequest) -> Empty:
         if not self.containers and not self._creating:
-            self._shutdown()
+            # Stop once this answer has been written: the client is waiting for it.
+            ctx.on_replied(self._shutdown)
         return Empty()
 
 

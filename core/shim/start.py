@@ -74,8 +74,12 @@ def fork_shim(flags: Flags, listener: socket.socket) -> int:
         from berth.core.shim import serve
 
         code = serve.run(flags, listener)
-    except BaseException:  # noqa: B036 - nothing may escape a forked child
-        pass
+    except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+        # stderr is /dev/null now: the container's log (the bundle is our cwd) gets it.
+        from berth.core.shim import logging as shim_logging
+
+        shim_logging.report_failure(os.getcwd(), "shim failed", exc,
+                                    namespace=flags.namespace, id=flags.id)
     finally:
         os._exit(code)
 

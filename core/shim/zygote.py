@@ -86,8 +86,8 @@ def fork_zygote(path: str, first_request: bytes, listener: socket.socket) -> int
             os.close(r)
             _detach()
             code = _zygote(path, first_request, listener, w)
-        except BaseException:  # noqa: B036 - nothing may escape a forked child
-            pass
+        except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+            _report(first_request, "shim zygote failed", exc)
         finally:
             os._exit(code)
     os.close(w)
@@ -388,6 +388,7 @@ def _fork_for(server: socket.socket) -> None:
         conn.close()
         return
     code = 1
+    received: tuple[dict, int] | None = None
     try:
         server.close()
         _child_signals()
@@ -395,8 +396,11 @@ def _fork_for(server: socket.socket) -> None:
         received = _receive_request(conn)
         if received is not None:
             code = _become_shim(*received)
-    except BaseException:  # noqa: B036 - nothing may escape a forked child
-        pass
+    except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+        # Before the request arrived the requester gets no answer, and berthd logs that
+        # with the container's id; after, the shim's own log has it.
+        if received is not None:
+            _report_dict(received[0], "shim failed", exc)
     finally:
         os._exit(code)
 
@@ -465,10 +469,36 @@ def _spawn_shim(req: dict, listener_fd: int, close: list[socket.socket | int | N
                 os.close(item)
         _child_signals()
         code = _become_shim(req, listener_fd)
-    except BaseException:  # noqa: B036 - nothing may escape a forked child
-        pass
+    except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+        _report_dict(req, "shim failed", exc)
     finally:
         os._exit(code)
+
+
+def _report_dict(req: dict, msg: str, exc: BaseException) -> None:
+    """A failure of the shim a request asked for, to that container's log (stderr is
+    /dev/null here). A clean exit (SystemExit 0) is no failure."""
+    if isinstance(exc, SystemExit) and not exc.code:
+        return
+    from berth.core.shim import logging as shim_logging
+
+    try:
+        argv = [str(a) for a in req.get("argv", [])]
+        bundle = str(req.get("cwd", ""))
+    except (AttributeError, TypeError):
+        return
+    namespace, id_ = shim_logging.ids_from_argv(argv)
+    if bundle:
+        shim_logging.report_failure(bundle, msg, exc, namespace=namespace, id=id_)
+
+
+def _report(request: bytes, msg: str, exc: BaseException) -> None:
+    try:
+        req = json.loads(request)
+    except ValueError:
+        return
+    if isinstance(req, dict):
+        _report_dict(req, msg, exc)
 
 
 def stop(path: str, timeout: float = 5.0) -> int:

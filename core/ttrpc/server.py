@@ -52,6 +52,13 @@ class Context:
     # trio clock time by which the client stops waiting; math.inf when it set none.
     deadline: float = math.inf
     peer: PeerCredentials | None = None
+    # Run once the call's answer is written to the connection (or could not be).
+    replied: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_replied(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` after the answer to this call has left (e.g. Shutdown's own answer
+        must reach the client before the server stops)."""
+        self.replied.append(fn)
 
     def get(self, key: str) -> str | None:
         """First value of a metadata key (looked up lower-cased, like ttrpc.MD.Get)."""
@@ -285,15 +292,19 @@ class Server:
         peer: PeerCredentials | None,
         conn_log: Any,
     ) -> None:
-        response = await self._dispatch(request, peer, conn_log)
+        replied: list[Callable[[], None]] = []
+        response = await self._dispatch(request, peer, conn_log, replied)
         frame = codec.response_frame(stream_id, response, max_length=self._max)
         try:
             await writer.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection went away; nobody is waiting for this answer
+        for fn in replied:
+            fn()
 
     async def _dispatch(
-        self, request: codec.CallRequest, peer: PeerCredentials | None, conn_log: Any
+        self, request: codec.CallRequest, peer: PeerCredentials | None, conn_log: Any,
+        replied: list[Callable[[], None]] | None = None,
     ) -> codec.CallResponse:
         methods = self._services.get(request.service)
         if methods is None:
@@ -318,6 +329,7 @@ class Server:
             metadata=codec.metadata_dict(request.metadata),
             deadline=deadline,
             peer=peer,
+            replied=replied if replied is not None else [],
         )
         try:
             with trio.CancelScope(deadline=deadline) as scope:
