@@ -56,13 +56,6 @@ def path_error(e: OSError, op: str = "open") -> str:
     return f"{op} {e.filename}: {go_errno(e)}"
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    # A nursery or TaskGroup reports the first real failure, as the plain error would.
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _network(e: BaseException) -> str | None:
     """``failed to resolve <host>: ...`` and friends, for an httpx transport error."""
     httpx = sys.modules.get("httpx")  # not loaded: the error cannot be one of its own
@@ -105,7 +98,7 @@ def describe(exc: BaseException, *, address: str, connected: bool = False) -> Fa
 
     ``address`` is the daemon's socket; ``connected`` tells whether a call reached it.
     """
-    exc = _leaf(exc)
+    exc = errdefs.unwrap_group(exc, first=True)
     if isinstance(exc, KeyboardInterrupt):
         return Failure("", EXIT_INTERRUPTED)
     if isinstance(exc, CommandError):

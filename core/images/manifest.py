@@ -23,9 +23,11 @@ MAX_JSON = 20 << 20
 
 @dataclass
 class Descriptor:
-    media_type: str
-    digest: str
-    size: int
+    """An OCI content descriptor: manifests' entries and an image's target alike."""
+
+    media_type: str = ""
+    digest: str = ""
+    size: int = 0
     urls: list[str] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
     platform: Platform | None = None

@@ -30,18 +30,12 @@ from betterproto.lib.google.protobuf import Any as AnyMsg
 
 from berth.core import errdefs, log
 from berth.core.api.containerd.task.v2 import DeleteResponse
+from berth.core.oci.reaper import Exit
 from berth.core.runtime.bundle import Bundle, go_error
 
 SHIM_BINARY_FORMAT = "containerd-shim-{}-{}"
 TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
 OWN_SHIM = "containerd-shim-berth-v1"
-
-
-@dataclass
-class Exit:
-    pid: int
-    status: int
-    timestamp: datetime
 
 
 def binary_name(runtime: str) -> str:
@@ -231,7 +225,7 @@ class ShimBinary:
         except Exception as e:  # betterproto raises several types on garbage
             raise errdefs.Unknown(f"shim delete: bad response: {e}", raw=True) from None
         await trio.to_thread.run_sync(self.bundle.delete)
-        return Exit(pid=resp.pid, status=resp.exit_status, timestamp=resp.exited_at)
+        return Exit(pid=resp.pid, status=resp.exit_status, exited_at=resp.exited_at)
 
 
 async def _ask_zygote(path: str, payload: bytes, listener: socket.socket) -> int | None:

@@ -60,9 +60,9 @@ from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import Container, ContainerStore, present, store_for
 from berth.core.networks.manager import NetworkManager, apply_to_spec, spec_hostname
 from berth.core.networks.plugin import ID as NETWORKS_ID
+from berth.core.oci.reaper import Exit
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import EVENT, GRPC, INTERNAL, METADATA, RUNTIME_V2
-from berth.core.runtime.binary import Exit
 from berth.core.runtime.manager import CreateOpts, Recovery, TaskManager, wrap
 from berth.core.runtime.shim import ShimTask
 
@@ -212,7 +212,7 @@ class TasksService:
                 # The task is gone; its records stay for the next event or the collector.
                 self._log.error("network teardown after task delete", namespace=ns,
                                 id=container.id, error=str(e))
-        return DeleteResponse(exit_status=exit_.status, exited_at=exit_.timestamp,
+        return DeleteResponse(exit_status=exit_.status, exited_at=exit_.exited_at,
                               pid=exit_.pid)
 
     async def delete_process(self, ctx: CallContext, req: DeleteProcessRequest
@@ -221,7 +221,7 @@ class TasksService:
         await self._process(task, req.exec_id)
         exit_ = await task.delete(req.exec_id)
         return DeleteResponse(id=req.exec_id, exit_status=exit_.status,
-                              exited_at=exit_.timestamp, pid=exit_.pid)
+                              exited_at=exit_.exited_at, pid=exit_.pid)
 
     async def _process_state(self, task: ShimTask, exec_id: str = "") -> Process:
         """containerd's getProcessState: a failing shim shows as UNKNOWN, not an error."""
@@ -364,10 +364,10 @@ class TasksService:
             assert exit_ is not None
             if req.exec_id:
                 raise errdefs.NotFound(f"process {req.exec_id}: not found", raw=True)
-            return WaitResponse(exit_status=exit_.status, exited_at=exit_.timestamp)
+            return WaitResponse(exit_status=exit_.status, exited_at=exit_.exited_at)
         await self._process(task, req.exec_id)
         exit_ = await task.wait(req.exec_id)
-        return WaitResponse(exit_status=exit_.status, exited_at=exit_.timestamp)
+        return WaitResponse(exit_status=exit_.status, exited_at=exit_.exited_at)
 
 
 def _task_adaptor(task: ShimTask) -> filters.Adaptor:

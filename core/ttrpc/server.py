@@ -91,14 +91,6 @@ def _socket_path(address: str) -> str:
     return address.removeprefix("unix://")
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    # A handler's own nursery wraps a lone failure in an ExceptionGroup; the status
-    # should still describe the failure itself.
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 class Server:
     def __init__(
         self,
@@ -338,7 +330,9 @@ class Server:
                 error = errdefs.DeadlineExceeded()
                 return codec.CallResponse(error.code, error.message)
         except Exception as exc:
-            failure = _unwrap(exc)
+            # A handler's own nursery wraps a lone failure in an ExceptionGroup; the status
+            # should still describe the failure itself.
+            failure = errdefs.unwrap_group(exc)
             code, text = errdefs.to_status(failure)
             if isinstance(failure, errdefs.BerthError):
                 conn_log.debug("ttrpc: call failed", service=request.service,
