@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.images import gojson, mediatypes
+from berth.core.gocompat import json as gojson
+from berth.core.images import mediatypes
 from berth.core.images.platforms import Platform, normalize
 
 # Manifests and configs are small; refuse to parse anything larger (containerd's limit).

@@ -68,7 +68,8 @@ _MAX_REQUEST = 1 << 20
 
 _PRELOAD = (
     "berth.core.shim.serve", "berth.core.shim.oom", "berth.core.mount",
-    "berth.core.api.containerd.runc.v1", "berth.core.shim.runtimes",
+    "berth.core.api.containerd.runc.v1", "berth.core.api.io.containerd.cgroups.v1",
+    "berth.core.shim.runtimes",
 )
 
 

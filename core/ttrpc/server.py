@@ -24,10 +24,11 @@ import trio
 
 from berth.core import errdefs, log
 from berth.core.errdefs import Code
+from berth.core.headers import TTRPC_NAMESPACE
 from berth.core.ttrpc import codec
 from berth.core.ttrpc._writer import FrameWriter
 
-NAMESPACE_KEY = "containerd-namespace-ttrpc"
+NAMESPACE_KEY = TTRPC_NAMESPACE
 
 _RECEIVE_SIZE = 64 * 1024
 # How long a connection being closed may take to flush its last frames.
