@@ -92,11 +92,11 @@ class IngestRecord:
     expire_ns: int | None
 
 
-def ensure_schema(db: Database) -> None:
-    db.ensure_schema("content", MIGRATIONS)
+COMPONENT = "content"
+NAMESPACE_CHECK_RANK = 20
 
 
-def _has_blobs(c: sqlite3.Connection, namespace: str) -> str | None:
+def namespace_check(c: sqlite3.Connection, namespace: str) -> str | None:
     row = c.execute("SELECT 1 FROM content_blobs WHERE namespace = ? LIMIT 1",
                     (namespace,)).fetchone()
     return "blobs" if row else None
@@ -243,8 +243,6 @@ class NamespacedContent:
 
     def __init__(self, db: Database, backend: ContentStore, *, shared: bool = True,
                  mutated: Mutated | None = None) -> None:
-        ensure_schema(db)
-        db.add_namespace_check(20, _has_blobs)
         self.db = db
         self.backend = backend
         self.shared = shared

@@ -51,11 +51,11 @@ class Image:
     updated_at: datetime | None = None
 
 
-def ensure_schema(db: Database) -> None:
-    db.ensure_schema("images", MIGRATIONS)
+COMPONENT = "images"
+NAMESPACE_CHECK_RANK = 10
 
 
-def _has_images(c: sqlite3.Connection, namespace: str) -> str | None:
+def namespace_check(c: sqlite3.Connection, namespace: str) -> str | None:
     row = c.execute("SELECT 1 FROM images WHERE namespace = ? LIMIT 1", (namespace,)).fetchone()
     return "images" if row else None
 
@@ -107,8 +107,6 @@ def gc_roots(c: sqlite3.Connection) -> list[tuple[str, str, dict[str, str]]]:
 
 class ImageStore:
     def __init__(self, db: Database, *, mutated: Callable[[bool], None] | None = None) -> None:
-        ensure_schema(db)
-        db.add_namespace_check(10, _has_images)
         self.db = db
         self._mutated = mutated or (lambda deletion: None)
         self._log = log.get("images")

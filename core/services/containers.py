@@ -156,7 +156,7 @@ def wire_gc(plugins: Any) -> Callable[[bool], None] | None:
 
 async def _init(ctx: InitContext) -> ContainersService:
     md = ctx.plugins.get(METADATA)
-    svc = ContainersService(store.store_for(md.db), ctx.plugins.get(EVENT))
+    svc = ContainersService(md.containers, ctx.plugins.get(EVENT))
     notify = wire_gc(ctx.plugins)
     if notify is None:
         _log.info("no gc scheduler loaded before containers: containers are no gc roots")

@@ -57,7 +57,7 @@ from berth.core.api.containerd.services.tasks.v1 import (
 from berth.core.api.containerd.types import Metric, Mount
 from berth.core.api.containerd.v1.types import Process, Status
 from berth.core.grpc.context import CallContext
-from berth.core.metadata.containers import Container, ContainerStore, present, store_for
+from berth.core.metadata.containers import Container, ContainerStore, present
 from berth.core.networks.manager import NetworkManager, apply_to_spec, spec_hostname
 from berth.core.networks.plugin import ID as NETWORKS_ID
 from berth.core.oci.reaper import Exit
@@ -386,7 +386,7 @@ async def _init(ctx: InitContext) -> TasksService:
     except errdefs.NotFound:
         networks = None  # containers then get no networks from their labels
     return TasksService(ctx.plugins.get(RUNTIME_V2, "task"),
-                        store_for(ctx.plugins.get(METADATA).db), networks)
+                        ctx.plugins.get(METADATA).containers, networks)
 
 
 @hookimpl
