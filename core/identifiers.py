@@ -46,3 +46,16 @@ def _go_len(s: str) -> int:
         return len(s.encode("utf-8", "surrogateescape"))
     except UnicodeEncodeError:
         return len(s.encode("utf-8", "surrogatepass"))
+
+
+def namespace_required(namespace: str | None) -> str:
+    """A call's namespace, validated, as containerd's namespaces.NamespaceRequired."""
+    if not namespace:
+        from berth.core.errdefs import FailedPrecondition
+
+        raise FailedPrecondition("namespace is required")
+    try:
+        validate(namespace)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"namespace validation: {e}", raw=True) from None
+    return namespace

@@ -28,7 +28,7 @@ from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import Container, ContainerStore, gc_roots
 from berth.core.metadata.db import Database
 from berth.core.metadata.namespaces import NamespaceStore
-from berth.core.services.containers import ContainersService
+from berth.core.services.containers import ContainersLocal, ContainersService
 
 SPEC = b'{"ociVersion":"1.0.2-dev"}'
 
@@ -238,10 +238,10 @@ def ctx(ns: str | None = "default") -> CallContext:
 
 async def test_service_crud_and_events(db: Database) -> None:
     exchange = Exchange()
-    svc = ContainersService(ContainerStore(db), exchange)
+    svc = ContainersService(ContainersLocal(ContainerStore(db), exchange))
     sub = exchange.subscribe()
     deletions: list[bool] = []
-    svc.mutated = deletions.append
+    svc.local.mutated = deletions.append
     pb = PbContainer(id="c1", labels={"a": "1"}, image="img",
                      runtime=ContainerRuntime(name="io.containerd.runc.v2",
                                               options=AnyMsg(type_url="containerd.runc.v1.Options")),
@@ -288,7 +288,7 @@ async def test_service_crud_and_events(db: Database) -> None:
 
 
 async def test_service_errors(db: Database) -> None:
-    svc = ContainersService(ContainerStore(db), Exchange())
+    svc = ContainersService(ContainersLocal(ContainerStore(db), Exchange()))
     with pytest.raises(errdefs.FailedPrecondition, match="namespace is required"):
         svc.get(ctx(None), GetContainerRequest(id="c1"))
     # The id check comes before the namespace check, as in containerd.
@@ -317,8 +317,8 @@ async def test_gc_wiring_registers_roots_and_reports_deletions(db: Database) -> 
     with db.read() as c:
         assert scheduler.collector.graph(c, {}).extra_roots == [
             mark.snapshot("ns1", "native", "k")]
-    svc = ContainersService(ContainerStore(db), Exchange())
-    svc.mutated = notify
+    svc = ContainersService(ContainersLocal(ContainerStore(db), Exchange()))
+    svc.local.mutated = notify
     svc.delete(ctx("ns1"), DeleteContainerRequest(id="c1"))
     event = scheduler._recv.receive_nowait()
     assert event.dirty  # a deletion: a collection is due
