@@ -212,12 +212,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return o
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def main(argv: list[str] | None = None) -> int:
     # Until berthd serves, it makes mostly objects that live as long as it does (modules,
     # classes, plugins): cyclic collections meanwhile free nothing and cost about a tenth
@@ -254,7 +248,7 @@ def _main(argv: list[str] | None) -> int:
         except BaseExceptionGroup as group:
             # Nurseries wrap a start-up failure in groups; the person starting the
             # daemon needs the one error, not a traceback.
-            leaf = _leaf(group)
+            leaf = errdefs.unwrap_group(group)
             if isinstance(leaf, (RootInUse, errdefs.BerthError, OSError)):
                 raise leaf from None
             raise

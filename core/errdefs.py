@@ -144,3 +144,16 @@ def to_status(exc: BaseException) -> tuple[Code, str]:
     if isinstance(exc, BerthError):
         return exc.code, exc.message
     return Code.UNKNOWN, str(exc) or type(exc).__name__
+
+
+def unwrap_group(exc: BaseException, *, first: bool = False) -> BaseException:
+    """The error inside the exception groups nurseries and task groups wrap it in.
+
+    By default only a group of one is opened (a lone failure, described as itself);
+    with ``first`` the first member is taken at every level, for callers that expect
+    one error (the others are usually the cancellations it caused).
+    """
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions and (
+            first or len(exc.exceptions) == 1):
+        exc = exc.exceptions[0]
+    return exc

@@ -8,9 +8,9 @@ containerd's, byte for byte, because clients print them.
 from __future__ import annotations
 
 import re
-import unicodedata
 
 from berth.core.errdefs import InvalidArgument
+from berth.core.gocompat.text import go_quote
 
 __all__ = ["MAX_LENGTH", "PATTERN", "go_quote", "is_valid", "validate"]
 
@@ -48,51 +48,14 @@ def _go_len(s: str) -> int:
         return len(s.encode("utf-8", "surrogatepass"))
 
 
-_GO_ESCAPES = {
-    "\a": "\\a",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-    "\v": "\\v",
-    '"': '\\"',
-    "\\": "\\\\",
-}
+def namespace_required(namespace: str | None) -> str:
+    """A call's namespace, validated, as containerd's namespaces.NamespaceRequired."""
+    if not namespace:
+        from berth.core.errdefs import FailedPrecondition
 
-
-def _go_printable(ch: str) -> bool:
-    # Go's unicode.IsPrint: letters, marks, numbers, punctuation, symbols, and ASCII space.
-    if " " <= ch <= "~":
-        return True
-    return ch > "\x7f" and unicodedata.category(ch)[0] in "LMNPS"
-
-
-def go_quote(s: str) -> str:
-    """``s`` as Go's ``%q`` (strconv.Quote) prints it.
-
-    Surrogate escapes (Python's stand-ins for bytes that were not UTF-8) print as the
-    ``\\xNN`` byte Go would show.
-    """
-    out = ['"']
-    for ch in s:
-        escaped = _GO_ESCAPES.get(ch)
-        if escaped is not None:
-            out.append(escaped)
-            continue
-        if _go_printable(ch):
-            out.append(ch)
-            continue
-        cp = ord(ch)
-        if 0xDC80 <= cp <= 0xDCFF:
-            out.append(f"\\x{cp - 0xDC00:02x}")
-        elif 0xD800 <= cp <= 0xDFFF:
-            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
-        elif cp < 0x20 or cp == 0x7F:
-            out.append(f"\\x{cp:02x}")
-        elif cp < 0x10000:
-            out.append(f"\\u{cp:04x}")
-        else:
-            out.append(f"\\U{cp:08x}")
-    out.append('"')
-    return "".join(out)
+        raise FailedPrecondition("namespace is required")
+    try:
+        validate(namespace)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"namespace validation: {e}", raw=True) from None
+    return namespace

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import socket
 import ssl
 import sys
@@ -23,6 +22,7 @@ from grpclib.exceptions import ProtocolError, StreamTerminatedError
 from berth.core import errdefs
 from berth.core.client import connection
 from berth.core.client.client import translate
+from berth.core.gocompat.text import go_errno, path_error
 
 # Exit status of a command stopped by ^C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -42,25 +42,6 @@ class CommandError(Exception):
 class Failure:
     message: str  # without the "berth: " prefix; empty: print nothing
     exit_code: int
-
-
-def go_errno(e: OSError) -> str:
-    """Go's text for an errno (``no such file or directory``): libc's, lower-cased."""
-    if e.errno is not None:
-        return os.strerror(e.errno).lower()
-    return (e.strerror or str(e)).lower()
-
-
-def path_error(e: OSError, op: str = "open") -> str:
-    """Go's ``*PathError`` text: ``open /x.tar: no such file or directory``."""
-    return f"{op} {e.filename}: {go_errno(e)}"
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    # A nursery or TaskGroup reports the first real failure, as the plain error would.
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _network(e: BaseException) -> str | None:
@@ -105,7 +86,7 @@ def describe(exc: BaseException, *, address: str, connected: bool = False) -> Fa
 
     ``address`` is the daemon's socket; ``connected`` tells whether a call reached it.
     """
-    exc = _leaf(exc)
+    exc = errdefs.unwrap_group(exc, first=True)
     if isinstance(exc, KeyboardInterrupt):
         return Failure("", EXIT_INTERRUPTED)
     if isinstance(exc, CommandError):

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from grpclib.client import Channel
 from grpclib.events import SendRequest, listen
 
+from berth.core.headers import GRPC_NAMESPACE
+
 DEFAULT_ADDRESS = "/run/berth/berth.sock"
 DEFAULT_NAMESPACE = "default"
-NAMESPACE_HEADER = "containerd-namespace"
+NAMESPACE_HEADER = GRPC_NAMESPACE
 # How long :func:`probe` waits for the socket's accept: a local daemon answers at once.
 PROBE_TIMEOUT = 2.0
 

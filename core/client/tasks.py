@@ -283,71 +283,39 @@ CGROUPS_V1_METRICS = "io.containerd.cgroups.v1.Metrics"
 CGROUPS_V2_METRICS = "io.containerd.cgroups.v2.Metrics"
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _message(data: bytes) -> dict[int, Any]:
-    """Field number → value (last wins; repeated varints collected as lists)."""
-    from berth.core.shim.wire import WIRE_LEN, fields
-
-    out: dict[int, Any] = {}
-    for number, kind, value in fields(data):
-        out[number] = bytes(value) if kind == WIRE_LEN else value  # type: ignore[arg-type]
-    return out
-
-
-def _packed(data: Any) -> list[int]:
-    if isinstance(data, int):
-        return [data]
-    out, pos = [], 0
-    while pos < len(data or b""):
-        v, pos = _varint(data, pos)
-        out.append(v)
-    return out
-
-
 def metrics_rows(type_url: str, value: bytes) -> list[tuple[str, Any]] | None:
-    """ctr's metric table for cgroups v1/v2 Metrics, decoded by field number (the
-    cgroups protos are not among core/api's generated types); None if unknown."""
+    """ctr's metric table for cgroups v1/v2 Metrics; None for another type."""
+    import betterproto
+
     name = type_url.rsplit("/", 1)[-1]
-    m = _message(value)
     rows: list[tuple[str, Any]] = []
     if name == CGROUPS_V1_METRICS:
-        if 4 in m:
-            memory = _message(m[4])
-            usage = _message(memory.get(33, b""))
-            rows += [("memory.usage_in_bytes", usage.get(2, 0)),
-                     ("memory.limit_in_bytes", usage.get(1, 0)),
-                     ("memory.stat.cache", memory.get(18, 0))]
-        if 3 in m:
-            cpu_usage = _message(_message(m[3]).get(1, b""))
-            per_cpu = " ".join(str(v) for v in _packed(cpu_usage.get(4, b"")))
-            rows += [("cpuacct.usage", cpu_usage.get(1, 0)),
+        from berth.core.api.io.containerd.cgroups import v1 as cgroups_v1
+
+        m1 = cgroups_v1.Metrics().parse(value)
+        if betterproto.serialized_on_wire(m1.memory):
+            rows += [("memory.usage_in_bytes", m1.memory.usage.usage),
+                     ("memory.limit_in_bytes", m1.memory.usage.limit),
+                     ("memory.stat.cache", m1.memory.total_cache)]
+        if betterproto.serialized_on_wire(m1.cpu):
+            per_cpu = " ".join(str(v) for v in m1.cpu.usage.per_cpu)
+            rows += [("cpuacct.usage", m1.cpu.usage.total),
                      ("cpuacct.usage_percpu", f"[{per_cpu}]")]
-        if 2 in m:
-            pids = _message(m[2])
-            rows += [("pids.current", pids.get(1, 0)), ("pids.limit", pids.get(2, 0))]
+        if betterproto.serialized_on_wire(m1.pids):
+            rows += [("pids.current", m1.pids.current), ("pids.limit", m1.pids.limit)]
         return rows
     if name == CGROUPS_V2_METRICS:
-        if 1 in m:
-            pids = _message(m[1])
-            rows += [("pids.current", pids.get(1, 0)), ("pids.limit", pids.get(2, 0))]
-        if 2 in m:
-            cpu = _message(m[2])
-            rows += [(f"cpu.{k}", cpu.get(n, 0)) for n, k in (
-                (1, "usage_usec"), (2, "user_usec"), (3, "system_usec"), (4, "nr_periods"),
-                (5, "nr_throttled"), (6, "throttled_usec"))]
-        if 4 in m:
-            memory = _message(m[4])
-            rows += [(f"memory.{k}", memory.get(n, 0)) for n, k in (
-                (32, "usage"), (33, "usage_limit"), (34, "swap_usage"), (35, "swap_limit"))]
+        from berth.core.api.io.containerd.cgroups import v2 as cgroups_v2
+
+        m2 = cgroups_v2.Metrics().parse(value)
+        if betterproto.serialized_on_wire(m2.pids):
+            rows += [("pids.current", m2.pids.current), ("pids.limit", m2.pids.limit)]
+        if betterproto.serialized_on_wire(m2.cpu):
+            rows += [(f"cpu.{k}", getattr(m2.cpu, k)) for k in (
+                "usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled",
+                "throttled_usec")]
+        if betterproto.serialized_on_wire(m2.memory):
+            rows += [(f"memory.{k}", getattr(m2.memory, k)) for k in (
+                "usage", "usage_limit", "swap_usage", "swap_limit")]
         return rows
     return None

@@ -28,7 +28,7 @@ from berth.core.content.errors import OutOfRange, go_quote
 from berth.core.content.ingest import Status
 from berth.core.content.writer import Writer
 from berth.core.errdefs import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from berth.core.gofmt import go_duration
+from berth.core.gocompat.duration import go_duration
 
 # Reads up to this size run inline: a pread from the page cache is cheaper than a
 # thread hop. Anything larger goes to a worker thread.

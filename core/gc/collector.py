@@ -74,8 +74,6 @@ class Collector:
         snapshotters: Callable[[], dict[str, Any]] = dict,
         content: Callable[[], content_meta.NamespacedContent | None] = lambda: None,
     ) -> None:
-        content_meta.ensure_schema(db)
-        images_meta.ensure_schema(db)
         self.db = db
         self._snapshotters = snapshotters
         self._content = content

@@ -15,7 +15,6 @@ collection due at the next tick), ``mutation_threshold`` (100), ``schedule_delay
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -25,7 +24,11 @@ import trio
 
 from berth.core import errdefs, log
 from berth.core.gc.collector import Collector, Stats
-from berth.core.gofmt import go_duration
+from berth.core.gocompat.duration import (  # noqa: F401 - config and exports use them
+    format_duration,
+    go_duration,
+    parse_duration,
+)
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import ALL, GC, METADATA, SERVICE
 
@@ -41,39 +44,6 @@ DEFAULTS: dict[str, Any] = {
 
 # The longest a collection waits for the daemon's plugins to finish initialising.
 INIT_WAIT = 30.0
-
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
-          "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d*\.?\d*)(ns|us|µs|μs|ms|s|m|h)")
-
-
-def parse_duration(value: str | int | float) -> float:
-    """A Go duration ("1m30s", "100ms", "0") in seconds; plain numbers are seconds."""
-    if isinstance(value, bool):
-        raise errdefs.InvalidArgument(f"invalid duration {value!r}", raw=True)
-    if isinstance(value, int | float):
-        return float(value)
-    text = value.strip()
-    sign = -1.0 if text.startswith("-") else 1.0
-    text = text.lstrip("+-")
-    if text == "0":
-        return 0.0
-    total, pos = 0.0, 0
-    while pos < len(text):
-        m = _PART.match(text, pos)
-        if m is None or m.group(1) in ("", "."):
-            raise errdefs.InvalidArgument(f'time: invalid duration "{value}"', raw=True)
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if not text:
-        raise errdefs.InvalidArgument(f'time: invalid duration "{value}"', raw=True)
-    return sign * total
-
-
-def format_duration(seconds: float) -> str:
-    """Go's time.Duration.String for the exports (0s, 100ms, 1.5s, 1m30s)."""
-    return go_duration(round(seconds * 1e9))
-
 
 @dataclass
 class Config:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.images import gojson, mediatypes
+from berth.core.gocompat import json as gojson
+from berth.core.images import mediatypes
 from berth.core.images.platforms import Platform, normalize
 
 # Manifests and configs are small; refuse to parse anything larger (containerd's limit).
@@ -23,9 +24,11 @@ MAX_JSON = 20 << 20
 
 @dataclass
 class Descriptor:
-    media_type: str
-    digest: str
-    size: int
+    """An OCI content descriptor: manifests' entries and an image's target alike."""
+
+    media_type: str = ""
+    digest: str = ""
+    size: int = 0
     urls: list[str] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
     platform: Platform | None = None

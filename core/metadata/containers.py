@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from berth.core.metadata import namespaces
 from berth.core.metadata.db import Database
 
 COMPONENT = "containers"
+NAMESPACE_CHECK_RANK = 30
 
 MIGRATIONS: list[str] = [
     # 1: containers and the per-namespace marker standing in for bolt's bucket.
@@ -165,23 +165,9 @@ def namespace_check(c: sqlite3.Connection, namespace: str) -> str | None:
     return "containers" if row.fetchone() else None
 
 
-_stores: weakref.WeakKeyDictionary[Database, ContainerStore] = weakref.WeakKeyDictionary()
-
-
-def store_for(db: Database) -> ContainerStore:
-    """The one store of ``db``: the containers and tasks services and the runtime share it,
-    and its schema and namespace check must be registered once."""
-    store = _stores.get(db)
-    if store is None:
-        store = _stores[db] = ContainerStore(db)
-    return store
-
-
 class ContainerStore:
     def __init__(self, db: Database) -> None:
         self.db = db
-        db.ensure_schema(COMPONENT, MIGRATIONS)
-        db.add_namespace_check(30, namespace_check)
 
     def get(self, namespace: str, container_id: str) -> Container:
         with self.db.read() as c:

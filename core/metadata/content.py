@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 import trio
 
@@ -91,11 +92,11 @@ class IngestRecord:
     expire_ns: int | None
 
 
-def ensure_schema(db: Database) -> None:
-    db.ensure_schema("content", MIGRATIONS)
+COMPONENT = "content"
+NAMESPACE_CHECK_RANK = 20
 
 
-def _has_blobs(c: sqlite3.Connection, namespace: str) -> str | None:
+def namespace_check(c: sqlite3.Connection, namespace: str) -> str | None:
     row = c.execute("SELECT 1 FROM content_blobs WHERE namespace = ? LIMIT 1",
                     (namespace,)).fetchone()
     return "blobs" if row else None
@@ -242,8 +243,6 @@ class NamespacedContent:
 
     def __init__(self, db: Database, backend: ContentStore, *, shared: bool = True,
                  mutated: Mutated | None = None) -> None:
-        ensure_schema(db)
-        db.add_namespace_check(20, _has_blobs)
         self.db = db
         self.backend = backend
         self.shared = shared
@@ -322,6 +321,13 @@ class NamespacedContent:
         """The backend blob, once this namespace is known to have it."""
         self.info(namespace, digest)
         return self.backend.reader(digest)
+
+    def blob_path(self, namespace: str, digest: str) -> Path:
+        """The local file of a blob this namespace has (NotFound otherwise), for readers
+        that work in a worker thread, such as a differ unpacking a layer. Blobs are
+        immutable once committed; a delete unlinks the file but leaves open files readable."""
+        self.info(namespace, digest)
+        return self.backend.blob_path(digest)
 
     # --- ingests ------------------------------------------------------------------------
 
@@ -480,13 +486,14 @@ class NamespacedContent:
                     "SELECT expected FROM content_ingests WHERE expected != ''")}
                 brefs = {r[0] for r in c.execute("SELECT bref FROM content_ingests")}
             blobs: list[str] = []
-            async for info in self.backend.walk():
-                if info.digest in keep:
-                    continue
-                with contextlib.suppress(errdefs.NotFound):
-                    await self.backend.delete(info.digest)
-                    blobs.append(info.digest)
-                    self._log.debug("removed content", digest=info.digest)
+            async with contextlib.aclosing(self.backend.walk()) as walk:
+                async for info in walk:
+                    if info.digest in keep:
+                        continue
+                    with contextlib.suppress(errdefs.NotFound):
+                        await self.backend.delete(info.digest)
+                        blobs.append(info.digest)
+                        self._log.debug("removed content", digest=info.digest)
             stale = [st.ref async for st in self.backend.list_statuses()
                      if st.ref not in brefs]
             for bref in stale:

@@ -105,6 +105,10 @@ class Database:
         self.namespace_checks: list[NamespaceCheck] = []
         self._ranked_checks: list[tuple[int, NamespaceCheck]] = []
         self._migrate()
+        # Every store's tables and namespace checks, once, here: stores only use them.
+        from berth.core.metadata import schema
+
+        schema.setup(self)
 
     def add_namespace_check(self, rank: int, check: NamespaceCheck) -> None:
         self._ranked_checks.append((rank, check))

@@ -19,6 +19,7 @@ from berth.core import errdefs, filters, log
 from berth.core.content import digest as dg
 from berth.core.content.errors import go_quote
 from berth.core.content.ingest import ns_to_datetime
+from berth.core.images.manifest import Descriptor
 from berth.core.metadata import namespaces
 from berth.core.metadata.content import validate_labels
 from berth.core.metadata.db import Database
@@ -42,14 +43,6 @@ MIGRATIONS: list[str] = [
 
 
 @dataclass
-class Descriptor:
-    media_type: str = ""
-    digest: str = ""
-    size: int = 0
-    annotations: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
 class Image:
     name: str
     target: Descriptor = field(default_factory=Descriptor)
@@ -58,11 +51,11 @@ class Image:
     updated_at: datetime | None = None
 
 
-def ensure_schema(db: Database) -> None:
-    db.ensure_schema("images", MIGRATIONS)
+COMPONENT = "images"
+NAMESPACE_CHECK_RANK = 10
 
 
-def _has_images(c: sqlite3.Connection, namespace: str) -> str | None:
+def namespace_check(c: sqlite3.Connection, namespace: str) -> str | None:
     row = c.execute("SELECT 1 FROM images WHERE namespace = ? LIMIT 1", (namespace,)).fetchone()
     return "images" if row else None
 
@@ -71,7 +64,7 @@ def _image(row: sqlite3.Row) -> Image:
     return Image(
         name=row["name"],
         target=Descriptor(row["media_type"], row["digest"], row["size"],
-                          json.loads(row["annotations"])),
+                          annotations=json.loads(row["annotations"])),
         labels=json.loads(row["labels"]),
         created_at=ns_to_datetime(row["created_ns"]),
         updated_at=ns_to_datetime(row["updated_ns"]),
@@ -114,8 +107,6 @@ def gc_roots(c: sqlite3.Connection) -> list[tuple[str, str, dict[str, str]]]:
 
 class ImageStore:
     def __init__(self, db: Database, *, mutated: Callable[[bool], None] | None = None) -> None:
-        ensure_schema(db)
-        db.add_namespace_check(10, _has_images)
         self.db = db
         self._mutated = mutated or (lambda deletion: None)
         self._log = log.get("images")
@@ -151,7 +142,7 @@ class ImageStore:
         now = time.time_ns()
         out = Image(image.name, Descriptor(image.target.media_type, image.target.digest,
                                            image.target.size,
-                                           _clean(image.target.annotations)),
+                                           annotations=_clean(image.target.annotations)),
                     _clean(image.labels), ns_to_datetime(now), ns_to_datetime(now))
         with self.db.write() as c:
             namespaces.ensure(c, namespace)
@@ -189,7 +180,7 @@ class ImageStore:
                         # and size makes no sense.
                         t = image.target
                         updated.target = Descriptor(t.media_type, t.digest, t.size,
-                                                    dict(t.annotations))
+                                                    annotations=dict(t.annotations))
                     elif path == "annotations":
                         updated.target.annotations = dict(image.target.annotations)
                     else:
@@ -199,7 +190,7 @@ class ImageStore:
             else:
                 t = image.target
                 updated = Image(image.name, Descriptor(t.media_type, t.digest, t.size,
-                                                       dict(t.annotations)),
+                                                       annotations=dict(t.annotations)),
                                 dict(image.labels))
             validate(updated)
             now = time.time_ns()

@@ -26,6 +26,7 @@ from berth.core.networks.types import (
     SetupRequest,
 )
 
+COMPONENT = "networks"
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE network_attachments (
@@ -115,7 +116,6 @@ def _row(r: sqlite3.Row) -> Attachment:
 class AttachmentStore:
     def __init__(self, db: Database) -> None:
         self.db = db
-        db.ensure_schema("networks", MIGRATIONS)
 
     def add(self, *attachments: Attachment) -> None:
         """Record attachments, all or none (one transaction)."""

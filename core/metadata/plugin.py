@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from berth.core.metadata.containers import ContainerStore
 from berth.core.metadata.db import Database
 from berth.core.metadata.leases import LeaseStore
 from berth.core.metadata.namespaces import NamespaceStore
+from berth.core.metadata.networks import AttachmentStore
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import METADATA
 
 
 class Metadata:
-    """The database and the stores over it, as one plugin instance."""
+    """The database and the stores over it, as one plugin instance: opening the database
+    migrated every table (``berth.core.metadata.schema``); the stores that need nothing
+    but the database are built here, once, and shared by every plugin that uses them."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self.namespaces = NamespaceStore(db)
         self.leases = LeaseStore(db)
+        self.containers = ContainerStore(db)
+        self.attachments = AttachmentStore(db)
 
 
 async def _init(ctx: InitContext) -> Metadata:

@@ -91,12 +91,6 @@ def namespace_check(c: sqlite3.Connection, namespace: str) -> str | None:
     return ", ".join(f"snapshots on {go_quote(n)} snapshotter" for n in names) or None
 
 
-def setup(db: Database) -> None:
-    """Create or migrate the tables and register the namespace-emptiness check."""
-    db.ensure_schema(COMPONENT, MIGRATIONS)
-    db.add_namespace_check(NAMESPACE_CHECK_RANK, namespace_check)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 

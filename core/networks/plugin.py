@@ -11,8 +11,6 @@ from typing import Any
 from berth.core import errdefs, log
 from berth.core.events import typeurl
 from berth.core.events.exchange import Event, Exchange
-from berth.core.metadata.containers import store_for
-from berth.core.metadata.networks import AttachmentStore
 from berth.core.networks.manager import NetworkManager
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import (
@@ -51,7 +49,7 @@ async def _init(ctx: InitContext) -> NetworkManager:
     md = ctx.plugins.get(METADATA)
     events: Exchange = ctx.plugins.get(EVENT)
     runtime = ctx.plugins.get(RUNTIME_V2, "task")
-    containers = store_for(md.db)
+    containers = md.containers
     plugins = ctx.plugins
 
     def container_exists(ns: str, id: str) -> bool:
@@ -68,7 +66,7 @@ async def _init(ctx: InitContext) -> NetworkManager:
             _log.error("failed to publish event", topic=topic, namespace=ns, error=str(e))
 
     manager = NetworkManager(
-        plugins=lambda: plugins.by_type(NETWORK), store=AttachmentStore(md.db),
+        plugins=lambda: plugins.by_type(NETWORK), store=md.attachments,
         state=ctx.state, publish=publish,
         has_task=lambda ns, id: runtime.get(ns, id) is not None,
         container_exists=container_exists)

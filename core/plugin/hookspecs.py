@@ -7,7 +7,10 @@ distribution, e.g. in its pyproject.toml::
     [project.entry-points."berth.plugins"]
     mysnap = "mysnap.plugin"
 
-Built-in plugins register through the very same hook.
+Built-in plugins register through the very same hook. The typed interfaces a plugin
+implements: ``berth.core.snapshots.snapshotter.Snapshotter`` (``io.containerd.snapshotter.v1``),
+``berth.core.differ.Differ`` (``io.containerd.differ.v1``), and for berth's shim an OCI
+runtime (``io.berth.oci-runtime.v1``, see ``berth.core.shim.runtimes.OCIRuntimePlugin``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ SERVICE = "io.containerd.service.v1"
 SNAPSHOTTER = "io.containerd.snapshotter.v1"
 DIFFER = "io.containerd.differ.v1"
 NETWORK = "io.berth.network.v1"
+# An OCI runtime the shim can run containers with (see berth.core.shim.runtimes).
+OCI_RUNTIME = "io.berth.oci-runtime.v1"
 
 ALL = "*"
 

@@ -27,27 +27,27 @@ from contextlib import contextmanager
 
 import trio
 
-from berth.core.shim import host
+from berth.core import cgroups as cgroupfs
 
 QUIET = 0.03
 
 
-def own_procs_file(proc_cgroup: str, cgroup_root: str = host.CGROUP_ROOT) -> str | None:
+def own_procs_file(proc_cgroup: str, cgroup_root: str = cgroupfs.CGROUP_ROOT) -> str | None:
     """The ``cgroup.procs`` of this process's own cgroup in some mounted hierarchy.
 
     ``proc_cgroup`` is the text of /proc/self/cgroup. v1 hierarchies are tried first (on
     a hybrid host the v2 tree may hold no controllers; either takes the same lock).
     """
-    cgroups = host.parse_cgroups(proc_cgroup)
+    cgroups = cgroupfs.parse_cgroups(proc_cgroup)
     for controllers in sorted(cgroups, key=lambda c: c == ""):
-        for base in host.hierarchy_candidates(controllers, cgroup_root):
+        for base in cgroupfs.hierarchy_candidates(controllers, cgroup_root):
             procs = os.path.join(base, cgroups[controllers].lstrip("/"), "cgroup.procs")
             if os.path.exists(procs):
                 return procs
     return None
 
 
-def prime(cgroup_root: str = host.CGROUP_ROOT) -> bool:
+def prime(cgroup_root: str = cgroupfs.CGROUP_ROOT) -> bool:
     """Blocking (run it in a thread): whether the no-op migration was written."""
     try:
         with open("/proc/self/cgroup") as f:

@@ -30,18 +30,12 @@ from betterproto.lib.google.protobuf import Any as AnyMsg
 
 from berth.core import errdefs, log
 from berth.core.api.containerd.task.v2 import DeleteResponse
+from berth.core.oci.reaper import Exit
 from berth.core.runtime.bundle import Bundle, go_error
 
 SHIM_BINARY_FORMAT = "containerd-shim-{}-{}"
 TTRPC_ADDRESS_ENV = "TTRPC_ADDRESS"
 OWN_SHIM = "containerd-shim-berth-v1"
-
-
-@dataclass
-class Exit:
-    pid: int
-    status: int
-    timestamp: datetime
 
 
 def binary_name(runtime: str) -> str:
@@ -168,22 +162,22 @@ class ShimBinary:
 
     async def _start_through_zygote(self, options: AnyMsg | None) -> str | None:
         """berth's own shim: the start action's steps done here, the shim forked by the
-        warm zygote (``berth.core.shim.start``, ``berth.core.shim.zygote``).
+        warm zygote (``berth.core.shim.handover``).
 
         Saves an interpreter start per container; None when no zygote runs yet (the
         binary's ``start`` forks one) or the request failed in a way ``start`` reports
         better. The steps are quick syscalls on the state folder and run inline; the
         wait for the zygote's fork is a trio socket.
         """
-        from berth.core.shim import flags as shim_flags, start, zygote
+        from berth.core.shim import handover
 
-        flags = shim_flags.Flags(namespace=self.bundle.namespace, id=self.bundle.id,
+        flags = handover.Flags(namespace=self.bundle.namespace, id=self.bundle.id,
                                  address=self.address, publish_binary=publish_binary(),
                                  debug=self.debug)
         bundle = str(self.bundle.path)
         lg = log.get("runtime", namespace=self.bundle.namespace, id=self.bundle.id)
         try:
-            address, listener = start.claim(flags, bundle)
+            address, listener = handover.claim(flags, bundle)
         except (OSError, ValueError) as e:
             # The start action meets the same trouble and words it for the client.
             lg.debug("claiming the shim socket failed; running start", error=str(e))
@@ -191,20 +185,20 @@ class ShimBinary:
         if listener is None:
             return address  # the group's shim serves already
         try:
-            pid = await _ask_zygote(zygote.zygote_path(self.address),
-                                    start.serve_request(flags, bundle, self._env()), listener)
+            pid = await _ask_zygote(handover.zygote_path(self.address),
+                                    handover.serve_request(flags, bundle, self._env()), listener)
         except BaseException as e:
-            start.release(address, listener)
+            handover.release(address, listener)
             if isinstance(e, (OSError, RuntimeError, trio.TooSlowError)):
                 lg.warning("starting the shim through its zygote failed; running start",
                            error=str(e))
                 return None
             raise
         if pid is None:
-            start.release(address, listener)
+            handover.release(address, listener)
             return None
         listener.close()
-        start.settle(pid, bytes(options) if options is not None else b"",
+        handover.settle(pid, bytes(options) if options is not None else b"",
                      parent=os.getpid(), follow=True)
         return address
 
@@ -231,13 +225,13 @@ class ShimBinary:
         except Exception as e:  # betterproto raises several types on garbage
             raise errdefs.Unknown(f"shim delete: bad response: {e}", raw=True) from None
         await trio.to_thread.run_sync(self.bundle.delete)
-        return Exit(pid=resp.pid, status=resp.exit_status, timestamp=resp.exited_at)
+        return Exit(pid=resp.pid, status=resp.exit_status, exited_at=resp.exited_at)
 
 
 async def _ask_zygote(path: str, payload: bytes, listener: socket.socket) -> int | None:
-    """``berth.core.shim.zygote.request`` on a trio socket: the zygote's shim pid, None when
-    no zygote listens or it gave no usable answer."""
-    from berth.core.shim import zygote
+    """``berth.core.shim.handover.request`` on a trio socket: the zygote's shim pid, None
+    when no zygote listens or it gave no usable answer."""
+    from berth.core.shim import handover
 
     s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with s:
@@ -245,10 +239,10 @@ async def _ask_zygote(path: str, payload: bytes, listener: socket.socket) -> int
             await s.connect(path)
         except OSError:
             return None
-        with trio.fail_after(zygote.REQUEST_TIMEOUT):
-            await s.sendmsg([payload], zygote.passing(listener))
-            reply = await s.recv(zygote.REPLY_MAX)
-    return zygote.read_reply(reply)
+        with trio.fail_after(handover.REQUEST_TIMEOUT):
+            await s.sendmsg([payload], handover.passing(listener))
+            reply = await s.recv(handover.REPLY_MAX)
+    return handover.read_reply(reply)
 
 
 def _exit_text(returncode: int) -> str:

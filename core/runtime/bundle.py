@@ -18,14 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from berth.core import errdefs, identifiers, mount as mounts
+from berth.core.gocompat.text import go_error
 
 CONFIG = "config.json"
-
-
-def go_error(op: str, path: os.PathLike[str] | str, exc: OSError) -> str:
-    """An OSError worded like Go's *PathError ("mkdir /x: file exists")."""
-    reason = exc.strerror or str(exc)
-    return f"{op} {os.fspath(path)}: {reason[:1].lower()}{reason[1:]}"
 
 
 def remapped_gid(spec: bytes) -> int:

@@ -44,8 +44,9 @@ from berth.core.api.containerd.events import TaskDelete, TaskExit
 from berth.core.api.containerd.types import Mount
 from berth.core.events.exchange import Exchange
 from berth.core.metadata.containers import ContainerStore
+from berth.core.oci.reaper import Exit
 from berth.core.runtime.attach_primer import Primer
-from berth.core.runtime.binary import Exit, RuntimeResolver, ShimBinary, now
+from berth.core.runtime.binary import RuntimeResolver, ShimBinary, now
 from berth.core.runtime.bundle import Bundle, list_bundles
 from berth.core.runtime.shim import (
     CLEANUP_TIMEOUT,
@@ -322,16 +323,16 @@ class TaskManager:
         if task is not None:
             self._remove(task)
         if exit_ is None:
-            exit_ = Exit(pid=0, status=LOST_EXIT_STATUS, timestamp=now())
+            exit_ = Exit(pid=0, status=LOST_EXIT_STATUS, exited_at=now())
         if not publish:
             return exit_
         ns, tid = bundle.namespace, bundle.id
         self._publish(ns, "/tasks/exit", TaskExit(
             container_id=tid, id=tid, pid=exit_.pid, exit_status=exit_.status,
-            exited_at=exit_.timestamp))
+            exited_at=exit_.exited_at))
         self._publish(ns, "/tasks/delete", TaskDelete(
             container_id=tid, pid=exit_.pid, exit_status=exit_.status,
-            exited_at=exit_.timestamp))
+            exited_at=exit_.exited_at))
         return exit_
 
     def _publish(self, namespace: str, topic: str, event: Any) -> None:

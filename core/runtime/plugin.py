@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from berth.core.metadata.containers import store_for
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.graph import host_platform
 from berth.core.plugin.registration import EVENT, METADATA, RUNTIME_V2
@@ -18,7 +17,7 @@ async def _init(ctx: InitContext) -> TaskManager:
     manager = TaskManager(
         root=Path(ctx.root), state=Path(ctx.state), address=str(cfg.address),
         ttrpc_address=str(cfg.ttrpc_address), events=ctx.plugins.get(EVENT),
-        containers=store_for(ctx.plugins.get(METADATA).db), nursery=ctx.nursery,
+        containers=ctx.plugins.get(METADATA).containers, nursery=ctx.nursery,
         debug=level in ("debug", "trace"),
     )
     # Only noted here: reconnecting and cleaning up run once berthd serves (``serving``,

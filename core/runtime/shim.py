@@ -46,7 +46,8 @@ from berth.core.api.containerd.task.v2 import (
 )
 from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import ProcessInfo
-from berth.core.runtime.binary import Exit, ShimBinary
+from berth.core.oci.reaper import Exit
+from berth.core.runtime.binary import ShimBinary
 from berth.core.runtime.bundle import Bundle
 from berth.core.ttrpc import NAMESPACE_KEY, Client, open_client
 from berth.core.ttrpc.client import CLOSED_MESSAGE
@@ -210,13 +211,13 @@ class ShimTask:
 
     async def wait(self, exec_id: str = "") -> Exit:
         resp = await self._call("Wait", WaitRequest(id=self.id, exec_id=exec_id), WaitResponse)
-        return Exit(pid=0, status=resp.exit_status, timestamp=resp.exited_at)
+        return Exit(pid=0, status=resp.exit_status, exited_at=resp.exited_at)
 
     async def delete(self, exec_id: str = "", *, convert: bool = True) -> Exit:
         """Delete the task (or an exec'd process); ``convert`` as for ``_call``."""
         resp = await self._call("Delete", DeleteRequest(id=self.id, exec_id=exec_id),
                                 DeleteResponse, convert=convert)
-        return Exit(pid=resp.pid, status=resp.exit_status, timestamp=resp.exited_at)
+        return Exit(pid=resp.pid, status=resp.exit_status, exited_at=resp.exited_at)
 
     async def shutdown(self) -> None:
         """Ask the shim to exit once it serves no task; its hanging up counts as done."""

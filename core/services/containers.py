@@ -1,4 +1,5 @@
-"""containerd.services.containers.v1.Containers over the containers metadata store."""
+"""Containers: the containers-service plugin and ``containerd.services.containers.v1``
+over it (containerd's local/gRPC split)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from berth.core.events.exchange import Exchange
 from berth.core.grpc.context import CallContext
 from berth.core.metadata import containers as store
 from berth.core.plugin import InitContext, Registration, hookimpl
-from berth.core.plugin.registration import EVENT, GC, GRPC, METADATA
+from berth.core.plugin.registration import EVENT, GC, GRPC, METADATA, SERVICE
 
 _log = log.get("containers")
 
@@ -76,8 +77,9 @@ def from_proto(pb: Container | None) -> store.Container:
     )
 
 
-class ContainersService:
-    base = ContainersBase
+class ContainersLocal:
+    """The containers service (``io.containerd.service.v1.containers-service``): the
+    metadata store, the events each change publishes, and the GC told of deletions."""
 
     def __init__(self, containers: store.ContainerStore, events: Exchange) -> None:
         self.store = containers
@@ -92,50 +94,75 @@ class ContainersService:
         except errdefs.BerthError as e:
             raise errdefs.Unknown(e.message, raw=True) from None
 
-    def get(self, ctx: CallContext, req: GetContainerRequest) -> GetContainerResponse:
-        ns = ctx.namespace_required()
-        return GetContainerResponse(container=to_proto(self.store.get(ns, req.id)))
+    def get(self, ns: str, id: str) -> store.Container:
+        return self.store.get(ns, id)
 
-    def list(self, ctx: CallContext, req: ListContainersRequest) -> ListContainersResponse:
-        ns = ctx.namespace_required()
-        return ListContainersResponse(
-            containers=[to_proto(c) for c in self.store.list(ns, list(req.filters))]
-        )
+    def list(self, ns: str, filters: list[str]) -> list[store.Container]:
+        return self.store.list(ns, filters)
 
-    async def list_stream(self, ctx: CallContext, req: ListContainersRequest,
-                          send: Callable[[ListContainerMessage], Awaitable[None]]) -> None:
-        ns = ctx.namespace_required()
-        for c in self.store.list(ns, list(req.filters)):
-            await send(ListContainerMessage(container=to_proto(c)))
-
-    def create(self, ctx: CallContext, req: CreateContainerRequest) -> CreateContainerResponse:
-        ns = ctx.namespace_required()
-        created = self.store.create(ns, from_proto(req.container))
-        resp = CreateContainerResponse(container=to_proto(created))
+    def create(self, ns: str, container: store.Container) -> store.Container:
+        created = self.store.create(ns, container)
         runtime = ContainerCreateRuntime(name=created.runtime_name)
         if created.runtime_options is not None:
             runtime.options = created.runtime_options
         self._publish(ns, "/containers/create",
                       ContainerCreate(id=created.id, image=created.image, runtime=runtime))
-        return resp
+        return created
+
+    def update(self, ns: str, container: store.Container, paths: list[str]
+               ) -> store.Container:
+        updated = self.store.update(ns, container, paths)
+        self._publish(ns, "/containers/update", ContainerUpdate(
+            id=updated.id, image=updated.image, labels=dict(updated.labels),
+            snapshot_key=updated.snapshot_key,
+        ))
+        return updated
+
+    def delete(self, ns: str, id: str) -> None:
+        self.store.delete(ns, id)
+        self.mutated(True)
+        self._publish(ns, "/containers/delete", ContainerDelete(id=id))
+
+
+class ContainersService:
+    """``containerd.services.containers.v1.Containers``: translation only."""
+
+    base = ContainersBase
+
+    def __init__(self, local: ContainersLocal) -> None:
+        self.local = local
+
+    def get(self, ctx: CallContext, req: GetContainerRequest) -> GetContainerResponse:
+        ns = ctx.namespace_required()
+        return GetContainerResponse(container=to_proto(self.local.get(ns, req.id)))
+
+    def list(self, ctx: CallContext, req: ListContainersRequest) -> ListContainersResponse:
+        ns = ctx.namespace_required()
+        return ListContainersResponse(
+            containers=[to_proto(c) for c in self.local.list(ns, list(req.filters))]
+        )
+
+    async def list_stream(self, ctx: CallContext, req: ListContainersRequest,
+                          send: Callable[[ListContainerMessage], Awaitable[None]]) -> None:
+        ns = ctx.namespace_required()
+        for c in self.local.list(ns, list(req.filters)):
+            await send(ListContainerMessage(container=to_proto(c)))
+
+    def create(self, ctx: CallContext, req: CreateContainerRequest) -> CreateContainerResponse:
+        ns = ctx.namespace_required()
+        created = self.local.create(ns, from_proto(req.container))
+        return CreateContainerResponse(container=to_proto(created))
 
     def update(self, ctx: CallContext, req: UpdateContainerRequest) -> UpdateContainerResponse:
         if req.container is None or req.container.id == "":
             raise errdefs.InvalidArgument("Container.ID required", raw=True)
         ns = ctx.namespace_required()
         paths = list(req.update_mask.paths) if req.update_mask is not None else []
-        updated = self.store.update(ns, from_proto(req.container), paths)
-        self._publish(ns, "/containers/update", ContainerUpdate(
-            id=updated.id, image=updated.image, labels=dict(updated.labels),
-            snapshot_key=updated.snapshot_key,
-        ))
+        updated = self.local.update(ns, from_proto(req.container), paths)
         return UpdateContainerResponse(container=to_proto(updated))
 
     def delete(self, ctx: CallContext, req: DeleteContainerRequest) -> Empty:
-        ns = ctx.namespace_required()
-        self.store.delete(ns, req.id)
-        self.mutated(True)
-        self._publish(ns, "/containers/delete", ContainerDelete(id=req.id))
+        self.local.delete(ctx.namespace_required(), req.id)
         return Empty()
 
 
@@ -154,17 +181,28 @@ def wire_gc(plugins: Any) -> Callable[[bool], None] | None:
     return notifier(plugins)
 
 
-async def _init(ctx: InitContext) -> ContainersService:
+SERVICE_ID = "containers-service"
+
+
+async def _init_service(ctx: InitContext) -> ContainersLocal:
     md = ctx.plugins.get(METADATA)
-    svc = ContainersService(store.store_for(md.db), ctx.plugins.get(EVENT))
+    local = ContainersLocal(md.containers, ctx.plugins.get(EVENT))
     notify = wire_gc(ctx.plugins)
     if notify is None:
         _log.info("no gc scheduler loaded before containers: containers are no gc roots")
     else:
-        svc.mutated = notify
-    return svc
+        local.mutated = notify
+    return local
+
+
+async def _init(ctx: InitContext) -> ContainersService:
+    # The service is registered just before this plugin (below), so initialised first.
+    return ContainersService(ctx.plugins.get(SERVICE, SERVICE_ID))
 
 
 @hookimpl
 def berth_plugins() -> list[Registration]:
-    return [Registration(type=GRPC, id="containers", init=_init, requires=(METADATA, EVENT))]
+    return [
+        Registration(type=SERVICE, id=SERVICE_ID, init=_init_service, requires=(METADATA, EVENT)),
+        Registration(type=GRPC, id="containers", init=_init, requires=(METADATA, EVENT)),
+    ]

@@ -14,6 +14,7 @@ Three plugins, as in containerd:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,9 +133,10 @@ class ContentService:
                 size = info.size - offset
             # Response offsets count from the start of this read, as containerd's do.
             sent = 0
-            async for chunk in r.chunks(offset, size, READ_CHUNK):
-                await send(api.ReadContentResponse(offset=sent, data=chunk))
-                sent += len(chunk)
+            async with aclosing(r.chunks(offset, size, READ_CHUNK)) as chunks:
+                async for chunk in chunks:
+                    await send(api.ReadContentResponse(offset=sent, data=chunk))
+                    sent += len(chunk)
 
     async def status(self, ctx: CallContext, req: api.StatusRequest) -> api.StatusResponse:
         try:

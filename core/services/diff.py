@@ -12,16 +12,17 @@ from typing import Any
 from berth.core import errdefs
 from berth.core.api.containerd.services.diff import v1 as api
 from berth.core.api.containerd.types import Descriptor
+from berth.core.differ import Applied, Differ
 from berth.core.grpc.context import CallContext
+from berth.core.mount import Mount
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import DIFFER, GRPC, SERVICE
-from berth.plugins.differ.plugin import Applied, Mount
 
 SERVICE_ID = "diff-service"
 
 
 def _mounts(ms: Any) -> list[Mount]:
-    return [Mount(m.type, m.source, list(m.options)) for m in ms]
+    return [Mount.from_proto(m) for m in ms]
 
 
 def _descriptor(a: Applied) -> Descriptor:
@@ -31,7 +32,7 @@ def _descriptor(a: Applied) -> Descriptor:
 class DiffLocal:
     """The differs, in order of preference."""
 
-    def __init__(self, differs: list[Any]) -> None:
+    def __init__(self, differs: list[Differ]) -> None:
         self.differs = differs
 
     async def apply(self, namespace: str, desc: Descriptor, mounts: list[Mount]) -> Applied:
@@ -82,11 +83,14 @@ class DiffService:
 async def _init_service(ctx: InitContext) -> DiffLocal:
     loaded = ctx.plugins.by_type(DIFFER)
     order = list(ctx.config.get("default") or ["walking"])
-    differs = []
+    differs: list[Differ] = []
     for name in order:
         if name not in loaded:
             raise errdefs.NotFound(f"needed differ not loaded: {name}", raw=True)
-        differs.append(loaded[name])
+        differ = loaded[name]
+        if not isinstance(differ, Differ):
+            raise errdefs.FailedPrecondition(f"plugin {DIFFER}.{name} is not a differ", raw=True)
+        differs.append(differ)
     return DiffLocal(differs)
 
 

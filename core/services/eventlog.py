@@ -7,6 +7,7 @@ A berth extension beside containerd's Events service (whose messages stay untouc
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 
 from berth.core import errdefs
 from berth.core.api.berth.services.eventlog.v1 import (
@@ -42,8 +43,11 @@ class EventLogService:
             raise errdefs.FailedPrecondition(
                 f"sequence {req.since} is older than the log holds (first is {first})"
             )
-        async for ev in self.exchange.replay(req.since, list(req.filters), follow=req.follow):
-            await send(SequencedEnvelope(seq=ev.seq, envelope=ev.envelope))
+        # Closed here, not by the garbage collector: the replay holds a subscription.
+        async with aclosing(self.exchange.replay(req.since, list(req.filters),
+                                                 follow=req.follow)) as events:
+            async for ev in events:
+                await send(SequencedEnvelope(seq=ev.seq, envelope=ev.envelope))
 
 
 async def _init(ctx: InitContext) -> EventLogService:

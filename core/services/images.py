@@ -27,7 +27,8 @@ def _from_api(img: api.Image | None) -> Image:
     img = img or api.Image()
     t = img.target or ApiDescriptor()
     return Image(name=img.name, labels=dict(img.labels),
-                 target=Descriptor(t.media_type, t.digest, t.size, dict(t.annotations)))
+                 target=Descriptor(t.media_type, t.digest, t.size,
+                                   annotations=dict(t.annotations)))
 
 
 def _to_api(img: Image) -> api.Image:

@@ -1,4 +1,5 @@
-"""containerd.services.leases.v1.Leases over the metadata store."""
+"""Leases: the lease manager plugin and ``containerd.services.leases.v1.Leases`` over it
+(containerd's local/gRPC split)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from berth.core.grpc.context import CallContext
 from berth.core.metadata import leases
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.graph import PluginSet
-from berth.core.plugin.registration import GC, GRPC, METADATA
+from berth.core.plugin.registration import GC, GRPC, LEASE, METADATA
 
 
 def _to_api(lease: leases.Lease) -> Lease:
@@ -36,8 +37,9 @@ def _resource(r: Resource | None) -> leases.Resource:
     return leases.Resource(id=r.id, type=r.type)
 
 
-class LeasesService:
-    base = LeasesBase
+class LeaseManager:
+    """The lease manager (``io.containerd.lease.v1.manager``): the metadata store, and the
+    GC scheduler told when a deletion may have left garbage."""
 
     def __init__(self, store: leases.LeaseStore, plugins: PluginSet) -> None:
         self.store = store
@@ -45,47 +47,81 @@ class LeasesService:
         # What a lease held may now be garbage: tell the GC scheduler, if one runs.
         self._mutated = notifier(plugins)
 
+    def create(self, namespace: str, id: str, labels: dict[str, str]) -> leases.Lease:
+        return self.store.create(namespace, id or leases.random_id(), labels)
+
+    async def delete(self, namespace: str, id: str, *, sync: bool = False) -> None:
+        """Delete a lease; with ``sync``, return after a garbage collection has run."""
+        self.store.delete(namespace, id)
+        if not sync:
+            self._mutated(True)
+            return
+        try:
+            scheduler = self._plugins.get(GC, "scheduler")
+        except errdefs.NotFound:
+            return
+        await scheduler.schedule_and_wait()
+
+    def list(self, namespace: str, filters: list[str]) -> list[leases.Lease]:
+        return self.store.list(namespace, filters)
+
+    def add_resource(self, namespace: str, id: str, resource: leases.Resource) -> None:
+        self.store.add_resource(namespace, id, resource)
+
+    def delete_resource(self, namespace: str, id: str, resource: leases.Resource) -> None:
+        self.store.delete_resource(namespace, id, resource)
+        self._mutated(True)
+
+    def list_resources(self, namespace: str, id: str) -> list[leases.Resource]:
+        return self.store.list_resources(namespace, id)
+
+
+class LeasesService:
+    """``containerd.services.leases.v1.Leases``: translation only."""
+
+    base = LeasesBase
+
+    def __init__(self, manager: LeaseManager) -> None:
+        self.manager = manager
+
     def create(self, ctx: CallContext, req: CreateRequest) -> CreateResponse:
-        ns = ctx.namespace_required()
-        lease = self.store.create(ns, req.id or leases.random_id(), dict(req.labels))
+        lease = self.manager.create(ctx.namespace_required(), req.id, dict(req.labels))
         return CreateResponse(lease=_to_api(lease))
 
     async def delete(self, ctx: CallContext, req: DeleteRequest) -> Empty:
-        ns = ctx.namespace_required()
-        self.store.delete(ns, req.id)
-        if req.sync:
-            try:
-                scheduler = self._plugins.get(GC, "scheduler")
-            except errdefs.NotFound:
-                return Empty()
-            await scheduler.schedule_and_wait()
-        else:
-            self._mutated(True)
+        await self.manager.delete(ctx.namespace_required(), req.id, sync=req.sync)
         return Empty()
 
     def list(self, ctx: CallContext, req: ListRequest) -> ListResponse:
-        ns = ctx.namespace_required()
-        return ListResponse(leases=[_to_api(x) for x in self.store.list(ns, list(req.filters))])
+        found = self.manager.list(ctx.namespace_required(), list(req.filters))
+        return ListResponse(leases=[_to_api(x) for x in found])
 
     def add_resource(self, ctx: CallContext, req: AddResourceRequest) -> Empty:
-        self.store.add_resource(ctx.namespace_required(), req.id, _resource(req.resource))
+        self.manager.add_resource(ctx.namespace_required(), req.id, _resource(req.resource))
         return Empty()
 
     def delete_resource(self, ctx: CallContext, req: DeleteResourceRequest) -> Empty:
-        self.store.delete_resource(ctx.namespace_required(), req.id, _resource(req.resource))
-        self._mutated(True)
+        self.manager.delete_resource(ctx.namespace_required(), req.id,
+                                     _resource(req.resource))
         return Empty()
 
     def list_resources(self, ctx: CallContext, req: ListResourcesRequest
                        ) -> ListResourcesResponse:
-        rs = self.store.list_resources(ctx.namespace_required(), req.id)
+        rs = self.manager.list_resources(ctx.namespace_required(), req.id)
         return ListResourcesResponse(resources=[Resource(id=r.id, type=r.type) for r in rs])
 
 
+async def _init_manager(ctx: InitContext) -> LeaseManager:
+    return LeaseManager(ctx.plugins.get(METADATA).leases, ctx.plugins)
+
+
 async def _init(ctx: InitContext) -> LeasesService:
-    return LeasesService(ctx.plugins.get(METADATA).leases, ctx.plugins)
+    return LeasesService(ctx.plugins.get(LEASE, "manager"))
 
 
 @hookimpl
 def berth_plugins() -> list[Registration]:
-    return [Registration(type=GRPC, id="leases", init=_init, requires=(METADATA,))]
+    return [
+        Registration(type=LEASE, id="manager", init=_init_manager, requires=(METADATA,)),
+        Registration(type=GRPC, id="leases", init=_init, requires=(LEASE,)),
+    ]

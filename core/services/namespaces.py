@@ -1,4 +1,5 @@
-"""containerd.services.namespaces.v1.Namespaces over the metadata store."""
+"""Namespaces: the namespaces-service plugin and ``containerd.services.namespaces.v1``
+over it (containerd's local/gRPC split)."""
 
 from __future__ import annotations
 
@@ -24,71 +25,106 @@ from berth.core.events.exchange import Exchange
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.namespaces import NamespaceStore
 from berth.core.plugin import InitContext, Registration, hookimpl
-from berth.core.plugin.registration import EVENT, GRPC, METADATA
+from berth.core.plugin.registration import EVENT, GRPC, METADATA, SERVICE
 
 
-class NamespacesService:
-    base = NamespacesBase
+class NamespacesLocal:
+    """The namespaces service (``io.containerd.service.v1.namespaces-service``): the
+    metadata store, and the events each change publishes."""
 
     def __init__(self, store: NamespaceStore, events: Exchange) -> None:
         self.store = store
         self.events = events
 
-    def _publish(self, ctx: CallContext, topic: str, event: betterproto.Message,
-                 namespace: str | None = None) -> None:
-        # containerd publishes create and update in the caller's namespace (ctr's
-        # "default"), not the one being changed, and only delete in the deleted one.
+    def _publish(self, namespace: str, topic: str, event: betterproto.Message) -> None:
         # A failure to publish reaches the client unconverted (Unknown), after the
         # change itself has been committed, exactly as containerd does.
         try:
-            self.events.publish(namespace or ctx.namespace or "", topic, event)
+            self.events.publish(namespace, topic, event)
         except errdefs.BerthError as e:
             raise errdefs.Unknown(e.message, raw=True) from None
 
-    def get(self, ctx: CallContext, req: GetNamespaceRequest) -> GetNamespaceResponse:
+    def labels(self, name: str) -> dict[str, str]:
         # containerd answers a missing namespace with empty labels, not NotFound.
-        return GetNamespaceResponse(Namespace(name=req.name, labels=self.store.labels(req.name)))
+        return self.store.labels(name)
 
-    def list(self, ctx: CallContext, req: ListNamespacesRequest) -> ListNamespacesResponse:
-        return ListNamespacesResponse(
-            [Namespace(name=n.name, labels=n.labels) for n in self.store.list()]
-        )
+    def list(self) -> list[tuple[str, dict[str, str]]]:
+        return [(n.name, n.labels) for n in self.store.list()]
 
-    def create(self, ctx: CallContext, req: CreateNamespaceRequest) -> CreateNamespaceResponse:
-        ns = req.namespace or Namespace()
-        self.store.create(ns.name, dict(ns.labels))
-        self._publish(ctx, "/namespaces/create",
-                      NamespaceCreate(name=ns.name, labels=dict(ns.labels)))
-        return CreateNamespaceResponse(namespace=ns)
+    def create(self, name: str, labels: dict[str, str], *, caller: str) -> None:
+        # containerd publishes create and update in the caller's namespace (ctr's
+        # "default"), not the one being changed, and only delete in the deleted one.
+        self.store.create(name, labels)
+        self._publish(caller, "/namespaces/create", NamespaceCreate(name=name, labels=labels))
 
-    def update(self, ctx: CallContext, req: UpdateNamespaceRequest) -> UpdateNamespaceResponse:
-        ns = req.namespace or Namespace()
-        paths = list(req.update_mask.paths) if req.update_mask else []
+    def update(self, name: str, labels: dict[str, str], paths: list[str], *,
+               caller: str) -> None:
+        """Set the labels ``paths`` name (``labels.<key>``), or replace them all."""
         if paths:
             changes: dict[str, str] = {}
             for path in paths:
                 if not path.startswith("labels."):
                     raise errdefs.InvalidArgument(f'cannot update "{path}" field', raw=True)
                 key = path.removeprefix("labels.")
-                changes[key] = ns.labels.get(key, "")
-            self.store.set_labels(ns.name, changes)
+                changes[key] = labels.get(key, "")
+            self.store.set_labels(name, changes)
         else:
-            self.store.set_labels(ns.name, dict(ns.labels), replace=True)
-        self._publish(ctx, "/namespaces/update",
-                      NamespaceUpdate(name=ns.name, labels=dict(ns.labels)))
+            self.store.set_labels(name, dict(labels), replace=True)
+        self._publish(caller, "/namespaces/update", NamespaceUpdate(name=name, labels=labels))
+
+    def delete(self, name: str) -> None:
+        self.store.delete(name)
+        self._publish(name, "/namespaces/delete", NamespaceDelete(name=name))
+
+
+class NamespacesService:
+    """``containerd.services.namespaces.v1.Namespaces``: translation only."""
+
+    base = NamespacesBase
+
+    def __init__(self, local: NamespacesLocal) -> None:
+        self.local = local
+
+    def get(self, ctx: CallContext, req: GetNamespaceRequest) -> GetNamespaceResponse:
+        return GetNamespaceResponse(Namespace(name=req.name, labels=self.local.labels(req.name)))
+
+    def list(self, ctx: CallContext, req: ListNamespacesRequest) -> ListNamespacesResponse:
+        return ListNamespacesResponse(
+            [Namespace(name=name, labels=labels) for name, labels in self.local.list()]
+        )
+
+    def create(self, ctx: CallContext, req: CreateNamespaceRequest) -> CreateNamespaceResponse:
+        ns = req.namespace or Namespace()
+        self.local.create(ns.name, dict(ns.labels), caller=ctx.namespace or "")
+        return CreateNamespaceResponse(namespace=ns)
+
+    def update(self, ctx: CallContext, req: UpdateNamespaceRequest) -> UpdateNamespaceResponse:
+        ns = req.namespace or Namespace()
+        paths = list(req.update_mask.paths) if req.update_mask else []
+        self.local.update(ns.name, dict(ns.labels), paths, caller=ctx.namespace or "")
         return UpdateNamespaceResponse()
 
     def delete(self, ctx: CallContext, req: DeleteNamespaceRequest) -> Empty:
-        self.store.delete(req.name)
-        self._publish(ctx, "/namespaces/delete", NamespaceDelete(name=req.name),
-                      namespace=req.name)
+        self.local.delete(req.name)
         return Empty()
 
 
+SERVICE_ID = "namespaces-service"
+
+
+async def _init_service(ctx: InitContext) -> NamespacesLocal:
+    return NamespacesLocal(ctx.plugins.get(METADATA).namespaces, ctx.plugins.get(EVENT))
+
+
 async def _init(ctx: InitContext) -> NamespacesService:
-    return NamespacesService(ctx.plugins.get(METADATA).namespaces, ctx.plugins.get(EVENT))
+    # Registered just before this plugin (below), so initialised before it. Requiring
+    # the whole service type would pull every other service ahead of the GC scheduler.
+    return NamespacesService(ctx.plugins.get(SERVICE, SERVICE_ID))
 
 
 @hookimpl
 def berth_plugins() -> list[Registration]:
-    return [Registration(type=GRPC, id="namespaces", init=_init, requires=(METADATA, EVENT))]
+    return [
+        Registration(type=SERVICE, id=SERVICE_ID, init=_init_service, requires=(METADATA, EVENT)),
+        Registration(type=GRPC, id="namespaces", init=_init, requires=(METADATA, EVENT)),
+    ]

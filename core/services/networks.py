@@ -32,7 +32,7 @@ from berth.core.api.berth.services.networks.v1 import (
     Route,
 )
 from berth.core.grpc.context import CallContext
-from berth.core.metadata.containers import ContainerStore, store_for
+from berth.core.metadata.containers import ContainerStore
 from berth.core.metadata.networks import Attachment
 from berth.core.networks import labels as netlabels, manager as netmanager
 from berth.core.networks.manager import Capabilities, NetworkManager, pm_msg
@@ -163,7 +163,7 @@ class NetworksService:
 
 async def _init(ctx: InitContext) -> NetworksService:
     return NetworksService(ctx.plugins.get(INTERNAL, MANAGER_ID),
-                           store_for(ctx.plugins.get(METADATA).db))
+                           ctx.plugins.get(METADATA).containers)
 
 
 @hookimpl

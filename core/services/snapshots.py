@@ -41,7 +41,6 @@ from berth.core.api.containerd.services.snapshots.v1 import (
     ViewSnapshotResponse,
 )
 from berth.core.grpc.context import CallContext
-from berth.core.metadata import snapshots as metadata_snapshots
 from berth.core.metadata.snapshots import NamespacedSnapshotter
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import EVENT, GRPC, METADATA, SERVICE, SNAPSHOTTER
@@ -170,7 +169,6 @@ async def _init_service(ctx: InitContext) -> SnapshotsServicePlugin:
 
     md = ctx.plugins.get(METADATA)
     exchange = ctx.plugins.get(EVENT)
-    metadata_snapshots.setup(md.db)
     backends = ctx.plugins.by_type(SNAPSHOTTER)
     snapshotters = {
         name: NamespacedSnapshotter(md.db, name, backend, publish=exchange.publish,

@@ -57,12 +57,13 @@ from berth.core.api.containerd.services.tasks.v1 import (
 from berth.core.api.containerd.types import Metric, Mount
 from berth.core.api.containerd.v1.types import Process, Status
 from berth.core.grpc.context import CallContext
-from berth.core.metadata.containers import Container, ContainerStore, present, store_for
+from berth.core.identifiers import namespace_required
+from berth.core.metadata.containers import Container, ContainerStore, present
 from berth.core.networks.manager import NetworkManager, apply_to_spec, spec_hostname
 from berth.core.networks.plugin import ID as NETWORKS_ID
+from berth.core.oci.reaper import Exit
 from berth.core.plugin import InitContext, Registration, hookimpl
-from berth.core.plugin.registration import EVENT, GRPC, INTERNAL, METADATA, RUNTIME_V2
-from berth.core.runtime.binary import Exit
+from berth.core.plugin.registration import EVENT, GRPC, INTERNAL, METADATA, RUNTIME_V2, SERVICE
 from berth.core.runtime.manager import CreateOpts, Recovery, TaskManager, wrap
 from berth.core.runtime.shim import ShimTask
 
@@ -84,8 +85,10 @@ def restore_path(runtime: str, options: betterproto.Message | None) -> str:
     return RuncOptions().parse(options.value).criu_image_path
 
 
-class TasksService:
-    base = TasksBase
+class TasksLocal:
+    """The tasks service (``io.containerd.service.v1.tasks-service``), as containerd's
+    services/tasks/local.go: the API's requests and answers, for a namespace that is
+    checked where containerd checks it (``None``: the call named none)."""
 
     def __init__(self, runtime: TaskManager, containers: ContainerStore,
                  networks: NetworkManager | None = None) -> None:
@@ -96,30 +99,30 @@ class TasksService:
 
     # -- lookups ---------------------------------------------------------------------
 
-    def _container(self, ctx: CallContext, container_id: str) -> tuple[str, Container]:
-        ns = ctx.namespace_required()
+    def _container(self, ns: str | None, container_id: str) -> tuple[str, Container]:
+        ns = namespace_required(ns)
         return ns, self.containers.get(ns, container_id)
 
-    def _task(self, ctx: CallContext, container_id: str) -> ShimTask:
-        ns, container = self._container(ctx, container_id)
+    def _task(self, ns: str | None, container_id: str) -> ShimTask:
+        ns, container = self._container(ns, container_id)
         task = self.runtime.get(ns, container.id)
         if task is None:
             raise errdefs.NotFound(f"task {container.id} not found", raw=True)
         return task
 
-    async def _settled(self, ctx: CallContext, container_id: str
+    async def _settled(self, ns: str | None, container_id: str
                        ) -> tuple[ShimTask | None, Exit | None]:
         """The task once its recovery after a restart (if any) is over, and the exit
         that recovery's cleanup reported when the task's shim was found dead."""
-        ns, container = self._container(ctx, container_id)
+        ns, container = self._container(ns, container_id)
         exit_ = await self.runtime.settle(ns, container.id)
         task = self.runtime.get(ns, container.id)
         if task is None and exit_ is None:
             raise errdefs.NotFound(f"task {container.id} not found", raw=True)
         return task, exit_
 
-    async def _live(self, ctx: CallContext, container_id: str) -> ShimTask:
-        task, _ = await self._settled(ctx, container_id)
+    async def _live(self, ns: str | None, container_id: str) -> ShimTask:
+        task, _ = await self._settled(ns, container_id)
         if task is None:
             raise errdefs.NotFound(f"task {container_id} not found", raw=True)
         return task
@@ -131,8 +134,8 @@ class TasksService:
 
     # -- the API ---------------------------------------------------------------------
 
-    async def create(self, ctx: CallContext, req: CreateTaskRequest) -> CreateTaskResponse:
-        ns, container = self._container(ctx, req.container_id)
+    async def create(self, ns: str | None, req: CreateTaskRequest) -> CreateTaskResponse:
+        ns, container = self._container(ns, req.container_id)
         options = _opt(req.options)
         if restore_path(container.runtime_name, options) or present(req.checkpoint):
             raise errdefs.NotImplemented_("restoring a task from a checkpoint")
@@ -188,8 +191,8 @@ class TasksService:
                 raise wrap("failed to get task pid", e) from None
         return CreateTaskResponse(container_id=req.container_id, pid=pid)
 
-    async def start(self, ctx: CallContext, req: StartRequest) -> StartResponse:
-        task = await self._live(ctx, req.container_id)
+    async def start(self, ns: str | None, req: StartRequest) -> StartResponse:
+        task = await self._live(ns, req.container_id)
         await self._process(task, req.exec_id)
         # The shim's Start answer carries the pid containerd reads back with State.
         if req.exec_id:
@@ -199,9 +202,9 @@ class TasksService:
             pid = await task.start(req.exec_id)
         return StartResponse(pid=pid)
 
-    async def delete(self, ctx: CallContext, req: DeleteTaskRequest) -> DeleteResponse:
-        ns, container = self._container(ctx, req.container_id)
-        task, exit_ = await self._settled(ctx, req.container_id)
+    async def delete(self, ns: str | None, req: DeleteTaskRequest) -> DeleteResponse:
+        ns, container = self._container(ns, req.container_id)
+        task, exit_ = await self._settled(ns, req.container_id)
         # exit_ alone: its shim was found dead at start-up, its cleanup deleted it.
         if task is not None or exit_ is None:
             exit_ = await self.runtime.delete(ns, req.container_id)
@@ -212,16 +215,16 @@ class TasksService:
                 # The task is gone; its records stay for the next event or the collector.
                 self._log.error("network teardown after task delete", namespace=ns,
                                 id=container.id, error=str(e))
-        return DeleteResponse(exit_status=exit_.status, exited_at=exit_.timestamp,
+        return DeleteResponse(exit_status=exit_.status, exited_at=exit_.exited_at,
                               pid=exit_.pid)
 
-    async def delete_process(self, ctx: CallContext, req: DeleteProcessRequest
+    async def delete_process(self, ns: str | None, req: DeleteProcessRequest
                              ) -> DeleteResponse:
-        task = await self._live(ctx, req.container_id)
+        task = await self._live(ns, req.container_id)
         await self._process(task, req.exec_id)
         exit_ = await task.delete(req.exec_id)
         return DeleteResponse(id=req.exec_id, exit_status=exit_.status,
-                              exited_at=exit_.timestamp, pid=exit_.pid)
+                              exited_at=exit_.exited_at, pid=exit_.pid)
 
     async def _process_state(self, task: ShimTask, exec_id: str = "") -> Process:
         """containerd's getProcessState: a failing shim shows as UNKNOWN, not an error."""
@@ -245,8 +248,8 @@ class TasksService:
         return Process(id=exec_id or p.id, pid=0 if exec_id else p.pid,
                        status=Status.UNKNOWN)
 
-    async def get(self, ctx: CallContext, req: GetRequest) -> GetResponse:
-        ns, container = self._container(ctx, req.container_id)
+    async def get(self, ns: str | None, req: GetRequest) -> GetResponse:
+        ns, container = self._container(ns, req.container_id)
         p = self.runtime.recovering(ns, container.id)
         if p is not None:
             # A live shim answers its probe in a moment; a dead one's cleanup is
@@ -255,12 +258,12 @@ class TasksService:
                 await p.probed.wait()
             if self.runtime.get(ns, container.id) is None and not p.settled.is_set():
                 return GetResponse(process=self._recovering(p, req.exec_id))
-        task = self._task(ctx, req.container_id)
+        task = self._task(ns, req.container_id)
         await self._process(task, req.exec_id)
         return GetResponse(process=await self._process_state(task, req.exec_id))
 
-    async def list(self, ctx: CallContext, req: ListTasksRequest) -> ListTasksResponse:
-        ns = ctx.namespace_required()
+    async def list(self, ns: str | None, req: ListTasksRequest) -> ListTasksResponse:
+        ns = namespace_required(ns)
         with trio.move_on_after(STATE_TIMEOUT):
             for p in self.runtime.recovering_in(ns):
                 await p.probed.wait()
@@ -276,16 +279,16 @@ class TasksService:
         out.sort(key=lambda t: t.id)
         return ListTasksResponse(tasks=out)
 
-    async def pause(self, ctx: CallContext, req: PauseTaskRequest) -> Empty:
-        await (await self._live(ctx, req.container_id)).pause()
+    async def pause(self, ns: str | None, req: PauseTaskRequest) -> Empty:
+        await (await self._live(ns, req.container_id)).pause()
         return Empty()
 
-    async def resume(self, ctx: CallContext, req: ResumeTaskRequest) -> Empty:
-        await (await self._live(ctx, req.container_id)).resume()
+    async def resume(self, ns: str | None, req: ResumeTaskRequest) -> Empty:
+        await (await self._live(ns, req.container_id)).resume()
         return Empty()
 
-    async def kill(self, ctx: CallContext, req: KillRequest) -> Empty:
-        task, _ = await self._settled(ctx, req.container_id)
+    async def kill(self, ns: str | None, req: KillRequest) -> Empty:
+        task, _ = await self._settled(ns, req.container_id)
         if task is None:
             # Its shim was found dead at start-up: the cleanup stopped everything.
             return Empty()
@@ -293,14 +296,14 @@ class TasksService:
         await task.kill(req.signal, req.all, req.exec_id)
         return Empty()
 
-    async def list_pids(self, ctx: CallContext, req: ListPidsRequest) -> ListPidsResponse:
-        task = await self._live(ctx, req.container_id)
+    async def list_pids(self, ns: str | None, req: ListPidsRequest) -> ListPidsResponse:
+        task = await self._live(ns, req.container_id)
         return ListPidsResponse(processes=await task.pids())
 
-    async def exec(self, ctx: CallContext, req: ExecProcessRequest) -> Empty:
+    async def exec(self, ns: str | None, req: ExecProcessRequest) -> Empty:
         if req.exec_id == "":
             raise errdefs.InvalidArgument("exec id cannot be empty", raw=True)
-        task = await self._live(ctx, req.container_id)
+        task = await self._live(ns, req.container_id)
         try:
             identifiers.validate(req.exec_id)
         except errdefs.InvalidArgument as e:
@@ -310,36 +313,36 @@ class TasksService:
                         terminal=req.terminal, spec=_opt(req.spec))
         return Empty()
 
-    async def resize_pty(self, ctx: CallContext, req: ResizePtyRequest) -> Empty:
-        task = await self._live(ctx, req.container_id)
+    async def resize_pty(self, ns: str | None, req: ResizePtyRequest) -> Empty:
+        task = await self._live(ns, req.container_id)
         await self._process(task, req.exec_id)
         await task.resize_pty(req.width, req.height, req.exec_id)
         return Empty()
 
-    async def close_io(self, ctx: CallContext, req: CloseIoRequest) -> Empty:
-        task = await self._live(ctx, req.container_id)
+    async def close_io(self, ns: str | None, req: CloseIoRequest) -> Empty:
+        task = await self._live(ns, req.container_id)
         await self._process(task, req.exec_id)
         if req.stdin:
             await task.close_io(req.exec_id)
         return Empty()
 
-    async def checkpoint(self, ctx: CallContext, req: CheckpointTaskRequest
+    async def checkpoint(self, ns: str | None, req: CheckpointTaskRequest
                          ) -> CheckpointTaskResponse:
-        await self._live(ctx, req.container_id)
+        await self._live(ns, req.container_id)
         raise errdefs.NotImplemented_("task checkpoint")
 
-    async def update(self, ctx: CallContext, req: UpdateTaskRequest) -> Empty:
-        task = await self._live(ctx, req.container_id)
+    async def update(self, ns: str | None, req: UpdateTaskRequest) -> Empty:
+        task = await self._live(ns, req.container_id)
         await task.update(_opt(req.resources), dict(req.annotations))
         return Empty()
 
-    async def metrics(self, ctx: CallContext, req: MetricsRequest) -> MetricsResponse:
+    async def metrics(self, ns: str | None, req: MetricsRequest) -> MetricsResponse:
         try:
             flt = filters.parse_all(list(req.filters))
         except errdefs.InvalidArgument as e:
             # containerd returns the parse error unconverted.
             raise errdefs.Unknown(e.message, raw=True) from None
-        ns = ctx.namespace_required()
+        ns = namespace_required(ns)
         out = []
         for task in self.runtime.tasks(ns):
             if not flt.match(_task_adaptor(task)):
@@ -358,16 +361,77 @@ class TasksService:
             out.append(metric)
         return MetricsResponse(metrics=out)
 
-    async def wait(self, ctx: CallContext, req: WaitRequest) -> WaitResponse:
-        task, exit_ = await self._settled(ctx, req.container_id)
+    async def wait(self, ns: str | None, req: WaitRequest) -> WaitResponse:
+        task, exit_ = await self._settled(ns, req.container_id)
         if task is None:
             assert exit_ is not None
             if req.exec_id:
                 raise errdefs.NotFound(f"process {req.exec_id}: not found", raw=True)
-            return WaitResponse(exit_status=exit_.status, exited_at=exit_.timestamp)
+            return WaitResponse(exit_status=exit_.status, exited_at=exit_.exited_at)
         await self._process(task, req.exec_id)
         exit_ = await task.wait(req.exec_id)
-        return WaitResponse(exit_status=exit_.status, exited_at=exit_.timestamp)
+        return WaitResponse(exit_status=exit_.status, exited_at=exit_.exited_at)
+
+
+class TasksService:
+    """``containerd.services.tasks.v1.Tasks``: translation only, over :class:`TasksLocal`."""
+
+    base = TasksBase
+
+    def __init__(self, local: TasksLocal) -> None:
+        self.local = local
+
+    async def create(self, ctx: CallContext, req: CreateTaskRequest) -> CreateTaskResponse:
+        return await self.local.create(ctx.namespace, req)
+
+    async def start(self, ctx: CallContext, req: StartRequest) -> StartResponse:
+        return await self.local.start(ctx.namespace, req)
+
+    async def delete(self, ctx: CallContext, req: DeleteTaskRequest) -> DeleteResponse:
+        return await self.local.delete(ctx.namespace, req)
+
+    async def delete_process(self, ctx: CallContext, req: DeleteProcessRequest) -> DeleteResponse:
+        return await self.local.delete_process(ctx.namespace, req)
+
+    async def get(self, ctx: CallContext, req: GetRequest) -> GetResponse:
+        return await self.local.get(ctx.namespace, req)
+
+    async def list(self, ctx: CallContext, req: ListTasksRequest) -> ListTasksResponse:
+        return await self.local.list(ctx.namespace, req)
+
+    async def pause(self, ctx: CallContext, req: PauseTaskRequest) -> Empty:
+        return await self.local.pause(ctx.namespace, req)
+
+    async def resume(self, ctx: CallContext, req: ResumeTaskRequest) -> Empty:
+        return await self.local.resume(ctx.namespace, req)
+
+    async def kill(self, ctx: CallContext, req: KillRequest) -> Empty:
+        return await self.local.kill(ctx.namespace, req)
+
+    async def list_pids(self, ctx: CallContext, req: ListPidsRequest) -> ListPidsResponse:
+        return await self.local.list_pids(ctx.namespace, req)
+
+    async def exec(self, ctx: CallContext, req: ExecProcessRequest) -> Empty:
+        return await self.local.exec(ctx.namespace, req)
+
+    async def resize_pty(self, ctx: CallContext, req: ResizePtyRequest) -> Empty:
+        return await self.local.resize_pty(ctx.namespace, req)
+
+    async def close_io(self, ctx: CallContext, req: CloseIoRequest) -> Empty:
+        return await self.local.close_io(ctx.namespace, req)
+
+    async def checkpoint(self, ctx: CallContext, req: CheckpointTaskRequest
+                         ) -> CheckpointTaskResponse:
+        return await self.local.checkpoint(ctx.namespace, req)
+
+    async def update(self, ctx: CallContext, req: UpdateTaskRequest) -> Empty:
+        return await self.local.update(ctx.namespace, req)
+
+    async def metrics(self, ctx: CallContext, req: MetricsRequest) -> MetricsResponse:
+        return await self.local.metrics(ctx.namespace, req)
+
+    async def wait(self, ctx: CallContext, req: WaitRequest) -> WaitResponse:
+        return await self.local.wait(ctx.namespace, req)
 
 
 def _task_adaptor(task: ShimTask) -> filters.Adaptor:
@@ -380,16 +444,28 @@ def _task_adaptor(task: ShimTask) -> filters.Adaptor:
     return field
 
 
-async def _init(ctx: InitContext) -> TasksService:
+SERVICE_ID = "tasks-service"
+
+
+async def _init_service(ctx: InitContext) -> TasksLocal:
     try:
         networks = ctx.plugins.get(INTERNAL, NETWORKS_ID)
     except errdefs.NotFound:
         networks = None  # containers then get no networks from their labels
-    return TasksService(ctx.plugins.get(RUNTIME_V2, "task"),
-                        store_for(ctx.plugins.get(METADATA).db), networks)
+    return TasksLocal(ctx.plugins.get(RUNTIME_V2, "task"),
+                      ctx.plugins.get(METADATA).containers, networks)
+
+
+async def _init(ctx: InitContext) -> TasksService:
+    # The service is registered just before this plugin (below), so initialised first.
+    return TasksService(ctx.plugins.get(SERVICE, SERVICE_ID))
 
 
 @hookimpl
 def berth_plugins() -> list[Registration]:
-    return [Registration(type=GRPC, id="tasks", init=_init,
-                         requires=(RUNTIME_V2, METADATA, EVENT))]
+    return [
+        # INTERNAL: the network manager, which it gives containers their networks with.
+        Registration(type=SERVICE, id=SERVICE_ID, init=_init_service,
+                     requires=(RUNTIME_V2, METADATA, EVENT, INTERNAL)),
+        Registration(type=GRPC, id="tasks", init=_init, requires=(RUNTIME_V2, METADATA, EVENT)),
+    ]

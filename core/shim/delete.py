@@ -43,41 +43,12 @@ def _runtime_delete(choice: options.RuntimeChoice, container_id: str) -> str:
     state = os.path.join(choice.root, container_id)
     if not os.path.exists(state):
         return ""  # deleted through the Task API already: the usual case
-    if choice.binary:
-        from berth.plugins.runtimes.ocicli import resolve
-
-        try:
-            binary = resolve(choice.binary)
-        except Exception as exc:  # noqa: BLE001 - reported as a warning, like Go's shim
-            return f"failed to remove runc container: {exc}"
-        import subprocess  # no Reaper runs in this short-lived process
-
-        done = subprocess.run([binary, "--root", choice.root, "delete", "--force",
-                               container_id], capture_output=True, text=True)
-        if done.returncode != 0:
-            return f"failed to remove runc container: {done.stderr.strip()}"
-        return ""
-    return _inprocess_delete(choice, container_id)
-
-
-def _inprocess_delete(choice: options.RuntimeChoice, container_id: str) -> str:
-    import trio
-
-    from berth.core.oci.reaper import Reaper
-    from berth.plugins.runtimes.inprocess import Runtime
-
-    async def run() -> None:
-        reaper = Reaper(subreaper=False)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reaper.run)
-            await Runtime(choice.root, reaper).delete(container_id, force=True)
-            nursery.cancel_scope.cancel()
+    from berth.core.shim import runtimes
 
     try:
-        trio.run(run)
+        return runtimes.force_delete(choice, container_id)
     except Exception as exc:  # noqa: BLE001 - reported as a warning, like Go's shim
         return f"failed to remove container: {exc}"
-    return ""
 
 
 def delete(flags: Flags) -> tuple[bytes, list[str]]:

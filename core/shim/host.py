@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-CGROUP_ROOT = "/sys/fs/cgroup"
+from berth.core.cgroups import hierarchy_candidates, parse_cgroups
+
 OOM_SCORE_MAX = 1000
 
 
@@ -24,16 +25,6 @@ def adjust_oom_score(pid: int, parent: int | None = None) -> None:
             f.write(str(min(score + 1, OOM_SCORE_MAX)))
 
 
-def parse_cgroups(text: str) -> dict[str, str]:
-    """hierarchy (controllers, "" for cgroup v2) → path, from /proc/<pid>/cgroup's text."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            out[parts[1]] = parts[2]
-    return out
-
-
 def cgroups_of(pid: int | str = "self") -> dict[str, str]:
     """``parse_cgroups`` of /proc/<pid>/cgroup ({} when it cannot be read)."""
     try:
@@ -41,16 +32,6 @@ def cgroups_of(pid: int | str = "self") -> dict[str, str]:
             return parse_cgroups(f.read())
     except OSError:
         return {}
-
-
-def hierarchy_candidates(controllers: str, root: str = CGROUP_ROOT) -> list[str]:
-    """Where a hierarchy of /proc/<pid>/cgroup may be mounted, most likely first: v2
-    under ``unified`` (hybrid hosts) or at the root; a v1 hierarchy under its name or
-    one of its controllers' names."""
-    if controllers == "":
-        return [os.path.join(root, "unified"), root]
-    name = controllers.removeprefix("name=")
-    return [os.path.join(root, name)] + [os.path.join(root, c) for c in controllers.split(",")]
 
 
 def _hierarchy_dirs(controllers: str) -> list[str]:

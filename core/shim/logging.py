@@ -95,3 +95,45 @@ def setup(fd: int, *, debug: bool = False, **bound: str) -> NonBlockingWriter:
         structlog.contextvars.bind_contextvars(**bound)
     _active = (key, sink, structlog.get_config())
     return sink
+
+
+def _logfmt_value(value: str) -> str:
+    if value and all(c.isalnum() or c in "-._/:@" for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def ids_from_argv(argv: list[str]) -> tuple[str, str]:
+    """(namespace, id) from a shim command line that may not parse."""
+    found = {"namespace": "", "id": ""}
+    for i, arg in enumerate(argv):
+        name, _, value = arg.lstrip("-").partition("=")
+        if name in found and arg.startswith("-"):
+            found[name] = value if value else (argv[i + 1] if i + 1 < len(argv) else "")
+    return found["namespace"], found["id"]
+
+
+def report_failure(bundle: str, msg: str, exc: BaseException, *, namespace: str,
+                   id: str) -> None:
+    """Write one error line (with the traceback) to ``<bundle>/log``, for a shim process
+    that fails before or outside its logger: berthd (or containerd) copies that FIFO
+    into its own log. Only the standard library, and never raises."""
+    import time
+    import traceback
+
+    try:
+        fields = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "level": "error", "msg": msg, "namespace": namespace, "id": id,
+            "pid": str(os.getpid()), "error": f"{type(exc).__name__}: {exc}",
+            "exception": "".join(traceback.format_exception(exc)),
+        }
+        line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items()) + "\n"
+        fd = open_log(bundle)
+        try:
+            os.write(fd, line.encode(errors="replace"))
+        finally:
+            os.close(fd)
+    except Exception:  # noqa: BLE001, S110 - the report is the last resort; nothing is left
+        pass

@@ -1,32 +1,33 @@
 """``OCIRuntime.stats`` as containerd's ``io.containerd.cgroups.v1.Metrics``.
 
-The runc shim answers Stats with that message (github.com/containerd/cgroups
-stats/v1/metrics.proto), which ``ctr task metrics`` and CRI decode. core/api does not
-carry the cgroups protos, so the fields berth fills are encoded here by number.
+The runc shim answers Stats with that message, which ``ctr task metrics`` and CRI decode;
+its proto is proto/containerd/cgroups/v1/metrics.proto (generated into core/api).
 """
 
 from __future__ import annotations
 
-from berth.core.shim.wire import WIRE_LEN, uint_field, varint
+from typing import Any
 
 METRICS_TYPE_URL = "io.containerd.cgroups.v1.Metrics"
 
-# MemoryStat scalar fields: number → key of memory.stat (v1 names).
+# MemoryStat fields ← keys of memory.stat (v1 names).
 _MEMORY_STAT = {
-    1: "cache", 2: "rss", 3: "rss_huge", 4: "mapped_file", 5: "dirty", 6: "writeback",
-    7: "pgpgin", 8: "pgpgout", 9: "pgfault", 10: "pgmajfault", 11: "inactive_anon",
-    12: "active_anon", 13: "inactive_file", 14: "active_file", 15: "unevictable",
-    16: "hierarchical_memory_limit", 17: "hierarchical_memsw_limit",
-    18: "total_cache", 19: "total_rss", 20: "total_rss_huge", 21: "total_mapped_file",
-    22: "total_dirty", 23: "total_writeback", 24: "total_pgpgin", 25: "total_pgpgout",
-    26: "total_pgfault", 27: "total_pgmajfault", 28: "total_inactive_anon",
-    29: "total_active_anon", 30: "total_inactive_file", 31: "total_active_file",
-    32: "total_unevictable",
+    "cache": "cache", "rss": "rss", "rss_huge": "rss_huge", "mapped_file": "mapped_file",
+    "dirty": "dirty", "writeback": "writeback", "pg_pg_in": "pgpgin",
+    "pg_pg_out": "pgpgout", "pg_fault": "pgfault", "pg_maj_fault": "pgmajfault",
+    "inactive_anon": "inactive_anon", "active_anon": "active_anon",
+    "inactive_file": "inactive_file", "active_file": "active_file",
+    "unevictable": "unevictable", "hierarchical_memory_limit": "hierarchical_memory_limit",
+    "hierarchical_swap_limit": "hierarchical_memsw_limit",
+    "total_cache": "total_cache", "total_rss": "total_rss",
+    "total_rss_huge": "total_rss_huge", "total_mapped_file": "total_mapped_file",
+    "total_dirty": "total_dirty", "total_writeback": "total_writeback",
+    "total_pg_pg_in": "total_pgpgin", "total_pg_pg_out": "total_pgpgout",
+    "total_pg_fault": "total_pgfault", "total_pg_maj_fault": "total_pgmajfault",
+    "total_inactive_anon": "total_inactive_anon", "total_active_anon": "total_active_anon",
+    "total_inactive_file": "total_inactive_file", "total_active_file": "total_active_file",
+    "total_unevictable": "total_unevictable",
 }
-
-
-def _message(number: int, body: bytes) -> bytes:
-    return varint(number << 3 | WIRE_LEN) + varint(len(body)) + body
 
 
 def _uint(value: object) -> int:
@@ -34,43 +35,47 @@ def _uint(value: object) -> int:
         number = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return 0
-    return number if number >= 0 else 0
+    return number if 0 <= number < 1 << 64 else 0
 
 
-def _entry(limit: object, usage: object, max_: object = 0, failcnt: object = 0) -> bytes:
-    return (uint_field(1, _uint(limit)) + uint_field(2, _uint(usage))
-            + uint_field(3, _uint(max_)) + uint_field(4, _uint(failcnt)))
+def metrics(stats: dict) -> Any:
+    """The Metrics message for a ``berth.core.oci.spec.STATS_SHAPE`` dict."""
+    from berth.core.api.io.containerd.cgroups import v1
+
+    out = v1.Metrics()
+    pids = stats.get("pids")
+    if isinstance(pids, dict):
+        out.pids = v1.PidsStat(current=_uint(pids.get("current")),
+                               limit=_uint(pids.get("limit")))
+    cpu = stats.get("cpu")
+    if isinstance(cpu, dict):
+        per_cpu = cpu.get("usage_percpu")
+        out.cpu = v1.CpuStat(
+            usage=v1.CpuUsage(total=_uint(cpu.get("usage_total")),
+                              kernel=_uint(cpu.get("usage_kernel")),
+                              user=_uint(cpu.get("usage_user")),
+                              per_cpu=[_uint(v) for v in per_cpu]
+                              if isinstance(per_cpu, list) else []),
+            throttling=v1.Throttle(periods=_uint(cpu.get("nr_periods")),
+                                   throttled_periods=_uint(cpu.get("throttled_periods")),
+                                   throttled_time=_uint(cpu.get("throttled_time"))))
+    memory = stats.get("memory")
+    if isinstance(memory, dict):
+        raw = memory.get("stat") or {}
+        stat = v1.MemoryStat(**{f: _uint(raw.get(k)) for f, k in _MEMORY_STAT.items()})
+        stat.usage = v1.MemoryEntry(limit=_uint(memory.get("limit")),
+                                    usage=_uint(memory.get("usage")),
+                                    max=_uint(memory.get("max_usage")),
+                                    failcnt=_uint(memory.get("failcnt")))
+        if "swap_usage" in memory or "swap_limit" in memory:
+            stat.swap = v1.MemoryEntry(limit=_uint(memory.get("swap_limit")),
+                                       usage=_uint(memory.get("swap_usage")))
+        out.memory = stat
+        if "oom_kill" in memory:
+            out.memory_oom_control = v1.MemoryOomControl(oom_kill=_uint(memory.get("oom_kill")))
+    return out
 
 
 def encode(stats: dict) -> bytes:
     """The Metrics message body for a ``berth.core.oci.spec.STATS_SHAPE`` dict."""
-    out = b""
-    pids = stats.get("pids")
-    if isinstance(pids, dict):
-        out += _message(2, uint_field(1, _uint(pids.get("current")))
-                        + uint_field(2, _uint(pids.get("limit"))))
-    cpu = stats.get("cpu")
-    if isinstance(cpu, dict):
-        usage = (uint_field(1, _uint(cpu.get("usage_total")))
-                 + uint_field(2, _uint(cpu.get("usage_kernel")))
-                 + uint_field(3, _uint(cpu.get("usage_user"))))
-        per_cpu = cpu.get("usage_percpu")
-        if isinstance(per_cpu, list) and per_cpu:
-            # CPUUsage.per_cpu: repeated uint64, packed as proto3 writes it.
-            usage += _message(4, b"".join(varint(_uint(v)) for v in per_cpu))
-        throttle = (uint_field(1, _uint(cpu.get("nr_periods")))
-                    + uint_field(2, _uint(cpu.get("throttled_periods")))
-                    + uint_field(3, _uint(cpu.get("throttled_time"))))
-        out += _message(3, _message(1, usage) + _message(2, throttle))
-    memory = stats.get("memory")
-    if isinstance(memory, dict):
-        raw = memory.get("stat") or {}
-        body = b"".join(uint_field(n, _uint(raw.get(k))) for n, k in _MEMORY_STAT.items())
-        body += _message(33, _entry(memory.get("limit"), memory.get("usage"),
-                                    memory.get("max_usage"), memory.get("failcnt")))
-        if "swap_usage" in memory or "swap_limit" in memory:
-            body += _message(34, _entry(memory.get("swap_limit"), memory.get("swap_usage")))
-        out += _message(4, body)
-        if "oom_kill" in memory:
-            out += _message(9, uint_field(3, _uint(memory.get("oom_kill"))))
-    return out
+    return bytes(metrics(stats))

@@ -7,9 +7,10 @@ containerd passes the container's runtime options as an Any in CreateTaskRequest
 - ``runtimeoptions.v1.Options`` (what ``ctr run --runtime-config-path`` and CRI send
   for other runtime types): ``config_path`` names a TOML file holding the same keys,
   in the proto's snake_case or CRI's CamelCase (``BinaryName = "crun"``).
-No binary means berth's in-process runtime. The choice is written to the bundle so
-that the ``delete`` action, run after the shim is gone, cleans up with the same
-runtime and root.
+No binary means berth's in-process runtime; the runtime plugin serving a binary is found
+through its registration (``berth.core.shim.runtimes``). The choice is written to the
+bundle so that the ``delete`` action, run after the shim is gone, cleans up with the
+same runtime and root.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ class RuntimeChoice:
     """The runtime for one container (a plain class: ``delete`` must import little)."""
 
     FIELDS = ("binary", "root", "systemd_cgroup", "no_pivot_root", "no_new_keyring",
-              "io_uid", "io_gid")
+              "io_uid", "io_gid", "cleanup")
 
     def __init__(self, binary: str = INPROCESS, root: str = "", systemd_cgroup: bool = False,
                  no_pivot_root: bool = False, no_new_keyring: bool = False, io_uid: int = 0,
-                 io_gid: int = 0) -> None:
+                 io_gid: int = 0, cleanup: str = "") -> None:
         self.binary = binary  # "" = in-process; else a runc-compatible binary
         self.root = root      # the runtime's state root, namespace included
         self.systemd_cgroup = systemd_cgroup
@@ -42,6 +43,9 @@ class RuntimeChoice:
         self.no_new_keyring = no_new_keyring
         self.io_uid = io_uid
         self.io_gid = io_gid
+        # The serving runtime plugin's force-delete entry ("module:callable"), recorded
+        # so that ``delete`` imports that module alone (berth.core.shim.runtimes).
+        self.cleanup = cleanup
 
     @property
     def name(self) -> str:

@@ -85,8 +85,7 @@ async def serve(flags: Flags, listener: socket.socket, ttrpc_address: str, *,
                 logger.info("serving", socket=listener.getsockname())
                 task_status.started(service)
                 await done.wait()
-                # Let the Shutdown answer leave before the connection is torn down.
-                await trio.sleep(0.01)
+                # Shutdown sets ``done`` once its answer is written (Context.on_replied).
                 work.cancel_scope.cancel()
         finally:
             publisher.close()

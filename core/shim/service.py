@@ -16,7 +16,6 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -46,18 +45,10 @@ RuntimeFactory = Callable[[options.RuntimeChoice, str, Reaper], OCIRuntime]
 
 
 def default_runtime(choice: options.RuntimeChoice, bundle: str, reaper: Reaper) -> OCIRuntime:
-    """The runtime a container's options ask for: a runc-like binary, or in-process."""
-    if choice.binary:
-        from berth.plugins.runtimes.ocicli import Runtime as CliRuntime
+    """The runtime a container's options ask for, from the registered runtime plugins."""
+    from berth.core.shim import runtimes
 
-        return CliRuntime(choice.root, reaper, binary=choice.binary,
-                          log=Path(bundle) / "log.json",
-                          systemd_cgroup=choice.systemd_cgroup,
-                          no_pivot=choice.no_pivot_root,
-                          no_new_keyring=choice.no_new_keyring)
-    from berth.plugins.runtimes.inprocess import Runtime as InProcessRuntime
-
-    return InProcessRuntime(choice.root, reaper)
+    return runtimes.new_runtime(choice, bundle, reaper)
 
 
 def kills_all_on_exit(bundle: str) -> bool:
@@ -245,7 +236,6 @@ class TaskService:
         opts = req.options
         choice = options.choose(opts.type_url if opts else "", opts.value if opts else b"",
                                 namespace=self.namespace, state_base=self.state_base)
-        options.save(req.bundle, choice)
         rootfs = ""
         if req.rootfs:
             from berth.core import mount
@@ -261,6 +251,8 @@ class TaskService:
                                       raw=True) from exc
         try:
             runtime = self._runtime_factory(choice, req.bundle, self.reaper)
+            # Saved once the runtime is known: ``delete`` cleans up with the same one.
+            options.save(req.bundle, choice)
             paths = StdioPaths(req.stdin, req.stdout, req.stderr, req.terminal)
             init = Init(req.id, req.bundle, paths, runtime, namespace=self.namespace,
                         reaper=self.reaper, rootfs=rootfs, io_uid=choice.io_uid,
@@ -425,7 +417,8 @@ class TaskService:
 
     async def shutdown(self, ctx: Context, req: api.ShutdownRequest) -> Empty:
         if not self.containers and not self._creating:
-            self._shutdown()
+            # Stop once this answer has been written: the client is waiting for it.
+            ctx.on_replied(self._shutdown)
         return Empty()
 
 

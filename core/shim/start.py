@@ -17,29 +17,17 @@ import os
 import socket
 import sys
 
-from berth.core.shim import address as addr, host, wire, zygote
-from berth.core.shim.flags import Flags, to_argv
-
-RUNC_OPTIONS = "containerd.runc.v1.Options"
-
-
-def shim_cgroup(options: bytes) -> str:
-    """``shim_cgroup`` (field 3) of runc options sent on stdin, if any."""
-    if not options:
-        return ""
-    try:
-        type_url, value = wire.decode_any(options)
-        if type_url.rsplit("/", 1)[-1] != RUNC_OPTIONS:
-            return ""
-        return wire.string_fields(value).get(3, "")
-    except ValueError:
-        return ""
-
-
-def _serve_flags(flags: Flags) -> list[str]:
-    serve = Flags(namespace=flags.namespace, id=flags.id, address=flags.address,
-                  publish_binary=flags.publish_binary, debug=flags.debug)
-    return to_argv(serve)
+from berth.core.shim import handover, zygote
+from berth.core.shim.flags import Flags
+from berth.core.shim.handover import (  # noqa: F401 - the start action's side
+    RUNC_OPTIONS,
+    claim,
+    release,
+    serve_flags,
+    serve_request,
+    settle,
+    shim_cgroup,
+)
 
 
 def start(flags: Flags, options: bytes, *, use_zygote: bool = True) -> str:
@@ -58,56 +46,13 @@ def start(flags: Flags, options: bytes, *, use_zygote: bool = True) -> str:
     return address
 
 
-def claim(flags: Flags, bundle: str) -> tuple[str, socket.socket | None]:
-    """The address of the shim for this container's group, written to the bundle, and
-    a socket listening on it for a new shim; None when a live shim serves the group
-    already (the container joins it).
-
-    berthd runs these steps itself for berth's own shim (``berth.core.runtime.binary``),
-    with its request to the zygote in between, instead of running this action.
-    """
-    group = addr.group_of(addr.read_annotations(bundle), flags.id)
-    address = addr.socket_address(flags.address, flags.namespace, group)
-    listener = addr.listen(address)
-    try:
-        addr.write_atomic(os.path.join(bundle, addr.ADDRESS_FILE), address)
-    except BaseException:
-        if listener is not None:
-            release(address, listener)
-        raise
-    return address, listener
-
-
-def release(address: str, listener: socket.socket) -> None:
-    """Give up a claimed socket (no shim came to serve it)."""
-    listener.close()
-    addr.remove_socket(address)
-
-
-def settle(pid: int, options: bytes, *, parent: int, follow: bool) -> None:
-    """Put a new shim where containerd's runc manager puts it: the runtime options'
-    ``shim_cgroup`` (else, with ``follow``, the caller's cgroups), OOM score above
-    ``parent``'s."""
-    cgroup = shim_cgroup(options)
-    if cgroup:
-        host.join_static_cgroup(pid, cgroup)
-    elif follow:
-        host.follow_cgroups(pid)
-    host.adjust_oom_score(pid, parent)
-
-
-def serve_request(flags: Flags, bundle: str, env: dict[str, str]) -> bytes:
-    """The request a zygote takes to fork this container's shim."""
-    return zygote.make_request(_serve_flags(flags), bundle, env)
-
-
 def spawn(flags: Flags, listener: socket.socket, bundle: str, *, use_zygote: bool) -> int:
     """A shim process serving on ``listener``: forked by the zygote, or by us."""
-    argv = _serve_flags(flags)
+    argv = serve_flags(flags)
     if use_zygote:
         payload = zygote.make_request(argv, bundle, dict(os.environ))
         path = zygote.zygote_path(flags.address)
-        pid = zygote.request(path, payload, listener)
+        pid = handover.request(path, payload, listener)
         if pid is None:
             pid = zygote.fork_zygote(path, payload, listener)
         if pid is not None:
@@ -129,8 +74,12 @@ def fork_shim(flags: Flags, listener: socket.socket) -> int:
         from berth.core.shim import serve
 
         code = serve.run(flags, listener)
-    except BaseException:  # noqa: B036 - nothing may escape a forked child
-        pass
+    except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+        # stderr is /dev/null now: the container's log (the bundle is our cwd) gets it.
+        from berth.core.shim import logging as shim_logging
+
+        shim_logging.report_failure(os.getcwd(), "shim failed", exc,
+                                    namespace=flags.namespace, id=flags.id)
     finally:
         os._exit(code)
 

@@ -11,43 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+from berth.core import protowire
+
 WIRE_VARINT = 0
 WIRE_FIXED64 = 1
 WIRE_LEN = 2
 WIRE_FIXED32 = 5
 
 
-class DecodeError(ValueError):
-    pass
-
-
-def varint(value: int) -> bytes:
-    if value < 0:
-        value &= (1 << 64) - 1  # negative int32/int64 travel as ten-byte varints
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise DecodeError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise DecodeError("varint too long")
+DecodeError = protowire.DecodeError
+varint = protowire.encode_varint
+_read_varint = protowire.read_varint
 
 
 def fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:

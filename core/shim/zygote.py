@@ -39,10 +39,17 @@ import select
 import signal
 import socket
 import struct
-import sys
 import time
 
-from berth.core.shim import address as addr
+from berth.core.shim.handover import (  # noqa: F401 - the zygote's side of the hand-over
+    REPLY_MAX,
+    REQUEST_TIMEOUT,
+    code_key,
+    make_request,
+    passing,
+    read_reply,
+    zygote_path,
+)
 
 
 def _idle_timeout(default: float = 600.0) -> float:
@@ -56,112 +63,14 @@ def _idle_timeout(default: float = 600.0) -> float:
 IDLE_TIMEOUT = _idle_timeout()
 POLL_INTERVAL = 1.0
 REHEARSAL_ROUNDS = 10
-REQUEST_TIMEOUT = 30.0
-REPLY_MAX = 4096
 PEEK_TIMEOUT = 5.0  # a client sends its request as it connects
 _MAX_REQUEST = 1 << 20
 
-# Code the shims run: a change to any of these files means a new zygote.
-_CODE_DIRS = ("core", "core/shim", "core/ttrpc", "core/oci", "core/events", "core/grpc",
-              "plugins/runtimes/ocicli", "plugins/runtimes/inprocess")
 _PRELOAD = (
     "berth.core.shim.serve", "berth.core.shim.oom", "berth.core.mount",
-    "berth.core.api.containerd.runc.v1",
-    "berth.plugins.runtimes.ocicli",
+    "berth.core.api.containerd.runc.v1", "berth.core.api.io.containerd.cgroups.v1",
+    "berth.core.shim.runtimes",
 )
-_OPTIONAL_PRELOAD = ("berth.plugins.runtimes.inprocess",)
-
-
-_KEY_TTL = 1.0
-_key_cache: tuple[float, str] = (-_KEY_TTL, "")
-
-
-def code_key() -> str:
-    """A digest of the interpreter and the shim's source files (names, sizes, mtimes).
-
-    Kept for a second: berthd asks once per container, and a burst of starts need
-    not stat a hundred files each.
-    """
-    global _key_cache
-    now = time.monotonic()
-    if now - _key_cache[0] < _KEY_TTL:
-        return _key_cache[1]
-    key = _compute_code_key()
-    _key_cache = (now, key)
-    return key
-
-
-def _compute_code_key() -> str:
-    h = addr.sha256(os.path.realpath(sys.executable).encode() + sys.version.encode())
-    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for rel in _CODE_DIRS:
-        directory = os.path.join(top, rel)
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            continue
-        for name in names:
-            if not name.endswith(".py"):
-                continue
-            with contextlib.suppress(OSError):
-                st = os.stat(os.path.join(directory, name))
-                h.update(f"{rel}/{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def zygote_path(daemon_address: str) -> str:
-    name = f"zygote-{code_key()}"
-    path = os.path.join(addr.socket_dir(daemon_address), name)
-    if len(path) > addr.SOCKET_PATH_LIMIT:
-        path = os.path.join(addr.FALLBACK_SOCKET_DIR, name)
-    return path
-
-
-# -- the requesting side (the ``start`` action) ---------------------------------------------
-
-
-def make_request(argv: list[str], cwd: str, env: dict[str, str]) -> bytes:
-    return json.dumps({"argv": argv, "cwd": cwd, "env": env}).encode()
-
-
-def request(path: str, payload: bytes, listener: socket.socket,
-            timeout: float = REQUEST_TIMEOUT) -> int | None:
-    """Ask the zygote at ``path`` for a shim; its pid, or None when no zygote answers."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    s.settimeout(timeout)
-    try:
-        try:
-            s.connect(path)
-        except OSError:
-            return None
-        s.sendmsg([payload], passing(listener))
-        reply = s.recv(REPLY_MAX)
-    except OSError:
-        return None
-    finally:
-        s.close()
-    return read_reply(reply)
-
-
-def passing(listener: socket.socket) -> list[tuple[int, int, bytes]]:
-    """The ancillary data that hands ``listener`` to the zygote with a request."""
-    fds = array.array("i", [listener.fileno()])
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
-
-
-def read_reply(reply: bytes) -> int | None:
-    """The shim's pid from a zygote's answer; None for no usable answer, RuntimeError
-    for the zygote's own error."""
-    try:
-        answer = json.loads(reply)
-    except ValueError:
-        return None
-    if not isinstance(answer, dict):
-        return None
-    if "error" in answer:
-        raise RuntimeError(f"zygote: {answer['error']}")
-    pid = answer.get("pid")
-    return pid if isinstance(pid, int) and pid > 0 else None
 
 
 def fork_zygote(path: str, first_request: bytes, listener: socket.socket) -> int | None:
@@ -178,8 +87,8 @@ def fork_zygote(path: str, first_request: bytes, listener: socket.socket) -> int
             os.close(r)
             _detach()
             code = _zygote(path, first_request, listener, w)
-        except BaseException:  # noqa: B036 - nothing may escape a forked child
-            pass
+        except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+            _report(first_request, "shim zygote failed", exc)
         finally:
             os._exit(code)
     os.close(w)
@@ -218,11 +127,16 @@ def preload() -> None:
     """Import and warm everything a shim uses, so that a fork is ready to serve."""
     import importlib
 
+    from berth.core.shim import runtimes
+
     for name in _PRELOAD:
         importlib.import_module(name)
-    for name in _OPTIONAL_PRELOAD:
-        with contextlib.suppress(Exception):
-            importlib.import_module(name)
+    # The OCI runtimes, as their plugin registrations name them: found once here, and
+    # a runtime whose modules do not import here fails in the shim that asks for it.
+    for plugin in runtimes.registered():
+        for name in plugin.modules():
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
     with contextlib.suppress(Exception):
         # Locating libc runs ``ldconfig -p``: once here rather than in every shim.
         from berth.core.oci.libc import load_libc
@@ -475,6 +389,7 @@ def _fork_for(server: socket.socket) -> None:
         conn.close()
         return
     code = 1
+    received: tuple[dict, int] | None = None
     try:
         server.close()
         _child_signals()
@@ -482,8 +397,11 @@ def _fork_for(server: socket.socket) -> None:
         received = _receive_request(conn)
         if received is not None:
             code = _become_shim(*received)
-    except BaseException:  # noqa: B036 - nothing may escape a forked child
-        pass
+    except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+        # Before the request arrived the requester gets no answer, and berthd logs that
+        # with the container's id; after, the shim's own log has it.
+        if received is not None:
+            _report_dict(received[0], "shim failed", exc)
     finally:
         os._exit(code)
 
@@ -552,10 +470,36 @@ def _spawn_shim(req: dict, listener_fd: int, close: list[socket.socket | int | N
                 os.close(item)
         _child_signals()
         code = _become_shim(req, listener_fd)
-    except BaseException:  # noqa: B036 - nothing may escape a forked child
-        pass
+    except BaseException as exc:  # noqa: B036 - nothing may escape a forked child
+        _report_dict(req, "shim failed", exc)
     finally:
         os._exit(code)
+
+
+def _report_dict(req: dict, msg: str, exc: BaseException) -> None:
+    """A failure of the shim a request asked for, to that container's log (stderr is
+    /dev/null here). A clean exit (SystemExit 0) is no failure."""
+    if isinstance(exc, SystemExit) and not exc.code:
+        return
+    from berth.core.shim import logging as shim_logging
+
+    try:
+        argv = [str(a) for a in req.get("argv", [])]
+        bundle = str(req.get("cwd", ""))
+    except (AttributeError, TypeError):
+        return
+    namespace, id_ = shim_logging.ids_from_argv(argv)
+    if bundle:
+        shim_logging.report_failure(bundle, msg, exc, namespace=namespace, id=id_)
+
+
+def _report(request: bytes, msg: str, exc: BaseException) -> None:
+    try:
+        req = json.loads(request)
+    except ValueError:
+        return
+    if isinstance(req, dict):
+        _report_dict(req, msg, exc)
 
 
 def stop(path: str, timeout: float = 5.0) -> int:

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from berth.core import errdefs
+from berth.core import errdefs, protowire
 
 HEADER_LENGTH = 10
 # ttrpc's messageLengthMax: a bigger frame is skipped and answered with
@@ -181,41 +181,14 @@ class FrameDecoder:
 
 # -- protobuf primitives -------------------------------------------------------------
 
-_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
-
-
-def _varint(value: int) -> bytes:
-    if 0 <= value < 0x80:
-        return _SMALL_VARINTS[value]
-    value &= _UINT64_MASK  # negative int32/int64 travel as 10-byte two's complement
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_varint = protowire.encode_varint
 
 
 def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    if pos >= end:
-        raise MessageDecodeError("ttrpc: truncated varint")
-    byte = data[pos]
-    if byte < 0x80:
-        return byte, pos + 1
-    result = byte & 0x7F
-    shift = 7
-    pos += 1
-    while True:
-        if pos >= end:
-            raise MessageDecodeError("ttrpc: truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise MessageDecodeError("ttrpc: varint overflows 64 bits")
+    try:
+        return protowire.read_varint(data, pos, end)
+    except protowire.DecodeError as exc:
+        raise MessageDecodeError(f"ttrpc: {exc}") from None
 
 
 def _signed64(value: int) -> int:

@@ -24,10 +24,11 @@ import trio
 
 from berth.core import errdefs, log
 from berth.core.errdefs import Code
+from berth.core.headers import TTRPC_NAMESPACE
 from berth.core.ttrpc import codec
 from berth.core.ttrpc._writer import FrameWriter
 
-NAMESPACE_KEY = "containerd-namespace-ttrpc"
+NAMESPACE_KEY = TTRPC_NAMESPACE
 
 _RECEIVE_SIZE = 64 * 1024
 # How long a connection being closed may take to flush its last frames.
@@ -52,6 +53,13 @@ class Context:
     # trio clock time by which the client stops waiting; math.inf when it set none.
     deadline: float = math.inf
     peer: PeerCredentials | None = None
+    # Run once the call's answer is written to the connection (or could not be).
+    replied: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_replied(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` after the answer to this call has left (e.g. Shutdown's own answer
+        must reach the client before the server stops)."""
+        self.replied.append(fn)
 
     def get(self, key: str) -> str | None:
         """First value of a metadata key (looked up lower-cased, like ttrpc.MD.Get)."""
@@ -82,14 +90,6 @@ def peer_credentials(stream: trio.abc.Stream) -> PeerCredentials | None:
 
 def _socket_path(address: str) -> str:
     return address.removeprefix("unix://")
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    # A handler's own nursery wraps a lone failure in an ExceptionGroup; the status
-    # should still describe the failure itself.
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 class Server:
@@ -285,15 +285,19 @@ class Server:
         peer: PeerCredentials | None,
         conn_log: Any,
     ) -> None:
-        response = await self._dispatch(request, peer, conn_log)
+        replied: list[Callable[[], None]] = []
+        response = await self._dispatch(request, peer, conn_log, replied)
         frame = codec.response_frame(stream_id, response, max_length=self._max)
         try:
             await writer.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection went away; nobody is waiting for this answer
+        for fn in replied:
+            fn()
 
     async def _dispatch(
-        self, request: codec.CallRequest, peer: PeerCredentials | None, conn_log: Any
+        self, request: codec.CallRequest, peer: PeerCredentials | None, conn_log: Any,
+        replied: list[Callable[[], None]] | None = None,
     ) -> codec.CallResponse:
         methods = self._services.get(request.service)
         if methods is None:
@@ -318,6 +322,7 @@ class Server:
             metadata=codec.metadata_dict(request.metadata),
             deadline=deadline,
             peer=peer,
+            replied=replied if replied is not None else [],
         )
         try:
             with trio.CancelScope(deadline=deadline) as scope:
@@ -326,7 +331,9 @@ class Server:
                 error = errdefs.DeadlineExceeded()
                 return codec.CallResponse(error.code, error.message)
         except Exception as exc:
-            failure = _unwrap(exc)
+            # A handler's own nursery wraps a lone failure in an ExceptionGroup; the status
+            # should still describe the failure itself.
+            failure = errdefs.unwrap_group(exc)
             code, text = errdefs.to_status(failure)
             if isinstance(failure, errdefs.BerthError):
                 conn_log.debug("ttrpc: call failed", service=request.service,

@@ -18,13 +18,14 @@ import hashlib
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import trio
 
 from berth.core import errdefs, log
+from berth.core.differ import Applied
+from berth.core.mount import Mount
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import CONTENT, DIFFER, METADATA, SERVICE
 from berth.plugins.differ import ApplyResult, apply_blob, compression, target_for_mounts, write_diff
@@ -37,24 +38,6 @@ SINK_CHUNK = 1 << 20
 VERIFY_CHUNK = 1 << 20
 
 _log = log.get("differ")
-
-
-@dataclass
-class Mount:
-    """A mount as the API carries it (type, source, options)."""
-
-    type: str
-    source: str
-    options: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Applied:
-    """What Apply returns: the uncompressed layer's descriptor."""
-
-    media_type: str
-    digest: str
-    size: int
 
 
 class _VerifyingReader:
@@ -90,12 +73,6 @@ def _as_tuples(mounts: Sequence[Mount]) -> list[tuple[str, str, Sequence[str]]]:
     return [(m.type, m.source, list(m.options)) for m in mounts]
 
 
-def _core_mounts(mounts: Sequence[Mount]) -> list[Any]:
-    from berth.core import mount as core_mount
-
-    return [core_mount.Mount(m.type, m.source, list(m.options)) for m in mounts]
-
-
 @contextlib.contextmanager
 def _directory(mounts: Sequence[Mount], *, read_only: bool) -> Iterator[Path]:
     """A directory showing ``mounts``: a bind mount's source, else a temporary mount."""
@@ -105,7 +82,7 @@ def _directory(mounts: Sequence[Mount], *, read_only: bool) -> Iterator[Path]:
         return
     from berth.core import mount as core_mount
 
-    with core_mount.mounted(_core_mounts(mounts), read_only=read_only) as root:
+    with core_mount.mounted(list(mounts), read_only=read_only) as root:
         yield root
 
 
@@ -207,7 +184,7 @@ class WalkingDiffer:
         compression.from_media_type(media_type)
         store = self.content
         info = store.info(namespace, digest)
-        path = store.backend.blob_path(digest)
+        path = store.blob_path(namespace, digest)
         started = time.monotonic()
         result = await trio.to_thread.run_sync(
             apply_sync, path, digest, size or info.size, media_type, list(mounts))

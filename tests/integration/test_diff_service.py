@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from berth.core import errdefs
+from berth.core.differ import Applied
+from berth.core.mount import Mount
 from berth.core.services.diff import DiffLocal
-from berth.plugins.differ.plugin import Applied, Mount, apply_sync
+from berth.plugins.differ.plugin import apply_sync
 
 
 def _layer() -> tuple[bytes, bytes]:

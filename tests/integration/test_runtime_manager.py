@@ -33,7 +33,7 @@ from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import Status
 from berth.core.events import typeurl
 from berth.core.events.exchange import Exchange, Subscription
-from berth.core.metadata.containers import Container, store_for
+from berth.core.metadata.containers import Container, ContainerStore
 from berth.core.metadata.db import Database
 from berth.core.runtime.manager import CreateOpts, TaskManager
 from berth.core.services.events import EventsService
@@ -232,7 +232,7 @@ class Harness:
         """The task's create options; its container is recorded first, as berthd's
         Containers service does (after a restart, a bundle of no container is retired)."""
         oci = spec(self.namespace, task_id, args, annotations=annotations)
-        containers = store_for(self.db)
+        containers = ContainerStore(self.db)
         with contextlib.suppress(errdefs.AlreadyExists):
             containers.create(self.namespace, Container(id=task_id, runtime_name=RUNTIME,
                                                         spec=oci))
@@ -249,7 +249,6 @@ class Harness:
 @pytest.fixture
 def harness(leftovers: Leftovers) -> Iterator[Harness]:
     db = Database(leftovers.base / "meta.db")
-    store_for(db)
     h = Harness(leftovers.base, leftovers.namespace, db, Exchange(),
                 make_rootfs(leftovers.base / "busybox"))
     yield h
@@ -272,7 +271,7 @@ async def running(h: Harness, *, recover: bool = True) -> AsyncIterator[TaskMana
         manager = TaskManager(
             root=h.root, state=h.state, address=str(h.base / "berth.sock"),
             ttrpc_address=str(h.base / "berth.sock.ttrpc"), events=h.exchange,
-            containers=store_for(h.db), nursery=nursery,
+            containers=ContainerStore(h.db), nursery=nursery,
         )
         if recover:
             await manager.load_existing()
@@ -530,7 +529,7 @@ async def test_restart_retires_shims_of_no_container(harness: Harness) -> None:
     """A shim and bundle whose container record is gone (a start cut short by a crash)
     are shut down and removed at start-up, and the id can be used again."""
     h = harness
-    containers = store_for(h.db)
+    containers = ContainerStore(h.db)
     with trio.fail_after(GUARD):
         async with running(h) as manager:
             o1 = await manager.create(h.namespace, "o1", h.opts("o1", ["sleep", "1000"]))

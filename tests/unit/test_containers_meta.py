@@ -25,10 +25,10 @@ from berth.core.events.exchange import Exchange
 from berth.core.gc import mark
 from berth.core.gc.collector import Collector
 from berth.core.grpc.context import CallContext
-from berth.core.metadata.containers import Container, ContainerStore, gc_roots, store_for
+from berth.core.metadata.containers import Container, ContainerStore, gc_roots
 from berth.core.metadata.db import Database
 from berth.core.metadata.namespaces import NamespaceStore
-from berth.core.services.containers import ContainersService
+from berth.core.services.containers import ContainersLocal, ContainersService
 
 SPEC = b'{"ociVersion":"1.0.2-dev"}'
 
@@ -53,13 +53,15 @@ def db(tmp_path: Path) -> Database:
 
 @pytest.fixture
 def store(db: Database) -> ContainerStore:
-    return store_for(db)
+    return ContainerStore(db)
 
 
-def test_store_is_one_per_database(db: Database) -> None:
-    assert store_for(db) is store_for(db)
-    assert db.namespace_checks.count(db.namespace_checks[0]) == 1
-    assert len(db.namespace_checks) == 1
+def test_the_database_registers_each_namespace_check_once(db: Database) -> None:
+    # Opening the database migrated every table and registered every check (images,
+    # content, containers, snapshots); building stores registers nothing more.
+    ContainerStore(db), ContainerStore(db)
+    assert len(db.namespace_checks) == 4
+    assert len(set(db.namespace_checks)) == 4
 
 
 def test_create_get_roundtrip(store: ContainerStore) -> None:
@@ -236,10 +238,10 @@ def ctx(ns: str | None = "default") -> CallContext:
 
 async def test_service_crud_and_events(db: Database) -> None:
     exchange = Exchange()
-    svc = ContainersService(store_for(db), exchange)
+    svc = ContainersService(ContainersLocal(ContainerStore(db), exchange))
     sub = exchange.subscribe()
     deletions: list[bool] = []
-    svc.mutated = deletions.append
+    svc.local.mutated = deletions.append
     pb = PbContainer(id="c1", labels={"a": "1"}, image="img",
                      runtime=ContainerRuntime(name="io.containerd.runc.v2",
                                               options=AnyMsg(type_url="containerd.runc.v1.Options")),
@@ -286,7 +288,7 @@ async def test_service_crud_and_events(db: Database) -> None:
 
 
 async def test_service_errors(db: Database) -> None:
-    svc = ContainersService(store_for(db), Exchange())
+    svc = ContainersService(ContainersLocal(ContainerStore(db), Exchange()))
     with pytest.raises(errdefs.FailedPrecondition, match="namespace is required"):
         svc.get(ctx(None), GetContainerRequest(id="c1"))
     # The id check comes before the namespace check, as in containerd.
@@ -311,12 +313,12 @@ async def test_gc_wiring_registers_roots_and_reports_deletions(db: Database) -> 
     plugins.add(Plugin(Registration(type=GC, id="scheduler", init=None), instance=scheduler))
     notify = wire_gc(plugins)
     assert notify is not None
-    store_for(db).create("ns1", container("c1", snapshotter="native", snapshot_key="k"))
+    ContainerStore(db).create("ns1", container("c1", snapshotter="native", snapshot_key="k"))
     with db.read() as c:
         assert scheduler.collector.graph(c, {}).extra_roots == [
             mark.snapshot("ns1", "native", "k")]
-    svc = ContainersService(store_for(db), Exchange())
-    svc.mutated = notify
+    svc = ContainersService(ContainersLocal(ContainerStore(db), Exchange()))
+    svc.local.mutated = notify
     svc.delete(ctx("ns1"), DeleteContainerRequest(id="c1"))
     event = scheduler._recv.receive_nowait()
     assert event.dirty  # a deletion: a collection is due

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from berth.core import errdefs
-from berth.core.images import gojson, mediatypes, platforms, reference
+from berth.core.gocompat import json as gojson
+from berth.core.images import mediatypes, platforms, reference
 from berth.core.images.image import append_source, child_labels, select_manifests
 from berth.core.images.manifest import (
     Descriptor,

@@ -27,7 +27,7 @@ def db(tmp_path: Path) -> Database:
 def img(name: str, digest: str = D1, *, media: str = MANIFEST, size: int = 10,
         labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None
         ) -> Image:
-    return Image(name, Descriptor(media, digest, size, annotations or {}), labels or {})
+    return Image(name, Descriptor(media, digest, size, annotations=annotations or {}), labels or {})
 
 
 def test_create_get_and_duplicate(db: Database) -> None:

@@ -133,10 +133,14 @@ async def test_collect_stale(tmp_path: Path) -> None:
     fake = FakeNet()
     exists = {("ns", "kept")}
     m, _ = make(tmp_path, fake, container_exists=lambda ns, id: (ns, id) in exists)
-    m.store.db.ensure_schema("containers-test", [
-        "CREATE TABLE IF NOT EXISTS containers (namespace TEXT, id TEXT)"])
-    with m.store.db.write() as c:
-        c.execute("INSERT INTO containers VALUES ('ns', 'kept')")
+    from betterproto.lib.google.protobuf import Any as AnyMsg
+
+    from berth.core.metadata.containers import Container, ContainerStore
+
+    spec = AnyMsg(type_url="types.containerd.io/opencontainers/runtime-spec/1/Spec",
+                  value=b"{}")
+    ContainerStore(m.store.db).create("ns", Container(
+        id="kept", runtime_name="io.containerd.runc.v2", spec=spec))
     for cid in ("kept", "deleted"):
         await m.attach("ns", cid, "n1", container=True)
     assert await m.collect_stale() == 1

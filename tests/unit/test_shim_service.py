@@ -259,16 +259,28 @@ async def test_exec_processes(env: Env):
     assert env.published.events[4].id == "e1"
 
 
+async def _shutdown(env: Env) -> None:
+    """Shutdown as the ttrpc server runs it: the stop comes once the answer is written."""
+    from berth.core.ttrpc import Context
+
+    ctx = Context(service="containerd.task.v2.Task", method="Shutdown")
+    before = list(env.shutdowns)
+    await env.service.shutdown(ctx, api.ShutdownRequest())
+    assert env.shutdowns == before  # not before the answer has left
+    for fn in ctx.replied:
+        fn()
+
+
 async def test_shutdown_waits_for_containers_to_go(env: Env):
-    await env.service.shutdown(CTX, api.ShutdownRequest())
+    await _shutdown(env)
     assert env.shutdowns == [1]
     pid = await env.create()
-    await env.service.shutdown(CTX, api.ShutdownRequest())
+    await _shutdown(env)
     assert env.shutdowns == [1]  # a container remains: no-op
     env.reaper.exit(pid, 0)
     await settle()
     await env.service.delete(CTX, api.DeleteRequest(id="c1"))
-    await env.service.shutdown(CTX, api.ShutdownRequest())
+    await _shutdown(env)
     assert env.shutdowns == [1, 1]
 
 

@@ -17,7 +17,6 @@ import trio
 from structlog.testing import capture_logs
 
 from berth.core.gc.collector import Collector
-from berth.core.metadata import snapshots as msnap
 from berth.core.metadata.db import Database
 from berth.core.metadata.leases import LeaseStore
 from berth.core.metadata.snapshots import NamespacedSnapshotter
@@ -44,7 +43,6 @@ async def test_concurrent_removes_and_collections_leave_nothing_and_log_no_failu
         tmp_path: Path) -> None:
     db = Database(tmp_path / "meta.db")
     LeaseStore(db)
-    msnap.setup(db)
     backend = YieldingOverlay(tmp_path / "overlayfs", index_off=True, userxattr=False)
     try:
         with capture_logs() as logs:

@@ -12,7 +12,6 @@ from berth.core import errdefs
 from berth.core.api.containerd.events import SnapshotCommit, SnapshotPrepare, SnapshotRemove
 from berth.core.events import typeurl
 from berth.core.events.exchange import Exchange
-from berth.core.metadata import snapshots as msnap
 from berth.core.metadata.db import Database
 from berth.core.metadata.leases import LeaseStore, Resource
 from berth.core.metadata.namespaces import NamespaceStore
@@ -25,7 +24,6 @@ from berth.plugins.snapshotters.overlayfs import OverlaySnapshotter
 @pytest.fixture
 def db(tmp_path: Path) -> Database:
     d = Database(tmp_path / "meta.db")
-    msnap.setup(d)
     yield d
     d.close()
 

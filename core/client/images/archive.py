@@ -26,7 +26,8 @@ from typing import Any, BinaryIO
 
 from berth.core import errdefs
 from berth.core.archive import compression
-from berth.core.images import gojson, mediatypes, reference
+from berth.core.gocompat import json as gojson
+from berth.core.images import mediatypes, reference
 from berth.core.images.image import child_labels
 from berth.core.images.manifest import (
     Descriptor,

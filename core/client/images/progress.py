@@ -5,15 +5,6 @@ from __future__ import annotations
 from berth.core.images.manifest import Descriptor
 
 
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error a task group failed with, for callers that expect one (the others are
-    usually the cancellations it caused)."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 class Progress:
     """Callbacks of a pull or push; every method may be called from any task."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.client.images.progress import Progress, first_error
+from berth.core.client.images.progress import Progress
 from berth.core.client.registry.client import Registry
 from berth.core.images import mediatypes
 from berth.core.images.image import (
@@ -91,7 +91,7 @@ class Puller:
                 for blob in blobs:
                     tg.create_task(self._fetch_blob(blob))
         except BaseExceptionGroup as group:
-            raise first_error(group) from None
+            raise errdefs.unwrap_group(group, first=True) from None
 
     async def _label(self, desc: Descriptor, labels: dict[str, str]) -> None:
         if labels:
@@ -200,7 +200,7 @@ async def _copy(chunks: Any, w: Any, advance: Any) -> None:
             tg.create_task(produce())
             tg.create_task(consume())
     except BaseExceptionGroup as group:
-        raise first_error(group) from None
+        raise errdefs.unwrap_group(group, first=True) from None
 
 
 async def pull(client: Any, registry: Registry, spec: Spec, *, matcher: Matcher,

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.client.images.progress import Progress, first_error
+from berth.core.client.images.progress import Progress
 from berth.core.client.registry.client import Registry
 from berth.core.images import mediatypes
 from berth.core.images.image import distribution_source_label
@@ -87,7 +87,7 @@ async def push(client: Any, registry: Registry, spec: Spec, root: Descriptor, *,
             for desc in blobs.values():
                 tg.create_task(push_blob(desc))
     except BaseExceptionGroup as group:
-        raise first_error(group) from None
+        raise errdefs.unwrap_group(group, first=True) from None
 
     for desc, data in manifests:
         is_root = desc.digest == root.digest

@@ -20,7 +20,8 @@ from typing import Any
 from berth.core import errdefs
 from berth.core.archive import compression
 from berth.core.archive.diff import write_diff
-from berth.core.images import gojson, mediatypes
+from berth.core.gocompat import json as gojson
+from berth.core.images import mediatypes
 from berth.core.images.manifest import Descriptor, Manifest, descriptor_for
 from berth.core.images.platforms import default_spec
 
