@@ -9,3 +9,5 @@ from __future__ import annotations
 
 GRPC_NAMESPACE = "containerd-namespace"
 TTRPC_NAMESPACE = "containerd-namespace-ttrpc"
+# The lease a call works under (containerd's leases package).
+GRPC_LEASE = "containerd-lease"

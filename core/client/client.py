@@ -27,10 +27,10 @@ from berth.core.api.containerd.services.leases import v1 as leases_api
 from berth.core.api.containerd.services.snapshots import v1 as snapshots_api
 from berth.core.api.containerd.types import Mount
 from berth.core.client.connection import NAMESPACE_HEADER
+from berth.core.headers import GRPC_LEASE as LEASE_HEADER
 from berth.core.images import mediatypes
 from berth.core.images.manifest import Descriptor
 
-LEASE_HEADER = "containerd-lease"
 DEFAULT_SNAPSHOTTER = "overlayfs"
 WRITE_CHUNK = 1 << 20
 # Write messages sent ahead of their answers.

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from berth.core import errdefs, identifiers
-
-NAMESPACE_HEADER = "containerd-namespace"
-LEASE_HEADER = "containerd-lease"
+from berth.core import identifiers
+from berth.core.headers import GRPC_LEASE, GRPC_NAMESPACE
 
 
 @dataclass
@@ -16,7 +14,7 @@ class CallContext:
     """Per-call metadata, independent of the transport (gRPC or ttrpc)."""
 
     metadata: Mapping[str, str | bytes] = field(default_factory=dict)
-    namespace_key: str = NAMESPACE_HEADER
+    namespace_key: str = GRPC_NAMESPACE
     deadline: float | None = None
 
     @property
@@ -28,18 +26,11 @@ class CallContext:
 
     def namespace_required(self) -> str:
         """The call's namespace, validated, as containerd's NamespaceRequired."""
-        ns = self.namespace
-        if not ns:
-            raise errdefs.FailedPrecondition("namespace is required")
-        try:
-            identifiers.validate(ns)
-        except errdefs.BerthError as e:
-            raise errdefs.InvalidArgument(f"namespace validation: {e}", raw=True) from None
-        return ns
+        return identifiers.namespace_required(self.namespace)
 
     @property
     def lease(self) -> str | None:
-        value = self.metadata.get(LEASE_HEADER)
+        value = self.metadata.get(GRPC_LEASE)
         if isinstance(value, bytes):
             value = value.decode()
         return value or None
