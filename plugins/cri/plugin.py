@@ -10,12 +10,13 @@ from typing import Any
 
 from berth.core import log
 from berth.core.gc.scheduler import notifier
+from berth.core.metadata.containers import store_for
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import EVENT, GC, GRPC, METADATA, RUNTIME_V2, SERVICE
 from berth.core.transfer.pull import Stores
 from berth.plugins.cri import config as cri_config
 from berth.plugins.cri.images import NAMESPACE, ImageService
-from berth.plugins.cri.runtime import RuntimeBase
+from berth.plugins.cri.pods import PodService
 
 _log = log.get("cri")
 
@@ -73,8 +74,13 @@ async def _init(ctx: InitContext) -> CRIPlugin:
 
 
 def _runtime_service(ctx: InitContext, cfg: cri_config.CRIConfig, stores: Stores,
-                     images: ImageService) -> Any:
-    return RuntimeBase(cfg)
+                     images: ImageService) -> PodService:
+    md = ctx.plugins.get(METADATA)
+    pods = PodService(cfg, stores=stores, images=images, containers=store_for(md.db),
+                      tasks=ctx.plugins.get(RUNTIME_V2, "task"), state=ctx.state,
+                      nursery=ctx.nursery)
+    pods.load()
+    return pods
 
 
 @hookimpl

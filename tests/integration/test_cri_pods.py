@@ -1,0 +1,216 @@
+"""CRI pods on a real berthd, driven in the kubelet's order: pull, RunPodSandbox
+(hostNetwork, namespaces pinned by berth, no infra image), CreateContainer x2,
+StartContainer, ExecSync, CRI-format logs, ContainerStatus, ListContainers, StopContainer,
+StopPodSandbox, RemovePodSandbox; and bad input, each a clear error leaving nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from berth.core.api.runtime import v1 as api
+from tests import daemons
+from tests.cri import CRIClient
+from tests.integration.test_cri_images import base, mirrored  # noqa: F401 - fixtures
+
+if TYPE_CHECKING:
+    from tests.images import Image
+
+pytest_plugins = ("tests.images",)
+pytestmark = pytest.mark.root
+
+LOG_LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z (stdout|stderr) [FP] ")
+# Bounds waits that end by themselves; nothing is measured by it.
+HANG_GUARD = 60.0
+
+
+def _wait(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + HANG_GUARD
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def pod_config(logs: Path, name: str = "web") -> api.PodSandboxConfig:
+    return api.PodSandboxConfig(
+        metadata=api.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="default"),
+        hostname=name, log_directory=str(logs), labels={"app": name},
+        annotations={"note": "kept as is"},
+        linux=api.LinuxPodSandboxConfig(security_context=api.LinuxSandboxSecurityContext(
+            namespace_options=api.NamespaceOption(network=api.NamespaceMode.NODE,
+                                                  pid=api.NamespaceMode.CONTAINER))))
+
+
+def container_config(name: str, script: str, **kw: object) -> api.ContainerConfig:
+    fields: dict[str, object] = {"log_path": f"{name}/0.log", "labels": {"c": name}, **kw}
+    return api.ContainerConfig(
+        metadata=api.ContainerMetadata(name=name), image=api.ImageSpec(image="busybox"),
+        command=["sh", "-c", script], **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def pulled(mirrored: tuple[daemons.Daemon, Image]  # noqa: F811 - a fixture
+           ) -> Iterator[tuple[daemons.Daemon, CRIClient]]:
+    d, _ = mirrored
+    with CRIClient(d.state / "cri.sock") as c:
+        c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
+        yield d, c
+
+
+def _exec(c: CRIClient, cid: str, *cmd: str, timeout: int = 0) -> api.ExecSyncResponse:
+    return c.runtime("exec_sync", api.ExecSyncRequest(container_id=cid, cmd=list(cmd),
+                                                      timeout=timeout))
+
+
+def _addresses(d: daemons.Daemon, *ids: str) -> set[str]:
+    out = set()
+    for cid in ids:
+        hits = list(d.state.glob(f"*/k8s.io/{cid}/address"))
+        assert hits, f"no bundle for {cid}"
+        out.add(hits[0].read_text())
+    return out
+
+
+@pytest.mark.parametrize("handler", ["berth", "runc"])
+def test_kubelet_sequence_for_a_host_network_pod(pulled: tuple[daemons.Daemon, CRIClient],
+                                                 base: Path, handler: str  # noqa: F811
+                                                 ) -> None:
+    d, c = pulled
+    logs = base / "pods" / "default_web"
+    config = pod_config(logs)
+    sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+        config=config, runtime_handler=handler)).pod_sandbox_id
+    st = c.runtime("pod_sandbox_status", api.PodSandboxStatusRequest(
+        pod_sandbox_id=sid, verbose=True))
+    assert st.status.state == api.PodSandboxState.SANDBOX_READY
+    assert st.status.annotations == {"note": "kept as is"}
+    assert st.status.runtime_handler == handler and "ipc" in st.info["info"]
+
+    writer = c.runtime("create_container", api.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=config, config=container_config(
+            "writer", "echo out; echo err >&2; head -c 20000 /dev/zero | tr '\\0' x; echo;"
+                      " exec sleep 1000",
+            envs=[api.KeyValue("GREETING", "hello")]))).container_id
+    reader = c.runtime("create_container", api.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=config,
+        config=container_config("reader", "exec sleep 1000"))).container_id
+    listed = c.runtime("list_containers", api.ListContainersRequest()).containers
+    assert {x.id: x.state for x in listed} == {
+        writer: api.ContainerState.CONTAINER_CREATED,
+        reader: api.ContainerState.CONTAINER_CREATED}
+    for cid in (writer, reader):
+        c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+    st = c.runtime("container_status", api.ContainerStatusRequest(
+        container_id=writer, verbose=True)).status
+    assert st.state == api.ContainerState.CONTAINER_RUNNING and st.started_at > 0
+    assert st.log_path == str(logs / "writer" / "0.log")
+
+    # The CRI log: every line stamped, streams told apart, a long line in pieces.
+    log_file = logs / "writer" / "0.log"
+    _wait(lambda: log_file.exists() and log_file.read_bytes().count(b"\n") >= 4,
+          "writer's log")
+    lines = log_file.read_bytes().splitlines()
+    assert all(LOG_LINE.match(x) for x in lines), lines[:3]
+    assert any(x.endswith(b" stdout F out") for x in lines)
+    assert any(x.endswith(b" stderr F err") for x in lines)
+    pieces = [x for x in lines if b" stdout P " in x]
+    assert len(pieces) == 1 and len(pieces[0].split(b" ", 3)[3]) == 16384
+
+    r = _exec(c, writer, "sh", "-c", "echo $GREETING; echo oops >&2; exit 3")
+    assert (r.stdout, r.stderr, r.exit_code) == (b"hello\n", b"oops\n", 3)
+    # One pod, one IPC namespace (pinned by berth), the node's network; one shim.
+    ipc = {_exec(c, cid, "readlink", "/proc/self/ns/ipc").stdout for cid in (writer, reader)}
+    assert len(ipc) == 1 and ipc != {os.readlink("/proc/self/ns/ipc").encode() + b"\n"}
+    net = _exec(c, reader, "readlink", "/proc/self/ns/net").stdout
+    assert net == os.readlink("/proc/self/ns/net").encode() + b"\n"
+    assert len(_addresses(d, writer, reader)) == 1
+    with pytest.raises(GRPCError) as e:
+        _exec(c, writer, "sleep", "30", timeout=1)
+    assert e.value.status == Status.DEADLINE_EXCEEDED
+
+    # StopContainer: sh as pid 1 ignores SIGTERM, so the grace period ends in SIGKILL.
+    c.runtime("stop_container", api.StopContainerRequest(container_id=writer, timeout=1))
+    st = c.runtime("container_status", api.ContainerStatusRequest(container_id=writer)).status
+    assert st.state == api.ContainerState.CONTAINER_EXITED and st.exit_code == 137
+    running = c.runtime("list_containers", api.ListContainersRequest(filter=api.ContainerFilter(
+        state=api.ContainerStateValue(api.ContainerState.CONTAINER_RUNNING)))).containers
+    assert [x.id for x in running] == [reader]
+    by_label = c.runtime("list_containers", api.ListContainersRequest(
+        filter=api.ContainerFilter(label_selector={"c": "writer"}))).containers
+    assert [x.id for x in by_label] == [writer]
+
+    c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+    items = c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items
+    assert [(x.id, x.state) for x in items] == [(sid, api.PodSandboxState.SANDBOX_NOTREADY)]
+    st = c.runtime("container_status", api.ContainerStatusRequest(container_id=reader)).status
+    assert st.state == api.ContainerState.CONTAINER_EXITED
+    c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    assert c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items == []
+    assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
+    # Nothing left: no berth container, no container snapshot, no pinned namespace.
+    assert daemons.ctr_ok(d.address, "containers", "ls", "-q", namespace="k8s.io").out == ""
+    snaps = daemons.ctr_ok(d.address, "snapshots", "ls", namespace="k8s.io").out
+    assert writer not in snaps and reader not in snaps
+    assert sid not in Path("/proc/self/mountinfo").read_text()
+    assert log_file.exists()  # logs belong to the kubelet, as with containerd
+
+
+def test_bad_pod_and_container_input(pulled: tuple[daemons.Daemon, CRIClient],
+                                     base: Path) -> None:  # noqa: F811
+    d, c = pulled
+    config = pod_config(base / "logs", "bad")
+    for call, req, code in [
+        ("container_status", api.ContainerStatusRequest(container_id="f" * 64),
+         Status.NOT_FOUND),
+        ("start_container", api.StartContainerRequest(container_id="nope"), Status.NOT_FOUND),
+        ("exec_sync", api.ExecSyncRequest(container_id="nope", cmd=["true"]),
+         Status.NOT_FOUND),
+        ("pod_sandbox_status", api.PodSandboxStatusRequest(pod_sandbox_id="nope"),
+         Status.NOT_FOUND),
+        ("run_pod_sandbox", api.RunPodSandboxRequest(config=config, runtime_handler="kata"),
+         Status.NOT_FOUND),
+        ("run_pod_sandbox", api.RunPodSandboxRequest(config=api.PodSandboxConfig()),
+         Status.INVALID_ARGUMENT),
+    ]:
+        with pytest.raises(GRPCError) as e:
+            c.runtime(call, req)
+        assert e.value.status == code, (call, e.value.message)
+        assert e.value.message
+    assert c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items == []
+    # Removing what does not exist is no error (the kubelet retries).
+    c.runtime("remove_container", api.RemoveContainerRequest(container_id="nope"))
+
+    sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    bad = [
+        container_config("a", "true", log_path="../../etc/escape.log"),
+        container_config("b", "true", mounts=[api.Mount(container_path="/x",
+                                                        host_path="/does/not/exist")]),
+        container_config("c", "true", mounts=[api.Mount(container_path="/x",
+                                                        host_path="relative")]),
+        api.ContainerConfig(metadata=api.ContainerMetadata(name="d"),
+                            image=api.ImageSpec(image="UPPER/Case")),
+        api.ContainerConfig(metadata=api.ContainerMetadata(name="e"),
+                            image=api.ImageSpec(image="not-pulled:1")),
+    ]
+    for cfg in bad:
+        with pytest.raises(GRPCError) as e:
+            c.runtime("create_container", api.CreateContainerRequest(
+                pod_sandbox_id=sid, config=cfg, sandbox_config=config))
+        assert e.value.status in (Status.INVALID_ARGUMENT, Status.NOT_FOUND), e.value.message
+    assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
+    names = daemons.ctr_ok(d.address, "containers", "ls", "-q", namespace="k8s.io").out.split()
+    assert names == [sid]
+    snaps = daemons.ctr_ok(d.address, "snapshots", "ls", namespace="k8s.io").out.splitlines()
+    assert len(snaps) == 2  # the header and the image's one layer
+    c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    assert c.runtime("version", api.VersionRequest()).runtime_name == "berth"
