@@ -39,6 +39,11 @@ BUILTIN_PLUGINS = [
     "berth.core.services.diff",
     "berth.core.services.containers",
     "berth.core.runtime.plugin",
+    "berth.plugins.networks.none",
+    "berth.plugins.networks.host",
+    "berth.plugins.networks.cni.plugin",
+    "berth.core.networks.plugin",
+    "berth.core.services.networks",
     "berth.core.services.tasks",
     "berth.plugins.cri.plugin",
 ]

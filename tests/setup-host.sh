@@ -12,6 +12,7 @@ PACKAGES=(
   nghttp2-client        # h2load for the benchmarks' load generator
   socat
   iproute2
+  containernetworking-plugins  # the real CNI plugins (bridge, host-local, portmap, firewall...) in /usr/lib/cni
   python3-venv
   ca-certificates
 )
@@ -29,4 +30,7 @@ fi
 # The suite starts its own containerd in temporary folders; a system one is not needed.
 for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load docker-registry; do
   command -v "$bin" >/dev/null || { echo "setup-host: $bin missing after install" >&2; exit 1; }
+done
+for bin in bridge host-local portmap firewall loopback; do
+  [ -x "/usr/lib/cni/$bin" ] || { echo "setup-host: /usr/lib/cni/$bin missing" >&2; exit 1; }
 done

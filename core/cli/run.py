@@ -51,6 +51,31 @@ def runtime_options(runtime: str, runc_binary: str) -> Any:
     return None
 
 
+def network_labels(args: argparse.Namespace) -> None:
+    """``--net`` and ``-p`` become the labels berthd attaches networks by; a port
+    mapping is checked here so a typo fails before anything is made."""
+    from berth.core.networks import labels as netlabels
+
+    net = getattr(args, "net", "") or ""
+    ports = list(getattr(args, "publish", []) or [])
+    if args.net_host:
+        net = net or "host"
+    if not net and not ports:
+        return
+    if ports and not net:
+        raise app.CommandError("-p needs --net NAME")
+    if net == "host":
+        args.net_host = True
+    try:
+        parsed = [netlabels.parse_port(p) for p in ports]
+    except errdefs.InvalidArgument as e:
+        raise app.CommandError(str(e)) from None
+    args.label = [*args.label, f"{netlabels.NETWORK_LABEL}={net}"]
+    if parsed:
+        args.label.append(f"{netlabels.PORTS_LABEL}="
+                          + ",".join(netlabels.format_port(p) for p in parsed))
+
+
 def spec_options(args: argparse.Namespace, cmd: list[str]) -> Any:
     from berth.core.oci import default_spec
 
@@ -109,6 +134,7 @@ async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
         raise app.CommandError("image ref must be provided")
     if not container_id:
         raise app.CommandError("container id must be provided")
+    network_labels(args)
     try:
         opts = spec_options(args, cmd)
         opts.tty_size = tty_size
@@ -249,6 +275,11 @@ def container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mount", action="append", default=[],
                    help="additional mount, e.g. type=bind,src=/tmp,dst=/host,options=rbind:ro")
     p.add_argument("--net-host", action="store_true", help="use the host's network")
+    p.add_argument("--net", default="", metavar="none|host|NAME[,NAME]",
+                   help="networks to attach (label io.berth.network)")
+    p.add_argument("--publish", "-p", action="append", default=[],
+                   metavar="[IP:]HOSTPORT:PORT[/tcp|udp]",
+                   help="forward a host port (label io.berth.ports)")
     p.add_argument("--read-only", action="store_true", help="read-only root filesystem")
     p.add_argument("--runtime", default=DEFAULT_RUNTIME,
                    help=f"runtime name (default {DEFAULT_RUNTIME})")

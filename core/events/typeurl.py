@@ -35,8 +35,12 @@ _by_name: dict[str, type[betterproto.Message]] = {}
 _by_class: dict[type[betterproto.Message], str] = {}
 
 
+_loaded: list[bool] = []
+
+
 def _load() -> None:
-    if _by_name:
+    # A flag, not "is _by_name empty": plugins may register their types before this runs.
+    if _loaded:
         return
     for package, module_name, names in _PACKAGES:
         module = importlib.import_module(module_name)
@@ -46,6 +50,7 @@ def _load() -> None:
             if cls is None:
                 continue  # not generated in this build
             register(f"{package}.{name}", cls)
+    _loaded.append(True)
 
 
 def register(name: str, cls: type[betterproto.Message]) -> None:

@@ -12,6 +12,9 @@ Other stores take part through two hooks:
   through the collector's sqlite connection, inside its transaction (so never opening
   another); a containers store adds each container's snapshot and
   :func:`berth.core.gc.mark.label_refs` of its labels;
+- ``Collector.add_cleaner(name, fn)``: ``await fn()`` runs in phase two of every
+  collection and removes what its own store holds for objects that are gone (the
+  network attachments of deleted containers); it returns how many it removed;
 - snapshotters come from the snapshot service plugin: a dict name -> object with
   ``gc_list() -> [(namespace, key, parent_or_empty, labels)]``,
   ``async gc_remove(namespace, key)`` and ``async cleanup()``.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +38,7 @@ from berth.core.metadata import content as content_meta, images as images_meta
 from berth.core.metadata.db import Database
 
 RootSource = Callable[[sqlite3.Connection], Iterable[Node]]
+Cleaner = Callable[[], Awaitable[int]]
 
 _log = log.get("gc")
 
@@ -52,6 +56,7 @@ class Stats:
     meta_d: float = 0.0
     content_d: float = 0.0
     snapshot_d: dict[str, float] = field(default_factory=dict)
+    cleaned: dict[str, int] = field(default_factory=dict)  # by add_cleaner's name
 
     @property
     def elapsed(self) -> float:
@@ -75,6 +80,7 @@ class Collector:
         self._snapshotters = snapshotters
         self._content = content
         self._root_sources: dict[str, RootSource] = {}
+        self._cleaners: dict[str, Cleaner] = {}
         # Backends to clean at the next collection even if it drops nothing (a record
         # deleted by a client leaves its blob behind).
         self.dirty_content = False
@@ -85,6 +91,9 @@ class Collector:
 
     def remove_root_source(self, name: str) -> None:
         self._root_sources.pop(name, None)
+
+    def add_cleaner(self, name: str, fn: Cleaner) -> None:
+        self._cleaners[name] = fn
 
     # --- phase one ------------------------------------------------------------------
 
@@ -168,7 +177,16 @@ class Collector:
             if self.dirty_content:
                 self.dirty_content = False
                 nursery.start_soon(self._clean_content, stats)
+            for name, fn in self._cleaners.items():
+                nursery.start_soon(self._clean_other, name, fn, stats)
         return stats
+
+    async def _clean_other(self, name: str, fn: Cleaner, stats: Stats) -> None:
+        try:
+            stats.cleaned[name] = await fn()
+        except Exception as e:
+            # Its store keeps the records: the next collection retries.
+            _log.warning("garbage collection failed", cleaner=name, error=str(e))
 
     async def _clean_snapshotter(self, name: str, sn: Any, keys: list[tuple[str, str]],
                                  stats: Stats) -> None:

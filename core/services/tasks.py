@@ -4,6 +4,10 @@ A thin translation, as containerd's services/tasks/local.go: find the container,
 its task, call the shim. Status codes and messages are containerd's, since ctr prints
 them (``task t1 not found``, ``container "t1" in namespace "default": not found``).
 Task events come from the shims (see core.runtime.manager), never from here.
+
+berth's addition: a container whose labels name networks (``io.berth.network``) is
+attached before its task is created, runs in the namespace berth pinned for it, and is
+detached when its task is deleted (core.networks.manager).
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import betterproto
-from betterproto.lib.google.protobuf import Empty
+import trio
+from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
 from berth.core import errdefs, filters, identifiers, log
 from berth.core.api.containerd.runc.v1 import Options as RuncOptions
@@ -48,8 +53,10 @@ from berth.core.api.containerd.types import Metric, Mount
 from berth.core.api.containerd.v1.types import Process, Status
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import Container, ContainerStore, present, store_for
+from berth.core.networks.manager import NetworkManager, apply_to_spec, spec_hostname
+from berth.core.networks.plugin import ID as NETWORKS_ID
 from berth.core.plugin import InitContext, Registration, hookimpl
-from berth.core.plugin.registration import EVENT, GRPC, METADATA, RUNTIME_V2
+from berth.core.plugin.registration import EVENT, GRPC, INTERNAL, METADATA, RUNTIME_V2
 from berth.core.runtime.manager import CreateOpts, TaskManager, wrap
 from berth.core.runtime.shim import ShimTask
 
@@ -74,9 +81,11 @@ def restore_path(runtime: str, options: betterproto.Message | None) -> str:
 class TasksService:
     base = TasksBase
 
-    def __init__(self, runtime: TaskManager, containers: ContainerStore) -> None:
+    def __init__(self, runtime: TaskManager, containers: ContainerStore,
+                 networks: NetworkManager | None = None) -> None:
         self.runtime = runtime
         self.containers = containers
+        self.networks = networks
         self._log = log.get("tasks")
 
     # -- lookups ---------------------------------------------------------------------
@@ -107,8 +116,36 @@ class TasksService:
         if self.runtime.get(ns, req.container_id) is not None:
             raise errdefs.AlreadyExists(f"task {req.container_id}")
         assert container.spec is not None  # the store refuses containers without one
+        key = (ns, req.container_id)
+        if self.networks is None:
+            return await self._create(ns, req, container, container.spec, options)
+        if key in self.networks.creating:
+            raise errdefs.AlreadyExists(f"task {req.container_id}")
+        self.networks.creating.add(key)
+        try:
+            prepared = await self.networks.prepare_container(
+                ns, container.id, container.labels, spec_hostname(container.spec))
+            if prepared is None:
+                return await self._create(ns, req, container, container.spec, options)
+            try:
+                return await self._create(ns, req, container,
+                                          apply_to_spec(container.spec, prepared), options)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.networks.release_container(ns, container.id)
+                    except errdefs.BerthError as e:
+                        self._log.error("detach after failed task create", namespace=ns,
+                                        id=container.id, error=str(e))
+                raise
+        finally:
+            self.networks.creating.discard(key)
+
+    async def _create(self, ns: str, req: CreateTaskRequest, container: Container,
+                      spec: AnyMsg, options: betterproto.Message | None
+                      ) -> CreateTaskResponse:
         opts = CreateOpts(
-            spec=container.spec,
+            spec=spec,
             runtime=req.runtime_path or container.runtime_name,
             rootfs=[Mount(type=m.type, source=m.source, options=list(m.options))
                     for m in req.rootfs],
@@ -142,6 +179,13 @@ class TasksService:
         if self.runtime.get(ns, container.id) is None:
             raise errdefs.NotFound(f"task {container.id} not found", raw=True)
         exit_ = await self.runtime.delete(ns, req.container_id)
+        if self.networks is not None:
+            try:
+                await self.networks.release_container(ns, container.id)
+            except errdefs.BerthError as e:
+                # The task is gone; its records stay for the next event or the collector.
+                self._log.error("network teardown after task delete", namespace=ns,
+                                id=container.id, error=str(e))
         return DeleteResponse(exit_status=exit_.status, exited_at=exit_.timestamp,
                               pid=exit_.pid)
 
@@ -281,8 +325,12 @@ def _task_adaptor(task: ShimTask) -> filters.Adaptor:
 
 
 async def _init(ctx: InitContext) -> TasksService:
+    try:
+        networks = ctx.plugins.get(INTERNAL, NETWORKS_ID)
+    except errdefs.NotFound:
+        networks = None  # containers then get no networks from their labels
     return TasksService(ctx.plugins.get(RUNTIME_V2, "task"),
-                        store_for(ctx.plugins.get(METADATA).db))
+                        store_for(ctx.plugins.get(METADATA).db), networks)
 
 
 @hookimpl

@@ -1,0 +1,1 @@
+"""Networks: the plugin interface, pinned namespaces, attachments and their records."""
