@@ -101,10 +101,14 @@ class Sandbox:
     state: int = cri.PodSandboxState.SANDBOX_READY
     folder: str = ""
     host_network: bool = False
+    netns: str = ""
+    ip: str = ""
+    network: str = ""
 
     @property
     def view(self) -> cri_spec.PodView:
-        return cri_spec.PodView(self.id, self.config, self.folder, self.host_network)
+        return cri_spec.PodView(self.id, self.config, self.folder, self.host_network,
+                                self.netns)
 
     @property
     def name(self) -> str:
@@ -115,14 +119,16 @@ class Sandbox:
         return {"config": _msg_json(self.config), "handler": self.handler,
                 "runtime_type": self.runtime_type, "created_at": self.created_at,
                 "state": int(self.state), "folder": self.folder,
-                "host_network": self.host_network}
+                "host_network": self.host_network, "netns": self.netns, "ip": self.ip,
+                "network": self.network}
 
     @classmethod
     def from_doc(cls, sid: str, doc: dict[str, Any]) -> Sandbox:
         return cls(sid, cri.PodSandboxConfig().from_pydict(doc.get("config") or {}),
                    doc.get("handler", ""), doc.get("runtime_type", ""),
                    int(doc.get("created_at", 0)), int(doc.get("state", 1)),
-                   doc.get("folder", ""), bool(doc.get("host_network", False)))
+                   doc.get("folder", ""), bool(doc.get("host_network", False)),
+                   doc.get("netns", ""), doc.get("ip", ""), doc.get("network", ""))
 
 
 @dataclass
@@ -181,8 +187,10 @@ class PodService(RuntimeBase):
 
     def __init__(self, config: CRIConfig, *, stores: Stores, images: ImageService,
                  containers: ContainerStore, tasks: TaskManager, state: Path,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, networks: Any = None, cni: Any = None) -> None:
         super().__init__(config)
+        self.networks = networks  # core.networks.manager.NetworkManager
+        self.cni = cni  # the network plugin whose first network pods join
         self.stores = stores
         self.images = images
         self.store = containers
@@ -251,15 +259,12 @@ class PodService(RuntimeBase):
         ns_opts = config.linux.security_context.namespace_options \
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)
-        if not host_net:
-            raise errdefs.NotImplemented_(
-                "pod networks need the cni network plugin, which this berthd does not "
-                "have yet; only hostNetwork pods run", raw=True)
+        network = "" if host_net else self.pod_network()
         if config.log_directory and not config.log_directory.startswith("/"):
             raise errdefs.InvalidArgument(
                 f"log directory {config.log_directory!r} must be absolute", raw=True)
         sb = Sandbox(_new_id(), config, req.runtime_handler, runtime.runtime_type, _now(),
-                     host_network=host_net)
+                     host_network=host_net, network=network)
         if sb.name in self._names:
             raise errdefs.AlreadyExists(
                 f"failed to reserve sandbox name {sb.name!r}: name is reserved for "
@@ -269,6 +274,8 @@ class PodService(RuntimeBase):
         sb.folder = str(folder)
         try:
             await trio.to_thread.run_sync(self._sandbox_files, sb, folder)
+            if network:
+                await self._attach(sb)
             spec = oci.default_unix_spec(NAMESPACE, sb.id)
             self.store.create(NAMESPACE, Container(
                 id=sb.id, runtime_name=runtime.runtime_type, spec=oci.to_any(spec),
@@ -276,12 +283,59 @@ class PodService(RuntimeBase):
                 extensions={SANDBOX_EXT: _ext(sb.to_doc())}))
         except BaseException:
             with trio.CancelScope(shield=True):
+                if network:
+                    await self._detach(sb, quiet=True)
                 await trio.to_thread.run_sync(self._remove_sandbox_files, folder)
             del self._names[sb.name]
             raise
         self.sandboxes[sb.id] = sb
         _log.info("sandbox ready", id=sb.id, pod=sb.name, handler=req.runtime_handler)
         return cri.RunPodSandboxResponse(pod_sandbox_id=sb.id)
+
+    def pod_network(self) -> str:
+        """The network pods join: the first one of the CRI's CNI config dir."""
+        if self.networks is None or self.cni is None:
+            raise errdefs.FailedPrecondition(
+                "cni plugin not initialized: no network manager or CNI plugin loaded",
+                raw=True)
+        nets = self.cni.networks()
+        if not nets:
+            raise errdefs.FailedPrecondition(
+                "cni plugin not initialized: no network config found in "
+                f"{self.config.cni_conf_dir}", raw=True)
+        return str(nets[0].name)
+
+    def network_problem(self) -> str:
+        if self.networks is None or self.cni is None:
+            return super().network_problem()
+        try:
+            self.pod_network()
+        except errdefs.FailedPrecondition as e:
+            return e.message
+        return ""
+
+    async def _attach(self, sb: Sandbox) -> None:
+        from berth.core.networks.types import PortMapping
+
+        ports = [PortMapping(host_port=p.host_port, container_port=p.container_port,
+                             protocol=cri.Protocol(p.protocol).name.lower(),
+                             host_ip=p.host_ip)
+                 for p in sb.config.port_mappings if p.host_port > 0]
+        att = await self.networks.attach(NAMESPACE, sb.id, sb.network, ports=ports,
+                                         ifname="eth0")
+        sb.netns = att.netns
+        addresses = att.result.addresses() if att.result else []
+        sb.ip = addresses[0].split("/", 1)[0] if addresses else ""
+
+    async def _detach(self, sb: Sandbox, *, quiet: bool = False) -> None:
+        if self.networks is None or sb.host_network:
+            return
+        try:
+            await self.networks.detach(NAMESPACE, sb.id)
+        except errdefs.BerthError as e:
+            if not quiet:
+                raise
+            _log.error("pod network teardown failed", id=sb.id, error=str(e))
 
     def _sandbox_files(self, sb: Sandbox, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -311,6 +365,7 @@ class PodService(RuntimeBase):
         sb = self._sandbox(req.pod_sandbox_id)
         for ctr in [c for c in self.containers.values() if c.sandbox_id == sb.id]:
             await self._stop(ctr, 0)
+        await self._detach(sb)
         if sb.state != cri.PodSandboxState.SANDBOX_NOTREADY:
             await trio.to_thread.run_sync(pins.remove, Path(sb.folder))
             sb.state = cri.PodSandboxState.SANDBOX_NOTREADY
@@ -326,6 +381,7 @@ class PodService(RuntimeBase):
             return cri.RemovePodSandboxResponse()  # idempotent, as the API asks
         for ctr in [c for c in self.containers.values() if c.sandbox_id == sb.id]:
             await self._remove(ctr)
+        await self._detach(sb)
         await trio.to_thread.run_sync(self._remove_sandbox_files, Path(sb.folder))
         try:
             self.store.delete(NAMESPACE, sb.id)
@@ -343,7 +399,7 @@ class PodService(RuntimeBase):
             ns_opts = sb.config.linux.security_context.namespace_options
         return cri.PodSandboxStatus(
             id=sb.id, metadata=sb.config.metadata, state=cri.PodSandboxState(sb.state),
-            created_at=sb.created_at, network=cri.PodSandboxNetworkStatus(ip=""),
+            created_at=sb.created_at, network=cri.PodSandboxNetworkStatus(ip=sb.ip),
             linux=cri.LinuxPodSandboxStatus(namespaces=cri.Namespace(options=ns_opts)),
             labels=dict(sb.config.labels), annotations=dict(sb.config.annotations),
             runtime_handler=sb.handler)
@@ -357,7 +413,7 @@ class PodService(RuntimeBase):
             out.info = {"info": json.dumps({
                 "config": _msg_json(sb.config), "runtimeHandler": sb.handler,
                 "runtimeType": sb.runtime_type, "sandboxMode": self.config.sandbox_mode,
-                "hostNetwork": sb.host_network,
+                "hostNetwork": sb.host_network, "network": sb.network, "netns": sb.netns,
                 "namespaces": {k: str(v) for k, v in pins.paths(Path(sb.folder)).items()},
             })}
         return out

@@ -63,7 +63,7 @@ class RuntimeBase:
                                    runtime_api_version=API_VERSION)
 
     def status(self, ctx: CallContext, req: cri.StatusRequest) -> cri.StatusResponse:
-        problem = cni_problem(self.config.cni_conf_dir, self.config.cni_bin_dir)
+        problem = self.network_problem()
         conditions = [
             cri.RuntimeCondition(type=RUNTIME_READY, status=True),
             cri.RuntimeCondition(
@@ -82,6 +82,10 @@ class RuntimeBase:
                 "podCIDR": json.dumps(self.pod_cidr),
             }
         return out
+
+    def network_problem(self) -> str:
+        """Why pods cannot get a network ("" when they can)."""
+        return cni_problem(self.config.cni_conf_dir, self.config.cni_bin_dir)
 
     def _config_view(self) -> dict[str, Any]:
         view = asdict(self.config)

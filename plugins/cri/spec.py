@@ -46,6 +46,7 @@ class PodView:
     config: cri.PodSandboxConfig
     folder: str
     host_network: bool
+    netns: str = ""  # the pinned network namespace of a pod on a CNI network
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,8 @@ def _namespaces(spec: dict[str, Any], sb: PodView,
         if kind == "network":
             if sb.host_network:
                 continue
+            if sb.netns:
+                ns = {"type": "network", "path": sb.netns}
         elif kind == "uts":
             if sb.host_network:
                 continue

@@ -22,7 +22,7 @@ from tests.cri import CRIClient
 from tests.integration.test_cri_images import base, mirrored  # noqa: F401 - fixtures
 
 if TYPE_CHECKING:
-    from tests.images import Image
+    from tests.images import Image, RegistryServer
 
 pytest_plugins = ("tests.images",)
 pytestmark = pytest.mark.root
@@ -214,3 +214,81 @@ def test_bad_pod_and_container_input(pulled: tuple[daemons.Daemon, CRIClient],
     assert len(snaps) == 2  # the header and the image's one layer
     c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
     assert c.runtime("version", api.VersionRequest()).runtime_name == "berth"
+
+
+def test_pod_on_a_cni_network(base: Path, registry: RegistryServer,  # noqa: F811
+                              busybox_oci: tuple[Path, Image]) -> None:
+    """Two containers in one network namespace (one serves HTTP on localhost, the other
+    fetches it), a host port on 127.0.0.1 into the pod, and nothing left after removal."""
+    import json
+    import urllib.request
+
+    from tests.cri import cri_config, hosts_dir
+    from tests.images import free_port, push_image
+    from tests.integration.test_networks import free_subnet, remove_bridge
+
+    push_image(registry, "library/busybox", "latest", busybox_oci[1])
+    bridge = f"bc{os.urandom(4).hex()}"
+    conf_dir = base / "net.d"
+    conf_dir.mkdir()
+    (conf_dir / "10-pods.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "pods", "plugins": [
+            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": True,
+             "hairpinMode": True, "ipam": {"type": "host-local", "dataDir": str(base / "ipam"),
+                                           "ranges": [[{"subnet": free_subnet()}]]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+    config = cri_config(base / "berth.toml", registry={"config_path": str(
+        hosts_dir(base, "docker.io", registry.host))},
+        cni={"conf_dir": str(conf_dir), "bin_dir": "/usr/lib/cni"})
+    d = daemons.berthd(base / "d", "--config", str(config)).start()
+    port = free_port()
+    try:
+        with CRIClient(d.state / "cri.sock") as c:
+            conds = {x.type: x for x in c.runtime("status", api.StatusRequest()).status.conditions}
+            assert conds["NetworkReady"].status is True
+            c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
+            pod = pod_config(base / "logs", "net")
+            pod.linux.security_context.namespace_options.network = api.NamespaceMode.POD
+            pod.port_mappings = [api.PortMapping(protocol=api.Protocol.TCP, container_port=80,
+                                                 host_port=port, host_ip="127.0.0.1")]
+            sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+                config=pod, runtime_handler="berth")).pod_sandbox_id
+            ip = c.runtime("pod_sandbox_status", api.PodSandboxStatusRequest(
+                pod_sandbox_id=sid)).status.network.ip
+            assert ip and not ip.startswith("127.")
+            ids = []
+            for name, script in (("web", "exec httpd -f -p 80 -h /etc"),
+                                 ("fetch", "exec sleep 1000")):
+                cid = c.runtime("create_container", api.CreateContainerRequest(
+                    pod_sandbox_id=sid, sandbox_config=pod,
+                    config=container_config(name, script))).container_id
+                c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+                ids.append(cid)
+            web, fetch = ids
+
+            def fetched() -> bool:
+                r = _exec(c, fetch, "wget", "-q", "-O-", "http://127.0.0.1:80/hostname")
+                return r.exit_code == 0 and r.stdout == b"net\n"
+            _wait(fetched, "the pod's second container fetching from the first")
+            nets = {_exec(c, cid, "readlink", "/proc/self/ns/net").stdout for cid in ids}
+            assert len(nets) == 1
+            addr = _exec(c, fetch, "ip", "-4", "-o", "addr", "show", "eth0").stdout
+            assert ip.encode() in addr
+
+            def from_host() -> bool:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname",
+                                                timeout=5) as r:
+                        return r.read() == b"net\n"
+                except OSError:
+                    return False
+            _wait(from_host, "the host port into the pod")
+            c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+            c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+            assert c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items == []
+        assert sid not in Path("/proc/self/mountinfo").read_text()
+        assert not [p for p in d.state.rglob("*") if sid in p.name]  # no netns pin, no files
+        assert not list((base / "ipam").rglob("10.*"))  # the pod's address is free again
+    finally:
+        d.stop()
+        remove_bridge(bridge)
