@@ -34,6 +34,8 @@ class CRIClient:
         return Channel(path=str(self.address))
 
     def close(self) -> None:
+        if self._loop.is_closed():
+            return
         self._channel.close()
         self._loop.run_until_complete(asyncio.sleep(0))
         self._loop.close()

@@ -224,7 +224,24 @@ class PodService(RuntimeBase):
                     self._save_container(ctr)
                     ctr.exited.set()
                 else:
+                    self._reattach_logs(ctr)
                     self.nursery.start_soon(self._monitor, ctr)
+
+    def _reattach_logs(self, ctr: CRIContainer) -> None:
+        """After a restart: read the running container's FIFOs again (its shim kept
+        them open, so what the container wrote meanwhile waits in the pipe)."""
+        ctr.log_file = logs.LogFile(Path(ctr.log_path) if ctr.log_path else None)
+        for name, stream in (("stdout", logs.STDOUT), ("stderr", logs.STDERR)):
+            path = Path(ctr.folder) / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                _log.warning("container log not reattached", id=ctr.id, stream=stream,
+                             error=str(e))
+                continue
+            self.nursery.start_soon(logs.copy_stream, trio.lowlevel.FdStream(fd), stream,
+                                    ctr.log_file.write, self.config.max_container_log_line_size,
+                                    _now)
 
     def _save_sandbox(self, sb: Sandbox) -> None:
         self.store.update(NAMESPACE, Container(id=sb.id, extensions={
@@ -256,6 +273,10 @@ class PodService(RuntimeBase):
             raise errdefs.InvalidArgument("sandbox config must name the pod (metadata name, "
                                           "uid and namespace)", raw=True)
         runtime = self.config.runtime(req.runtime_handler)
+        if self.config.sandbox_mode != "pinned":
+            raise errdefs.NotImplemented_(
+                f"sandbox_mode {self.config.sandbox_mode!r} (a sandbox container from "
+                "sandbox_image) is not implemented yet; use \"pinned\"", raw=True)
         ns_opts = config.linux.security_context.namespace_options \
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)

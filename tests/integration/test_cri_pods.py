@@ -292,3 +292,52 @@ def test_pod_on_a_cni_network(base: Path, registry: RegistryServer,  # noqa: F81
     finally:
         d.stop()
         remove_bridge(bridge)
+
+
+def test_berthd_killed_and_restarted(pulled: tuple[daemons.Daemon, CRIClient],
+                                     base: Path) -> None:  # noqa: F811
+    """kill -9 of berthd: after the restart the pod and its containers are listed with
+    the right states, a running one keeps running and logging, an exit that happened
+    while berthd was down is reported, and the pod stops and goes away."""
+    d, c = pulled
+    config = pod_config(base / "logs", "survivor")
+    sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+        config=config, runtime_handler="berth")).pod_sandbox_id
+    shared = base / "shared"
+    shared.mkdir()
+    mount = [api.Mount(container_path="/shared", host_path=str(shared))]
+    ids = {}
+    for name, script in (("ticker", "while true; do echo tick; sleep 0.2; done"),
+                         ("quitter", "until [ -e /shared/go ]; do sleep 0.1; done;"
+                                     " touch /shared/done; exit 7")):
+        ids[name] = c.runtime("create_container", api.CreateContainerRequest(
+            pod_sandbox_id=sid, sandbox_config=config,
+            config=container_config(name, script, mounts=mount))).container_id
+        c.runtime("start_container", api.StartContainerRequest(container_id=ids[name]))
+    c.close()
+    d.kill()
+    log_file = base / "logs" / "ticker" / "0.log"
+    size = log_file.stat().st_size
+    (shared / "go").touch()  # the quitter exits while berthd is down
+    _wait(lambda: (shared / "done").exists(), "the quitter's last step")
+    d.start()
+    with CRIClient(d.state / "cri.sock") as c2:
+        items = c2.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items
+        assert [(x.id, x.state) for x in items] == [(sid, api.PodSandboxState.SANDBOX_READY)]
+
+        def status(name: str) -> api.ContainerStatus:
+            return c2.runtime("container_status", api.ContainerStatusRequest(
+                container_id=ids[name])).status
+        assert status("ticker").state == api.ContainerState.CONTAINER_RUNNING
+        _wait(lambda: status("quitter").state == api.ContainerState.CONTAINER_EXITED,
+              "the exit that happened while berthd was down")
+        assert status("quitter").exit_code == 7
+        _wait(lambda: log_file.stat().st_size > size + 200, "logging after the restart")
+        assert all(LOG_LINE.match(x) for x in log_file.read_bytes().splitlines())
+        assert _exec(c2, ids["ticker"], "echo", "alive").stdout == b"alive\n"
+        c2.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+        assert status("ticker").state == api.ContainerState.CONTAINER_EXITED
+        c2.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+        assert c2.runtime("list_containers", api.ListContainersRequest()).containers == []
+    assert daemons.ctr_ok(d.address, "containers", "ls", "-q", namespace="k8s.io").out == ""
+    assert sid not in Path("/proc/self/mountinfo").read_text()
