@@ -40,7 +40,7 @@ from berth.core.metadata.containers import Container, ContainerStore
 from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts, TaskManager
 from berth.core.transfer.pull import Stores
-from berth.plugins.cri import logs, pins, spec as cri_spec
+from berth.plugins.cri import logs, pins, spec as cri_spec, stats as cri_stats
 from berth.plugins.cri.config import CRIConfig
 from berth.plugins.cri.images import NAMESPACE, ImageService, image_user
 from berth.plugins.cri.runtime import RuntimeBase
@@ -799,6 +799,95 @@ class PodService(RuntimeBase):
             await task.wait(exec_id)
         raise errdefs.DeadlineExceeded(f"command timed out after {timeout}s", raw=True)
 
+    # --- stats ------------------------------------------------------------------------
+
+    async def _container_stats(self, ctr: CRIContainer) -> cri.ContainerStats:
+        now = _now()
+        try:
+            record = self.store.get(NAMESPACE, ctr.id)
+        except errdefs.NotFound:
+            record = None
+        running = record is not None and ctr.state == cri.ContainerState.CONTAINER_RUNNING
+        raw = await trio.to_thread.run_sync(
+            cri_stats.read, _cgroups_path(record), ctr.id) if running else {}
+        cpu, memory = cri_stats.usage(raw, now)
+        layer = cri.FilesystemUsage(timestamp=now, fs_id=cri.FilesystemIdentifier(
+            mountpoint=str(self.images.snapshot_root or "")))
+        sn = self.stores.snapshotters.get(record.snapshotter) if record else None
+        if sn is not None and record is not None and record.snapshot_key:
+            try:
+                u = await sn.usage(NAMESPACE, record.snapshot_key)
+                layer.used_bytes = cri.UInt64Value(u.size)
+                layer.inodes_used = cri.UInt64Value(u.inodes)
+            except errdefs.BerthError as e:
+                _log.debug("snapshot usage", id=ctr.id, error=str(e))
+        return cri.ContainerStats(
+            attributes=cri.ContainerAttributes(
+                id=ctr.id, metadata=ctr.config.metadata, labels=dict(ctr.config.labels),
+                annotations=dict(ctr.config.annotations)),
+            cpu=cpu, memory=memory, writable_layer=layer)
+
+    async def container_stats(self, ctx: CallContext, req: cri.ContainerStatsRequest
+                              ) -> cri.ContainerStatsResponse:
+        ctr = self._container(req.container_id)
+        return cri.ContainerStatsResponse(stats=await self._container_stats(ctr))
+
+    async def list_container_stats(self, ctx: CallContext,
+                                   req: cri.ListContainerStatsRequest
+                                   ) -> cri.ListContainerStatsResponse:
+        f = req.filter or cri.ContainerStatsFilter()
+        out = []
+        for ctr in list(self.containers.values()):
+            if not _match_id(ctr.id, f.id) or not _match_id(ctr.sandbox_id, f.pod_sandbox_id):
+                continue
+            if not _match_labels(dict(ctr.config.labels), dict(f.label_selector)):
+                continue
+            if ctr.state == cri.ContainerState.CONTAINER_RUNNING:
+                out.append(await self._container_stats(ctr))
+        return cri.ListContainerStatsResponse(stats=out)
+
+    async def _pod_stats(self, sb: Sandbox) -> cri.PodSandboxStats:
+        now = _now()
+        members = [c for c in self.containers.values() if c.sandbox_id == sb.id]
+        stats = [await self._container_stats(c) for c in members
+                 if c.state == cri.ContainerState.CONTAINER_RUNNING]
+        parent = sb.config.linux.cgroup_parent if sb.config.linux else ""
+        raw = await trio.to_thread.run_sync(cri_stats.read, parent, sb.id) if parent else {}
+        if raw:
+            cpu, memory = cri_stats.usage(raw, now)
+            procs = cri_stats.process_count(raw)
+        else:  # no pod cgroup: the sum of its containers
+            cpu = cri.CpuUsage(timestamp=now, usage_core_nano_seconds=cri.UInt64Value(sum(
+                s.cpu.usage_core_nano_seconds.value for s in stats)))
+            fields = ("working_set_bytes", "usage_bytes", "rss_bytes", "page_faults",
+                      "major_page_faults")
+            memory = cri.MemoryUsage(timestamp=now, **{
+                k: cri.UInt64Value(sum(getattr(s.memory, k).value for s in stats))
+                for k in fields})
+            procs = 0
+        return cri.PodSandboxStats(
+            attributes=cri.PodSandboxAttributes(
+                id=sb.id, metadata=sb.config.metadata, labels=dict(sb.config.labels),
+                annotations=dict(sb.config.annotations)),
+            linux=cri.LinuxPodSandboxStats(
+                cpu=cpu, memory=memory, containers=stats,
+                process=cri.ProcessUsage(timestamp=now,
+                                         process_count=cri.UInt64Value(procs))))
+
+    async def pod_sandbox_stats(self, ctx: CallContext, req: cri.PodSandboxStatsRequest
+                                ) -> cri.PodSandboxStatsResponse:
+        sb = self._sandbox(req.pod_sandbox_id)
+        return cri.PodSandboxStatsResponse(stats=await self._pod_stats(sb))
+
+    async def list_pod_sandbox_stats(self, ctx: CallContext,
+                                     req: cri.ListPodSandboxStatsRequest
+                                     ) -> cri.ListPodSandboxStatsResponse:
+        f = req.filter or cri.PodSandboxStatsFilter()
+        out = [await self._pod_stats(sb) for sb in list(self.sandboxes.values())
+               if _match_id(sb.id, f.id)
+               and _match_labels(dict(sb.config.labels), dict(f.label_selector))]
+        return cri.ListPodSandboxStatsResponse(stats=out)
+
     async def reopen_container_log(self, ctx: CallContext, req: cri.ReopenContainerLogRequest
                                    ) -> cri.ReopenContainerLogResponse:
         ctr = self._container(req.container_id)
@@ -817,6 +906,11 @@ def _lookup(table: dict[str, Any], wanted: str, what: str) -> Any:
         return hits[0]
     raise errdefs.NotFound(f"an error occurred when try to find {what} {wanted!r}: "
                            "not found", raw=True)
+
+
+def _cgroups_path(record: Container) -> str:
+    spec = oci.from_any(record.spec) if record.spec is not None else {}
+    return str((spec.get("linux") or {}).get("cgroupsPath") or "")
 
 
 async def _collect(src: trio.lowlevel.FdStream, buf: bytearray, cap: int) -> None:

@@ -125,6 +125,16 @@ def test_kubelet_sequence_for_a_host_network_pod(pulled: tuple[daemons.Daemon, C
     pieces = [x for x in lines if b" stdout P " in x]
     assert len(pieces) == 1 and len(pieces[0].split(b" ", 3)[3]) == 16384
 
+    # Stats from the containers' cgroups and the snapshotter.
+    stats = c.runtime("container_stats", api.ContainerStatsRequest(container_id=writer)).stats
+    assert stats.attributes.id == writer and stats.memory.usage_bytes.value > 0
+    assert stats.cpu.usage_core_nano_seconds.value > 0 and stats.writable_layer.fs_id.mountpoint
+    listed = c.runtime("list_container_stats", api.ListContainerStatsRequest()).stats
+    assert {s.attributes.id for s in listed} == {writer, reader}
+    pod_stats = c.runtime("pod_sandbox_stats", api.PodSandboxStatsRequest(
+        pod_sandbox_id=sid)).stats
+    assert len(pod_stats.linux.containers) == 2 and pod_stats.linux.memory.usage_bytes.value
+
     r = _exec(c, writer, "sh", "-c", "echo $GREETING; echo oops >&2; exit 3")
     assert (r.stdout, r.stderr, r.exit_code) == (b"hello\n", b"oops\n", 3)
     # One pod, one IPC namespace (pinned by berth), the node's network; one shim.
@@ -335,6 +345,12 @@ def test_berthd_killed_and_restarted(pulled: tuple[daemons.Daemon, CRIClient],
         _wait(lambda: log_file.stat().st_size > size + 200, "logging after the restart")
         assert all(LOG_LINE.match(x) for x in log_file.read_bytes().splitlines())
         assert _exec(c2, ids["ticker"], "echo", "alive").stdout == b"alive\n"
+        # Rotation, as the kubelet does it: move the file, then ReopenContainerLog.
+        log_file.rename(log_file.with_suffix(".log.1"))
+        c2.runtime("reopen_container_log", api.ReopenContainerLogRequest(
+            container_id=ids["ticker"]))
+        _wait(lambda: log_file.exists() and b"stdout F tick" in log_file.read_bytes(),
+              "a new log file after ReopenContainerLog")
         c2.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
         assert status("ticker").state == api.ContainerState.CONTAINER_EXITED
         c2.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
