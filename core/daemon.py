@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,21 @@ class RootInUse(Exception):
     pass
 
 
+ROOT_MODE = 0o700
+# The state folder lets others through, never list: a user namespace's root must reach its
+# rootfs under a bundle, and a socket configured for a group must be reachable by it.
+# Everything below it is private unless made otherwise on purpose (containerd's modes).
+STATE_MODE = 0o711
+
+
+def make_top_dirs(root: Path, state: Path) -> None:
+    """Create root and state with their modes, and tighten them if they exist (an older
+    berth made the root 0711 and left what is below world-readable)."""
+    for path, mode in ((root, ROOT_MODE), (state, STATE_MODE)):
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+        os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def root_lock(root: Path) -> Iterator[None]:
     """Hold an exclusive lock on the root for the daemon's lifetime.
@@ -60,7 +76,7 @@ def root_lock(root: Path) -> Iterator[None]:
     The kernel drops a flock when the process dies, even by SIGKILL, so a crashed
     daemon never leaves a stale lock behind.
     """
-    root.mkdir(parents=True, exist_ok=True, mode=0o711)
+    root.mkdir(parents=True, exist_ok=True, mode=ROOT_MODE)
     path = root / "berthd.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -101,6 +117,7 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
     from berth.core.plugin.graph import init_all
     from berth.core.ttrpc.server import Server as TTRPCServer
 
+    make_top_dirs(cfg.root, cfg.state)
     registrations = _registrations(cfg)
     disabled = set(cfg.data.get("disabled_plugins", []))
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
@@ -131,12 +148,12 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
             if hasattr(p.instance, "ttrpc_services"):
                 for name, methods in p.instance.ttrpc_services().items():
                     ttrpc.register(name, methods)
-        cfg.state.mkdir(parents=True, exist_ok=True, mode=0o711)
-        g = cfg.data["grpc"]
+        g, t = cfg.data["grpc"], cfg.data["ttrpc"]
         # ttrpc first, as containerd does: clients take the gRPC socket as the sign that
         # the daemon is up, and shims they start at once dial the ttrpc one.
         with _naming("ttrpc", cfg.ttrpc_address):
-            await nursery.start(ttrpc.serve_unix, str(cfg.ttrpc_address))
+            await nursery.start(partial(ttrpc.serve_unix, str(cfg.ttrpc_address),
+                                        owner=(int(t["uid"]), int(t["gid"]))))
         with _naming("gRPC", cfg.address):
             await nursery.start(lambda task_status: grpc_server.serve(
                 routes, cfg.address, tcp_address=g.get("tcp_address", ""), uid=g["uid"],

@@ -11,6 +11,8 @@ PACKAGES=(
   openssl               # certificates for the registry's TLS tests
   nghttp2-client        # h2load for the benchmarks' load generator
   socat
+  gcc libc6-dev         # static probes built by the container-escape tests
+  binutils-aarch64-linux-gnu qemu-user  # the exec stub's aarch64 code, assembled and run
   iproute2
   containernetworking-plugins  # the real CNI plugins (bridge, host-local, portmap, firewall...) in /usr/lib/cni
   python3-venv
@@ -28,7 +30,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # The suite starts its own containerd in temporary folders; a system one is not needed.
-for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load docker-registry; do
+for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load docker-registry gcc; do
   command -v "$bin" >/dev/null || { echo "setup-host: $bin missing after install" >&2; exit 1; }
 done
 for bin in bridge host-local portmap firewall loopback; do

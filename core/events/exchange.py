@@ -43,8 +43,8 @@ class Subscription:
         self.last_seq = 0
         self.overflowed = False
 
-    def matches(self, env: Envelope) -> bool:
-        return self._filter.match(envelopes.adaptor(env))
+    def matches(self, adaptor: filters.Adaptor) -> bool:
+        return self._filter.match(adaptor)
 
     def offer(self, ev: Event) -> None:
         try:
@@ -113,8 +113,12 @@ class Exchange:
         ev = Event(seq, env)
         log.debug("event published", topic=env.topic, ns=env.namespace,
                   type=env.event.type_url if env.event is not None else "", seq=seq)
+        # Matching runs here, in the publisher's call, once per subscriber: it must stay
+        # cheap whatever a subscriber asked for. Filters match in linear time (RE2, a
+        # bounded program) and the adaptor decodes the payload once for all of them.
+        adaptor = envelopes.adaptor(env)
         for sub in list(self._subs):
-            if sub.matches(env):
+            if sub.matches(adaptor):
                 sub.offer(ev)
         for listener in self.listeners:
             listener(ev)

@@ -8,6 +8,7 @@ killed daemon (only power loss can roll back the last commits, as with bolt's No
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -72,11 +73,24 @@ SCHEMA_VERSION = len(MIGRATIONS)
 NamespaceCheck = Callable[[sqlite3.Connection, str], "str | None"]
 
 
+def _make_private(path: Path) -> None:
+    """The database holds every container's spec (its environment, secrets included).
+
+    sqlite creates the file 0644 and its -wal and -shm files with the file's mode, so the
+    file is made 0600 before sqlite opens it; an older berth's files are tightened.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(p, 0o600)
+
+
 class Database:
     """The metadata database file and its schema."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_private(path)
         self.path = path
         self._conn = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, cached_statements=256

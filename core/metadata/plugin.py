@@ -19,7 +19,7 @@ class Metadata:
 
 
 async def _init(ctx: InitContext) -> Metadata:
-    ctx.root.mkdir(parents=True, exist_ok=True)
+    ctx.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = Database(ctx.root / "meta.db")
     ctx.exports["path"] = str(db.path)
     ctx.exports["schema"] = str(db.version)

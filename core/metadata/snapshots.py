@@ -13,7 +13,13 @@ between. Backend snapshots created but not yet recorded are tracked so that
 :meth:`cleanup` never collects them.
 
 Removing a record removes its backend snapshot right away (containerd leaves that to
-its next collection); whatever a crash leaves behind, :meth:`cleanup` removes.
+its next collection); whatever a crash leaves behind, :meth:`cleanup` removes. Who removes
+a backend snapshot is decided by one more lock, taken before the per-snapshotter one:
+a remove (a client's or the collector's) holds it from before it drops the record until
+its backend snapshot is gone, and :meth:`cleanup` holds it while it looks for orphans. So
+cleanup never sees a snapshot whose record is gone but whose removal is still under way
+(it would remove it too, and one of the two would fail with "not found"), and a parent's
+backend removal never overtakes its child's.
 """
 
 from __future__ import annotations
@@ -143,6 +149,8 @@ class NamespacedSnapshotter:
         self.publish = publish
         self.mutated = mutated
         self._lock = trio.Lock()
+        # Backend removals and cleanup's search for orphans; always taken before _lock.
+        self._removals = trio.Lock()
         self._inflight: set[str] = set()
         self._log = log.get("snapshots", snapshotter=name)
 
@@ -344,7 +352,8 @@ class NamespacedSnapshotter:
             failure = e
         if failure is not None:
             if created:
-                await self._remove_backend(created)
+                async with self._removals:
+                    await self._remove_backend(created)
             raise failure
         return mounts
 
@@ -408,20 +417,22 @@ class NamespacedSnapshotter:
         self._emit(ns, "/snapshot/commit", SnapshotCommit(key=key, name=name))
 
     async def remove(self, ns: str, key: str, *, lease: str | None = None) -> None:
-        async with self._lock:
-            with self.db.write() as c:
-                rec = self._require(c, ns, key)
-                if self._has_children(c, ns, key):
-                    raise errdefs.FailedPrecondition("cannot remove snapshot with child")
-                if rec.parent and self._row(c, ns, rec.parent) is None:
-                    raise errdefs.NotFound(f"parent snapshot {rec.parent} does not exist")
-                self._delete(c, ns, key)
-                self._lease_remove(c, ns, lease, key)
-                shared = self._backend_in_use(c, rec.backend_key)
-            self._mutated(deletion=True)
-        # Unrecorded now, so nobody can reach it: no need to hold others up meanwhile.
-        if not shared:
-            await self._remove_backend(rec.backend_key)
+        async with self._removals:
+            async with self._lock:
+                with self.db.write() as c:
+                    rec = self._require(c, ns, key)
+                    if self._has_children(c, ns, key):
+                        raise errdefs.FailedPrecondition("cannot remove snapshot with child")
+                    if rec.parent and self._row(c, ns, rec.parent) is None:
+                        raise errdefs.NotFound(f"parent snapshot {rec.parent} does not exist")
+                    self._delete(c, ns, key)
+                    self._lease_remove(c, ns, lease, key)
+                    shared = self._backend_in_use(c, rec.backend_key)
+                self._mutated(deletion=True)
+            # Unrecorded now, so no other call reaches it: they need not wait for the
+            # backend; only other removals and cleanup do (see the module's doc).
+            if not shared:
+                await self._remove_backend(rec.backend_key)
         self._emit(ns, "/snapshot/remove", SnapshotRemove(key=key))
 
     async def update(self, ns: str, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
@@ -473,10 +484,15 @@ class NamespacedSnapshotter:
         ).fetchone() is not None
 
     async def _remove_backend(self, bkey: str) -> None:
-        # The record is already gone; a backend snapshot left behind here is an orphan
-        # that cleanup() collects later.
+        """Remove a backend snapshot whose record is gone; the caller holds _removals.
+
+        One left behind (a failure) is an orphan that cleanup() collects later. One
+        already gone is done: only a crash between backend and record could cause that.
+        """
         try:
             await self.backend.remove(bkey)
+        except errdefs.NotFound:
+            self._log.debug("backend snapshot already removed", key=bkey)
         except errdefs.BerthError as e:
             self._log.warning("failed to remove backend snapshot", key=bkey, error=str(e))
 
@@ -492,20 +508,21 @@ class NamespacedSnapshotter:
 
     async def gc_remove(self, namespace: str, key: str) -> None:
         """Drop a snapshot the collector found unreachable (children are its business)."""
-        async with self._lock:
-            with self.db.write() as c:
-                rec = self._row(c, namespace, key)
-                if rec is None:
-                    return
-                self._delete(c, namespace, key)
-                shared = self._backend_in_use(c, rec.backend_key)
-        if not shared:
-            await self._remove_backend(rec.backend_key)
+        async with self._removals:
+            async with self._lock:
+                with self.db.write() as c:
+                    rec = self._row(c, namespace, key)
+                    if rec is None:
+                        return
+                    self._delete(c, namespace, key)
+                    shared = self._backend_in_use(c, rec.backend_key)
+            if not shared:
+                await self._remove_backend(rec.backend_key)
 
     async def cleanup(self) -> None:
         """Remove backend snapshots no record refers to (children first), then let the
         backend drop its own leftovers (directories of interrupted calls)."""
-        async with self._lock:
+        async with self._removals, self._lock:
             with self.db.read() as c:
                 seen = {r[0] for r in c.execute(
                     "SELECT backend_key FROM snapshots WHERE snapshotter = ?", (self.name,))}
@@ -525,8 +542,10 @@ class NamespacedSnapshotter:
             for bkey in doomed:
                 try:
                     await self.backend.remove(bkey)
+                except errdefs.NotFound:
+                    continue  # the backend dropped it on its own: done all the same
                 except errdefs.BerthError as e:
-                    # A child still there, or a remove() got there first: next time.
+                    # A child that could not be removed, say: the next collection retries.
                     self._log.warning("failed to remove snapshot", key=bkey, error=str(e))
                 else:
                     self._log.debug("removed snapshot", key=bkey)

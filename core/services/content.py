@@ -232,7 +232,7 @@ class ContentService:
 # --- plugins ------------------------------------------------------------------------------
 
 async def _init_store(ctx: InitContext) -> ContentStore:
-    ctx.root.mkdir(parents=True, exist_ok=True)
+    ctx.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     ctx.exports["root"] = str(ctx.root)
     return ContentStore(ctx.root)
 

@@ -32,9 +32,10 @@ def load_uuid(path: Path) -> str:
     except ValueError as e:
         raise errdefs.Internal(f"corrupt server uuid in {path}: {e}", raw=True) from None
     value = str(uuid.uuid4())
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+              "w") as f:
         f.write(value)
         f.flush()
         os.fsync(f.fileno())

@@ -113,15 +113,25 @@ class Server:
         }
 
     async def serve_unix(
-        self, path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+        self, path: str, *, owner: tuple[int, int] | None = None,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on a unix socket (mode 0600) until cancelled, then remove it."""
+        """Listen on a unix socket until cancelled, then remove it.
+
+        The socket is 0600, or with ``owner`` (uid, gid; berthd's configured ``[ttrpc]``
+        owner, as containerd's) 0660 and owned by them.
+        """
         path = _socket_path(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await _bind_unix(sock, path)
             # Before listen() nobody can connect, so the umask-wide mode is never usable.
-            os.chmod(path, 0o600)
+            if owner is None:
+                os.chmod(path, 0o600)
+            else:
+                os.chmod(path, 0o660)
+                if os.geteuid() == 0:
+                    os.chown(path, *owner)
             inode = os.stat(path).st_ino
             sock.listen(socket.SOMAXCONN)
         except BaseException:

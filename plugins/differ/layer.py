@@ -4,11 +4,14 @@
 root and says what to do with it: create a file, directory, link or device node,
 white out a path of a lower layer, make a directory opaque, or skip the entry.
 
-Rules (stricter than containerd, which silently confines such paths to the root):
-an absolute path, a ``..`` component, a hard link whose target is absolute or
-climbs with ``..``, and a whiteout of ``.`` or ``..`` are refused with an
-InvalidArgument naming the entry. A layer that carries them is broken or hostile,
-and failing loudly is easier to reason about than rewriting it.
+Names are cleaned as containerd's archive package cleans them, a join rooted at the
+layer's root: ``/etc/x``, ``./etc/x`` and ``etc/y/../x`` all name ``etc/x`` (older
+image builders wrote such names, and containerd imports them). Hard link targets are
+cleaned the same way. What containerd confines silently, berth refuses with an
+InvalidArgument naming the entry: a ``..`` that would climb above the root (in a name,
+a hard link target or a whiteout) and a whiteout of ``.`` or ``..``. A layer that
+carries those is broken or hostile, and failing loudly is easier to reason about than
+rewriting it. (Writes through symlinked parents are refused where the entry is applied.)
 """
 
 from __future__ import annotations
@@ -83,20 +86,23 @@ def invalid(entry: str, why: str) -> errdefs.InvalidArgument:
 
 
 def clean_path(path: str, *, entry: str, what: str = "path") -> tuple[str, ...]:
-    """Split a tar path into components below the root.
+    """Split a tar path into components below the root, as a rooted join cleans it.
 
-    ``.`` and empty components vanish (``./a//b/`` is ``a/b``); an absolute path or
-    a ``..`` component is refused. ``()`` is the root itself.
+    A leading ``/``, ``.`` and empty components vanish (``/a//b/`` and ``./a/b`` are
+    ``a/b``); ``..`` takes back the component before it, lexically, as Go's
+    ``filepath.Clean`` (``a/../b`` is ``b``, whatever ``a`` is in the tree). A ``..``
+    with nothing left to take back would climb out of the root: refused, also in an
+    absolute name (containerd clamps it to the root instead). ``()`` is the root itself.
     """
     if "\x00" in path:
         raise invalid(entry, f"{what} contains a NUL byte")
-    if path.startswith("/"):
-        raise invalid(entry, f"absolute {what} {path!r} is not allowed in a layer")
-    parts = []
+    parts: list[str] = []
     for part in path.split("/"):
         if part == "..":
-            raise invalid(entry, f"{what} {path!r} contains '..'")
-        if part and part != ".":
+            if not parts:
+                raise invalid(entry, f"{what} {path!r} contains '..' leading out of the root")
+            parts.pop()
+        elif part and part != ".":
             parts.append(part)
     return tuple(parts)
 

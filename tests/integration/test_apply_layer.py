@@ -436,9 +436,27 @@ def test_dotdot_escape(world: World, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_absolute_path(world: World, mode: str) -> None:
+def test_absolute_path_lands_inside(world: World, mode: str) -> None:
+    # containerd cleans names as a join rooted at the layer: an absolute name aimed at a
+    # file outside is created at the same path below the target, and nothing outside moves.
     name = str(world.outside / "victim")
-    refused(world, Layer().file(name, b"pwned"), name, "absolute path", mode)
+    before = world.snapshot()
+    apply(Layer().file(name, b"inside").file("/etc/x", b"x").file("./etc/y", b"y")
+          .link("/etc/z", "/etc/x"), world.target, mode)
+    assert world.snapshot() == before
+    assert (world.target / name.lstrip("/")).read_bytes() == b"inside"
+    assert (world.target / "etc" / "y").read_bytes() == b"y"
+    assert os.stat(world.target / "etc" / "z").st_ino == os.stat(world.target / "etc/x").st_ino
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dotdot_that_stays_inside(world: World, mode: str) -> None:
+    before = world.snapshot()
+    apply(Layer().dir("a").file("a/../b", b"b").file("a/c/../d", b"d"), world.target, mode)
+    assert world.snapshot() == before
+    assert (world.target / "b").read_bytes() == b"b"
+    assert (world.target / "a" / "d").read_bytes() == b"d"
+    assert not (world.target / "a" / "c").exists()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -472,8 +490,9 @@ def test_symlink_planted_by_a_lower_layer(world: World, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_hard_link_to_host_shadow(world: World, mode: str) -> None:
+    # Absolute: looked up inside the target, where there is no etc/shadow.
     refused(world, Layer().link("shadow", "/etc/shadow"), "shadow",
-            "absolute hard link target", mode)
+            "hard link target 'etc/shadow' not found in the layer", mode)
     refused(world, Layer().link("shadow", "../../../../../../../../etc/shadow"), "shadow",
             "contains '..'", mode)
     refused(world, Layer().symlink("e", "/etc").link("shadow", "e/shadow"), "shadow",

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -676,3 +677,126 @@ async def test_exec_with_terminal(env: Env) -> None:
     finally:
         os.close(got[0])
     await env.runtime.delete("xtty", force=True)
+
+
+# -- mount sources and destinations (issue 8.8) -----------------------------------------------
+
+
+async def test_bind_source_symlinks_are_resolved_on_the_host(env: Env) -> None:
+    real = env.workdir / "real"
+    real.mkdir()
+    (real / "marker").write_text("in-real\n")
+    (env.workdir / "dirlink").symlink_to(real)
+    (env.workdir / "filelink").symlink_to(real / "marker")
+    binds = [("dirlink", "/hostdir"), ("filelink", "/etc/marker")]
+    if os.path.islink("/lib"):  # Debian 12: /lib -> usr/lib
+        binds.append(("/lib", "/hostlib"))
+
+    def mutate(cfg: dict[str, Any]) -> None:
+        cfg["mounts"] += [{"destination": dst, "type": "bind",
+                           "source": str(env.workdir / src), "options": ["rbind", "ro"]}
+                          for src, dst in binds]
+
+    script = ("cat /hostdir/marker /etc/marker; grep -c . /proc/self/mountinfo >/dev/null;"
+              " ls /hostlib 2>/dev/null | head -1; touch /hostdir/x 2>/dev/null || echo ro")
+    r = await run(env, "bind-links", ["sh", "-c", script], mutate)
+    lines = r.out.splitlines()
+    assert (r.status, lines[:2], lines[-1]) == (0, ["in-real", "in-real"], "ro"), r
+    if os.path.islink("/lib"):
+        assert lines[2] == sorted(os.listdir("/lib"))[0], r
+
+
+async def test_destination_symlinks_cannot_leave_the_rootfs(env: Env) -> None:
+    """An image's symlinks to / and to ../.. (absolute and relative) resolve inside its
+    rootfs: the mount, and the directory or file made for it, land there."""
+    tag = uuid.uuid4().hex[:10]
+    payload = env.workdir / "payload"
+    payload.mkdir()
+    (payload / "marker").write_text("payload\n")
+    bundle = env.workdir / "evil"
+
+    def mutate(cfg: dict[str, Any]) -> None:
+        cfg["mounts"] += [
+            {"destination": f"/evil/abs-{tag}", "type": "bind", "source": str(payload),
+             "options": ["rbind"]},
+            {"destination": f"/up/rel-{tag}", "type": "bind", "source": str(payload),
+             "options": ["rbind"]},
+            {"destination": f"/evil/file-{tag}", "type": "bind",
+             "source": str(payload / "marker"), "options": ["rbind"]},
+            {"destination": f"/up/tmpfs-{tag}", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid"]},
+        ]
+
+    # The image: links made before the bundle's config is written by run().
+    rootfs = bundle / "rootfs"
+    orig = env.bundle
+
+    def bundle_with_links(id: str, args: list[str], m: Any = None) -> Path:
+        b = orig(id, args, m)
+        os.symlink("/", rootfs / "evil")
+        os.symlink("../../../../../../../../..", rootfs / "up")
+        return b
+
+    env.bundle = bundle_with_links  # type: ignore[method-assign]
+    try:
+        script = (f"cat /abs-{tag}/marker /rel-{tag}/marker /file-{tag};"
+                  f" grep -c ' /tmpfs-{tag} ' /proc/self/mountinfo")
+        r = await run(env, "evil", ["sh", "-c", script], mutate)
+    finally:
+        env.bundle = orig  # type: ignore[method-assign]
+    assert (r.status, r.out) == (0, "payload\n" * 3 + "1\n"), r
+    for name in (f"abs-{tag}", f"rel-{tag}", f"file-{tag}", f"tmpfs-{tag}"):
+        assert not os.path.lexists(f"/{name}"), name  # nothing made on the host's /
+        assert not os.path.lexists(bundle.parent.parent / name), name
+
+
+def test_mount_in_root_refuses_a_target_swapped_for_a_symlink(workdir: Path) -> None:
+    """The race a shared rootfs allows: the destination is resolved, then replaced by a
+    symlink to / before the mount. The mount goes through openat2(RESOLVE_IN_ROOT) and
+    refuses the moved target instead of mounting on the host's /. Run in a private
+    mount namespace (unshare -m) so nothing reaches the host even on failure."""
+    root = workdir / "root"
+    (root / "a").mkdir(parents=True)
+    code = f"""
+import errno, os
+from berth.plugins.runtimes.inprocess.syscalls import Syscalls, MS_BIND
+sc = Syscalls()
+root = {str(root)!r}
+os.rmdir(root + "/a")
+os.symlink("/", root + "/a")
+try:
+    sc.mount_in_root(root, "/proc", root + "/a", "bind", MS_BIND)
+except OSError as e:
+    print("refused", errno.errorcode[e.errno])
+else:
+    print("mounted")
+"""
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                        "-c", code], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "refused EXDEV\n"), r
+
+
+# -- the exec stub (issue 8.2) -----------------------------------------------------------------
+
+
+async def test_self_exe_script_runs_nothing_and_missing_interpreter_is_an_error(
+        env: Env) -> None:
+    """A ``#!/proc/self/exe`` script names the exec stub, not the runtime's Python: it
+    exits 127 at once. A script whose interpreter is missing fails the request."""
+    def add_scripts(cfg: dict[str, Any], bundle: str) -> None:
+        rootfs = env.workdir / bundle / "rootfs"
+        for name, text in (("selfexe", "#!/proc/self/exe\nprint('python ran')\n"),
+                           ("nointerp", "#!/no/such/sh\necho ran\n")):
+            (rootfs / name).write_text(text)
+            (rootfs / name).chmod(0o755)
+
+    r = await run(env, "selfexe", ["/selfexe"], lambda cfg: add_scripts(cfg, "selfexe"))
+    assert (r.status, r.out, r.err) == (127, "", ""), r
+    bundle = env.bundle("nointerp", ["/nointerp"], lambda cfg: add_scripts(cfg, "nointerp"))
+    with pytest.raises(errdefs.Unknown, match=r"exec /nointerp: no such file or directory "
+                                              r"\(interpreter /no/such/sh\)"):
+        await env.runtime.create("nointerp", bundle, stdio=Stdio())
+    bundle = env.bundle("noexe", ["/no/such/exe"])
+    with pytest.raises(errdefs.Unknown, match='exec: "/no/such/exe": stat /no/such/exe: no '
+                                              'such file or directory'):
+        await env.runtime.create("noexe", bundle, stdio=Stdio())

@@ -90,6 +90,23 @@ async def test_slow_subscriber_is_cut_off_without_blocking_others() -> None:
     assert got == [1, 2, 3, 4]
 
 
+async def test_catastrophic_regexp_subscribers_do_not_hold_up_publishers() -> None:
+    # Issue 8.3: a backtracking engine spent seconds per publish on these; RE2 is linear, so
+    # a hundred such subscribers and a long event field still publish in one pass.
+    ex = Exchange()
+    evil = [ex.subscribe(["topic~=^(([a-z/]+)+)+X$", "event.container_id~=^(a+)+$"])
+            for _ in range(100)]
+    plain = ex.subscribe(['event.container_id~="^a+!$"'])
+    long_id = "a" * 4000 + "!"
+    for _ in range(20):
+        ex.publish("n", "/tasks/exit", TaskExit(container_id=long_id))
+    for sub in [*evil, plain]:
+        sub.close()
+    for sub in evil:
+        assert [e async for e in sub] == []
+    assert len([e async for e in plain]) == 20
+
+
 async def test_durable_log_sequences_and_replay(db: Database) -> None:
     ex = Exchange(EventLog(db, capacity=1000))
     for i in range(5):

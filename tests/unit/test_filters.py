@@ -13,7 +13,6 @@ from berth.core.filters import (
     compile_go_regexp,
     parse,
     parse_all,
-    translate_go_regexp,
 )
 
 CORPUS = [
@@ -353,7 +352,37 @@ def test_adapt_mapping_conventions() -> None:
     ],
 )
 def test_go_regexp_semantics(pattern: str, text: str, found: bool) -> None:
-    assert (compile_go_regexp(pattern).search(text) is not None) == found
+    assert compile_go_regexp(pattern).search(text) == found
+
+
+# What the RE2 engine adds over the old translation: pattern -> texts it finds, texts it
+# does not.
+RE2_CASES: dict[str, tuple[list[str], list[str]]] = {
+    # Unicode classes, Go's (?U) and an empty flag group are Go syntax too.
+    r"^\pL+$": (["héllo"], ["h3llo"]),
+    r"^\p{Greek}+$": (["αβγ"], ["abc"]),
+    r"^\PL$": (["1"], ["a"]),
+    "(?U)^(a+)": (["aaa"], [""]),
+    "(?)a": (["a"], ["b"]),
+    # Case folding follows Unicode's simple folds, as Go's: k matches the Kelvin sign.
+    "(?i)k": (["\u212a", "K"], ["x"]),
+    # Linear time: the classic catastrophic patterns answer at once.
+    "^(a+)+$": (["a" * 5000], ["a" * 5000 + "!"]),
+    "^(([a-z/]+)+)+X$": (["/tasks/exitX"], ["/tasks/exit" * 500]),
+    "^(a|a)*$": (["a" * 5000], ["a" * 5000 + "b"]),
+    # Bytes that are not UTF-8 (surrogate escapes) read as U+FFFD, as Go reads them.
+    "^a.b$": (["a\udcffb"], ["a\udcff\udcffb"]),
+    "x": (["\ud800x"], ["\ud800"]),
+    "^a\uFFFD\uFFFDb$": (["a\udcff\udc80b"], ["ab"]),
+}
+
+
+@pytest.mark.parametrize("pattern", list(RE2_CASES))
+def test_re2_semantics(pattern: str) -> None:
+    found, missed = RE2_CASES[pattern]
+    rx = compile_go_regexp(pattern)
+    assert [t for t in found if not rx.search(t)] == []
+    assert [t for t in missed if rx.search(t)] == []
 
 
 @pytest.mark.parametrize(
@@ -372,12 +401,11 @@ def test_go_regexp_semantics(pattern: str, text: str, found: bool) -> None:
         "a{2}{3}",
         "a{1001}",
         "a{3,2}",
-        "(?U)a*",  # a Go flag Python lacks
         "(?x)a",  # a Python flag Go lacks
-        "(?)",
         "(?i-)a",
-        r"\pL",  # Unicode classes: valid in Go, not expressible in re
-        r"\p{Greek}",
+        r"\p{Klingon}",
+        r"\C",  # RE2's any-byte, refused by Go
+        r"[\C]",
         r"\Z",
         r"\e",
         r"\u0041",
@@ -394,11 +422,75 @@ def test_go_regexp_semantics(pattern: str, text: str, found: bool) -> None:
 )
 def test_go_regexp_rejections(pattern: str) -> None:
     with pytest.raises(UnsupportedRegexp):
-        translate_go_regexp(pattern)
+        compile_go_regexp(pattern)
 
 
-@pytest.mark.parametrize("pattern", ["(", "a**", r"\pL", "[z-a]", "(?=a)"])
+@pytest.mark.parametrize(
+    "pattern", [r"\Q(?<x>\E", r"[(?<]", r"\\C", r"[]\\C]", r"\Q\C\E", r"[[:alpha:](?<]"]
+)
+def test_go_regexp_checks_skip_literals(pattern: str) -> None:
+    # What looks like a refused construct inside a literal or a class is just characters.
+    compile_go_regexp(pattern)
+
+
+def test_go_regexp_program_size_is_bounded() -> None:
+    # A filter comes from any client: a pattern whose program would be huge is refused
+    # (and its selector never matches) rather than costing every match.
+    with pytest.raises(UnsupportedRegexp):
+        compile_go_regexp("(" + "|".join(f"x{i:05d}y" for i in range(40000)) + ")")
+
+
+@pytest.mark.parametrize("pattern", ["(", "a**", r"\pQ", "[z-a]", "(?=a)"])
 def test_uncompilable_regexp_selector_never_matches(pattern: str) -> None:
     f = parse(f"name~={pattern}")
     assert not f.match(adapt_mapping({"name": "a"}))
     assert not f.match(adapt_mapping({}))
+
+
+def test_go_regexp_refuses_a_pattern_that_is_not_utf8() -> None:
+    # "\xff" in a quoted value is a raw byte; Go refuses a pattern that is not UTF-8.
+    with pytest.raises(UnsupportedRegexp):
+        compile_go_regexp("a\udcff")
+    assert not parse('name~="a\\xff"').match(adapt_mapping({"name": "a\udcff"}))
+
+
+def test_re2_is_the_pinned_release() -> None:
+    # Filter matching depends closely on the engine's syntax: the installed bindings must be
+    # the release pyproject.toml pins.
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    pin = re.search(r'"google-re2==([^"]+)"', pyproject)
+    assert pin is not None
+    assert importlib.metadata.version("google-re2") == pin.group(1)
+
+
+def test_random_patterns_and_filters_fail_only_as_documented() -> None:
+    # Seeded and bounded: any pattern compiles or raises UnsupportedRegexp, any compiled
+    # one answers a bool for any text (surrogates and NULs included); any expression
+    # parses or raises InvalidArgument, and matching a parsed one never raises.
+    import random
+
+    rng = random.Random(83)
+    alphabet = list("()[]{}|*+?.^$\\-,:=!~\"/'aZ09 _") + [
+        "\\p", "\\P", "\\Q", "\\E", "\\C", "(?", "(?P<", "(?<", "[:", ":]", "{2,", "\x00",
+        "\udcff", "\ud800", "é", "\u212a", "labels.", "~=", "==", "!=",
+    ]
+    texts = ["", "a", "aaaa!", "é\n", "\udcff", "x\x00y", "/tasks/exit"]
+    for _ in range(5000):
+        src = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        try:
+            rx = compile_go_regexp(src)
+        except UnsupportedRegexp:
+            pass
+        else:
+            for text in texts:
+                assert isinstance(rx.search(text), bool)
+        try:
+            f = parse(src)
+        except InvalidArgument:
+            continue
+        for text in texts:
+            assert isinstance(f.match(adapt_mapping({"a": text, "labels": {"a": text}})), bool)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from berth.core.oci import spec as oci_spec
-from berth.plugins.runtimes.inprocess import mounts, spec as ispec, steps, syscalls as S
+from berth.plugins.runtimes.inprocess import hooks, mounts, spec as ispec, steps, syscalls as S
 
 DIR = stat.S_IFDIR | 0o755
 REG = stat.S_IFREG | 0o755
@@ -112,6 +112,16 @@ class FakeSyscalls:
 
     def mount_flags(self, path: str) -> int:
         return S.MS_NOSUID | S.MS_NODEV
+
+    def mount_in_root(self, root: str, source: str | None, target: str, fstype: str | None,
+                      flags: int, data: str | None = None) -> None:
+        assert target == root or target.startswith(root.rstrip("/") + "/"), (root, target)
+        self.mount(source, target, fstype, flags, data)
+
+    def resolve(self, path: str) -> str:
+        while path in self.links:
+            path = self.links[path]
+        return path
 
     def executable(self, path: str) -> bool:
         return stat.S_ISREG(self.files.get(path, 0))
@@ -530,3 +540,75 @@ def test_read_only_dev_is_remounted_after_devices(tmp_path: Path) -> None:
     remount = first(calls, "mount", "", c.rootfs + "/dev")
     assert calls[remount][4] & S.MS_RDONLY
     assert last(calls, "mknod") < remount < first(calls, "pivot_root")
+
+
+# ---- entering a container: nothing of the shim goes in --------------------------------
+def test_enter_goes_non_dumpable_then_keeps_only_the_plans_fds(tmp_path: Path) -> None:
+    p = ispec.parse_process({"args": ["sh"]}, known_last=40)
+    plan = steps.ExecPlan(process=p, stdio=(7, 8, 9), ns_fds=[("pid", 20), ("mount", 21)],
+                          console_fd=30, exec_fd=40)
+    assert plan.fds() == {7, 8, 9, 20, 21, 30, 40}
+    init = steps.InitPlan(container=container(tmp_path), stdio=(3, 3, 4), fifo_fd=50)
+    assert init.fds() == {3, 4, 50}  # no stub: -1 is not an fd
+    sc = FakeSyscalls()
+    steps.enter(sc, plan.fds() | {60})
+    assert sc.calls == [("set_dumpable", False), ("close_fds_except", {7, 8, 9, 20, 21, 30,
+                                                                       40, 60})]
+
+
+def test_commands_are_exec_ed_through_the_stub(tmp_path: Path) -> None:
+    p = ispec.parse_process({"args": ["sh", "-c", "x"], "env": ["PATH=/bin"], "cwd": "/"},
+                            known_last=40)
+    sc = FakeSyscalls({"/bin/sh": REG}, forks=[0])
+    plan = steps.ExecPlan(process=p, stdio=(3, 4, 5), exec_fd=77)
+    with pytest.raises(Exec):
+        steps.run_exec(sc, FakeSync(sc.calls, {}), plan)
+    name, path, args, env = sc.calls[-1]
+    assert (name, path, args) == ("execve", 77, ["berth-ex", "/bin/sh", "sh", "-c", "x"])
+    assert first(sc.calls, "cloexec_from", 3) < len(sc.calls) - 1
+    # Through its /proc link when the container has a /proc: a plain execve.
+    sc = FakeSyscalls({"/bin/sh": REG, "/proc/self/fd/77": stat.S_IFLNK | 0o700}, forks=[0])
+    with pytest.raises(Exec):
+        steps.run_exec(sc, FakeSync(sc.calls, {}), plan)
+    assert sc.calls[-1][1:3] == ("/proc/self/fd/77", ["berth-ex", "/bin/sh", "sh", "-c", "x"])
+    # The init too, and the hooks it runs in the container.
+    _, calls = run_init(container(tmp_path), exec_fd=88)
+    assert calls[-1][1] == 88 and calls[-1][2][0] == "berth-ex"
+    sc = FakeSyscalls(forks=[0])
+    with pytest.raises(SystemExit):  # the forked hook process ends after its execve
+        hooks.run_in_child(sc, "startContainer", [{"path": "/bin/hook", "args": ["h", "a"]}],
+                           "{}", exec_fd=88)
+    assert [x[1:3] for x in sc.calls if x[0] == "execve"] == [
+        (88, ["berth-ex", "/bin/hook", "h", "a"])]
+
+
+def test_bind_source_symlink_is_followed_on_the_host(tmp_path: Path) -> None:
+    c = container(tmp_path)
+    m = ispec.parse_mount({"destination": "/hostlib", "type": "bind", "source": "/lib",
+                           "options": ["rbind", "ro"]}, str(tmp_path))
+    sc = FakeSyscalls({c.rootfs: DIR, "/usr/lib": DIR, "/lib": stat.S_IFLNK | 0o777})
+    sc.links["/lib"] = "/usr/lib"
+    mounts.mount_one(sc, c, m, [])
+    dest = c.rootfs + "/hostlib"
+    assert ("mkdir", dest) in sc.calls and ("touch", dest) not in sc.calls
+    ms = [x for x in sc.calls if x[0] == "mount"]
+    assert ms[0][1:] == ("/usr/lib", dest, "bind", S.MS_BIND | S.MS_REC, "")
+
+
+def test_lookup_and_interpreter_fail_as_errors_of_the_request() -> None:
+    class Heads(FakeSyscalls):
+        def read_head(self, path: str, size: int) -> bytes:
+            return {"/s": b"#!/no/sh -e\necho\n", "/t": b"#!/bin/sh\n",
+                    "/e": b"\x7fELF"}.get(path, b"")[:size]
+
+    sc = Heads({"/s": REG, "/t": REG, "/e": REG, "/bin/sh": REG, "/d": DIR})
+    p = ispec.parse_process({"args": ["/missing"]}, known_last=40)
+    with pytest.raises(steps.SetupError, match='stat /missing: no such file'):
+        steps.lookup(sc, p)
+    p = ispec.parse_process({"args": ["/d"]}, known_last=40)
+    with pytest.raises(steps.SetupError, match='"/d": permission denied'):
+        steps.lookup(sc, p)
+    with pytest.raises(steps.SetupError, match=r"exec /s: .*\(interpreter /no/sh\)"):
+        steps.check_interpreter(sc, "/s")
+    for path in ("/t", "/e", "/unreadable"):
+        steps.check_interpreter(sc, path)

@@ -18,6 +18,7 @@ import trio
 
 from berth.core import errdefs
 from berth.core.oci.reaper import Reaper
+from berth.plugins.runtimes.inprocess import execstub
 
 _OUTPUT_LIMIT = 64 * 1024
 
@@ -106,8 +107,10 @@ async def _run_one(kind: str, hook: dict[str, Any], payload: bytes, reaper: Reap
                               + (f": {text}" if text else ""), raw=True)
 
 
-def run_in_child(sc: Any, kind: str, hooks: list[dict[str, Any]], state_json: str) -> None:
-    """Run hooks synchronously from a container process (fork, execve, waitpid)."""
+def run_in_child(sc: Any, kind: str, hooks: list[dict[str, Any]], state_json: str, *,
+                 exec_fd: int = -1) -> None:
+    """Run hooks synchronously from a container process (fork, execve, waitpid); through
+    the sealed exec stub ``exec_fd`` when there is one (see ``execstub``)."""
     for hook in hooks:
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = sc.fork()
@@ -115,7 +118,11 @@ def run_in_child(sc: Any, kind: str, hooks: list[dict[str, Any]], state_json: st
             try:
                 sc.dup2(r, 0)
                 sc.cloexec_from(3)
-                sc.execve(hook["path"], list(hook.get("args") or [hook["path"]]), _env(hook))
+                args = list(hook.get("args") or [hook["path"]])
+                if exec_fd >= 0:
+                    sc.execve(exec_fd, execstub.argv(hook["path"], args), _env(hook))
+                else:
+                    sc.execve(hook["path"], args, _env(hook))
             finally:
                 sc.exit(127)
         sc.close(r)

@@ -68,13 +68,21 @@ def mkdir_all(sc: Any, root: str, path: str, mode: int = 0o755) -> None:
             raise OSError(errno.ENOTDIR, f"{current} is not a directory")
 
 
-def _remount(sc: Any, target: str, flags: int) -> None:
-    """A bind remount with ``flags``; on EPERM retry keeping the flags the kernel locked."""
+def _remount(sc: Any, target: str, flags: int, root: str | None = None) -> None:
+    """A bind remount with ``flags``; on EPERM retry keeping the flags the kernel locked.
+    With ``root``, ``target`` is reached only inside it (see ``Syscalls.mount_in_root``)."""
     flags |= sys_.MS_REMOUNT | sys_.MS_BIND
+
+    def mount(f: int) -> None:
+        if root is None:
+            sc.mount("", target, "", f, "")
+        else:
+            sc.mount_in_root(root, "", target, "", f, "")
+
     try:
-        sc.mount("", target, "", flags, "")
+        mount(flags)
     except PermissionError:
-        sc.mount("", target, "", flags | (sc.mount_flags(target) & _LOCKABLE), "")
+        mount(flags | (sc.mount_flags(target) & _LOCKABLE))
 
 
 def remount_readonly(sc: Any, target: str) -> None:
@@ -106,13 +114,20 @@ def _mount_point_of(sc: Any, path: str) -> str:
 
 def mount_one(sc: Any, c: Container, m: Mount, cgroup_binds: list[tuple[str, str]]) -> bool:
     """Mount ``m`` under the rootfs. Returns True when a read-only remount is deferred
-    (a read-only /dev gets its device nodes first)."""
+    (a read-only /dev gets its device nodes first).
+
+    As runc does, a bind source is a host path whose symlinks are followed (Debian's
+    /lib is a link to usr/lib), and the destination is resolved inside the rootfs: a
+    symlink in the image (to /, to ../..) cannot take a mount out of it, neither when
+    the path is resolved nor when it is mounted on (``Syscalls.mount_in_root``)."""
     dest = secure_join(sc, c.rootfs, m.destination)
+    root = c.rootfs
     if m.type in ("cgroup", "cgroup2") and not m.bind:
         _mount_cgroup(sc, c, m, dest, cgroup_binds)
         return False
     if m.bind:
-        src = sc.lstat(m.source)
+        source = sc.resolve(m.source)
+        src = sc.lstat(source)
         if src is None:
             raise OSError(errno.ENOENT, f"bind mount source {m.source!r} does not exist")
         if stat.S_ISDIR(src.st_mode):
@@ -121,10 +136,11 @@ def mount_one(sc: Any, c: Container, m: Mount, cgroup_binds: list[tuple[str, str
             mkdir_all(sc, c.rootfs, os.path.dirname(dest))
             if sc.lstat(dest) is None:
                 sc.touch(dest)
-        sc.mount(m.source, dest, "bind", m.flags & (sys_.MS_BIND | sys_.MS_REC), "")
+        sc.mount_in_root(root, source, dest, "bind", m.flags & (sys_.MS_BIND | sys_.MS_REC),
+                         "")
         extra = m.flags & _FS_FLAGS_MASK
         if extra:
-            _remount(sc, dest, extra)
+            _remount(sc, dest, extra, root)
     else:
         mkdir_all(sc, c.rootfs, dest)
         flags = m.flags
@@ -133,16 +149,16 @@ def mount_one(sc: Any, c: Container, m: Mount, cgroup_binds: list[tuple[str, str
             flags &= ~sys_.MS_RDONLY
             deferred = True
         try:
-            sc.mount(m.source or m.type, dest, m.type, flags, m.data)
+            sc.mount_in_root(root, m.source or m.type, dest, m.type, flags, m.data)
         except OSError as e:
             if m.type == "mqueue" and e.errno in (errno.EPERM, errno.ENODEV):
                 return False  # no private ipc namespace: keep the image's directory
             raise
         for p in m.propagation:
-            sc.mount("", dest, "", p, "")
+            sc.mount_in_root(root, "", dest, "", p, "")
         return deferred
     for p in m.propagation:
-        sc.mount("", dest, "", p, "")
+        sc.mount_in_root(root, "", dest, "", p, "")
     return False
 
 

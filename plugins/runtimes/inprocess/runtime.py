@@ -39,6 +39,7 @@ from berth.core.oci.runtime import State, Stdio
 from berth.plugins.runtimes.inprocess import (
     caps,
     cgroups,
+    execstub,
     hooks,
     seccomp,
     spec as ispec,
@@ -90,6 +91,7 @@ def _child(entry: Callable[..., bool], sc: Syscalls, plan: Any, fd: int, parent_
         # Our copy of the runtime's end would hide the runtime's exit (no EOF) from us.
         os.close(parent_fd)
         _reset_signals()
+        steps.enter(sc, plan.fds() | {fd})
         if entry(sc, sync, plan):
             code = 0
     except BaseException as e:  # noqa: B036 - everything must end in os._exit
@@ -123,6 +125,7 @@ class Runtime:
         self._kcore = os.path.exists("/proc/kcore")
         self._locks: dict[str, trio.Lock] = {}
         self._start_fifos: dict[str, int] = {}  # id -> exec.fifo's read end, after start
+        self._exec_fd: int | None = None  # the sealed exec stub, made at first use
         self._log = log.get("runtime.inprocess")
 
     def _lock(self, id: str) -> trio.Lock:
@@ -151,6 +154,21 @@ class Runtime:
         async with self._lock(id):
             return await self._create(id, Path(bundle).resolve(), stdio, console_socket,
                                       pid_file)
+
+    def _exec_stub(self) -> int:
+        """The sealed memfd container commands are exec'ed through (-1: exec directly).
+        It lives as long as this process (one page, shared by every container)."""
+        if self._exec_fd is None:
+            try:
+                fd = execstub.open_sealed()
+            except OSError as e:
+                self._log.warning("exec stub failed", error=str(e))
+                fd = -1
+            self._exec_fd = _high(fd) if fd >= 0 else -1
+            if fd < 0:
+                self._log.warning("no exec stub on this machine: container commands are "
+                                  "exec'ed by the runtime's own process")
+        return self._exec_fd
 
     def _need_reaper(self) -> None:
         if not self._reaper.running:
@@ -211,7 +229,8 @@ class Runtime:
             plan = steps.InitPlan(
                 container=c, stdio=stdio_fds, ns_fds=ns_fds, fifo_fd=fifo_fd,
                 console_fd=console_fd, cgroup_binds=cg.mount_binds(), seccomp=bpf,
-                known_last=self._known_last, kcore=self._kcore, in_pid_ns=direct)
+                known_last=self._known_last, kcore=self._kcore, in_pid_ns=direct,
+                exec_fd=self._exec_stub())
             created = datetime.now(UTC)
 
             async def on_hooks(init_pid: int) -> dict[str, Any]:
@@ -330,7 +349,13 @@ class Runtime:
                             break  # execve closed the child's end: the process runs
                         raise errdefs.Unknown("container process exited during set-up",
                                               raw=True)
-                    msg = json.loads(data)
+                    try:
+                        msg = json.loads(data)
+                    except ValueError:
+                        raise errdefs.Internal("garbled message from container process"
+                                               ) from None
+                    if not isinstance(msg, dict):
+                        raise errdefs.Internal("garbled message from container process")
                 kind = msg.get("type")
                 if kind == "error":
                     raise errdefs.Unknown(msg.get("message") or "set-up failed", raw=True)
@@ -553,7 +578,7 @@ class Runtime:
                 fds.append(console_fd)
             plan = steps.ExecPlan(process=p, stdio=self._stdio_fds(stdio, p.terminal, fds),
                                   ns_fds=ns_fds, console_fd=console_fd, seccomp=bpf,
-                                  known_last=self._known_last)
+                                  known_last=self._known_last, exec_fd=self._exec_stub())
             pid = await self._spawn(steps.run_exec, plan, cg, pids, wait_exec=True)
             if pid_file is not None:
                 _write_pid_file(pid_file, pid)

@@ -25,7 +25,14 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from berth.plugins.runtimes.inprocess import caps, devices, hooks, mounts, syscalls as sys_
+from berth.plugins.runtimes.inprocess import (
+    caps,
+    devices,
+    execstub,
+    hooks,
+    mounts,
+    syscalls as sys_,
+)
 from berth.plugins.runtimes.inprocess.spec import NAMESPACE_FLAGS, Container, Process
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
@@ -76,6 +83,12 @@ class InitPlan:
     # The runtime forked this process straight into the container's new pid namespace
     # (as its pid 1): no pid namespace to unshare and no second fork.
     in_pid_ns: bool = False
+    exec_fd: int = -1  # the sealed exec stub (see ``execstub``), -1 to exec directly
+
+    def fds(self) -> set[int]:
+        """Every fd this plan needs in the forked child (all others are closed)."""
+        return _plan_fds(self.stdio, self.ns_fds, self.console_fd, self.exec_fd,
+                         self.fifo_fd)
 
 
 @dataclass
@@ -86,6 +99,30 @@ class ExecPlan:
     console_fd: int | None = None
     seccomp: tuple[bytes, int] | None = None
     known_last: int = 40
+    exec_fd: int = -1
+
+    def fds(self) -> set[int]:
+        return _plan_fds(self.stdio, self.ns_fds, self.console_fd, self.exec_fd)
+
+
+def _plan_fds(stdio: tuple[int, int, int], ns_fds: list[tuple[str, int]],
+              console_fd: int | None, *more: int) -> set[int]:
+    fds = {*stdio, *(fd for _, fd in ns_fds), *more}
+    if console_fd is not None:
+        fds.add(console_fd)
+    fds.discard(-1)
+    return fds
+
+
+def enter(sc: Any, keep: set[int]) -> None:
+    """First steps of every forked container process, before it joins anything: it
+    becomes non-dumpable (no process of the container may ptrace it, open its
+    /proc/<pid>/fd or /proc/<pid>/exe, or take its fds with pidfd_getfd), and it closes
+    every fd of the shim that the container is not meant to have (the shim's ttrpc
+    sockets, other containers' stdio...): a copy made by fork is still open, close-on-exec
+    or not, until the execve."""
+    sc.set_dumpable(False)
+    sc.close_fds_except(keep)
 
 
 def expect(sync: Sync, kind: str) -> dict[str, Any]:
@@ -222,12 +259,34 @@ def lookup(sc: Any, p: Process) -> str:
     """The executable for args[0], searched in the process's PATH (after pivot_root)."""
     name = p.args[0]
     if "/" in name:
-        return name
+        # Checked here, as runc's LookPath does, so that the failure is the request's
+        # error: the exec stub could only tell it on stderr.
+        if sc.executable(name):
+            return name
+        if sc.lstat(name) is None:
+            raise SetupError(f'exec: "{name}": stat {name}: no such file or directory')
+        raise SetupError(f'exec: "{name}": permission denied')
     for d in p.search_path():
         candidate = os.path.join(d or ".", name)
         if sc.executable(candidate):
             return candidate
     raise SetupError(f'exec: "{name}": executable file not found in $PATH')
+
+
+def check_interpreter(sc: Any, path: str) -> None:
+    """A script whose ``#!`` interpreter is missing fails here, as an error of the
+    request, rather than in the exec stub (which can only say so on stderr and exit 127).
+    Anything else the kernel decides (ELF, binfmt_misc formats)."""
+    head = sc.read_head(path, 256)
+    if not head or not head.startswith(b"#!"):
+        return
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words or len(head) == 256 and b"\n" not in head:
+        return  # the kernel's own limits decide
+    interpreter = words[0].decode(errors="surrogateescape")
+    if sc.lstat(interpreter) is None:
+        raise SetupError(f"exec {path}: no such file or directory (interpreter "
+                         f"{interpreter})")
 
 
 def wait_for_start(sc: Any, fifo_fd: int) -> None:
@@ -257,7 +316,7 @@ def init_container(sc: Any, sync: Sync, plan: InitPlan) -> None:
         hook_states = expect(sync, "hooked")
     if c.hooks.get("createContainer"):
         hooks.run_in_child(sc, "createContainer", c.hooks["createContainer"],
-                           hook_states["state"])
+                           hook_states["state"], exec_fd=plan.exec_fd)
     mounts.pivot_root(sc, c.rootfs)
     if c.readonly:
         mounts.remount_readonly(sc, "/")
@@ -282,21 +341,36 @@ def init_container(sc: Any, sync: Sync, plan: InitPlan) -> None:
         sc.seccomp_set_filter(*plan.seccomp)
     finalize(sc, p, plan.known_last)
     path = lookup(sc, p)
+    check_interpreter(sc, path)
     sync.send({"type": "ready"})
     sync.close()
     wait_for_start(sc, plan.fifo_fd)
     if c.hooks.get("startContainer"):
         hooks.run_in_child(sc, "startContainer", c.hooks["startContainer"],
-                           hook_states.get("start_state") or hook_states["state"])
-    exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p)
+                           hook_states.get("start_state") or hook_states["state"],
+                           exec_fd=plan.exec_fd)
+    exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p,
+                 exec_fd=plan.exec_fd)
 
 
-def exec_process(sc: Any, seccomp: tuple[bytes, int] | None, path: str, p: Process) -> None:
-    """Last steps before execve: nothing of the runtime leaks, seccomp as late as possible."""
+def exec_process(sc: Any, seccomp: tuple[bytes, int] | None, path: str, p: Process, *,
+                 exec_fd: int = -1) -> None:
+    """Last steps before execve: nothing of the runtime leaks, seccomp as late as possible.
+
+    With ``exec_fd`` (the sealed stub, close-on-exec like every other fd here) the stub
+    execs ``path``: this process's /proc/self/exe, the host's Python, is then never what
+    a ``#!`` line in the container can name (see ``execstub``)."""
     sc.cloexec_from(3)
     if seccomp:
         sc.seccomp_set_filter(*seccomp)
-    sc.execve(path, p.args, p.environ())
+    if exec_fd < 0:
+        sc.execve(path, p.args, p.environ())
+        return
+    # execve of the fd's /proc link rather than execveat (fexecve): a seccomp profile
+    # that allows the container execve need not know execveat. Without a /proc, fexecve.
+    link = f"/proc/self/fd/{exec_fd}"
+    sc.execve(link if sc.lstat(link) is not None else exec_fd,
+              execstub.argv(path, p.args), p.environ())
 
 
 # ---- exec ----------------------------------------------------------------------------
@@ -331,6 +405,8 @@ def run_exec(sc: Any, sync: Sync, plan: ExecPlan) -> bool:
         sc.seccomp_set_filter(*plan.seccomp)
     finalize(sc, p, plan.known_last)
     path = lookup(sc, p)
+    check_interpreter(sc, path)
     sync.send({"type": "ready"})
-    exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p)
+    exec_process(sc, plan.seccomp if p.no_new_privileges else None, path, p,
+                 exec_fd=plan.exec_fd)
     return False

@@ -58,6 +58,7 @@ PROPAGATION_FLAGS = MS_SHARED | MS_SLAVE | MS_PRIVATE | MS_UNBINDABLE
 
 # prctl options
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -76,7 +77,10 @@ _SYSCALL_NUMBERS = {
     "pivot_root": (155, 41),
     "seccomp": (317, 277),
     "close_range": (436, 436),
+    "openat2": (437, 437),
 }
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
 _ARCH_INDEX = {"x86_64": 0, "aarch64": 1}
 
 _SIOCGIFFLAGS = 0x8913
@@ -106,6 +110,11 @@ class _CapData(ctypes.Structure):
 
 class _Rlimit(ctypes.Structure):
     _fields_ = [("cur", ctypes.c_uint64), ("max", ctypes.c_uint64)]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
 
 
 class _SockFprog(ctypes.Structure):
@@ -171,7 +180,8 @@ class Syscalls:
     def exit(self, code: int) -> None:
         os._exit(code)
 
-    def execve(self, path: str, args: list[str], env: dict[str, str]) -> None:
+    def execve(self, path: str | int, args: list[str], env: dict[str, str]) -> None:
+        """``path`` may be an fd (fexecve: execveat with AT_EMPTY_PATH)."""
         os.execve(path, args, env)
 
     def waitpid(self, pid: int, options: int) -> tuple[int, int]:
@@ -189,6 +199,9 @@ class Syscalls:
 
     def set_keepcaps(self, keep: bool) -> None:
         self.prctl(PR_SET_KEEPCAPS, 1 if keep else 0)
+
+    def set_dumpable(self, dumpable: bool) -> None:
+        self.prctl(PR_SET_DUMPABLE, 1 if dumpable else 0)
 
     def set_pdeathsig(self, sig: int) -> None:
         self.prctl(PR_SET_PDEATHSIG, sig)
@@ -289,6 +302,16 @@ class Syscalls:
         if rc < 0:
             os.closerange(lowest, os.sysconf("SC_OPEN_MAX"))
 
+    def close_fds_except(self, keep: set[int]) -> None:
+        """Close every fd but ``keep`` (close_range over the gaps, as CPython's closerange
+        uses it)."""
+        low = 0
+        for fd in sorted(keep):
+            if fd > low:
+                os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 0x7FFFFFFF)
+
     def send_fd(self, sock_fd: int, fd: int, name: str) -> None:
         sock = socket.socket(fileno=sock_fd)
         try:
@@ -324,6 +347,46 @@ class Syscalls:
                          fstype.encode() if fstype is not None else None, flags,
                          data.encode() if data else None)
         self._check(rc, f"mount {source!r} on {target!r} ({fstype}, {flags:#x}, {data!r})")
+
+    def open_in_root(self, root: str, path: str) -> int:
+        """An O_PATH fd of ``path`` (a path under ``root``) opened with every symlink
+        resolved as if ``root`` were ``/`` (openat2 RESOLVE_IN_ROOT): whatever changed in
+        the tree since ``path`` was resolved, the fd cannot point outside of ``root``."""
+        rel = os.path.relpath(path, root)
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0,
+                           _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+            rc = self._syscall(ctypes.c_long(self._nr["openat2"]), ctypes.c_int(root_fd),
+                               ctypes.c_char_p(rel.encode()), ctypes.byref(how),
+                               ctypes.c_size_t(ctypes.sizeof(how)))
+            if rc < 0 and ctypes.get_errno() == errno.ENOSYS:
+                # Kernels before 5.6: the path was resolved inside root a moment ago;
+                # refuse at least a symlink put in its place since.
+                return os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return self._check(rc, f"openat2({root!r}, {rel!r})")
+        finally:
+            os.close(root_fd)
+
+    def mount_in_root(self, root: str, source: str | None, target: str, fstype: str | None,
+                      flags: int, data: str | None = None) -> None:
+        """``mount`` on ``target`` (resolved under ``root``) through an fd that cannot
+        leave ``root`` (see ``open_in_root``), as runc mounts through /proc/self/fd."""
+        fd = self.open_in_root(root, target)
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+            expected = os.path.normpath(os.path.join(os.path.realpath(root),
+                                                     os.path.relpath(target, root)))
+            if where != expected:
+                raise OSError(errno.EXDEV, f"mount target {target!r} moved to {where!r} "
+                              "while it was set up")
+            self.mount(source, f"/proc/self/fd/{fd}", fstype, flags, data)
+        finally:
+            os.close(fd)
+
+    def resolve(self, path: str) -> str:
+        """``path`` with every symlink followed (a host path: a bind mount's source)."""
+        return os.path.realpath(path)
 
     def umount2(self, target: str, flags: int) -> None:
         self._check(self._umount2(target.encode(), flags), f"umount2({target!r})")
@@ -387,6 +450,19 @@ class Syscalls:
         """The MS_* flags of the mount ``path`` is on."""
         f = os.statvfs(path).f_flag
         return sum(ms for st, ms in _ST_TO_MS if f & st)
+
+    def read_head(self, path: str, size: int) -> bytes:
+        """The first ``size`` bytes of ``path``, or b"" when it cannot be read."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return b""
+        try:
+            return os.read(fd, size)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
 
     def executable(self, path: str) -> bool:
         try:
