@@ -8,6 +8,7 @@ its own and every call is synchronous (``cri.runtime("version", VersionRequest()
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import textwrap
 from pathlib import Path
@@ -45,6 +46,26 @@ class CRIClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def watch_events(self) -> tuple[list[api.ContainerEventResponse], asyncio.Task[None]]:
+        """GetContainerEvents in the background: events land in the list while other
+        calls run the loop."""
+        got: list[api.ContainerEventResponse] = []
+
+        async def run() -> None:
+            async for msg in self.runtime_stub.get_container_events(api.GetEventsRequest()):
+                got.append(msg)
+
+        return got, self._loop.create_task(run())
+
+    def pump(self) -> None:
+        """Let background streams read what has arrived (the loop runs only in calls)."""
+        self._loop.run_until_complete(asyncio.sleep(0.01))
+
+    def stop_watch(self, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(task)
 
     def runtime(self, method: str, req: Any) -> Any:
         return self._loop.run_until_complete(getattr(self.runtime_stub, method)(req))

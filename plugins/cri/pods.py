@@ -52,6 +52,8 @@ EXT_TYPE = "berth.cri.v1.Metadata"  # JSON inside; opaque to everyone else
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 # ExecSync output cap per stream (CRI asks for 16 MiB: CVE-2022-1708, CVE-2022-31030).
 EXEC_OUTPUT_CAP = 16 << 20
+# Container events held for a watcher that does not read them.
+EVENT_BUFFER = 1024
 # Waits that should end by themselves; they bound a failure, they never decide one.
 KILL_WAIT = 30.0
 CAP_SYS_RESOURCE = 24
@@ -200,6 +202,7 @@ class PodService(RuntimeBase):
         self.sandboxes: dict[str, Sandbox] = {}
         self.containers: dict[str, CRIContainer] = {}
         self._names: dict[str, str] = {}  # reserved pod and container names -> id
+        self._watchers: set[trio.MemorySendChannel[cri.ContainerEventResponse]] = set()
         self.oom = cri_spec.OOMPolicy(cri_spec.own_oom_score_adj(),
                                       config.restrict_oom_score_adj,
                                       cri_spec.can_raise_oom_priority())
@@ -311,6 +314,8 @@ class PodService(RuntimeBase):
             raise
         self.sandboxes[sb.id] = sb
         _log.info("sandbox ready", id=sb.id, pod=sb.name, handler=req.runtime_handler)
+        self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_CREATED_EVENT)
+        self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
         return cri.RunPodSandboxResponse(pod_sandbox_id=sb.id)
 
     def pod_network(self) -> str:
@@ -392,6 +397,7 @@ class PodService(RuntimeBase):
             sb.state = cri.PodSandboxState.SANDBOX_NOTREADY
             self._save_sandbox(sb)
             _log.info("sandbox stopped", id=sb.id, pod=sb.name)
+            self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
         return cri.StopPodSandboxResponse()
 
     async def remove_pod_sandbox(self, ctx: CallContext, req: cri.RemovePodSandboxRequest
@@ -411,6 +417,7 @@ class PodService(RuntimeBase):
         self.sandboxes.pop(sb.id, None)
         self._names.pop(sb.name, None)
         _log.info("sandbox removed", id=sb.id, pod=sb.name)
+        self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_DELETED_EVENT)
         return cri.RemovePodSandboxResponse()
 
     def _sandbox_status(self, sb: Sandbox) -> cri.PodSandboxStatus:
@@ -522,6 +529,7 @@ class PodService(RuntimeBase):
             raise
         self.containers[ctr.id] = ctr
         _log.info("container created", id=ctr.id, sandbox=sb.id, name=config.metadata.name)
+        self._event(ctr.id, sb, cri.ContainerEventType.CONTAINER_CREATED_EVENT)
         return cri.CreateContainerResponse(container_id=ctr.id)
 
     async def start_container(self, ctx: CallContext, req: cri.StartContainerRequest
@@ -576,6 +584,7 @@ class PodService(RuntimeBase):
                                     _now)
         self.nursery.start_soon(self._monitor, ctr)
         _log.info("container started", id=ctr.id, pid=ctr.status.pid)
+        self._event(ctr.id, sb, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
         return cri.StartContainerResponse()
 
     async def _monitor(self, ctr: CRIContainer) -> None:
@@ -602,6 +611,8 @@ class PodService(RuntimeBase):
             pass  # removed meanwhile
         ctr.exited.set()
         _log.info("container exited", id=ctr.id, exit_code=status, reason=ctr.status.reason)
+        self._event(ctr.id, self.sandboxes.get(ctr.sandbox_id),
+                    cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
 
     def _oom_killed(self, ctr: CRIContainer) -> bool:
         return False  # TODO(cri): read the task's OOM events (issue 12, left for later)
@@ -668,6 +679,8 @@ class PodService(RuntimeBase):
         self.containers.pop(ctr.id, None)
         self._names.pop(self._container_name(ctr), None)
         _log.info("container removed", id=ctr.id)
+        self._event(ctr.id, self.sandboxes.get(ctr.sandbox_id),
+                    cri.ContainerEventType.CONTAINER_DELETED_EVENT)
 
     async def remove_container(self, ctx: CallContext, req: cri.RemoveContainerRequest
                                ) -> cri.RemoveContainerResponse:
@@ -701,12 +714,10 @@ class PodService(RuntimeBase):
             out.append(self._cri_container(ctr))
         return cri.ListContainersResponse(containers=out)
 
-    def container_status(self, ctx: CallContext, req: cri.ContainerStatusRequest
-                         ) -> cri.ContainerStatusResponse:
-        ctr = self._container(req.container_id)
+    def _status(self, ctr: CRIContainer) -> cri.ContainerStatus:
         st = ctr.status
         linux = ctr.config.linux or cri.LinuxContainerConfig()
-        status = cri.ContainerStatus(
+        return cri.ContainerStatus(
             id=ctr.id, metadata=ctr.config.metadata, state=cri.ContainerState(ctr.state),
             created_at=st.created_at, started_at=st.started_at, finished_at=st.finished_at,
             exit_code=st.exit_code, image=ctr.config.image, image_ref=ctr.image_ref,
@@ -715,6 +726,12 @@ class PodService(RuntimeBase):
             log_path=ctr.log_path, image_id=ctr.image_id,
             resources=cri.ContainerResources(linux=linux.resources)
             if linux.resources else None)
+
+    def container_status(self, ctx: CallContext, req: cri.ContainerStatusRequest
+                         ) -> cri.ContainerStatusResponse:
+        ctr = self._container(req.container_id)
+        st = ctr.status
+        status = self._status(ctr)
         out = cri.ContainerStatusResponse(status=status)
         if req.verbose:
             out.info = {"info": json.dumps({
@@ -798,6 +815,43 @@ class PodService(RuntimeBase):
         with trio.move_on_after(KILL_WAIT):
             await task.wait(exec_id)
         raise errdefs.DeadlineExceeded(f"command timed out after {timeout}s", raw=True)
+
+    # --- events (the kubelet's evented PLEG) -----------------------------------------
+
+    def _event(self, cid: str, sb: Sandbox | None, kind: cri.ContainerEventType) -> None:
+        if not self._watchers:
+            return
+        statuses = []
+        if sb is not None:
+            statuses = [self._status(c) for c in self.containers.values()
+                        if c.sandbox_id == sb.id]
+        msg = cri.ContainerEventResponse(
+            container_id=cid, container_event_type=kind, created_at=_now(),
+            pod_sandbox_status=self._sandbox_status(sb) if sb is not None else None,
+            containers_statuses=statuses)
+        for w in list(self._watchers):
+            try:
+                w.send_nowait(msg)
+            except trio.WouldBlock:
+                # A watcher this far behind has lost events: end its stream, as
+                # containerd drops them; the kubelet then relists.
+                _log.warning("container event watcher too slow; dropped")
+                self._watchers.discard(w)
+                w.close()
+            except trio.ClosedResourceError:
+                self._watchers.discard(w)
+
+    async def get_container_events(self, ctx: CallContext, req: cri.GetEventsRequest,
+                                   send: Any) -> None:
+        tx, rx = trio.open_memory_channel[cri.ContainerEventResponse](EVENT_BUFFER)
+        self._watchers.add(tx)
+        try:
+            async with rx:
+                async for msg in rx:
+                    await send(msg)
+        finally:
+            self._watchers.discard(tx)
+            tx.close()
 
     # --- stats ------------------------------------------------------------------------
 

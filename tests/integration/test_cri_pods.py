@@ -357,3 +357,44 @@ def test_berthd_killed_and_restarted(pulled: tuple[daemons.Daemon, CRIClient],
         assert c2.runtime("list_containers", api.ListContainersRequest()).containers == []
     assert daemons.ctr_ok(d.address, "containers", "ls", "-q", namespace="k8s.io").out == ""
     assert sid not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_container_events_stream(pulled: tuple[daemons.Daemon, CRIClient],
+                                 base: Path) -> None:  # noqa: F811
+    d, c = pulled
+    got, task = c.watch_events()
+    E = api.ContainerEventType
+    # The stream is open once events for a pod arrive (bounded retries, no timing).
+    for attempt in range(100):
+        config = pod_config(base / "logs", f"probe{attempt}")
+        sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(config=config))
+        sid = sid.pod_sandbox_id
+        c.pump()
+        if any(e.container_id == sid for e in got):
+            break
+        c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    else:
+        raise AssertionError("no container events arrived")
+    cid = c.runtime("create_container", api.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=config,
+        config=container_config("short", "exit 0"))).container_id
+    c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+
+    def stopped_seen() -> bool:
+        c.pump()
+        return any(e.container_id == cid and e.container_event_type ==
+                   E.CONTAINER_STOPPED_EVENT for e in got)
+    _wait(stopped_seen, "the exit event")
+    c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    _wait(lambda: c.pump() or any(e.container_id == sid and e.container_event_type ==
+                                  E.CONTAINER_DELETED_EVENT for e in got), "pod deleted")
+    mine = [e.container_event_type for e in got if e.container_id == cid]
+    assert mine == [E.CONTAINER_CREATED_EVENT, E.CONTAINER_STARTED_EVENT,
+                    E.CONTAINER_STOPPED_EVENT, E.CONTAINER_DELETED_EVENT]
+    stopped = next(e for e in got if e.container_id == cid
+                   and e.container_event_type == E.CONTAINER_STOPPED_EVENT)
+    assert stopped.pod_sandbox_status.id == sid
+    assert [s.exit_code for s in stopped.containers_statuses] == [0]
+    assert [e.container_event_type for e in got if e.container_id == sid][-1] == \
+        E.CONTAINER_DELETED_EVENT
+    c.stop_watch(task)
