@@ -50,6 +50,7 @@ SANDBOX_EXT = "io.cri-containerd.sandbox.metadata"
 CONTAINER_EXT = "io.cri-containerd.container.metadata"
 EXT_TYPE = "berth.cri.v1.Metadata"  # JSON inside; opaque to everyone else
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 # ExecSync output cap per stream (CRI asks for 16 MiB: CVE-2022-1708, CVE-2022-31030).
 EXEC_OUTPUT_CAP = 16 << 20
 # Container events held for a watcher that does not read them.
@@ -448,7 +449,7 @@ class PodService(RuntimeBase):
 
     def list_pod_sandbox(self, ctx: CallContext, req: cri.ListPodSandboxRequest
                          ) -> cri.ListPodSandboxResponse:
-        f = req.filter or cri.PodSandboxFilter()
+        f = cri_spec.given(req.filter, cri.PodSandboxFilter)
         out = []
         for sb in sorted(self.sandboxes.values(), key=lambda s: s.created_at):
             if not _match_id(sb.id, f.id):
@@ -701,7 +702,7 @@ class PodService(RuntimeBase):
 
     def list_containers(self, ctx: CallContext, req: cri.ListContainersRequest
                         ) -> cri.ListContainersResponse:
-        f = req.filter or cri.ContainerFilter()
+        f = cri_spec.given(req.filter, cri.ContainerFilter)
         out = []
         for ctr in sorted(self.containers.values(), key=lambda c: c.status.created_at):
             if not _match_id(ctr.id, f.id) or not _match_id(ctr.sandbox_id, f.pod_sandbox_id):
@@ -716,7 +717,7 @@ class PodService(RuntimeBase):
 
     def _status(self, ctr: CRIContainer) -> cri.ContainerStatus:
         st = ctr.status
-        linux = ctr.config.linux or cri.LinuxContainerConfig()
+        linux = cri_spec.given(ctr.config.linux, cri.LinuxContainerConfig)
         return cri.ContainerStatus(
             id=ctr.id, metadata=ctr.config.metadata, state=cri.ContainerState(ctr.state),
             created_at=st.created_at, started_at=st.started_at, finished_at=st.finished_at,
@@ -889,7 +890,7 @@ class PodService(RuntimeBase):
     async def list_container_stats(self, ctx: CallContext,
                                    req: cri.ListContainerStatsRequest
                                    ) -> cri.ListContainerStatsResponse:
-        f = req.filter or cri.ContainerStatsFilter()
+        f = cri_spec.given(req.filter, cri.ContainerStatsFilter)
         out = []
         for ctr in list(self.containers.values()):
             if not _match_id(ctr.id, f.id) or not _match_id(ctr.sandbox_id, f.pod_sandbox_id):
@@ -936,11 +937,37 @@ class PodService(RuntimeBase):
     async def list_pod_sandbox_stats(self, ctx: CallContext,
                                      req: cri.ListPodSandboxStatsRequest
                                      ) -> cri.ListPodSandboxStatsResponse:
-        f = req.filter or cri.PodSandboxStatsFilter()
+        f = cri_spec.given(req.filter, cri.PodSandboxStatsFilter)
         out = [await self._pod_stats(sb) for sb in list(self.sandboxes.values())
                if _match_id(sb.id, f.id)
                and _match_labels(dict(sb.config.labels), dict(f.label_selector))]
         return cri.ListPodSandboxStatsResponse(stats=out)
+
+    async def update_container_resources(self, ctx: CallContext,
+                                         req: cri.UpdateContainerResourcesRequest
+                                         ) -> cri.UpdateContainerResourcesResponse:
+        ctr = self._container(req.container_id)
+        if req.linux is None or not betterproto.serialized_on_wire(req.linux):
+            raise errdefs.InvalidArgument("linux resources are required", raw=True)
+        if ctr.state == cri.ContainerState.CONTAINER_EXITED:
+            raise errdefs.FailedPrecondition(f"container {ctr.id} has exited", raw=True)
+        record = self.store.get(NAMESPACE, ctr.id)
+        spec = oci.from_any(record.spec)
+        resources = cri_spec.linux_resources(req.linux)
+        spec.setdefault("linux", {}).setdefault("resources", {}).update(resources)
+        task = self.tasks.get(NAMESPACE, ctr.id)
+        if task is not None:
+            await task.update(AnyMsg(type_url=RESOURCES_TYPE_URL,
+                                     value=json.dumps(resources).encode()),
+                              dict(req.annotations))
+        # The record follows what the cgroup has now, so a restart keeps it.
+        record.spec = oci.to_any(spec)
+        self.store.update(NAMESPACE, record, ["spec"])
+        if ctr.config.linux is None:
+            ctr.config.linux = cri.LinuxContainerConfig()
+        ctr.config.linux.resources = req.linux
+        self._save_container(ctr)
+        return cri.UpdateContainerResourcesResponse()
 
     async def reopen_container_log(self, ctx: CallContext, req: cri.ReopenContainerLogRequest
                                    ) -> cri.ReopenContainerLogResponse:

@@ -5,14 +5,21 @@ privileged, capabilities, masked and read-only paths, read-only rootfs, the pod'
 namespaces (the node's for hostNetwork), mounts with propagation, the pod's /etc files,
 resources and a clamped OOM score. Pure functions: tested without root.
 
-Not yet (issue 12): seccomp and AppArmor profiles, devices, CDI, sysctls, user
-namespaces, a pod-shared PID namespace (NamespaceMode.POD runs as CONTAINER), image
-volumes.
+Seccomp: ``Localhost`` loads the profile file (a JSON object with ``defaultAction``);
+``RuntimeDefault`` is berth's own profile, a deny list of what containers must never
+call (kernel modules, kexec, reboot, swap, clock, keyrings, bpf, perf, userfaultfd,
+mount API, namespaces...) with EPERM, not containerd's allow list; ``Unconfined`` and an
+unset profile add none, as containerd does by default.
+
+Not yet (issue 12): AppArmor, CDI, user namespaces, a pod-shared PID namespace
+(NamespaceMode.POD runs as CONTAINER), image volumes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,108 @@ class OOMPolicy:
     current: int = 0  # berthd's own oom_score_adj
     restrict: bool = False  # restrict_oom_score_adj
     may_raise: bool = False  # berthd has CAP_SYS_RESOURCE
+
+
+# RuntimeDefault: syscalls a container never needs, refused with EPERM.
+DENIED_SYSCALLS = (
+    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module",
+    "delete_module", "finit_module", "fsconfig", "fsmount", "fsopen", "fspick",
+    "get_kernel_syms", "get_mempolicy", "init_module", "ioperm", "iopl", "kcmp",
+    "kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie", "mbind", "mount",
+    "move_mount", "move_pages", "name_to_handle_at", "nfsservctl", "open_by_handle_at",
+    "open_tree", "perf_event_open", "personality", "pivot_root", "process_vm_readv",
+    "process_vm_writev", "ptrace", "query_module", "quotactl", "reboot", "request_key",
+    "set_mempolicy", "setns", "settimeofday", "stime", "swapoff", "swapon", "sysfs",
+    "umount", "umount2", "unshare", "uselib", "userfaultfd", "ustat", "vm86", "vm86old",
+)
+MAX_PROFILE = 1 << 20
+
+
+def default_seccomp() -> dict[str, Any]:
+    return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": list(DENIED_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+
+
+def load_seccomp(path: str) -> dict[str, Any]:
+    """A Localhost profile: an absolute path to a JSON object; InvalidArgument if not."""
+    if not path.startswith("/"):
+        raise errdefs.InvalidArgument(
+            f"seccomp profile {path!r} must be an absolute path", raw=True)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROFILE + 1)
+    except OSError as e:
+        raise errdefs.InvalidArgument(
+            f"failed to load seccomp profile {path!r}: {e.strerror}", raw=True) from None
+    if len(data) > MAX_PROFILE:
+        raise errdefs.InvalidArgument(f"seccomp profile {path!r} is larger than 1 MiB",
+                                      raw=True)
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise errdefs.InvalidArgument(
+            f"failed to parse seccomp profile {path!r}: {e}", raw=True) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("defaultAction"), str):
+        raise errdefs.InvalidArgument(
+            f"seccomp profile {path!r} has no defaultAction", raw=True)
+    syscalls = doc.get("syscalls", [])
+    if not isinstance(syscalls, list) or not all(isinstance(x, dict) for x in syscalls):
+        raise errdefs.InvalidArgument(f"seccomp profile {path!r}: syscalls must be a list "
+                                      "of objects", raw=True)
+    return doc
+
+
+def seccomp_for(sc: cri.LinuxContainerSecurityContext) -> dict[str, Any] | None:
+    """The profile a security context asks for; None for none."""
+    prof = sc.seccomp
+    if prof is not None and betterproto.serialized_on_wire(prof):
+        kind = prof.profile_type
+        if kind == cri.SecurityProfileProfileType.RuntimeDefault:
+            return default_seccomp()
+        if kind == cri.SecurityProfileProfileType.Localhost:
+            return load_seccomp(prof.localhost_ref)
+        return None
+    legacy = sc.seccomp_profile_path
+    if legacy in ("runtime/default", "docker/default"):
+        return default_seccomp()
+    if legacy.startswith("localhost/"):
+        return load_seccomp(legacy.removeprefix("localhost"))
+    if legacy in ("", "unconfined"):
+        return None
+    raise errdefs.InvalidArgument(f"unknown seccomp profile {legacy!r}", raw=True)
+
+
+def device_entry(d: cri.Device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A CRI device as the spec's linux.devices entry and its cgroup allow rule."""
+    if not d.host_path.startswith("/") or not d.container_path.startswith("/"):
+        raise errdefs.InvalidArgument(
+            f"device {d.host_path!r} -> {d.container_path!r}: paths must be absolute",
+            raw=True)
+    perms = d.permissions or "rwm"
+    if set(perms) - set("rwm"):
+        raise errdefs.InvalidArgument(f"device permissions {perms!r}: only r, w, m",
+                                      raw=True)
+    try:
+        st = os.stat(d.host_path)
+    except OSError as e:
+        raise errdefs.InvalidArgument(f"device {d.host_path!r}: {e.strerror}",
+                                      raw=True) from None
+    if stat.S_ISCHR(st.st_mode):
+        kind = "c"
+    elif stat.S_ISBLK(st.st_mode):
+        kind = "b"
+    else:
+        raise errdefs.InvalidArgument(f"{d.host_path!r} is not a device", raw=True)
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    return ({"path": d.container_path, "type": kind, "major": major, "minor": minor,
+             "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid},
+            {"allow": True, "type": kind, "major": major, "minor": minor, "access": perms})
+
+
+def given(msg: Any, cls: type) -> Any:
+    """``msg``, or an empty ``cls`` when absent. Never ``msg or cls()``: a message whose
+    fields are all zero is falsy, yet present (seccomp RuntimeDefault, a READY filter)."""
+    return msg if msg is not None else cls()
 
 
 def all_caps() -> list[str]:
@@ -149,8 +258,8 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
         env, [f"{kv.key}={kv.value}" for kv in config.envs])
     if config.tty:
         oci.with_tty(spec)
-    linux = config.linux or cri.LinuxContainerConfig()
-    sc = linux.security_context or cri.LinuxContainerSecurityContext()
+    linux = given(config.linux, cri.LinuxContainerConfig)
+    sc = given(linux.security_context, cri.LinuxContainerSecurityContext)
     _user(spec, sc, image_user, users)
     process["noNewPrivileges"] = bool(sc.no_new_privs)
     if sc.privileged:
@@ -174,6 +283,16 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
         spec["linux"]["readonlyPaths"] = list(sc.readonly_paths)
     if sc.readonly_rootfs:
         oci.with_rootfs_readonly(spec)
+    if not sc.privileged:
+        profile = seccomp_for(sc)
+        if profile is not None:
+            spec["linux"]["seccomp"] = profile
+    for d in config.devices:
+        entry, rule = device_entry(d)
+        spec["linux"].setdefault("devices", []).append(entry)
+        spec["linux"].setdefault("resources", {}).setdefault("devices", []).append(rule)
+    if sb.config.linux and sb.config.linux.sysctls:
+        spec["linux"]["sysctl"] = dict(sb.config.linux.sysctls)
     _namespaces(spec, sb, sc)
     _mounts(spec, sb, config)
     _resources(spec, sb, container_id, linux.resources, oom)
@@ -230,7 +349,7 @@ def _capabilities(process: dict[str, Any], caps: cri.Capability) -> None:
 
 def _namespaces(spec: dict[str, Any], sb: PodView,
                 sc: cri.LinuxContainerSecurityContext) -> None:
-    opts = sc.namespace_options or cri.NamespaceOption()
+    opts = given(sc.namespace_options, cri.NamespaceOption)
     pinned = pins.paths(Path(sb.folder))
     out = []
     for ns in spec["linux"]["namespaces"]:
@@ -289,32 +408,36 @@ def _mounts(spec: dict[str, Any], sb: PodView, config: cri.ContainerConfig) -> N
     oci.with_mounts(spec, extra)
 
 
+def linux_resources(res: cri.LinuxContainerResources) -> dict[str, Any]:
+    """CRI resources as the runtime spec's linux.resources (cpu, memory, hugepages,
+    unified); what is unset stays out."""
+    cpu: dict[str, Any] = {}
+    for key, value in (("shares", res.cpu_shares), ("quota", res.cpu_quota),
+                       ("period", res.cpu_period), ("cpus", res.cpuset_cpus),
+                       ("mems", res.cpuset_mems)):
+        if value:
+            cpu[key] = value
+    out: dict[str, Any] = {}
+    if cpu:
+        out["cpu"] = cpu
+    if res.memory_limit_in_bytes:
+        out["memory"] = {"limit": res.memory_limit_in_bytes}
+        if res.memory_swap_limit_in_bytes:
+            out["memory"]["swap"] = res.memory_swap_limit_in_bytes
+    if res.hugepage_limits:
+        out["hugepageLimits"] = [{"pageSize": h.page_size, "limit": h.limit}
+                                 for h in res.hugepage_limits]
+    if res.unified:
+        out["unified"] = dict(res.unified)
+    return out
+
+
 def _resources(spec: dict[str, Any], sb: PodView, container_id: str,
                res: cri.LinuxContainerResources | None, oom: OOMPolicy) -> None:
     parent = sb.config.linux.cgroup_parent if sb.config.linux else ""
     if parent:
         spec["linux"]["cgroupsPath"] = os.path.normpath(os.path.join(parent, container_id))
-    res = res or cri.LinuxContainerResources()
-    cpu: dict[str, Any] = {}
-    if res.cpu_shares:
-        cpu["shares"] = res.cpu_shares
-    if res.cpu_quota:
-        cpu["quota"] = res.cpu_quota
-    if res.cpu_period:
-        cpu["period"] = res.cpu_period
-    if res.cpuset_cpus:
-        cpu["cpus"] = res.cpuset_cpus
-    if res.cpuset_mems:
-        cpu["mems"] = res.cpuset_mems
-    resources = spec["linux"].setdefault("resources", {})
-    if cpu:
-        resources["cpu"] = cpu
-    if res.memory_limit_in_bytes:
-        resources["memory"] = {"limit": res.memory_limit_in_bytes}
-    if res.hugepage_limits:
-        resources["hugepageLimits"] = [{"pageSize": h.page_size, "limit": h.limit}
-                                       for h in res.hugepage_limits]
-    if res.unified:
-        resources["unified"] = dict(res.unified)
+    res = given(res, cri.LinuxContainerResources)
+    spec["linux"].setdefault("resources", {}).update(linux_resources(res))
     spec["process"]["oomScoreAdj"] = clamp_oom_score_adj(
         res.oom_score_adj, oom.current, restrict=oom.restrict, privileged=oom.may_raise)

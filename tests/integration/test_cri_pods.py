@@ -102,7 +102,12 @@ def test_kubelet_sequence_for_a_host_network_pod(pulled: tuple[daemons.Daemon, C
             envs=[api.KeyValue("GREETING", "hello")]))).container_id
     reader = c.runtime("create_container", api.CreateContainerRequest(
         pod_sandbox_id=sid, sandbox_config=config,
-        config=container_config("reader", "exec sleep 1000"))).container_id
+        config=container_config(
+            "reader", "exec sleep 1000",
+            devices=[api.Device("/dev/mynull", "/dev/null", "rw")],
+            linux=api.LinuxContainerConfig(security_context=api.LinuxContainerSecurityContext(
+                seccomp=api.SecurityProfile(
+                    api.SecurityProfileProfileType.RuntimeDefault)))))).container_id
     listed = c.runtime("list_containers", api.ListContainersRequest()).containers
     assert {x.id: x.state for x in listed} == {
         writer: api.ContainerState.CONTAINER_CREATED,
@@ -143,6 +148,21 @@ def test_kubelet_sequence_for_a_host_network_pod(pulled: tuple[daemons.Daemon, C
     net = _exec(c, reader, "readlink", "/proc/self/ns/net").stdout
     assert net == os.readlink("/proc/self/ns/net").encode() + b"\n"
     assert len(_addresses(d, writer, reader)) == 1
+    # RuntimeDefault seccomp refuses personality(2) (no capability guards it); the
+    # writer has no profile. A device given by the pod spec is there.
+    assert _exec(c, writer, "linux32", "true").exit_code == 0
+    assert _exec(c, reader, "linux32", "true").exit_code != 0
+    assert _exec(c, reader, "sh", "-c", "echo x > /dev/mynull").exit_code == 0
+    # UpdateContainerResources reaches the running container's cgroup.
+    c.runtime("update_container_resources", api.UpdateContainerResourcesRequest(
+        container_id=reader, linux=api.LinuxContainerResources(
+            memory_limit_in_bytes=64 << 20)))
+    mem = c.runtime("container_stats", api.ContainerStatsRequest(
+        container_id=reader)).stats.memory
+    assert 0 < mem.available_bytes.value <= 64 << 20
+    st = c.runtime("container_status", api.ContainerStatusRequest(container_id=reader)).status
+    assert st.resources.linux.memory_limit_in_bytes == 64 << 20
+
     with pytest.raises(GRPCError) as e:
         _exec(c, writer, "sleep", "30", timeout=1)
     assert e.value.status == Status.DEADLINE_EXCEEDED
@@ -161,6 +181,13 @@ def test_kubelet_sequence_for_a_host_network_pod(pulled: tuple[daemons.Daemon, C
     c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
     items = c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items
     assert [(x.id, x.state) for x in items] == [(sid, api.PodSandboxState.SANDBOX_NOTREADY)]
+    # State filters whose value is 0 (READY, CREATED) still filter: the kubelet's own.
+    ready = c.runtime("list_pod_sandbox", api.ListPodSandboxRequest(filter=api.PodSandboxFilter(
+        state=api.PodSandboxStateValue(api.PodSandboxState.SANDBOX_READY)))).items
+    assert ready == []
+    created = c.runtime("list_containers", api.ListContainersRequest(filter=api.ContainerFilter(
+        state=api.ContainerStateValue(api.ContainerState.CONTAINER_CREATED)))).containers
+    assert created == []
     st = c.runtime("container_status", api.ContainerStatusRequest(container_id=reader)).status
     assert st.state == api.ContainerState.CONTAINER_EXITED
     c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
@@ -201,6 +228,8 @@ def test_bad_pod_and_container_input(pulled: tuple[daemons.Daemon, CRIClient],
     c.runtime("remove_container", api.RemoveContainerRequest(container_id="nope"))
 
     sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    bad_profile = base / "seccomp.json"
+    bad_profile.write_text('{"defaultAction": ')
     bad = [
         container_config("a", "true", log_path="../../etc/escape.log"),
         container_config("b", "true", mounts=[api.Mount(container_path="/x",
@@ -211,6 +240,10 @@ def test_bad_pod_and_container_input(pulled: tuple[daemons.Daemon, CRIClient],
                             image=api.ImageSpec(image="UPPER/Case")),
         api.ContainerConfig(metadata=api.ContainerMetadata(name="e"),
                             image=api.ImageSpec(image="not-pulled:1")),
+        container_config("f", "true", linux=api.LinuxContainerConfig(
+            security_context=api.LinuxContainerSecurityContext(seccomp=api.SecurityProfile(
+                api.SecurityProfileProfileType.Localhost, str(bad_profile))))),
+        container_config("g", "true", devices=[api.Device("/dev/x", "/etc/hostname", "r")]),
     ]
     for cfg in bad:
         with pytest.raises(GRPCError) as e:

@@ -126,3 +126,46 @@ def test_log_splitter_keeps_every_byte(chunks: list[bytes], limit: int) -> None:
     assert rebuilt == data + (b"\n" if data and not data.endswith(b"\n") else b"")
     assert all(limit <= 0 or len(line) <= limit for _, line in out)
     assert all(re.fullmatch(rb"[^\n]*", line) for _, line in out)
+
+
+def test_seccomp_devices_sysctls(tmp_path: Path) -> None:
+    P = cri.SecurityProfileProfileType
+    sc = cri.LinuxContainerSecurityContext(seccomp=cri.SecurityProfile(P.RuntimeDefault))
+    prof = spec.seccomp_for(sc)
+    assert prof is not None and prof["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert "personality" in prof["syscalls"][0]["names"]
+    assert spec.seccomp_for(cri.LinuxContainerSecurityContext()) is None
+    assert spec.seccomp_for(cri.LinuxContainerSecurityContext(
+        seccomp=cri.SecurityProfile(P.Unconfined))) is None
+    good = tmp_path / "good.json"
+    good.write_text('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []}')
+    assert spec.seccomp_for(cri.LinuxContainerSecurityContext(seccomp=cri.SecurityProfile(
+        P.Localhost, str(good))))["defaultAction"] == "SCMP_ACT_ERRNO"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for ref in (str(bad), str(tmp_path / "missing.json"), "relative.json", str(tmp_path)):
+        with pytest.raises(errdefs.InvalidArgument):
+            spec.seccomp_for(cri.LinuxContainerSecurityContext(
+                seccomp=cri.SecurityProfile(P.Localhost, ref)))
+    with pytest.deprecated_call():  # the field is deprecated; old kubelets still send it
+        legacy = cri.LinuxContainerSecurityContext(seccomp_profile_path="weird")
+    with pytest.raises(errdefs.InvalidArgument):
+        spec.seccomp_for(legacy)
+    entry, rule = spec.device_entry(cri.Device("/dev/mynull", "/dev/null", "rw"))
+    assert (entry["type"], entry["major"], entry["minor"]) == ("c", 1, 3)
+    assert rule == {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rw"}
+    for d in (cri.Device("/x", str(good), "rw"), cri.Device("/x", "/dev/null", "rwx"),
+              cri.Device("x", "/dev/null", "r")):
+        with pytest.raises(errdefs.InvalidArgument):
+            spec.device_entry(d)
+    pod = _pod(tmp_path)
+    pod.config.linux.sysctls = {"kernel.shm_rmid_forced": "1"}
+    s = spec.container_spec(pod, "c1", cri.ContainerConfig(
+        metadata=cri.ContainerMetadata(name="c"), image=cri.ImageSpec(image="i"),
+        devices=[cri.Device("/dev/mynull", "/dev/null", "rw")]),
+        IMAGE, "", _rootfs(tmp_path), spec.OOMPolicy())
+    assert s["linux"]["sysctl"] == {"kernel.shm_rmid_forced": "1"}
+    assert s["linux"]["devices"][0]["path"] == "/dev/mynull"
+    assert spec.linux_resources(cri.LinuxContainerResources(
+        cpu_quota=5000, memory_limit_in_bytes=1 << 26)) == {
+        "cpu": {"quota": 5000}, "memory": {"limit": 1 << 26}}
