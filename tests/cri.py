@@ -67,6 +67,13 @@ class CRIClient:
         with contextlib.suppress(asyncio.CancelledError):
             self._loop.run_until_complete(task)
 
+    def concurrently(self, *calls: tuple[str, Any]) -> list[Any]:
+        """RuntimeService calls sent at once; results or exceptions, in order."""
+        async def run() -> list[Any]:
+            return await asyncio.gather(
+                *(getattr(self.runtime_stub, m)(r) for m, r in calls), return_exceptions=True)
+        return self._loop.run_until_complete(run())
+
     def runtime(self, method: str, req: Any) -> Any:
         return self._loop.run_until_complete(getattr(self.runtime_stub, method)(req))
 

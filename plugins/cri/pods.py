@@ -16,8 +16,10 @@ reason) and the task deleted, so the shim frees what it held.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -53,6 +55,7 @@ RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 # ExecSync output cap per stream (CRI asks for 16 MiB: CVE-2022-1708, CVE-2022-31030).
 EXEC_OUTPUT_CAP = 16 << 20
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 # Container events held for a watcher that does not read them.
 EVENT_BUFFER = 1024
 # Waits that should end by themselves; they bound a failure, they never decide one.
@@ -185,6 +188,18 @@ class CRIContainer:
                    doc.get("stop_signal", "SIGTERM"))
 
 
+def _serialized(field_name: str) -> Any:
+    """One call at a time per pod or container (``field_name`` of the request names it):
+    the kubelet may stop and remove the same container at once."""
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def call(self: PodService, ctx: CallContext, req: Any) -> Any:
+            async with self._lock(getattr(req, field_name)):
+                return await fn(self, ctx, req)
+        return call
+    return wrap
+
+
 class PodService(RuntimeBase):
     """RuntimeService: pods and containers (with Version and Status from RuntimeBase)."""
 
@@ -203,6 +218,7 @@ class PodService(RuntimeBase):
         self.sandboxes: dict[str, Sandbox] = {}
         self.containers: dict[str, CRIContainer] = {}
         self._names: dict[str, str] = {}  # reserved pod and container names -> id
+        self._locks: dict[str, trio.Lock] = {}
         self._watchers: set[trio.MemorySendChannel[cri.ContainerEventResponse]] = set()
         self.oom = cri_spec.OOMPolicy(cri_spec.own_oom_score_adj(),
                                       config.restrict_oom_score_adj,
@@ -247,6 +263,19 @@ class PodService(RuntimeBase):
                                     ctr.log_file.write, self.config.max_container_log_line_size,
                                     _now)
 
+    def _lock(self, wanted: str) -> trio.Lock:
+        """The lock of the pod or container ``wanted`` names (a prefix resolves)."""
+        key = wanted
+        for table in (self.containers, self.sandboxes):
+            hits = [k for k in table if _match_id(k, wanted)] if wanted else []
+            if len(hits) == 1:
+                key = hits[0]
+                break
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = trio.Lock()
+        return lock
+
     def _save_sandbox(self, sb: Sandbox) -> None:
         self.store.update(NAMESPACE, Container(id=sb.id, extensions={
             SANDBOX_EXT: _ext(sb.to_doc())}), [f"extensions.{SANDBOX_EXT}"])
@@ -285,6 +314,9 @@ class PodService(RuntimeBase):
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)
         network = "" if host_net else self.pod_network()
+        if len(config.hostname) > 64 or not _HOSTNAME.fullmatch(config.hostname or "x"):
+            raise errdefs.InvalidArgument(f"invalid pod hostname {config.hostname!r}",
+                                          raw=True)
         if config.log_directory and not config.log_directory.startswith("/"):
             raise errdefs.InvalidArgument(
                 f"log directory {config.log_directory!r} must be absolute", raw=True)
@@ -387,11 +419,13 @@ class PodService(RuntimeBase):
         pins.remove(folder)
         shutil.rmtree(folder, ignore_errors=True)
 
+    @_serialized("pod_sandbox_id")
     async def stop_pod_sandbox(self, ctx: CallContext, req: cri.StopPodSandboxRequest
                                ) -> cri.StopPodSandboxResponse:
         sb = self._sandbox(req.pod_sandbox_id)
         for ctr in [c for c in self.containers.values() if c.sandbox_id == sb.id]:
-            await self._stop(ctr, 0)
+            async with self._lock(ctr.id):
+                await self._stop(ctr, 0)
         await self._detach(sb)
         if sb.state != cri.PodSandboxState.SANDBOX_NOTREADY:
             await trio.to_thread.run_sync(pins.remove, Path(sb.folder))
@@ -401,6 +435,7 @@ class PodService(RuntimeBase):
             self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
         return cri.StopPodSandboxResponse()
 
+    @_serialized("pod_sandbox_id")
     async def remove_pod_sandbox(self, ctx: CallContext, req: cri.RemovePodSandboxRequest
                                  ) -> cri.RemovePodSandboxResponse:
         try:
@@ -408,7 +443,8 @@ class PodService(RuntimeBase):
         except errdefs.NotFound:
             return cri.RemovePodSandboxResponse()  # idempotent, as the API asks
         for ctr in [c for c in self.containers.values() if c.sandbox_id == sb.id]:
-            await self._remove(ctr)
+            async with self._lock(ctr.id):
+                await self._remove(ctr)
         await self._detach(sb)
         await trio.to_thread.run_sync(self._remove_sandbox_files, Path(sb.folder))
         try:
@@ -417,6 +453,7 @@ class PodService(RuntimeBase):
             pass
         self.sandboxes.pop(sb.id, None)
         self._names.pop(sb.name, None)
+        self._locks.pop(sb.id, None)
         _log.info("sandbox removed", id=sb.id, pod=sb.name)
         self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_DELETED_EVENT)
         return cri.RemovePodSandboxResponse()
@@ -436,8 +473,10 @@ class PodService(RuntimeBase):
     def pod_sandbox_status(self, ctx: CallContext, req: cri.PodSandboxStatusRequest
                            ) -> cri.PodSandboxStatusResponse:
         sb = self._sandbox(req.pod_sandbox_id)
-        out = cri.PodSandboxStatusResponse(status=self._sandbox_status(sb),
-                                           timestamp=_now())
+        out = cri.PodSandboxStatusResponse(
+            status=self._sandbox_status(sb), timestamp=_now(),
+            containers_statuses=[self._status(c) for c in self.containers.values()
+                                 if c.sandbox_id == sb.id])
         if req.verbose:
             out.info = {"info": json.dumps({
                 "config": _msg_json(sb.config), "runtimeHandler": sb.handler,
@@ -467,6 +506,7 @@ class PodService(RuntimeBase):
 
     # --- containers -------------------------------------------------------------------
 
+    @_serialized("pod_sandbox_id")
     async def create_container(self, ctx: CallContext, req: cri.CreateContainerRequest
                                ) -> cri.CreateContainerResponse:
         sb = self._sandbox(req.pod_sandbox_id)
@@ -533,6 +573,7 @@ class PodService(RuntimeBase):
         self._event(ctr.id, sb, cri.ContainerEventType.CONTAINER_CREATED_EVENT)
         return cri.CreateContainerResponse(container_id=ctr.id)
 
+    @_serialized("container_id")
     async def start_container(self, ctx: CallContext, req: cri.StartContainerRequest
                               ) -> cri.StartContainerResponse:
         ctr = self._container(req.container_id)
@@ -652,6 +693,7 @@ class PodService(RuntimeBase):
                     f"container {ctr.id} did not exit {KILL_WAIT:.0f}s after SIGKILL",
                     raw=True)
 
+    @_serialized("container_id")
     async def stop_container(self, ctx: CallContext, req: cri.StopContainerRequest
                              ) -> cri.StopContainerResponse:
         await self._stop(self._container(req.container_id), int(req.timeout))
@@ -679,10 +721,12 @@ class PodService(RuntimeBase):
         shutil.rmtree(ctr.folder, ignore_errors=True)
         self.containers.pop(ctr.id, None)
         self._names.pop(self._container_name(ctr), None)
+        self._locks.pop(ctr.id, None)
         _log.info("container removed", id=ctr.id)
         self._event(ctr.id, self.sandboxes.get(ctr.sandbox_id),
                     cri.ContainerEventType.CONTAINER_DELETED_EVENT)
 
+    @_serialized("container_id")
     async def remove_container(self, ctx: CallContext, req: cri.RemoveContainerRequest
                                ) -> cri.RemoveContainerResponse:
         try:
@@ -943,6 +987,7 @@ class PodService(RuntimeBase):
                and _match_labels(dict(sb.config.labels), dict(f.label_selector))]
         return cri.ListPodSandboxStatsResponse(stats=out)
 
+    @_serialized("container_id")
     async def update_container_resources(self, ctx: CallContext,
                                          req: cri.UpdateContainerResourcesRequest
                                          ) -> cri.UpdateContainerResourcesResponse:

@@ -206,6 +206,8 @@ def test_bad_pod_and_container_input(pulled: tuple[daemons.Daemon, CRIClient],
                                      base: Path) -> None:  # noqa: F811
     d, c = pulled
     config = pod_config(base / "logs", "bad")
+    bad_host = pod_config(base / "logs", "badhost")
+    bad_host.hostname = "no/slashes"
     for call, req, code in [
         ("container_status", api.ContainerStatusRequest(container_id="f" * 64),
          Status.NOT_FOUND),
@@ -218,6 +220,7 @@ def test_bad_pod_and_container_input(pulled: tuple[daemons.Daemon, CRIClient],
          Status.NOT_FOUND),
         ("run_pod_sandbox", api.RunPodSandboxRequest(config=api.PodSandboxConfig()),
          Status.INVALID_ARGUMENT),
+        ("run_pod_sandbox", api.RunPodSandboxRequest(config=bad_host), Status.INVALID_ARGUMENT),
     ]:
         with pytest.raises(GRPCError) as e:
             c.runtime(call, req)
@@ -250,6 +253,19 @@ def test_bad_pod_and_container_input(pulled: tuple[daemons.Daemon, CRIClient],
             c.runtime("create_container", api.CreateContainerRequest(
                 pod_sandbox_id=sid, config=cfg, sandbox_config=config))
         assert e.value.status in (Status.INVALID_ARGUMENT, Status.NOT_FOUND), e.value.message
+    assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
+    # The kubelet may stop and remove one container at once, and repeat itself.
+    cid = c.runtime("create_container", api.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=config,
+        config=container_config("busy", "exec sleep 1000"))).container_id
+    c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+    results = c.concurrently(
+        ("stop_container", api.StopContainerRequest(container_id=cid, timeout=1)),
+        ("remove_container", api.RemoveContainerRequest(container_id=cid)),
+        ("stop_container", api.StopContainerRequest(container_id=cid, timeout=0)),
+        ("remove_container", api.RemoveContainerRequest(container_id=cid)))
+    assert not [r for r in results if isinstance(r, GRPCError)
+                and r.status != Status.NOT_FOUND], results
     assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
     names = daemons.ctr_ok(d.address, "containers", "ls", "-q", namespace="k8s.io").out.split()
     assert names == [sid]
