@@ -165,3 +165,44 @@ def test_bad_image_input_is_a_clear_error(mirrored: tuple[daemons.Daemon, Image]
         assert c.image("list_images", api.ListImagesRequest()).images == []
         assert daemons.ctr_ok(d.address, "leases", "ls", "-q", namespace="k8s.io").out == ""
         assert c.runtime("version", api.VersionRequest()).runtime_name == "berth"
+
+
+def test_pull_with_auth_config(base: Path, registry_auth: RegistryServer,
+                               busybox_oci: tuple[Path, Image]) -> None:
+    """A registry behind basic auth: the kubelet's AuthConfig (user and password, or the
+    base64 ``auth`` form) is used; without it the pull is refused, clearly."""
+    import base64
+
+    from tests.images import push_image
+
+    _, img = busybox_oci
+    push_image(registry_auth, "busybox", "latest", img)
+    host = registry_auth.host
+    certs = base / "certs.d"
+    (certs / host).mkdir(parents=True)
+    (certs / host / "hosts.toml").write_text(f'server = "http://{host}"\n')
+    d = _start(base, registry={"config_path": str(certs)})
+    ref = f"{host}/busybox:latest"
+    try:
+        with CRIClient(d.state / "cri.sock") as c:
+            with pytest.raises(GRPCError) as e:
+                c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image=ref)))
+            assert _code(e) in (Status.UNAUTHENTICATED, Status.UNAVAILABLE), e.value.message
+            assert "401" in (e.value.message or "") or "nauthorized" in (e.value.message or "")
+            wrong = api.AuthConfig(username="berth", password="nope")
+            with pytest.raises(GRPCError):
+                c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image=ref),
+                                                           auth=wrong))
+            user, password = registry_auth.credentials or ("", "")
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            for auth in (api.AuthConfig(username=user, password=password),
+                         api.AuthConfig(auth=token)):
+                r = c.image("pull_image", api.PullImageRequest(
+                    image=api.ImageSpec(image=ref), auth=auth))
+                assert r.image_ref == img.config_digest
+            with pytest.raises(GRPCError) as e:
+                c.image("pull_image", api.PullImageRequest(
+                    image=api.ImageSpec(image=ref), auth=api.AuthConfig(auth="%%%")))
+            assert _code(e) == Status.INVALID_ARGUMENT
+    finally:
+        d.stop()
