@@ -56,6 +56,8 @@ RESOURCES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxRes
 # ExecSync output cap per stream (CRI asks for 16 MiB: CVE-2022-1708, CVE-2022-31030).
 EXEC_OUTPUT_CAP = 16 << 20
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+# How long an exit waits for the container's output to reach its log file.
+LOG_DRAIN = 10.0
 # Container events held for a watcher that does not read them.
 EVENT_BUFFER = 1024
 # Waits that should end by themselves; they bound a failure, they never decide one.
@@ -162,6 +164,8 @@ class CRIContainer:
     # Not persisted: what a running container has in berthd.
     exited: trio.Event = field(default_factory=trio.Event)
     log_file: logs.LogFile | None = None
+    copiers: int = 0
+    logs_done: trio.Event = field(default_factory=trio.Event)
 
     @property
     def state(self) -> int:
@@ -259,9 +263,27 @@ class PodService(RuntimeBase):
                 _log.warning("container log not reattached", id=ctr.id, stream=stream,
                              error=str(e))
                 continue
-            self.nursery.start_soon(logs.copy_stream, trio.lowlevel.FdStream(fd), stream,
-                                    ctr.log_file.write, self.config.max_container_log_line_size,
-                                    _now)
+            self._copy(ctr, trio.lowlevel.FdStream(fd), stream)
+
+    def _copy(self, ctr: CRIContainer, src: trio.lowlevel.FdStream, stream: str) -> None:
+        """Copy one stream into the container's log; the last copier to end says so."""
+        assert ctr.log_file is not None
+        ctr.copiers += 1
+        sink = ctr.log_file.write
+        max_line = self.config.max_container_log_line_size
+
+        async def run() -> None:
+            try:
+                await logs.copy_stream(src, stream, sink, max_line, _now)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                _log.warning("container log copy ended", id=ctr.id, stream=stream,
+                             error=str(e))
+            finally:
+                ctr.copiers -= 1
+                if ctr.copiers == 0:
+                    ctr.logs_done.set()
+
+        self.nursery.start_soon(run)
 
     def _lock(self, wanted: str) -> trio.Lock:
         """The lock of the pod or container ``wanted`` names (a prefix resolves)."""
@@ -620,10 +642,8 @@ class PodService(RuntimeBase):
         ctr.log_file = log_file
         ctr.status.started_at = _now()
         self._save_container(ctr)
-        max_line = self.config.max_container_log_line_size
         for r, stream in zip(readers, (logs.STDOUT, logs.STDERR), strict=True):
-            self.nursery.start_soon(logs.copy_stream, r, stream, log_file.write, max_line,
-                                    _now)
+            self._copy(ctr, r, stream)
         self.nursery.start_soon(self._monitor, ctr)
         _log.info("container started", id=ctr.id, pid=ctr.status.pid)
         self._event(ctr.id, sb, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
@@ -638,15 +658,20 @@ class PodService(RuntimeBase):
                 status = (await task.wait()).status
             except errdefs.BerthError as e:
                 _log.warning("wait for container failed", id=ctr.id, error=str(e))
-        ctr.status.finished_at = _now()
+        finished = _now()
+        with trio.CancelScope(shield=True):
+            await self._delete_task(ctr)  # the shim lets go of the FIFOs
+        if ctr.log_file is not None:
+            # What the container wrote belongs in its log before it shows as exited: the
+            # copies drain first, a bounded while (a child it left may hold the pipe).
+            with trio.move_on_after(LOG_DRAIN):
+                await ctr.logs_done.wait()
+            ctr.log_file.close()
+        ctr.status.finished_at = finished
         ctr.status.exit_code = status
         ctr.status.reason = "Completed" if status == 0 else "Error"
         if self._oom_killed(ctr):
             ctr.status.reason = "OOMKilled"
-        with trio.CancelScope(shield=True):
-            await self._delete_task(ctr)
-        if ctr.log_file is not None:
-            ctr.log_file.close()
         try:
             self._save_container(ctr)
         except errdefs.NotFound:

@@ -447,3 +447,31 @@ def test_container_events_stream(pulled: tuple[daemons.Daemon, CRIClient],
     assert [e.container_event_type for e in got if e.container_id == sid][-1] == \
         E.CONTAINER_DELETED_EVENT
     c.stop_watch(task)
+
+
+def test_ten_megabytes_of_output_in_the_log(pulled: tuple[daemons.Daemon, CRIClient],
+                                            base: Path) -> None:  # noqa: F811
+    """Every line of ~10 MB of stdout, in order, and a long stderr line in P pieces then
+    F, all in the log once the container shows as exited."""
+    d, c = pulled
+    config = pod_config(base / "logs", "chatty")
+    sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    n = 1_400_000
+    cid = c.runtime("create_container", api.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=config, config=container_config(
+            "chatty", f"seq 1 {n}; head -c 40000 /dev/zero | tr '\\0' y >&2; echo >&2"))
+    ).container_id
+    c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+    _wait(lambda: c.runtime("container_status", api.ContainerStatusRequest(
+        container_id=cid)).status.state == api.ContainerState.CONTAINER_EXITED, "exit")
+    data = (base / "logs" / "chatty" / "0.log").read_bytes()
+    assert len(data) > 10_000_000
+    out, err = [], []
+    for line in data.splitlines():
+        assert LOG_LINE.match(line), line[:80]
+        _, stream, tag, text = line.split(b" ", 3)
+        (out if stream == b"stdout" else err).append((tag, text))
+    assert out == [(b"F", str(i).encode()) for i in range(1, n + 1)]
+    assert [t for t, _ in err] == [b"P", b"P", b"F"]
+    assert b"".join(x for _, x in err) == b"y" * 40000
+    c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
