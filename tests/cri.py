@@ -58,6 +58,14 @@ class CRIClient:
 
         return got, self._loop.create_task(run())
 
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine of the stubs (``runtime_stub``, ``image_stub``) to its end."""
+        return self._loop.run_until_complete(coro)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Start a coroutine of the stubs; it runs while other calls run the loop."""
+        return self._loop.create_task(coro)
+
     def pump(self) -> None:
         """Let background streams read what has arrived (the loop runs only in calls)."""
         self._loop.run_until_complete(asyncio.sleep(0.01))

@@ -74,7 +74,7 @@ async def _init(ctx: InitContext) -> CRIPlugin:
         mutated=notifier(ctx.plugins),
     )
     images = ImageService(stores, cfg, _snapshot_root(ctx, cfg.snapshotter))
-    runtime = _runtime_service(ctx, cfg, stores, images)
+    runtime = await _runtime_service(ctx, cfg, stores, images)
     plugin = CRIPlugin(cfg, runtime, images)
     max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
     routes: dict[str, Any] = {}
@@ -98,14 +98,14 @@ def _pod_networks(ctx: InitContext) -> tuple[Any, Any]:
     return manager, plugins.get(CNI_NETWORK_ID) or plugins.get("cni")
 
 
-def _runtime_service(ctx: InitContext, cfg: cri_config.CRIConfig, stores: Stores,
-                     images: ImageService) -> PodService:
+async def _runtime_service(ctx: InitContext, cfg: cri_config.CRIConfig, stores: Stores,
+                           images: ImageService) -> PodService:
     md = ctx.plugins.get(METADATA)
     manager, cni = _pod_networks(ctx)
     pods = PodService(cfg, stores=stores, images=images, containers=store_for(md.db),
                       tasks=ctx.plugins.get(RUNTIME_V2, "task"), state=ctx.state,
                       nursery=ctx.nursery, networks=manager, cni=cni)
-    pods.load()
+    await pods.recover()
     return pods
 
 

@@ -230,6 +230,40 @@ class PodService(RuntimeBase):
 
     # --- records ----------------------------------------------------------------------
 
+    async def recover(self) -> None:
+        """After a restart: what berthd recorded, and what a berthd killed half way
+        through a call left without a record (pins, folders, a pod's network, a task
+        never reported started) undone, so nothing leaks and every call can be retried."""
+        self.load()
+        for kind, table in (("sandboxes", self.sandboxes), ("containers", self.containers)):
+            folder = self.state / kind
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name not in table:
+                    _log.info("removing what an interrupted call left", kind=kind, id=name)
+                    await trio.to_thread.run_sync(self._remove_sandbox_files, folder / name)
+        if self.networks is not None:
+            for a in self.networks.store.list(NAMESPACE):
+                if not a.container and _is_id(a.id) and a.id not in self.sandboxes:
+                    _log.info("detaching the network of an unrecorded pod", id=a.id)
+                    try:
+                        await self.networks.detach(NAMESPACE, a.id)
+                    except errdefs.BerthError as e:
+                        _log.error("pod network teardown failed", id=a.id, error=str(e))
+        for ctr in list(self.containers.values()):
+            if ctr.state == cri.ContainerState.CONTAINER_CREATED \
+                    and self.tasks.get(NAMESPACE, ctr.id) is not None:
+                # Died in StartContainer after the task was made: back to created.
+                task = self.tasks.get(NAMESPACE, ctr.id)
+                try:
+                    await task.kill(signal.SIGKILL, all=True)
+                except errdefs.BerthError:
+                    pass
+                await self._delete_task(ctr)
+
     def load(self) -> None:
         """The sandboxes and containers berthd recorded (after a restart)."""
         for c in self.store.list(NAMESPACE, [f'labels."{KIND_LABEL}"==sandbox']):
@@ -1046,6 +1080,10 @@ class PodService(RuntimeBase):
             raise errdefs.FailedPrecondition("container is not running", raw=True)
         ctr.log_file.reopen()
         return cri.ReopenContainerLogResponse()
+
+
+def _is_id(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _lookup(table: dict[str, Any], wanted: str, what: str) -> Any:

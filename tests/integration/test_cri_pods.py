@@ -475,3 +475,101 @@ def test_ten_megabytes_of_output_in_the_log(pulled: tuple[daemons.Daemon, CRICli
     assert [t for t, _ in err] == [b"P", b"P", b"F"]
     assert b"".join(x for _, x in err) == b"y" * 40000
     c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+
+
+def _cni_daemon(folder: Path, registry: RegistryServer, img: Image
+                ) -> tuple[daemons.Daemon, str]:
+    import json
+
+    from tests.cri import cri_config, hosts_dir
+    from tests.images import push_image
+    from tests.integration.test_networks import free_subnet
+
+    push_image(registry, "library/busybox", "latest", img)
+    bridge = f"bc{os.urandom(4).hex()}"
+    conf_dir = folder / "net.d"
+    conf_dir.mkdir()
+    (conf_dir / "10-pods.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "pods", "plugins": [
+            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": True,
+             "ipam": {"type": "host-local", "dataDir": str(folder / "ipam"),
+                      "ranges": [[{"subnet": free_subnet()}]]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+    config = cri_config(folder / "berth.toml", registry={"config_path": str(
+        hosts_dir(folder, "docker.io", registry.host))},
+        cni={"conf_dir": str(conf_dir), "bin_dir": "/usr/lib/cni"})
+    d = daemons.berthd(folder / "d", "--config", str(config))
+    d.env["BERTH_SHIM_ZYGOTE_IDLE"] = "1"
+    return d.start(), bridge
+
+
+def _leftovers(d: daemons.Daemon, folder: Path) -> dict[str, list[str]]:
+    mounts = [x for x in Path("/proc/self/mountinfo").read_text().splitlines()
+              if str(d.state) in x and ("cri" in x or "netns" in x)]
+    ips = [p.name for p in (folder / "ipam").rglob("*") if p.name[:1].isdigit()]
+    netns = [p.name for p in d.state.rglob("k8s.io@*")]
+    shims = [x for x in os.popen("pgrep -af containerd-shim").read().splitlines()
+             if str(d.address) in x and " start" not in x]
+    return {"mounts": mounts, "ips": ips, "netns": netns, "shims": shims}
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6])
+def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryServer,  # noqa: F811
+                                                 busybox_oci: tuple[Path, Image],
+                                                 delay: float) -> None:
+    """kill -9 while a pod starts (RunPodSandbox, CreateContainer, StartContainer in
+    flight) and while it stops, at a few points: after a restart the calls can be
+    retried, the pod removed, and nothing is left (pins, netns, IPs, shims, records)."""
+    import asyncio
+
+    from tests.integration.test_networks import remove_bridge
+
+    d, bridge = _cni_daemon(base, registry, busybox_oci[1])
+    try:
+        for phase in ("start", "stop"):
+            with CRIClient(d.state / "cri.sock") as c:
+                c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
+                pod = pod_config(base / "logs", f"k9{phase}")
+                pod.linux.security_context.namespace_options.network = api.NamespaceMode.POD
+
+                async def start(c: CRIClient = c, pod: api.PodSandboxConfig = pod) -> None:
+                    rt = c.runtime_stub
+                    sid = (await rt.run_pod_sandbox(api.RunPodSandboxRequest(
+                        config=pod, runtime_handler="berth"))).pod_sandbox_id
+                    cid = (await rt.create_container(api.CreateContainerRequest(
+                        pod_sandbox_id=sid, sandbox_config=pod,
+                        config=container_config("c", "exec sleep 1000")))).container_id
+                    await rt.start_container(api.StartContainerRequest(container_id=cid))
+
+                if phase == "stop":
+                    c.run(start())
+                    sid = c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items[0].id
+                    call = c.runtime_stub.stop_pod_sandbox(
+                        api.StopPodSandboxRequest(pod_sandbox_id=sid))
+                else:
+                    call = start()
+                task = c.spawn(call)
+                # Where berthd dies varies with the delay; no outcome depends on it.
+                c.run(asyncio.sleep(delay))
+                d.kill()
+                c.run(asyncio.gather(task, return_exceptions=True))
+            d.start()
+            with CRIClient(d.state / "cri.sock") as c:
+                found = c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items
+                for p in found:
+                    c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=p.id))
+                    c.runtime("remove_pod_sandbox",
+                              api.RemovePodSandboxRequest(pod_sandbox_id=p.id))
+                assert c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items == []
+                assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
+            empty = {"mounts": [], "ips": [], "netns": [], "shims": []}
+            deadline = time.monotonic() + HANG_GUARD
+            while (left := _leftovers(d, base)) != empty and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert left == empty, (phase, left)
+            assert daemons.ctr_ok(d.address, "containers", "ls", "-q",
+                                  namespace="k8s.io").out == ""
+            assert not list((d.state / "io.containerd.grpc.v1.cri").glob("*/*"))
+    finally:
+        d.stop()
+        remove_bridge(bridge)
