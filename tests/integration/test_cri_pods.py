@@ -279,27 +279,12 @@ def test_pod_on_a_cni_network(base: Path, registry: RegistryServer,  # noqa: F81
                               busybox_oci: tuple[Path, Image]) -> None:
     """Two containers in one network namespace (one serves HTTP on localhost, the other
     fetches it), a host port on 127.0.0.1 into the pod, and nothing left after removal."""
-    import json
     import urllib.request
 
-    from tests.cri import cri_config, hosts_dir
-    from tests.images import free_port, push_image
-    from tests.integration.test_networks import free_subnet, remove_bridge
+    from tests.images import free_port
+    from tests.integration.test_networks import remove_bridge
 
-    push_image(registry, "library/busybox", "latest", busybox_oci[1])
-    bridge = f"bc{os.urandom(4).hex()}"
-    conf_dir = base / "net.d"
-    conf_dir.mkdir()
-    (conf_dir / "10-pods.conflist").write_text(json.dumps({
-        "cniVersion": "1.0.0", "name": "pods", "plugins": [
-            {"type": "bridge", "bridge": bridge, "isGateway": True, "ipMasq": True,
-             "hairpinMode": True, "ipam": {"type": "host-local", "dataDir": str(base / "ipam"),
-                                           "ranges": [[{"subnet": free_subnet()}]]}},
-            {"type": "portmap", "capabilities": {"portMappings": True}}]}))
-    config = cri_config(base / "berth.toml", registry={"config_path": str(
-        hosts_dir(base, "docker.io", registry.host))},
-        cni={"conf_dir": str(conf_dir), "bin_dir": "/usr/lib/cni"})
-    d = daemons.berthd(base / "d", "--config", str(config)).start()
+    d, bridge = _cni_daemon(base, registry, busybox_oci[1])
     port = free_port()
     try:
         with CRIClient(d.state / "cri.sock") as c:
