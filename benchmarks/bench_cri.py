@@ -40,7 +40,7 @@ from grpclib.client import Channel
 
 from berth.core.api.runtime import v1 as api
 from tests import daemons
-from tests.cri import cri_config, hosts_dir
+from tests.cri import cri_config, hosts_dir, wait_served
 from tests.images import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
@@ -143,6 +143,7 @@ class Side:
         self.count = 0
 
     async def open(self) -> Channel:
+        wait_served(self.address)
         ch = Channel(path=str(self.address))
         self.rt = api.RuntimeServiceStub(ch, timeout=300)
         self.im = api.ImageServiceStub(ch, timeout=300)

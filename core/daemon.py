@@ -160,6 +160,16 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 gid=g["gid"], task_status=task_status))
         log.info("berthd successfully booted", version=__version__, address=str(cfg.address),
                  root=str(cfg.root), state=str(cfg.state))
+        # Plugins with sockets of their own (CRI) open them once berthd's are up: a
+        # client must not reach them while shims could not reach berthd yet.
+        for p in plugins.ordered:
+            if p.ok and hasattr(p.instance, "daemon_started"):
+                try:
+                    await p.instance.daemon_started(nursery)
+                except (OSError, errdefs.BerthError) as e:
+                    p.error = e
+                    log.error("plugin failed after start", plugin=p.registration.uri,
+                              error=str(e))
         task_status.started(plugins)
 
 

@@ -8,6 +8,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from berth.core import errdefs, log
 from berth.core.gc.scheduler import notifier
 from berth.core.metadata.containers import store_for
@@ -41,9 +43,20 @@ class CRIPlugin:
         self.config = config
         self.runtime = runtime
         self.images = images
+        self.max_recv = 16 << 20
 
     def grpc_services(self) -> list[Any]:
         return [self.runtime, self.images]
+
+    async def daemon_started(self, nursery: trio.Nursery) -> None:
+        """Serve the CRI socket too, now that berthd's own sockets are up."""
+        from berth.core.grpc import bridge, server as grpc_server
+
+        routes: dict[str, Any] = {}
+        for svc in self.grpc_services():
+            routes.update(bridge.handlers_for(svc, svc.base, max_recv=self.max_recv))
+        await nursery.start(functools.partial(grpc_server.serve, routes, self.config.address))
+        _log.info("CRI serving", namespace=NAMESPACE, address=str(self.config.address))
 
 
 def _snapshot_root(ctx: InitContext, name: str) -> Path | None:
@@ -56,8 +69,6 @@ def _snapshot_root(ctx: InitContext, name: str) -> Path | None:
 
 
 async def _init(ctx: InitContext) -> CRIPlugin:
-    from berth.core.grpc import bridge, server as grpc_server
-
     daemon = ctx.daemon_config
     cfg = cri_config.parse(ctx.config, state=daemon.state)
     if cfg.unsupported:
@@ -76,12 +87,7 @@ async def _init(ctx: InitContext) -> CRIPlugin:
     images = ImageService(stores, cfg, _snapshot_root(ctx, cfg.snapshotter))
     runtime = await _runtime_service(ctx, cfg, stores, images)
     plugin = CRIPlugin(cfg, runtime, images)
-    max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
-    routes: dict[str, Any] = {}
-    for svc in plugin.grpc_services():
-        routes.update(bridge.handlers_for(svc, svc.base, max_recv=max_recv))
-    await ctx.nursery.start(functools.partial(grpc_server.serve, routes, cfg.address))
-    _log.info("CRI serving", namespace=NAMESPACE, address=str(cfg.address))
+    plugin.max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
     return plugin
 
 
