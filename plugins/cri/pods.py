@@ -693,6 +693,7 @@ class PodService(RuntimeBase):
             except errdefs.BerthError as e:
                 _log.warning("wait for container failed", id=ctr.id, error=str(e))
         finished = _now()
+        oom = await self._oom_killed(ctr)
         with trio.CancelScope(shield=True):
             await self._delete_task(ctr)  # the shim lets go of the FIFOs
         if ctr.log_file is not None:
@@ -704,7 +705,7 @@ class PodService(RuntimeBase):
         ctr.status.finished_at = finished
         ctr.status.exit_code = status
         ctr.status.reason = "Completed" if status == 0 else "Error"
-        if self._oom_killed(ctr):
+        if oom:
             ctr.status.reason = "OOMKilled"
         try:
             self._save_container(ctr)
@@ -715,8 +716,15 @@ class PodService(RuntimeBase):
         self._event(ctr.id, self.sandboxes.get(ctr.sandbox_id),
                     cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
 
-    def _oom_killed(self, ctr: CRIContainer) -> bool:
-        return False  # TODO(cri): read the task's OOM events (issue 12, left for later)
+    async def _oom_killed(self, ctr: CRIContainer) -> bool:
+        """Whether the kernel's OOM killer ended a process of the container's cgroup
+        (read before the task is deleted, which removes the cgroup)."""
+        try:
+            record = self.store.get(NAMESPACE, ctr.id)
+        except errdefs.NotFound:
+            return False
+        raw = await trio.to_thread.run_sync(cri_stats.read, _cgroups_path(record), ctr.id)
+        return int((raw.get("memory") or {}).get("oom_kill", 0)) > 0
 
     async def _delete_task(self, ctr: CRIContainer) -> None:
         if self.tasks.get(NAMESPACE, ctr.id) is None:

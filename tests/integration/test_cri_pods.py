@@ -558,3 +558,26 @@ def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryS
     finally:
         d.stop()
         remove_bridge(bridge)
+
+
+@pytest.mark.parametrize("handler", ["berth", "runc"])
+def test_oom_killed_container(pulled: tuple[daemons.Daemon, CRIClient], base: Path,  # noqa: F811
+                              handler: str) -> None:
+    """A container over its memory limit is ended by the kernel: reason OOMKilled."""
+    d, c = pulled
+    config = pod_config(base / "logs", "hungry")
+    sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+        config=config, runtime_handler=handler)).pod_sandbox_id
+    cid = c.runtime("create_container", api.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=config, config=container_config(
+            "hungry", "head -c 200m /dev/zero | tail > /dev/null",
+            linux=api.LinuxContainerConfig(resources=api.LinuxContainerResources(
+                memory_limit_in_bytes=16 << 20))))).container_id
+    c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+
+    def status() -> api.ContainerStatus:
+        return c.runtime("container_status", api.ContainerStatusRequest(
+            container_id=cid)).status
+    _wait(lambda: status().state == api.ContainerState.CONTAINER_EXITED, "the OOM kill")
+    assert status().reason == "OOMKilled" and status().exit_code != 0, status()
+    c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
