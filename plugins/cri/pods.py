@@ -112,11 +112,13 @@ class Sandbox:
     netns: str = ""
     ip: str = ""
     network: str = ""
+    mode: str = "pinned"  # or "pause": a sandbox container holds the namespaces
+    infra_pid: int = 0
 
     @property
     def view(self) -> cri_spec.PodView:
         return cri_spec.PodView(self.id, self.config, self.folder, self.host_network,
-                                self.netns)
+                                self.netns, self.infra_pid if self.mode == "pause" else 0)
 
     @property
     def name(self) -> str:
@@ -128,7 +130,7 @@ class Sandbox:
                 "runtime_type": self.runtime_type, "created_at": self.created_at,
                 "state": int(self.state), "folder": self.folder,
                 "host_network": self.host_network, "netns": self.netns, "ip": self.ip,
-                "network": self.network}
+                "network": self.network, "mode": self.mode, "infra_pid": self.infra_pid}
 
     @classmethod
     def from_doc(cls, sid: str, doc: dict[str, Any]) -> Sandbox:
@@ -136,7 +138,8 @@ class Sandbox:
                    doc.get("handler", ""), doc.get("runtime_type", ""),
                    int(doc.get("created_at", 0)), int(doc.get("state", 1)),
                    doc.get("folder", ""), bool(doc.get("host_network", False)),
-                   doc.get("netns", ""), doc.get("ip", ""), doc.get("network", ""))
+                   doc.get("netns", ""), doc.get("ip", ""), doc.get("network", ""),
+                   doc.get("mode", "pinned"), int(doc.get("infra_pid", 0)))
 
 
 @dataclass
@@ -253,6 +256,15 @@ class PodService(RuntimeBase):
                         await self.networks.detach(NAMESPACE, a.id)
                     except errdefs.BerthError as e:
                         _log.error("pod network teardown failed", id=a.id, error=str(e))
+        for sb in list(self.sandboxes.values()):
+            if sb.mode != "pause" or sb.state != cri.PodSandboxState.SANDBOX_READY:
+                continue
+            task = self.tasks.get(NAMESPACE, sb.id)
+            if task is None:
+                sb.state = cri.PodSandboxState.SANDBOX_NOTREADY
+                self._save_sandbox(sb)
+            else:
+                self.nursery.start_soon(self._watch_infra, sb)
         for ctr in list(self.containers.values()):
             if ctr.state == cri.ContainerState.CONTAINER_CREATED \
                     and self.tasks.get(NAMESPACE, ctr.id) is not None:
@@ -362,10 +374,6 @@ class PodService(RuntimeBase):
             raise errdefs.InvalidArgument("sandbox config must name the pod (metadata name, "
                                           "uid and namespace)", raw=True)
         runtime = self.config.runtime(req.runtime_handler)
-        if self.config.sandbox_mode != "pinned":
-            raise errdefs.NotImplemented_(
-                f"sandbox_mode {self.config.sandbox_mode!r} (a sandbox container from "
-                "sandbox_image) is not implemented yet; use \"pinned\"", raw=True)
         ns_opts = config.linux.security_context.namespace_options \
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)
@@ -377,7 +385,7 @@ class PodService(RuntimeBase):
             raise errdefs.InvalidArgument(
                 f"log directory {config.log_directory!r} must be absolute", raw=True)
         sb = Sandbox(_new_id(), config, req.runtime_handler, runtime.runtime_type, _now(),
-                     host_network=host_net, network=network)
+                     host_network=host_net, network=network, mode=self.config.sandbox_mode)
         if sb.name in self._names:
             raise errdefs.AlreadyExists(
                 f"failed to reserve sandbox name {sb.name!r}: name is reserved for "
@@ -389,13 +397,18 @@ class PodService(RuntimeBase):
             await trio.to_thread.run_sync(self._sandbox_files, sb, folder)
             if network:
                 await self._attach(sb)
-            spec = oci.default_unix_spec(NAMESPACE, sb.id)
-            self.store.create(NAMESPACE, Container(
-                id=sb.id, runtime_name=runtime.runtime_type, spec=oci.to_any(spec),
-                labels={**config.labels, KIND_LABEL: "sandbox"},
-                extensions={SANDBOX_EXT: _ext(sb.to_doc())}))
+            if sb.mode == "pause":
+                await self._start_infra(sb, runtime)
+            else:
+                spec = oci.default_unix_spec(NAMESPACE, sb.id)
+                self.store.create(NAMESPACE, Container(
+                    id=sb.id, runtime_name=runtime.runtime_type, spec=oci.to_any(spec),
+                    labels={**config.labels, KIND_LABEL: "sandbox"},
+                    extensions={SANDBOX_EXT: _ext(sb.to_doc())}))
         except BaseException:
             with trio.CancelScope(shield=True):
+                if sb.mode == "pause":
+                    await self._remove_infra(sb)
                 if network:
                     await self._detach(sb, quiet=True)
                 await trio.to_thread.run_sync(self._remove_sandbox_files, folder)
@@ -406,6 +419,90 @@ class PodService(RuntimeBase):
         self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_CREATED_EVENT)
         self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
         return cri.RunPodSandboxResponse(pod_sandbox_id=sb.id)
+
+    # --- sandbox_mode "pause": a sandbox container from sandbox_image --------------------
+
+    async def _start_infra(self, sb: Sandbox, runtime: Any) -> None:
+        ref = self.config.sandbox_image
+        image = await self.images.find(ref)
+        if image is None:
+            await self.images.pull_image(CallContext(), cri.PullImageRequest(
+                image=cri.ImageSpec(image=ref)))
+            image = await self.images.find(ref)
+            if image is None:
+                raise errdefs.NotFound(f"sandbox image {ref!r} not found after its pull",
+                                       raw=True)
+        sn = self.stores.snapshotters.get(self.config.snapshotter)
+        if sn is None:
+            raise errdefs.FailedPrecondition(
+                f"snapshotter {self.config.snapshotter!r} is not loaded", raw=True)
+        mounts = await sn.prepare(NAMESPACE, sb.id, image.chain_id)
+        spec = await trio.to_thread.run_sync(
+            cri_spec.infra_spec, sb.view, image.resolved.config.raw,
+            image_user(image.resolved), mounts, self.oom)
+        self.store.create(NAMESPACE, Container(
+            id=sb.id, runtime_name=runtime.runtime_type,
+            runtime_options=_runtime_options(runtime.options), spec=oci.to_any(spec),
+            image=image.id, snapshotter=self.config.snapshotter, snapshot_key=sb.id,
+            labels={**sb.config.labels, KIND_LABEL: "sandbox"},
+            extensions={SANDBOX_EXT: _ext(sb.to_doc())}))
+        record = self.store.get(NAMESPACE, sb.id)
+        task = await self.tasks.create(NAMESPACE, sb.id, CreateOpts(
+            spec=record.spec, runtime=record.runtime_name,
+            rootfs=[ApiMount(type=m.type, source=m.source, options=list(m.options))
+                    for m in mounts], runtime_options=record.runtime_options))
+        sb.infra_pid = await task.start()
+        self._save_sandbox(sb)
+        self.nursery.start_soon(self._watch_infra, sb)
+
+    async def _watch_infra(self, sb: Sandbox) -> None:
+        """The sandbox container's end makes the pod not ready, as with containerd."""
+        task = self.tasks.get(NAMESPACE, sb.id)
+        if task is not None:
+            try:
+                await task.wait()
+            except errdefs.BerthError as e:
+                _log.warning("wait for sandbox container failed", id=sb.id, error=str(e))
+        if sb.id in self.sandboxes and sb.state == cri.PodSandboxState.SANDBOX_READY:
+            sb.state = cri.PodSandboxState.SANDBOX_NOTREADY
+            try:
+                self._save_sandbox(sb)
+            except errdefs.NotFound:
+                return
+            _log.info("sandbox container exited", id=sb.id, pod=sb.name)
+            self._event(sb.id, sb, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
+
+    async def _stop_infra(self, sb: Sandbox) -> None:
+        task = self.tasks.get(NAMESPACE, sb.id)
+        if task is None:
+            return
+        try:
+            await task.kill(signal.SIGKILL, all=True)
+        except errdefs.BerthError:
+            pass
+        with trio.move_on_after(KILL_WAIT):
+            try:
+                await task.wait()
+            except errdefs.BerthError:
+                pass
+        try:
+            await self.tasks.delete(NAMESPACE, sb.id)
+        except errdefs.BerthError as e:
+            _log.warning("sandbox task delete failed", id=sb.id, error=str(e))
+
+    async def _remove_infra(self, sb: Sandbox) -> None:
+        """Undo _start_infra, whatever it got to."""
+        await self._stop_infra(sb)
+        sn = self.stores.snapshotters.get(self.config.snapshotter)
+        if sn is not None:
+            try:
+                await sn.remove(NAMESPACE, sb.id)
+            except errdefs.NotFound:
+                pass
+        try:
+            self.store.delete(NAMESPACE, sb.id)
+        except errdefs.NotFound:
+            pass
 
     def pod_network(self) -> str:
         """The network pods join: the first one of the CRI's CNI config dir."""
@@ -455,7 +552,8 @@ class PodService(RuntimeBase):
     def _sandbox_files(self, sb: Sandbox, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True, mode=0o711)
         hostname = sb.config.hostname or (os.uname().nodename if sb.host_network else "")
-        pins.create(folder, "" if sb.host_network else hostname)
+        if sb.mode == "pinned":
+            pins.create(folder, "" if sb.host_network else hostname)
         (folder / "hostname").write_text(hostname + "\n")
         dns = sb.config.dns_config
         if dns and (dns.servers or dns.searches or dns.options):
@@ -482,6 +580,8 @@ class PodService(RuntimeBase):
         for ctr in [c for c in self.containers.values() if c.sandbox_id == sb.id]:
             async with self._lock(ctr.id):
                 await self._stop(ctr, 0)
+        if sb.mode == "pause":
+            await self._stop_infra(sb)
         await self._detach(sb)
         if sb.state != cri.PodSandboxState.SANDBOX_NOTREADY:
             await trio.to_thread.run_sync(pins.remove, Path(sb.folder))
@@ -501,6 +601,9 @@ class PodService(RuntimeBase):
         for ctr in [c for c in self.containers.values() if c.sandbox_id == sb.id]:
             async with self._lock(ctr.id):
                 await self._remove(ctr)
+        if sb.mode == "pause":
+            await self._stop_infra(sb)
+            await self._remove_infra(sb)
         await self._detach(sb)
         await trio.to_thread.run_sync(self._remove_sandbox_files, Path(sb.folder))
         try:
