@@ -493,14 +493,18 @@ class PodService(RuntimeBase):
     async def _remove_infra(self, sb: Sandbox) -> None:
         """Undo _start_infra, whatever it got to."""
         await self._stop_infra(sb)
-        sn = self.stores.snapshotters.get(self.config.snapshotter)
-        if sn is not None:
+        await self._drop_record(sb.id, self.config.snapshotter, sb.id)
+
+    async def _drop_record(self, id: str, snapshotter: str, snapshot_key: str) -> None:
+        """A berth container of ours, and its snapshot; what is gone already is fine."""
+        sn = self.stores.snapshotters.get(snapshotter)
+        if sn is not None and snapshot_key:
             try:
-                await sn.remove(NAMESPACE, sb.id)
+                await sn.remove(NAMESPACE, snapshot_key)
             except errdefs.NotFound:
                 pass
         try:
-            self.store.delete(NAMESPACE, sb.id)
+            self.store.delete(NAMESPACE, id)
         except errdefs.NotFound:
             pass
 
@@ -872,22 +876,12 @@ class PodService(RuntimeBase):
     async def _remove(self, ctr: CRIContainer) -> None:
         await self._stop(ctr, 0)
         await self._delete_task(ctr)
-        record = None
         try:
             record = self.store.get(NAMESPACE, ctr.id)
         except errdefs.NotFound:
             pass
-        if record is not None and record.snapshot_key:
-            sn = self.stores.snapshotters.get(record.snapshotter)
-            if sn is not None:
-                try:
-                    await sn.remove(NAMESPACE, record.snapshot_key)
-                except errdefs.NotFound:
-                    pass
-        try:
-            self.store.delete(NAMESPACE, ctr.id)
-        except errdefs.NotFound:
-            pass
+        else:
+            await self._drop_record(ctr.id, record.snapshotter, record.snapshot_key)
         shutil.rmtree(ctr.folder, ignore_errors=True)
         self.containers.pop(ctr.id, None)
         self._names.pop(self._container_name(ctr), None)

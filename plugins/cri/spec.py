@@ -346,8 +346,7 @@ def infra_spec(sb: PodView, image_config: dict[str, Any], image_user: str,
         if kind == "network":
             if sb.host_network:
                 continue
-            if sb.netns:
-                ns = {"type": "network", "path": sb.netns}
+            ns = _network(sb, ns)
         elif kind == "uts" and sb.host_network:
             continue
         elif (kind == "ipc" and opts.ipc == cri.NamespaceMode.NODE) or (
@@ -414,6 +413,11 @@ def _capabilities(process: dict[str, Any], caps: cri.Capability) -> None:
         process["capabilities"][kind] = [c for c in have if c not in drop]
 
 
+def _network(sb: PodView, ns: dict[str, Any]) -> dict[str, Any]:
+    """The pod's network namespace entry (its pinned netns when on a CNI network)."""
+    return {"type": "network", "path": sb.netns} if sb.netns else ns
+
+
 def _namespaces(spec: dict[str, Any], sb: PodView,
                 sc: cri.LinuxContainerSecurityContext) -> None:
     opts = given(sc.namespace_options, cri.NamespaceOption)
@@ -423,8 +427,7 @@ def _namespaces(spec: dict[str, Any], sb: PodView,
         if kind == "network":
             if sb.host_network:
                 continue
-            if sb.netns:
-                ns = {"type": "network", "path": sb.netns}
+            ns = _network(sb, ns)
         elif kind == "uts":
             if sb.host_network:
                 continue
