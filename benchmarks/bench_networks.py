@@ -18,7 +18,8 @@ of the CNI binaries it ran).
 
     sudo python -m benchmarks.bench_networks [--serial 30] [--parallel 20] [--rounds 3]
 
-Uses a bridge and a /24 of its own (10.215.x.0/24, checked free), removed at the end.
+Uses a bridge and a /24 of its own (10.215.x.0/24, checked free); the bridge and the
+shared CNI chains the plugins made for it are removed at the end.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ from berth.core.networks import netns  # noqa: E402
 from berth.core.networks.types import SetupRequest  # noqa: E402
 from berth.plugins.networks.cni import plugin as cni  # noqa: E402
 from tests import daemons  # noqa: E402
+from tests.integration.test_networks import (  # noqa: E402
+    remove_shared_chains,
+    shared_chains,
+)
 
 CNI_BIN = "/usr/lib/cni"
 NAME = "benchnet"
@@ -184,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     state.mkdir()
     results: dict[str, dict[str, float]] = {}
     d: daemons.Daemon | None = None
+    found = shared_chains()
     try:
         # The floor.
         def floor(n: int, width: int) -> None:
@@ -250,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             idx = ipr.link_lookup(ifname=bridge)
             if idx:
                 ipr.link("del", index=idx[0])
+        now = shared_chains()
+        remove_shared_chains({t: now[t] - found[t] for t in now})
         shutil.rmtree(base, ignore_errors=True)
 
     f = results["floor"]

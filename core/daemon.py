@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = [
     "berth.core.metadata.plugin",
     "berth.core.events.plugin",
     "berth.core.services.version",
+    "berth.core.services.health",
     "berth.core.services.namespaces",
     "berth.core.services.leases",
     "berth.core.services.events",
@@ -160,16 +161,16 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 gid=g["gid"], task_status=task_status))
         log.info("berthd successfully booted", version=__version__, address=str(cfg.address),
                  root=str(cfg.root), state=str(cfg.state))
-        # Plugins with sockets of their own (CRI) open them once berthd's are up: a
-        # client must not reach them while shims could not reach berthd yet.
+        # Work that must not hold the API back (the runtime's recovery of the tasks a
+        # previous berthd left) starts now, in the nursery each plugin was given.
         for p in plugins.ordered:
-            if p.ok and hasattr(p.instance, "daemon_started"):
+            hook = getattr(p.instance, "serving", None) if p.ok else None
+            if callable(hook):
                 try:
-                    await p.instance.daemon_started(nursery)
-                except (OSError, errdefs.BerthError) as e:
-                    p.error = e
-                    log.error("plugin failed after start", plugin=p.registration.uri,
-                              error=str(e))
+                    hook()
+                except Exception:
+                    log.exception("plugin failed to start its background work",
+                                  plugin=p.registration.uri)
         task_status.started(plugins)
 
 

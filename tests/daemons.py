@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -33,6 +34,19 @@ def wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -
                 s.close()
         time.sleep(0.02)
     raise TimeoutError(f"{path} not served after {timeout}s")
+
+
+def until(what: str, probe: Callable[[], object], timeout: float = 60.0,
+          every: float = 0.1) -> Any:
+    """``probe()``'s first truthy value; the deadline only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s (last: {got!r})")
+        time.sleep(every)
 
 
 @dataclass
@@ -105,6 +119,16 @@ class Daemon:
 def berthd(base: Path, *extra: str) -> Daemon:
     base.mkdir(parents=True, exist_ok=True)
     d = Daemon("berth", base, [])
+    if "--config" not in extra and "-c" not in extra:
+        # Without a file of its own a test daemon would read the host's /etc/berth/config.toml
+        # and write the default CNI network into the host's /etc/berth/cni/net.d.
+        cfg = base / "config.toml"
+        if not cfg.exists():
+            cfg.write_text(
+                '[plugins."io.berth.network.v1.cni"]\n'
+                f'conf_dir = "{base / "cni" / "net.d"}"\n'
+            )
+        extra = ("--config", str(cfg), *extra)
     d.argv = [
         sys.executable, "-m", "berth.core.daemon", "--root", str(d.root), "--state", str(d.state),
         "--address", str(d.address), "--log-level", "debug", *extra,

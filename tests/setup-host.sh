@@ -5,6 +5,8 @@ set -euo pipefail
 
 PACKAGES=(
   containerd            # the real containerd, ctr and containerd-shim-runc-v2 we compare against
+  docker.io             # the real dockerd 20.10 (and docker CLI) run over berthd and containerd
+  iptables              # dockerd's port publishing and bridge rules
   runc crun             # OCI runtimes
   busybox-static        # the busybox image the tests build
   docker-registry       # the distribution registry that pulls and pushes talk to
@@ -30,7 +32,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # The suite starts its own containerd in temporary folders; a system one is not needed.
-for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load docker-registry gcc; do
+for bin in containerd ctr containerd-shim-runc-v2 runc busybox h2load docker-registry gcc dockerd \
+    docker docker-proxy iptables; do
   command -v "$bin" >/dev/null || { echo "setup-host: $bin missing after install" >&2; exit 1; }
 done
 for bin in bridge host-local portmap firewall loopback; do

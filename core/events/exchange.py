@@ -10,6 +10,7 @@ see the stream end.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ import trio
 
 from berth.core import errdefs, filters, identifiers
 from berth.core.api.containerd.services.events.v1 import Envelope
-from berth.core.events import envelope as envelopes
+from berth.core.events import envelope as envelopes, hold as holds
+from berth.core.events.hold import BootHold
 from berth.core.events.log import EventLog
 
 log = structlog.get_logger("events")
@@ -42,6 +44,10 @@ class Subscription:
         self._send, self._recv = trio.open_memory_channel[Event](size)
         self.last_seq = 0
         self.overflowed = False
+        # Set for a client's Events subscription: its identity across a restart.
+        self.key: holds.Key | None = None
+        # Events held since boot for this subscriber, all older than its live ones.
+        self.backlog: list[Event] = []
 
     def matches(self, adaptor: filters.Adaptor) -> bool:
         return self._filter.match(adaptor)
@@ -65,6 +71,10 @@ class Subscription:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[Event]:
+        backlog, self.backlog = self.backlog, []
+        for ev in backlog:
+            self.last_seq = ev.seq
+            yield ev
         async for ev in self._recv:
             self.last_seq = ev.seq
             yield ev
@@ -79,13 +89,16 @@ class Subscription:
 class Exchange:
     """containerd's events.Publisher, Forwarder and Subscriber, in one object."""
 
-    def __init__(self, event_log: EventLog | None = None, queue_size: int = DEFAULT_QUEUE
-                 ) -> None:
+    def __init__(self, event_log: EventLog | None = None, queue_size: int = DEFAULT_QUEUE,
+                 hold: BootHold | None = None) -> None:
         self.log = event_log
         self.queue_size = queue_size
         self._subs: list[Subscription] = []
         self._seq = event_log.bounds()[1] if event_log else 0
         self.listeners: list[Callable[[Event], None]] = []
+        self.hold = hold
+        self.clients: Counter[holds.Key] = Counter()
+        self._clients_changed = trio.Event()
 
     def publish(self, namespace: str, topic: str, event: betterproto.Message) -> Event:
         if not namespace:
@@ -111,6 +124,8 @@ class Exchange:
             self._seq += 1
             seq = self._seq
         ev = Event(seq, env)
+        if self.hold is not None:
+            self.hold.record(ev)
         log.debug("event published", topic=env.topic, ns=env.namespace,
                   type=env.event.type_url if env.event is not None else "", seq=seq)
         # Matching runs here, in the publisher's call, once per subscriber: it must stay
@@ -124,8 +139,11 @@ class Exchange:
             listener(ev)
         return ev
 
-    def subscribe(self, filter_exprs: Sequence[str] = (), *, size: int | None = None
-                  ) -> Subscription:
+    def subscribe(self, filter_exprs: Sequence[str] = (), *, size: int | None = None,
+                  client: bool = False) -> Subscription:
+        """A live subscription. ``client`` marks a client's Events.Subscribe: it is
+        recorded for the next boot, and may be given the events held since this boot
+        (see ``berth.core.events.hold``)."""
         try:
             flt = filters.parse_all(list(filter_exprs))
         except errdefs.InvalidArgument as e:
@@ -133,12 +151,36 @@ class Exchange:
                 f"failed parsing subscription filters: {e}", raw=True
             ) from None
         sub = Subscription(self, flt, size or self.queue_size)
+        if client:
+            sub.key = holds.key(filter_exprs)
+            if self.hold is not None:
+                # No await between the claim and joining the live list: every held
+                # event is older than every live one this subscriber will get.
+                held = self.hold.claim(sub.key)
+                sub.backlog = [ev for ev in held if sub.matches(envelopes.adaptor(ev.envelope))]
+                if held:
+                    log.info("reconnected subscriber gets the events it missed since boot",
+                             filters=list(sub.key), events=len(sub.backlog))
+            self.clients[sub.key] += 1
+            self._notify_clients()
         self._subs.append(sub)
         return sub
 
     def _remove(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
+            if sub.key is not None:
+                self.clients[sub.key] -= 1
+                self.clients = +self.clients
+                self._notify_clients()
+
+    def _notify_clients(self) -> None:
+        self._clients_changed.set()
+        self._clients_changed = trio.Event()
+
+    def clients_changed(self) -> trio.Event:
+        """An event set at the next change of the open client subscriptions."""
+        return self._clients_changed
 
     async def replay(self, since: int, filter_exprs: Sequence[str] = (), *, follow: bool = True
                      ) -> AsyncIterator[Event]:

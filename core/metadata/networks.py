@@ -117,21 +117,23 @@ class AttachmentStore:
         self.db = db
         db.ensure_schema("networks", MIGRATIONS)
 
-    def add(self, a: Attachment) -> Attachment:
-        a.created_at = a.created_at or datetime.now(UTC).isoformat()
+    def add(self, *attachments: Attachment) -> None:
+        """Record attachments, all or none (one transaction)."""
+        now = datetime.now(UTC).isoformat()
         with self.db.write() as c:
-            try:
-                c.execute(
-                    "INSERT INTO network_attachments(namespace, id, network, plugin, "
-                    "container, netns, owned_netns, ifname, state, request, result, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (a.namespace, a.id, a.network, a.plugin, int(a.container), a.netns,
-                     int(a.owned_netns), a.ifname, a.state, _request_json(a),
-                     result_to_json(a.result), a.created_at))
-            except sqlite3.IntegrityError:
-                raise errdefs.AlreadyExists(
-                    f"attachment of {a.id!r} to network {a.network!r}") from None
-        return a
+            for a in attachments:
+                a.created_at = a.created_at or now
+                try:
+                    c.execute(
+                        "INSERT INTO network_attachments(namespace, id, network, plugin, "
+                        "container, netns, owned_netns, ifname, state, request, result, "
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (a.namespace, a.id, a.network, a.plugin, int(a.container), a.netns,
+                         int(a.owned_netns), a.ifname, a.state, _request_json(a),
+                         result_to_json(a.result), a.created_at))
+                except sqlite3.IntegrityError:
+                    raise errdefs.AlreadyExists(
+                        f"attachment of {a.id!r} to network {a.network!r}") from None
 
     def set_attached(self, a: Attachment, result: Result) -> None:
         a.state, a.result = ATTACHED, result

@@ -14,6 +14,8 @@ from berth.core.networks.types import PortMapping
 
 NETWORK_LABEL = "io.berth.network"
 PORTS_LABEL = "io.berth.ports"
+IPS_LABEL = "io.berth.ips"    # static addresses (CNI's "ips" capability), comma-separated
+MAC_LABEL = "io.berth.mac"    # CNI's "mac" capability
 PROTOCOLS = ("tcp", "udp", "sctp")
 
 
@@ -81,3 +83,30 @@ def networks_of(labels: Mapping[str, str]) -> list[str]:
 
 def ports_of(labels: Mapping[str, str]) -> list[PortMapping]:
     return parse_ports(labels.get(PORTS_LABEL, ""))
+
+
+def ips_of(labels: Mapping[str, str]) -> list[str]:
+    out = []
+    for text in labels.get(IPS_LABEL, "").split(","):
+        text = text.strip()
+        if not text:
+            continue
+        try:
+            ipaddress.ip_interface(text)
+        except ValueError:
+            raise errdefs.InvalidArgument(f"invalid address {text!r} in {IPS_LABEL}",
+                                          raw=True) from None
+        out.append(text)
+    return out
+
+
+def check_mac(mac: str) -> str:
+    parts = mac.split(":")
+    if mac and (len(parts) != 6 or not all(len(p) == 2 and all(
+            c in "0123456789abcdefABCDEF" for c in p) for p in parts)):
+        raise errdefs.InvalidArgument(f"invalid MAC address {mac!r}", raw=True)
+    return mac.lower()
+
+
+def mac_of(labels: Mapping[str, str]) -> str:
+    return check_mac(labels.get(MAC_LABEL, "").strip())

@@ -56,6 +56,15 @@ _log = log.get("networks")
 
 
 @dataclass
+class Capabilities:
+    """CNI capability arguments besides port mappings, for every network of a request."""
+
+    ips: list[str] = field(default_factory=list)
+    mac: str = ""
+    bandwidth: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class Prepared:
     """What a container's task needs from its networks."""
 
@@ -203,18 +212,21 @@ class NetworkManager:
 
     async def attach(self, namespace: str, id: str, network: str, *, netns_path: str = "",
                      ports: list[PortMapping] | None = None, ifname: str = "",
-                     container: bool = False) -> Attachment:
+                     container: bool = False, caps: Capabilities | None = None
+                     ) -> Attachment:
         """Attach one namespace: ``netns_path``, or (empty) the id's berth-pinned one."""
         identifiers.validate(id)
         async with self.lock(namespace, id):
             made = await self._attach_locked(namespace, id, [network], ports or [],
                                              netns_path=netns_path, ifname=ifname,
-                                             container=container)
+                                             container=container, caps=caps)
         return made[0]
 
     async def _attach_locked(self, namespace: str, id: str, networks: list[str],
                              ports: list[PortMapping], *, netns_path: str = "",
-                             ifname: str = "", container: bool) -> list[Attachment]:
+                             ifname: str = "", container: bool,
+                             caps: Capabilities | None = None) -> list[Attachment]:
+        caps = caps or Capabilities()
         infos = [self.find(n) for n in networks]
         if ports and not any(info.port_mappings for info, _ in infos):
             raise errdefs.InvalidArgument(
@@ -255,10 +267,11 @@ class NetworkManager:
                 namespace=namespace, id=id, network=info.name, plugin=plugin_id,
                 netns=netns_path if info.needs_netns else "", ifname=name,
                 container=container, owned_netns=owned and info.needs_netns,
-                port_mappings=list(mine)))
-        # The records first: a crash from here on leaves them for the teardown.
-        for r in records:
-            self.store.add(r)
+                port_mappings=list(mine), ips=list(caps.ips), mac=caps.mac,
+                bandwidth=dict(caps.bandwidth)))
+        # The records first, in one transaction: a crash from here on leaves them for
+        # the teardown.
+        self.store.add(*records)
         done: list[Attachment] = []
         try:
             if owned and not os.path.exists(netns_path):
@@ -315,6 +328,19 @@ class NetworkManager:
             await trio.to_thread.run_sync(
                 lambda: shutil.rmtree(folder, ignore_errors=True))
 
+    async def check(self, namespace: str, id: str, network: str) -> None:
+        """The plugin's check of one attachment (CNI CHECK with the setup's result)."""
+        async with self.lock(namespace, id):
+            a = next((a for a in self.store.list(namespace, id) if a.network == network),
+                     None)
+            if a is None:
+                raise errdefs.NotFound(f"attachment of {id} to network {network!r}",
+                                       raw=True)
+            if a.state == ATTACHING:
+                raise errdefs.FailedPrecondition(
+                    f"attachment of {id} to network {network!r} is not set up", raw=True)
+            await self._plugin_of(a).check(a.network, a.request())
+
     async def detach(self, namespace: str, id: str, network: str = "") -> int:
         """Tear down the id's attachments (to ``network`` only, if named); how many."""
         async with self.lock(namespace, id):
@@ -369,8 +395,9 @@ class NetworkManager:
         async with self.lock(namespace, id):
             existing = self.store.list(namespace, id)
             wanted = [n for n in names if not any(a.network == n for a in existing)]
-            made = await self._attach_locked(namespace, id, wanted, ports, container=True) \
-                if wanted else []
+            caps = Capabilities(ips=netlabels.ips_of(labels), mac=netlabels.mac_of(labels))
+            made = await self._attach_locked(namespace, id, wanted, ports, container=True,
+                                             caps=caps) if wanted else []
             attachments = existing + made
             path = next((a.netns for a in attachments if a.netns), "")
             prepared = Prepared(netns=path, attachments=attachments)

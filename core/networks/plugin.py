@@ -35,13 +35,15 @@ def _listener(manager: NetworkManager) -> Any:
         env = ev.envelope
         if env.topic not in _GONE_TOPICS or env.event is None:
             return
+        # Runs inside every publisher's call: nothing may escape into it.
         try:
             msg = typeurl.unmarshal_any(env.event)
-        except Exception:
-            return
-        cid = getattr(msg, "container_id", "") or getattr(msg, "id", "")
-        if cid and manager.store_has(env.namespace, cid):
-            manager.task_gone(env.namespace, cid)
+            cid = getattr(msg, "container_id", "") or getattr(msg, "id", "")
+            if cid and manager.store_has(env.namespace, cid):
+                manager.task_gone(env.namespace, cid)
+        except Exception as e:
+            _log.error("network detach after event", topic=env.topic,
+                       namespace=env.namespace, error=str(e))
     return on_event
 
 

@@ -48,7 +48,7 @@ class EventsService:
     async def subscribe(self, ctx: CallContext, req: SubscribeRequest,
                         send: Callable[[Envelope], Awaitable[None]]) -> None:
         try:
-            sub = self.exchange.subscribe(list(req.filters))
+            sub = self.exchange.subscribe(list(req.filters), client=True)
         except errdefs.InvalidArgument as e:
             # containerd returns this through its error channel, unwrapped: Unknown.
             raise errdefs.Unknown(f"subscription error: {e}", raw=True) from None

@@ -17,6 +17,7 @@ from berth.core.api.berth.services.networks.v1 import (
     Attachment as AttachmentMsg,
     AttachRequest,
     AttachResponse,
+    CheckRequest,
     ConfigError,
     DetachRequest,
     Dns,
@@ -33,8 +34,8 @@ from berth.core.api.berth.services.networks.v1 import (
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import ContainerStore, store_for
 from berth.core.metadata.networks import Attachment
-from berth.core.networks import manager as netmanager
-from berth.core.networks.manager import NetworkManager, pm_msg
+from berth.core.networks import labels as netlabels, manager as netmanager
+from berth.core.networks.manager import Capabilities, NetworkManager, pm_msg
 from berth.core.networks.plugin import ID as MANAGER_ID
 from berth.core.networks.types import PortMapping
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -80,6 +81,21 @@ def _ports(req: AttachRequest) -> list[PortMapping]:
     return out
 
 
+def _caps(req: AttachRequest) -> Capabilities:
+    for ip in req.ips:
+        try:
+            ipaddress.ip_interface(ip)
+        except ValueError:
+            raise errdefs.InvalidArgument(f"invalid address {ip!r}", raw=True) from None
+    bw = req.bandwidth
+    bandwidth = {k: v for k, v in (
+        ("ingressRate", bw.ingress_rate), ("ingressBurst", bw.ingress_burst),
+        ("egressRate", bw.egress_rate), ("egressBurst", bw.egress_burst)) if v} \
+        if bw is not None else {}
+    return Capabilities(ips=list(req.ips), mac=netlabels.check_mac(req.mac),
+                        bandwidth=bandwidth)
+
+
 class NetworksService:
     base = NetworksBase
 
@@ -118,7 +134,8 @@ class NetworksService:
             raise errdefs.InvalidArgument("a namespace cannot join the host network",
                                           raw=True)
         a = await self.manager.attach(ns, req.id, req.network, netns_path=req.netns,
-                                      ports=ports, ifname=req.ifname, container=container)
+                                      ports=ports, ifname=req.ifname, container=container,
+                                      caps=_caps(req))
         return AttachResponse(attachment=to_proto(a))
 
     async def detach(self, ctx: CallContext, req: DetachRequest) -> Empty:
@@ -128,6 +145,13 @@ class NetworksService:
         n = await self.manager.detach(ns, req.id, req.network)
         if n == 0 and not req.network:
             raise errdefs.NotFound(f"attachments of {req.id}", raw=True)
+        return Empty()
+
+    async def check(self, ctx: CallContext, req: CheckRequest) -> Empty:
+        ns = ctx.namespace_required()
+        if not req.id or not req.network:
+            raise errdefs.InvalidArgument("id and network are required", raw=True)
+        await self.manager.check(ns, req.id, req.network)
         return Empty()
 
     def list_attachments(self, ctx: CallContext, req: ListAttachmentsRequest

@@ -44,18 +44,33 @@ class CRIPlugin:
         self.runtime = runtime
         self.images = images
         self.max_recv = 16 << 20
+        self.nursery: trio.Nursery | None = None
 
     def grpc_services(self) -> list[Any]:
         return [self.runtime, self.images]
 
-    async def daemon_started(self, nursery: trio.Nursery) -> None:
-        """Serve the CRI socket too, now that berthd's own sockets are up."""
+    def serving(self) -> None:
+        """berthd serves (its sockets are up, shims can reach it): recover, then open
+        the CRI socket. Called once by the daemon."""
+        self.nursery.start_soon(self._after_start)
+
+    async def _after_start(self) -> None:
         from berth.core.grpc import bridge, server as grpc_server
 
+        # The tasks a previous berthd left are recovered in the background first:
+        # whether a container still runs is known only after that.
+        await self.runtime.tasks.recovered()
+        await self.runtime.recover()
         routes: dict[str, Any] = {}
         for svc in self.grpc_services():
             routes.update(bridge.handlers_for(svc, svc.base, max_recv=self.max_recv))
-        await nursery.start(functools.partial(grpc_server.serve, routes, self.config.address))
+        try:
+            await self.nursery.start(functools.partial(grpc_server.serve, routes,
+                                                       self.config.address))
+        except OSError as e:
+            _log.error("CRI socket not served", namespace=NAMESPACE,
+                       address=str(self.config.address), error=str(e))
+            return
         _log.info("CRI serving", namespace=NAMESPACE, address=str(self.config.address))
 
 
@@ -88,6 +103,7 @@ async def _init(ctx: InitContext) -> CRIPlugin:
     runtime = await _runtime_service(ctx, cfg, stores, images)
     plugin = CRIPlugin(cfg, runtime, images)
     plugin.max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
+    plugin.nursery = ctx.nursery
     return plugin
 
 
@@ -111,7 +127,7 @@ async def _runtime_service(ctx: InitContext, cfg: cri_config.CRIConfig, stores: 
     pods = PodService(cfg, stores=stores, images=images, containers=store_for(md.db),
                       tasks=ctx.plugins.get(RUNTIME_V2, "task"), state=ctx.state,
                       nursery=ctx.nursery, networks=manager, cni=cni)
-    await pods.recover()
+    pods.load()
     return pods
 
 

@@ -72,7 +72,7 @@ class PodService(ContainerOps, RuntimeBase):
         """After a restart: what berthd recorded, and what a berthd killed half way
         through a call left without a record (pins, folders, a pod's network, a task
         never reported started) undone, so nothing leaks and every call can be retried."""
-        self.load()
+        await self._settle_running()
         for kind, table in (("sandboxes", self.sandboxes), ("containers", self.containers)):
             folder = self.state / kind
             try:
@@ -94,6 +94,7 @@ class PodService(ContainerOps, RuntimeBase):
         for sb in list(self.sandboxes.values()):
             if sb.mode != "pause" or sb.state != cri.PodSandboxState.SANDBOX_READY:
                 continue
+            await self.tasks.settle(NAMESPACE, sb.id)
             task = self.tasks.get(NAMESPACE, sb.id)
             if task is None:
                 sb.state = cri.PodSandboxState.SANDBOX_NOTREADY
@@ -101,8 +102,10 @@ class PodService(ContainerOps, RuntimeBase):
             else:
                 self.nursery.start_soon(self._watch_infra, sb)
         for ctr in list(self.containers.values()):
-            if ctr.state == cri.ContainerState.CONTAINER_CREATED \
-                    and self.tasks.get(NAMESPACE, ctr.id) is not None:
+            if ctr.state != cri.ContainerState.CONTAINER_CREATED:
+                continue
+            await self.tasks.settle(NAMESPACE, ctr.id)
+            if self.tasks.get(NAMESPACE, ctr.id) is not None:
                 # Died in StartContainer after the task was made: back to created.
                 task = self.tasks.get(NAMESPACE, ctr.id)
                 try:
@@ -112,25 +115,34 @@ class PodService(ContainerOps, RuntimeBase):
                 await self._delete_task(ctr)
 
     def load(self) -> None:
-        """The sandboxes and containers berthd recorded (after a restart)."""
+        """The sandboxes and containers berthd recorded; what still runs is settled by
+        :meth:`recover` once the runtime has recovered its tasks."""
         for c in self.store.list(NAMESPACE, [f'labels."{rec.KIND_LABEL}"==sandbox']):
             sb = rec.Sandbox.from_doc(c.id, rec.unext(c.extensions.get(rec.SANDBOX_EXT)))
             self.sandboxes[sb.id] = sb
             self._names[sb.name] = sb.id
         for c in self.store.list(NAMESPACE, [f'labels."{rec.KIND_LABEL}"==container']):
-            ctr = rec.CRIContainer.from_doc(c.id, rec.unext(c.extensions.get(rec.CONTAINER_EXT)))
+            ctr = rec.CRIContainer.from_doc(c.id, rec.unext(c.extensions.get(
+                rec.CONTAINER_EXT)))
             self.containers[ctr.id] = ctr
             self._names[self._container_name(ctr)] = ctr.id
-            if ctr.state == cri.ContainerState.CONTAINER_RUNNING:
-                task = self.tasks.get(NAMESPACE, ctr.id)
-                if task is None:
-                    ctr.status.finished_at = ctr.status.finished_at or rec.now()
-                    ctr.status.exit_code, ctr.status.reason = 255, "Unknown"
-                    self._save_container(ctr)
-                    ctr.exited.set()
-                else:
-                    self._reattach_logs(ctr)
-                    self.nursery.start_soon(self._monitor, ctr)
+
+    async def _settle_running(self) -> None:
+        """Running containers: watched again, or their exit while berthd was down
+        recorded (the status the runtime's cleanup reported, 255 when unknown)."""
+        for ctr in list(self.containers.values()):
+            if ctr.state != cri.ContainerState.CONTAINER_RUNNING:
+                continue
+            exit_ = await self.tasks.settle(NAMESPACE, ctr.id)
+            if self.tasks.get(NAMESPACE, ctr.id) is None:
+                ctr.status.finished_at = ctr.status.finished_at or rec.now()
+                ctr.status.exit_code = exit_.status if exit_ is not None else 255
+                ctr.status.reason = "Completed" if ctr.status.exit_code == 0 else "Error"
+                self._save_container(ctr)
+                ctr.exited.set()
+            else:
+                self._reattach_logs(ctr)
+                self.nursery.start_soon(self._monitor, ctr)
 
     def _reattach_logs(self, ctr: rec.CRIContainer) -> None:
         """After a restart: read the running container's FIFOs again (its shim kept

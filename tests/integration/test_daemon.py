@@ -141,7 +141,10 @@ def test_other_start_failures_are_clear(base: Path) -> None:
 
     # A socket path under a regular file cannot be created.
     (base / "file").write_text("")
-    r = berthd_cmd("--root", str(base / "root"), "--state", str(base / "state"),
+    cfg = base / "cni.toml"  # keeps the default network out of the host's /etc
+    cfg.write_text('[plugins."io.berth.network.v1.cni"]\nwrite_default = false\n')
+    r = berthd_cmd("--config", str(cfg), "--root", str(base / "root"),
+                   "--state", str(base / "state"),
                    "--address", str(base / "file" / "b.sock"))
     assert r.returncode == 1, r
     assert r.stderr == (f"berthd: [Errno 20] cannot serve ttrpc on {base}/file/b.sock.ttrpc: "

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -37,12 +38,14 @@ from pyroute2 import IPRoute
 
 from berth.core.api.berth.services.networks.v1 import (
     AttachRequest,
+    CheckRequest,
     DetachRequest,
     ListAttachmentsRequest,
     ListNetworksRequest,
     NetworksStub,
     PortMapping,
 )
+from berth.core.networks import netns
 from tests import daemons
 from tests.integration.test_berth_run import busybox_rootfs
 
@@ -209,6 +212,37 @@ def start_daemon(base: Path, env: dict[str, str] | None = None) -> daemons.Daemo
     return d.start()
 
 
+def shared_chains() -> dict[str, set[str]]:
+    """CNI's shared chains present now, by table."""
+    out: dict[str, set[str]] = {}
+    for table in ("filter", "nat"):
+        lines = subprocess.run(["iptables", "-w", "-t", table, "-S"], capture_output=True,
+                               text=True, check=True, timeout=HANG_GUARD).stdout.splitlines()
+        out[table] = {line.split()[1] for line in lines
+                      if line.startswith("-N ") and line.split()[1] in SHARED_CHAINS}
+    return out
+
+
+def remove_shared_chains(made: dict[str, set[str]]) -> None:
+    """Remove the shared chains the CNI plugins made for this module (jumps, then chains),
+    so the host's iptables are as the tests found them."""
+    for table, chains in made.items():
+        if not chains:
+            continue
+        ipt = ["iptables", "-w", "-t", table]
+        lines = subprocess.run([*ipt, "-S"], capture_output=True, text=True, check=True,
+                               timeout=HANG_GUARD).stdout.splitlines()
+        for line in lines:
+            parts = shlex.split(line)  # comments are quoted
+            if parts and parts[0] == "-A" and "-j" in parts and \
+                    parts[parts.index("-j") + 1] in chains:
+                subprocess.run([*ipt, "-D", *parts[1:]], check=False, timeout=HANG_GUARD)
+        for chain in chains:
+            subprocess.run([*ipt, "-F", chain], check=False, timeout=HANG_GUARD)
+        for chain in chains:
+            subprocess.run([*ipt, "-X", chain], check=False, timeout=HANG_GUARD)
+
+
 def remove_bridge(name: str) -> None:
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=name)
@@ -228,6 +262,7 @@ def net() -> Iterator[Net]:
     rootfs = busybox_rootfs(base / "rootfs")
     (rootfs / "www").mkdir()
     (rootfs / "www" / "index.html").write_text("hello from berth\n")
+    found = shared_chains()
     d = start_daemon(base)
     n = Net(d, base, bridge, subnet, rootfs)
     try:
@@ -239,6 +274,8 @@ def net() -> Iterator[Net]:
             n.berth("containers", "rm", cid)
         n.daemon.stop()
         remove_bridge(bridge)
+        now = shared_chains()
+        remove_shared_chains({t: now[t] - found[t] for t in now})
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -296,6 +333,19 @@ def test_two_containers_reach_each_other(net: Net, chains: list[str]) -> None:
         assert f"{ip_a}\t{a}" in net.exec(a, "cat", "/etc/hosts").out
         assert net.exec(a, "hostname").out.strip() == a
         assert "127.0.0.53" not in net.exec(a, "cat", "/etc/resolv.conf").out
+        # CHECK runs every plugin of the list with the setup's result...
+        net.api("check", CheckRequest(id=a, network="bridge"))
+        # ...and tells when the interface changed (a new MAC: the bridge plugin's DEL
+        # still finds the link and its addresses, so it can clean up after).
+        path = net.netns_dir / f"default@{b}"
+
+        def new_mac() -> None:
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="eth0")[0],
+                         address="02:42:0a:0b:0c:0d")
+        netns.run_in(path, new_mac)
+        e = _grpc_error(net, "check", CheckRequest(id=b, network="bridge"))
+        assert 'plugin type="bridge" failed (check)' in e.message, e.message
     finally:
         net.remove(a, b)
     net.assert_clean(chains)
@@ -361,6 +411,34 @@ def daemons_free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_capability_args_static_ip_and_mac(net: Net, chains: list[str]) -> None:
+    conf = json.loads((net.conf_dir / "10-berth-bridge.conflist").read_text())
+    conf["name"] = "static"
+    conf["plugins"][0]["capabilities"] = {"ips": True, "mac": True}
+    conf["plugins"][0]["ipam"]["dataDir"] = str(net.ipam_dir)
+    (net.conf_dir / "20-static.conflist").write_text(json.dumps(conf))
+    c = uid("static")
+    ip = net.prefix + "77"
+    try:
+        r = net.ok("run", "--rm", "--net", "static", "--label", f"io.berth.ips={ip}/24",
+                   "--label", "io.berth.mac=02:42:0a:d6:00:4d", "--fifo-dir",
+                   str(net.base / "fifo"), "--rootfs", str(net.rootfs), c, "sh", "-c",
+                   "ip -o addr show eth0; ip -o link show eth0")
+        assert f"inet {ip}/24" in r.out, r.out
+        assert "link/ether 02:42:0a:d6:00:4d" in r.out, r.out
+        bad = net.berth("run", "--rm", "--net", "static", "--label", "io.berth.mac=nope",
+                        "--fifo-dir", str(net.base / "fifo"), "--rootfs", str(net.rootfs),
+                        uid("badmac"), "true")
+        assert bad.rc != 0 and "invalid MAC address" in bad.err, bad
+    finally:
+        (net.conf_dir / "20-static.conflist").unlink()
+        for cid in net.berth("containers", "ls", "-q").out.split():
+            if cid.startswith(("static", "badmac")):
+                net.remove(cid)
+    net.assert_clean(chains)
+    assert not list((net.ipam_dir / "static").glob(net.prefix + "*"))
+
+
 # -- what killed processes leave -------------------------------------------------------
 
 def _ppid(pid: int) -> int:
@@ -416,6 +494,17 @@ def test_berthd_killed_between_attach_and_task_start(net: Net, chains: list[str]
     finally:
         net.remove(c, live)
     net.assert_clean(chains)
+
+
+def test_deleting_a_container_tears_down_its_attachments(net: Net, chains: list[str]
+                                                         ) -> None:
+    c = uid("del")
+    net.ok("containers", "create", "--rootfs", str(net.rootfs), c, "true")
+    net.api("attach", AttachRequest(id=c, network="bridge"))
+    assert net.leftovers()["netns"] == [f"default@{c}"]
+    net.ok("containers", "rm", c)
+    net.assert_clean(chains)
+    assert net.api("list_attachments", ListAttachmentsRequest(id=c)).attachments == []
 
 
 # -- many containers --------------------------------------------------------------------

@@ -81,6 +81,27 @@ class AttachRequest(betterproto.Message):
     Interface name inside the namespace; empty: eth0, eth1... in attach order.
     """
 
+    ips: List[str] = betterproto.string_field(6)
+    """
+    CNI capability arguments (runtimeConfig), passed to the plugins that declare them:
+     static addresses ("ips"), a MAC address ("mac") and traffic shaping ("bandwidth").
+    """
+
+    mac: str = betterproto.string_field(7)
+    bandwidth: "Bandwidth" = betterproto.message_field(8)
+
+
+@dataclass(eq=False, repr=False)
+class Bandwidth(betterproto.Message):
+    """
+    CNI's bandwidth capability: rates in bits per second, bursts in bits.
+    """
+
+    ingress_rate: int = betterproto.uint64_field(1)
+    ingress_burst: int = betterproto.uint64_field(2)
+    egress_rate: int = betterproto.uint64_field(3)
+    egress_burst: int = betterproto.uint64_field(4)
+
 
 @dataclass(eq=False, repr=False)
 class Interface(betterproto.Message):
@@ -142,6 +163,12 @@ class DetachRequest(betterproto.Message):
     id: str = betterproto.string_field(1)
     network: str = betterproto.string_field(2)
     """Empty: every network of the id."""
+
+
+@dataclass(eq=False, repr=False)
+class CheckRequest(betterproto.Message):
+    id: str = betterproto.string_field(1)
+    network: str = betterproto.string_field(2)
 
 
 @dataclass(eq=False, repr=False)
@@ -226,6 +253,23 @@ class NetworksStub(betterproto.ServiceStub):
             metadata=metadata,
         )
 
+    async def check(
+        self,
+        check_request: "CheckRequest",
+        *,
+        timeout: Optional[float] = None,
+        deadline: Optional["Deadline"] = None,
+        metadata: Optional["MetadataLike"] = None
+    ) -> "betterproto_lib_google_protobuf.Empty":
+        return await self._unary_unary(
+            "/berth.services.networks.v1.Networks/Check",
+            check_request,
+            betterproto_lib_google_protobuf.Empty,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
     async def list_attachments(
         self,
         list_attachments_request: "ListAttachmentsRequest",
@@ -259,6 +303,11 @@ class NetworksBase(ServiceBase):
     ) -> "betterproto_lib_google_protobuf.Empty":
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def check(
+        self, check_request: "CheckRequest"
+    ) -> "betterproto_lib_google_protobuf.Empty":
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def list_attachments(
         self, list_attachments_request: "ListAttachmentsRequest"
     ) -> "ListAttachmentsResponse":
@@ -284,6 +333,14 @@ class NetworksBase(ServiceBase):
     ) -> None:
         request = await stream.recv_message()
         response = await self.detach(request)
+        await stream.send_message(response)
+
+    async def __rpc_check(
+        self,
+        stream: "grpclib.server.Stream[CheckRequest, betterproto_lib_google_protobuf.Empty]",
+    ) -> None:
+        request = await stream.recv_message()
+        response = await self.check(request)
         await stream.send_message(response)
 
     async def __rpc_list_attachments(
@@ -312,6 +369,12 @@ class NetworksBase(ServiceBase):
                 self.__rpc_detach,
                 grpclib.const.Cardinality.UNARY_UNARY,
                 DetachRequest,
+                betterproto_lib_google_protobuf.Empty,
+            ),
+            "/berth.services.networks.v1.Networks/Check": grpclib.const.Handler(
+                self.__rpc_check,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CheckRequest,
                 betterproto_lib_google_protobuf.Empty,
             ),
             "/berth.services.networks.v1.Networks/ListAttachments": grpclib.const.Handler(
