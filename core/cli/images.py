@@ -47,6 +47,27 @@ def _registry(args: argparse.Namespace, host: str) -> Any:
     return Registry(host, plain_http=args.plain_http, credentials=creds, tls=tls)
 
 
+def _registries(args: argparse.Namespace, spec: Any, *, push: bool = False) -> list[Any]:
+    """(endpoint, registry client factory) to try in order: the endpoints of
+    ``--hosts-dir`` (containerd's hosts.toml directories) able to resolve (or push), or
+    the reference's host itself (endpoint "")."""
+    from berth.core.registry.auth import parse_credentials
+    from berth.core.registry.hosts import CAP_PUSH, Hosts, registry_for, resolvers
+
+    if not getattr(args, "hosts_dir", ""):
+        return [("", lambda: _registry(args, spec.hostname))]
+    creds = parse_credentials(args.user) if args.user else None
+    try:
+        eps = Hosts(args.hosts_dir).endpoints(spec.hostname)
+    except errdefs.BerthError as e:
+        raise _fail(e) from None
+    eps = [ep for ep in eps if ep.can(CAP_PUSH)] if push else resolvers(eps, bool(spec.digest))
+    if not eps:
+        raise app.CommandError(f"no endpoint in {args.hosts_dir} can "
+                               f"{'push' if push else 'resolve'} {spec}")
+    return [(ep.base, lambda ep=ep: registry_for(spec.hostname, ep, creds)) for ep in eps]
+
+
 def _ref(text: str) -> Any:
     from berth.core.images import reference
 
@@ -70,14 +91,20 @@ async def pull(args: argparse.Namespace, s: client.Session) -> int:
 
     spec = _ref(args.ref)
     c = _client(s, args)
-    try:
-        async with _registry(args, spec.hostname) as reg:
-            with for_terminal() as progress:
-                image, _ = await do_pull(c, reg, spec, matcher=_matcher(args),
-                                         unpack=not args.no_unpack, progress=progress,
-                                         concurrency=args.max_concurrent_downloads)
-    except _network_errors() as e:
-        raise _fail(e) from None
+    registries = _registries(args, spec)
+    failed: list[str] = []
+    for where, make in registries:
+        try:
+            async with make() as reg:
+                with for_terminal() as progress:
+                    image, _ = await do_pull(c, reg, spec, matcher=_matcher(args),
+                                             unpack=not args.no_unpack, progress=progress,
+                                             concurrency=args.max_concurrent_downloads)
+            break
+        except _network_errors() as e:
+            failed.append(f"{where}: {e}" if where else str(e))
+            if len(failed) == len(registries):
+                raise app.CommandError("; ".join(failed)) from None
     print(f"{image.name}: {image.target.digest}")
     return 0
 
@@ -89,6 +116,7 @@ async def push(args: argparse.Namespace, s: client.Session) -> int:
     spec = _ref(args.remote)
     c = _client(s, args)
     local = args.local or args.remote
+    where = ""
     try:
         try:
             img = await c.get_image(local)
@@ -98,11 +126,12 @@ async def push(args: argparse.Namespace, s: client.Session) -> int:
         from berth.core.images import platforms
 
         matcher = _matcher(args) if args.platform else platforms.ALL
-        async with _registry(args, spec.hostname) as reg:
+        where, make = _registries(args, spec, push=True)[0]
+        async with make() as reg:
             with for_terminal() as progress:
                 await do_push(c, reg, spec, root, matcher=matcher, progress=progress)
     except _network_errors() as e:
-        raise _fail(e) from None
+        raise app.CommandError(f"{where}: {e}" if where else str(e)) from None
     print(f"{spec}: pushed {root.digest}")
     return 0
 
@@ -362,6 +391,8 @@ def _remote_flags(p: argparse.ArgumentParser) -> None:
                    help="do not verify the registry's TLS certificate")
     p.add_argument("--tlscacert", default=None, help="CA bundle for the registry")
     p.add_argument("--platform", default="", help="platform, e.g. linux/amd64")
+    p.add_argument("--hosts-dir", default="",
+                   help="registry hosts in containerd's hosts.toml directory format")
 
 
 def _snapshotter(p: argparse.ArgumentParser) -> None:

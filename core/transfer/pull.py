@@ -47,8 +47,8 @@ from berth.core.metadata.leases import LeaseStore, random_id
 from berth.core.metadata.snapshots import NamespacedSnapshotter
 from berth.core.mount import Mount
 from berth.core.registry import auth
-from berth.core.registry.client import Registry, TLSOptions
-from berth.core.registry.hosts import CAP_PULL, CAP_RESOLVE, Endpoint, Hosts
+from berth.core.registry.client import Registry
+from berth.core.registry.hosts import Endpoint, Hosts, registry_for, resolvers
 
 _log = log.get("pull")
 
@@ -258,26 +258,14 @@ class _Fetcher:
             await w.close()
 
 
-def _registry(spec: Spec, ep: Endpoint, opts: PullOptions) -> Registry:
-    tls = None
-    if not ep.plain_http:
-        cert, key = ep.client[0] if ep.client else ("", "")
-        tls = TLSOptions(ca_file=ep.ca[0] if ep.ca else None, skip_verify=ep.skip_verify,
-                         cert_file=cert or None, key_file=key or None)
-    return Registry(spec.hostname, plain_http=ep.plain_http, credentials=opts.credentials,
-                    tls=tls, base=ep.base)
-
-
 async def _resolve(spec: Spec, endpoints: list[Endpoint], opts: PullOptions
                    ) -> tuple[Registry, Endpoint, Descriptor]:
     """The first endpoint that resolves the reference, and what it names."""
     reference = spec.digest or spec.tag or "latest"
     errors: list[str] = []
     not_found = True
-    for ep in endpoints:
-        if not ep.can(CAP_RESOLVE) and not (spec.digest and ep.can(CAP_PULL)):
-            continue
-        reg = _registry(spec, ep, opts)
+    for ep in resolvers(endpoints, bool(spec.digest)):
+        reg = registry_for(spec.hostname, ep, opts.credentials)
         try:
             desc = await reg.resolve(spec.repository, reference)
         except errdefs.NotFound as e:
