@@ -6,7 +6,8 @@ children, an index limited to the platform's best manifest, layers unpacked into
 snapshotter with containerd's snapshot names, and the image recorded once usable. All
 of it under a lease that expires by itself should berthd die half way, so GC takes back
 what an interrupted pull left. Registry endpoints come from containerd's hosts.toml
-rules (:mod:`berth.core.registry.hosts`): each endpoint able to resolve is tried in
+rules (:mod:`berth.core.client.registry.hosts`; the registry client is the one the
+client library uses, httpx, which runs on trio too): each endpoint able to resolve is tried in
 order, and the one that answered serves the blobs. Progress is published per blob as
 ``berth.events.v1.ImagePullProgress`` on ``/images/pull/progress``.
 
@@ -28,6 +29,12 @@ from berth.core import errdefs, log
 from berth.core.api.berth.events.v1 import ImagePullProgress
 from berth.core.api.containerd.services.images import v1 as images_api
 from berth.core.api.containerd.types import Descriptor as ApiDescriptor
+from berth.core.client.images.progress import Progress
+from berth.core.client.images.pull import add_source, commit_fetched, fetch_document
+from berth.core.client.images.unpack import unpack as unpack_image
+from berth.core.client.registry import auth
+from berth.core.client.registry.client import Registry
+from berth.core.client.registry.hosts import Endpoint, Hosts, registry_for, resolvers
 from berth.core.images import mediatypes, platforms
 from berth.core.images.image import (
     Resolved,
@@ -37,18 +44,12 @@ from berth.core.images.image import (
     select_manifests,
 )
 from berth.core.images.manifest import Descriptor, children
-from berth.core.images.progress import Progress
-from berth.core.images.pull import add_source, commit_fetched, fetch_document
 from berth.core.images.reference import Spec
-from berth.core.images.unpack import unpack as unpack_image
 from berth.core.metadata.content import Info, NamespacedContent
 from berth.core.metadata.images import Descriptor as ImageTarget, Image, ImageStore
 from berth.core.metadata.leases import LeaseStore, random_id
 from berth.core.metadata.snapshots import NamespacedSnapshotter
 from berth.core.mount import Mount
-from berth.core.registry import auth
-from berth.core.registry.client import Registry
-from berth.core.registry.hosts import Endpoint, Hosts, registry_for, resolvers
 
 _log = log.get("pull")
 

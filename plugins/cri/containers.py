@@ -20,8 +20,8 @@ from betterproto.lib.google.protobuf import Any as AnyMsg
 from berth.core import errdefs
 from berth.core.api.containerd.types import Mount as ApiMount
 from berth.core.api.runtime import v1 as cri
+from berth.core.client.images.progress import first_error
 from berth.core.grpc.context import CallContext
-from berth.core.images.progress import first_error
 from berth.core.metadata.containers import Container
 from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts

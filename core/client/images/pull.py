@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from berth.core import errdefs
+from berth.core.client.images.progress import Progress, first_error
+from berth.core.client.registry.client import Registry
 from berth.core.images import mediatypes
 from berth.core.images.image import (
     append_source,
@@ -26,9 +28,7 @@ from berth.core.images.image import (
 )
 from berth.core.images.manifest import Descriptor, children
 from berth.core.images.platforms import Matcher
-from berth.core.images.progress import Progress, first_error
 from berth.core.images.reference import Spec
-from berth.core.registry.client import Registry
 
 DEFAULT_CONCURRENCY = 3
 # Network chunks (up to ~64 KiB each) held while the content writer is busy.
@@ -191,7 +191,7 @@ async def _copy(chunks: Any, w: Any, advance: Any) -> None:
     ``WRITE_CHUNK``), so a fast network makes few large writes and a slow one small
     prompt ones: nothing received waits for more to arrive before it is sent.
     """
-    from berth.core.images.client import WRITE_CHUNK
+    from berth.core.client.client import WRITE_CHUNK
 
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=COPY_QUEUE)
 
@@ -233,8 +233,8 @@ async def pull(client: Any, registry: Registry, spec: Spec, *, matcher: Matcher,
                progress: Progress | None = None,
                concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, Fetched]:
     """Pull ``spec`` and record it as image ``name`` (default: the reference)."""
+    from berth.core.client.images.unpack import unpack as unpack_image
     from berth.core.images.image import manifest_for
-    from berth.core.images.unpack import unpack as unpack_image
 
     progress = progress or Progress()
     puller = Puller(client, registry, spec, matcher=matcher, progress=progress,
