@@ -42,7 +42,7 @@ def _matcher(args: argparse.Namespace, *, strict: bool = False) -> Any:
 
 def _registry(args: argparse.Namespace, host: str) -> Any:
     from berth.core.client.registry import Credentials, Registry, TLSOptions
-    from berth.core.client.registry.auth import parse_credentials
+    from berth.core.distribution.auth import parse_credentials
 
     creds: Credentials | None = parse_credentials(args.user) if args.user else None
     tls = TLSOptions(ca_file=args.tlscacert, skip_verify=args.skip_verify)
@@ -53,8 +53,8 @@ def _registries(args: argparse.Namespace, spec: Any, *, push: bool = False) -> l
     """Registry client factories to try in order: the endpoints of ``--hosts-dir``
     (containerd's hosts.toml directories) able to resolve (or push), or the reference's
     host itself."""
-    from berth.core.client.registry.auth import parse_credentials
-    from berth.core.client.registry.hosts import CAP_PUSH, Hosts, registry_for, resolvers
+    from berth.core.distribution.auth import parse_credentials
+    from berth.core.distribution.hosts import CAP_PUSH, Hosts, registry_for, resolvers
 
     if not getattr(args, "hosts_dir", ""):
         return [lambda: _registry(args, spec.hostname)]
@@ -206,8 +206,8 @@ async def tag(args: argparse.Namespace, s: connection.Session) -> int:
 # --- archives -----------------------------------------------------------------------------
 
 async def _unpack(c: Any, name: str, target: Any, matcher: Any) -> None:
-    from berth.core.client.images.unpack import unpack
     from berth.core.images.image import manifest_for
+    from berth.core.images.unpack import unpack
 
     print(f"unpacking {name} ({target.digest})...", end="", flush=True)
     async with c.lease():
@@ -304,10 +304,10 @@ async def mount(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core import mount as mounting
     from berth.core.api.containerd.services.leases.v1 import CreateRequest, LeasesStub
     from berth.core.client.client import LEASE_EXPIRY, go_time, translate
-    from berth.core.client.images.unpack import unpack
     from berth.core.images import mediatypes, platforms
     from berth.core.images.image import manifest_for
     from berth.core.images.manifest import Descriptor, chain_id
+    from berth.core.images.unpack import unpack
 
     c = _client(s, args)
     target = os.path.abspath(args.target)

@@ -20,7 +20,6 @@ from betterproto.lib.google.protobuf import Any as AnyMsg
 from berth.core import errdefs
 from berth.core.api.containerd.types import Mount as ApiMount
 from berth.core.api.runtime import v1 as cri
-from berth.core.client.images.progress import first_error
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import Container
 from berth.core.oci import default_spec as oci
@@ -367,7 +366,7 @@ class ContainerOps:
                                 rec.logger.debug("exec delete", id=ctr.id, exec_id=exec_id,
                                            error=str(e))
             except BaseExceptionGroup as group:
-                raise first_error(group) from None
+                raise rec.first_error(group) from None
         finally:
             for k in keepers:
                 os.close(k)

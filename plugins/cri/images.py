@@ -22,7 +22,7 @@ import trio
 from berth.core import errdefs, log
 from berth.core.api.containerd.services.images import v1 as images_api
 from berth.core.api.runtime import v1 as cri
-from berth.core.client.registry import auth
+from berth.core.distribution import auth
 from berth.core.grpc.context import CallContext
 from berth.core.images import platforms, reference
 from berth.core.images.image import Resolved, manifest_for

@@ -12,16 +12,15 @@ bytes the daemon already has (a ``Range`` request), by berth's client or by ctr'
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from berth.core import errdefs
 from berth.core.client.images.progress import Progress, first_error
-from berth.core.client.registry.client import Registry
+from berth.core.distribution.client import Registry
+from berth.core.distribution.fetch import add_source, commit_fetched, fetch_document
 from berth.core.images import mediatypes
 from berth.core.images.image import (
-    append_source,
     child_labels,
     distribution_source_label,
     select_manifests,
@@ -113,37 +112,6 @@ class Puller:
         await self._add_source(desc)
 
 
-async def add_source(client: Any, desc: Descriptor, key: str, repository: str) -> None:
-    """Name ``repository`` in the blob's distribution source label ``key``.
-
-    Needs only ``client.info`` and ``client.update_labels``: the same code serves the
-    asyncio client and berthd's trio pull (``core.transfer.pull``).
-    """
-    info = await client.info(desc.digest)
-    existing = info.labels.get(key, "") if info is not None else ""
-    value = append_source(existing, repository)
-    if value != existing:
-        await client.update_labels(desc.digest, {key: value})
-
-
-async def fetch_document(client: Any, registry: Registry, repository: str, desc: Descriptor,
-                         progress: Progress, source_key: str) -> bytes:
-    """A manifest or index: from the content store if there, else from the registry
-    into it; either way labelled with its source. Framework-neutral, as add_source."""
-    if await client.info(desc.digest) is not None:
-        progress.done(desc, "exists")
-        data = await client.read(desc.digest)
-    else:
-        progress.start(desc, 0)
-        data = await registry.fetch_manifest(repository, desc)
-        ref = mediatypes.ref_key(desc.media_type, desc.digest, desc.annotations)
-        await client.write_blob(ref, data, desc)
-        progress.advance(desc, len(data))
-        progress.done(desc, "done")
-    await add_source(client, desc, source_key, repository)
-    return data
-
-
 async def fetch_blob(client: Any, registry: Registry, repository: str, desc: Descriptor,
                      progress: Progress) -> str:
     """Copy one blob into the content store, continuing an earlier ingest of it."""
@@ -166,22 +134,6 @@ async def fetch_blob(client: Any, registry: Registry, repository: str, desc: Des
         return await commit_fetched(w, desc, lambda: client.abort(ref))
     finally:
         await w.close()
-
-
-async def commit_fetched(w: Any, desc: Descriptor, abort: Callable[[], Awaitable[None]]
-                         ) -> str:
-    """Commit a fetched blob: "done", or "exists" when someone else committed it first.
-    Bytes that do not make the blob are dropped (``abort``) so the next try starts over.
-    Framework-neutral, as add_source."""
-    try:
-        await w.commit(desc.size, desc.digest)
-    except errdefs.AlreadyExists:
-        return "exists"
-    except errdefs.FailedPrecondition:
-        await w.close()
-        await abort()
-        raise
-    return "done"
 
 
 async def _copy(chunks: Any, w: Any, advance: Any) -> None:
@@ -233,8 +185,8 @@ async def pull(client: Any, registry: Registry, spec: Spec, *, matcher: Matcher,
                progress: Progress | None = None,
                concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, Fetched]:
     """Pull ``spec`` and record it as image ``name`` (default: the reference)."""
-    from berth.core.client.images.unpack import unpack as unpack_image
     from berth.core.images.image import manifest_for
+    from berth.core.images.unpack import unpack as unpack_image
 
     progress = progress or Progress()
     puller = Puller(client, registry, spec, matcher=matcher, progress=progress,

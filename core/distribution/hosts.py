@@ -21,8 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from berth.core import errdefs
-from berth.core.client.registry.auth import Credentials
-from berth.core.client.registry.client import Registry, TLSOptions
+from berth.core.distribution.auth import Credentials
+from berth.core.distribution.client import Registry, TLSOptions
 
 CAP_PULL = "pull"
 CAP_RESOLVE = "resolve"
