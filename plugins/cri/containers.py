@@ -71,19 +71,20 @@ class ContainerOps:
             if sn is None:
                 raise errdefs.FailedPrecondition(
                     f"snapshotter {self.config.snapshotter!r} is not loaded", raw=True)
-            mounts = await sn.prepare(NAMESPACE, ctr.id, image.chain_id)
-            prepared = True
-            spec = await trio.to_thread.run_sync(
-                cri_spec.container_spec, sb.view, ctr.id, config, image.resolved.config.raw,
-                image_user(image.resolved), mounts, self.oom)
-            runtime = self.config.runtime(sb.handler)
-            self.store.create(NAMESPACE, Container(
-                id=ctr.id, runtime_name=runtime.runtime_type,
-                runtime_options=rec.runtime_options(runtime.options),
-                spec=oci.to_any(spec), image=image.id,
-                labels={**config.labels, rec.KIND_LABEL: "container"},
-                snapshotter=self.config.snapshotter, snapshot_key=ctr.id,
-                extensions={rec.CONTAINER_EXT: rec.ext(ctr.to_doc())}))
+            async with self.leased() as lease:
+                mounts = await sn.prepare(NAMESPACE, ctr.id, image.chain_id, lease=lease)
+                prepared = True
+                spec = await trio.to_thread.run_sync(
+                    cri_spec.container_spec, sb.view, ctr.id, config,
+                    image.resolved.config.raw, image_user(image.resolved), mounts, self.oom)
+                runtime = self.config.runtime(sb.handler)
+                self.store.create(NAMESPACE, Container(
+                    id=ctr.id, runtime_name=runtime.runtime_type,
+                    runtime_options=rec.runtime_options(runtime.options),
+                    spec=oci.to_any(spec), image=image.id,
+                    labels={**config.labels, rec.KIND_LABEL: "container"},
+                    snapshotter=self.config.snapshotter, snapshot_key=ctr.id,
+                    extensions={rec.CONTAINER_EXT: rec.ext(ctr.to_doc())}))
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         except BaseException:
             with trio.CancelScope(shield=True):
