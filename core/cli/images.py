@@ -42,11 +42,29 @@ def _matcher(args: argparse.Namespace, *, strict: bool = False) -> Any:
 
 def _registry(args: argparse.Namespace, host: str) -> Any:
     from berth.core.client.registry import Credentials, Registry, TLSOptions
-    from berth.core.client.registry.auth import parse_credentials
+    from berth.core.distribution.auth import parse_credentials
 
     creds: Credentials | None = parse_credentials(args.user) if args.user else None
     tls = TLSOptions(ca_file=args.tlscacert, skip_verify=args.skip_verify)
     return Registry(host, plain_http=args.plain_http, credentials=creds, tls=tls)
+
+
+def _registries(args: argparse.Namespace, spec: Any, *, push: bool = False) -> list[Any]:
+    """Registry client factories to try in order: the endpoints of ``--hosts-dir``
+    (containerd's hosts.toml directories) able to resolve (or push), or the reference's
+    host itself."""
+    from berth.core.distribution.auth import parse_credentials
+    from berth.core.distribution.hosts import CAP_PUSH, Hosts, registry_for, resolvers
+
+    if not getattr(args, "hosts_dir", ""):
+        return [lambda: _registry(args, spec.hostname)]
+    creds = parse_credentials(args.user) if args.user else None
+    eps = Hosts(args.hosts_dir).endpoints(spec.hostname)
+    eps = [ep for ep in eps if ep.can(CAP_PUSH)] if push else resolvers(eps, bool(spec.digest))
+    if not eps:
+        raise app.CommandError(f"no endpoint in {args.hosts_dir} can "
+                               f"{'push' if push else 'resolve'} {spec}")
+    return [lambda ep=ep: registry_for(spec.hostname, ep, creds) for ep in eps]
 
 
 def _ref(text: str) -> Any:
@@ -58,15 +76,24 @@ def _ref(text: str) -> Any:
 # --- pull / push --------------------------------------------------------------------------
 
 async def pull(args: argparse.Namespace, s: connection.Session) -> int:
+    import httpx
+
     from berth.core.client.images.pull import pull as do_pull
 
     spec = _ref(args.ref)
     c = _client(s, args)
-    async with _registry(args, spec.hostname) as reg:
-        with for_terminal() as progress:
-            image, _ = await do_pull(c, reg, spec, matcher=_matcher(args),
-                                     unpack=not args.no_unpack, progress=progress,
-                                     concurrency=args.max_concurrent_downloads)
+    registries = _registries(args, spec)
+    for i, make in enumerate(registries):
+        try:
+            async with make() as reg:
+                with for_terminal() as progress:
+                    image, _ = await do_pull(c, reg, spec, matcher=_matcher(args),
+                                             unpack=not args.no_unpack, progress=progress,
+                                             concurrency=args.max_concurrent_downloads)
+            break
+        except (errdefs.BerthError, httpx.HTTPError, OSError):
+            if i == len(registries) - 1:
+                raise  # as containerd: the next endpoint, and the last one's error
     print(f"{image.name}: {image.target.digest}")
     return 0
 
@@ -86,7 +113,7 @@ async def push(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.images import platforms
 
     matcher = _matcher(args) if args.platform else platforms.ALL
-    async with _registry(args, spec.hostname) as reg:
+    async with _registries(args, spec, push=True)[0]() as reg:
         with for_terminal() as progress:
             await do_push(c, reg, spec, root, matcher=matcher, progress=progress)
     print(f"{spec}: pushed {root.digest}")
@@ -179,8 +206,8 @@ async def tag(args: argparse.Namespace, s: connection.Session) -> int:
 # --- archives -----------------------------------------------------------------------------
 
 async def _unpack(c: Any, name: str, target: Any, matcher: Any) -> None:
-    from berth.core.client.images.unpack import unpack
     from berth.core.images.image import manifest_for
+    from berth.core.images.unpack import unpack
 
     print(f"unpacking {name} ({target.digest})...", end="", flush=True)
     async with c.lease():
@@ -277,10 +304,10 @@ async def mount(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core import mount as mounting
     from berth.core.api.containerd.services.leases.v1 import CreateRequest, LeasesStub
     from berth.core.client.client import LEASE_EXPIRY, go_time, translate
-    from berth.core.client.images.unpack import unpack
     from berth.core.images import mediatypes, platforms
     from berth.core.images.image import manifest_for
     from berth.core.images.manifest import Descriptor, chain_id
+    from berth.core.images.unpack import unpack
 
     c = _client(s, args)
     target = os.path.abspath(args.target)
@@ -352,6 +379,8 @@ def _remote_flags(p: argparse.ArgumentParser) -> None:
                    help="do not verify the registry's TLS certificate")
     p.add_argument("--tlscacert", default=None, help="CA bundle for the registry")
     p.add_argument("--platform", default="", help="platform, e.g. linux/amd64")
+    p.add_argument("--hosts-dir", default="",
+                   help="registry hosts in containerd's hosts.toml directory format")
 
 
 def _snapshotter(p: argparse.ArgumentParser) -> None:

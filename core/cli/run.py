@@ -162,10 +162,10 @@ async def _from_image(args: argparse.Namespace, s: connection.Session, images: A
                       runtime: Any) -> Any:
     from berth.core import mount as mounting
     from berth.core.api.containerd.services.containers.v1 import Container, CreateContainerRequest
-    from berth.core.client.images.unpack import unpack
     from berth.core.images import platforms
     from berth.core.images.image import manifest_for
     from berth.core.images.manifest import Descriptor, chain_id
+    from berth.core.images.unpack import unpack
     from berth.core.oci import default_spec
 
     image = await images.get_image(ref)

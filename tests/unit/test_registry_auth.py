@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from berth.core import errdefs
-from berth.core.client.registry import auth
-from berth.core.client.registry.client import Registry
+from berth.core.distribution import auth
+from berth.core.distribution.client import Registry
 from berth.core.images import mediatypes
 from berth.core.images.manifest import Descriptor
 

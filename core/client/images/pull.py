@@ -17,10 +17,10 @@ from typing import Any
 
 from berth.core import errdefs
 from berth.core.client.images.progress import Progress
-from berth.core.client.registry.client import Registry
+from berth.core.distribution.client import Registry
+from berth.core.distribution.fetch import add_source, commit_fetched, fetch_document
 from berth.core.images import mediatypes
 from berth.core.images.image import (
-    append_source,
     child_labels,
     distribution_source_label,
     select_manifests,
@@ -98,25 +98,11 @@ class Puller:
             await self.client.update_labels(desc.digest, labels)
 
     async def _add_source(self, desc: Descriptor) -> None:
-        info = await self.client.info(desc.digest)
-        existing = info.labels.get(self._source_key, "") if info is not None else ""
-        value = append_source(existing, self.repository)
-        if value != existing:
-            await self.client.update_labels(desc.digest, {self._source_key: value})
+        await add_source(self.client, desc, self._source_key, self.repository)
 
     async def _fetch_manifest(self, desc: Descriptor) -> bytes:
-        if await self.client.info(desc.digest) is not None:
-            self.progress.done(desc, "exists")
-            data = await self.client.read(desc.digest)
-        else:
-            self.progress.start(desc, 0)
-            data = await self.registry.fetch_manifest(self.repository, desc)
-            ref = mediatypes.ref_key(desc.media_type, desc.digest, desc.annotations)
-            await self.client.write_blob(ref, data, desc)
-            self.progress.advance(desc, len(data))
-            self.progress.done(desc, "done")
-        await self._add_source(desc)
-        return data
+        return await fetch_document(self.client, self.registry, self.repository, desc,
+                                    self.progress, self._source_key)
 
     async def _fetch_blob(self, desc: Descriptor) -> None:
         async with self._limit:
@@ -145,18 +131,9 @@ async def fetch_blob(client: Any, registry: Registry, repository: str, desc: Des
                 if stream.start != w.offset:
                     await w.truncate()
                 await _copy(stream, w, lambda n: progress.advance(desc, n))
-        try:
-            await w.commit(desc.size, desc.digest)
-        except errdefs.AlreadyExists:
-            return "exists"
-        except errdefs.FailedPrecondition:
-            # The bytes kept do not make the blob: start from scratch next time.
-            await w.close()
-            await client.abort(ref)
-            raise
+        return await commit_fetched(w, desc, lambda: client.abort(ref))
     finally:
         await w.close()
-    return "done"
 
 
 async def _copy(chunks: Any, w: Any, advance: Any) -> None:
@@ -208,8 +185,8 @@ async def pull(client: Any, registry: Registry, spec: Spec, *, matcher: Matcher,
                progress: Progress | None = None,
                concurrency: int = DEFAULT_CONCURRENCY) -> tuple[Any, Fetched]:
     """Pull ``spec`` and record it as image ``name`` (default: the reference)."""
-    from berth.core.client.images.unpack import unpack as unpack_image
     from berth.core.images.image import manifest_for
+    from berth.core.images.unpack import unpack as unpack_image
 
     progress = progress or Progress()
     puller = Puller(client, registry, spec, matcher=matcher, progress=progress,

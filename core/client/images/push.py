@@ -14,7 +14,7 @@ from typing import Any
 
 from berth.core import errdefs
 from berth.core.client.images.progress import Progress
-from berth.core.client.registry.client import Registry
+from berth.core.distribution.client import Registry
 from berth.core.images import mediatypes
 from berth.core.images.image import distribution_source_label
 from berth.core.images.manifest import Descriptor, parse_index, parse_manifest

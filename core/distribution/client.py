@@ -1,7 +1,7 @@
 """An OCI distribution (Docker registry v2) client on httpx (asyncio).
 
 One :class:`Registry` talks to one host, over TLS or, with ``plain_http``, plain HTTP.
-Authentication is :class:`berth.core.client.registry.auth.Authorizer`'s business; this module only
+Authentication is :class:`berth.core.distribution.auth.Authorizer`'s business; this module only
 carries out what it asks for. Blob downloads verify size and digest as the bytes go
 by, and continue from an offset with a ``Range`` request; uploads are monolithic
 (one PUT) or chunked (PATCHes, then the PUT), after asking whether the registry has
@@ -22,7 +22,7 @@ from urllib.parse import urlencode, urljoin
 import httpx
 
 from berth.core import errdefs
-from berth.core.client.registry import auth
+from berth.core.distribution import auth
 from berth.core.images import mediatypes
 from berth.core.images.manifest import Descriptor, detect_media_type, digest_of
 
@@ -135,10 +135,11 @@ class Registry:
                  credentials: auth.Credentials | None = None,
                  tls: TLSOptions | None = None, chunk_size: int = DEFAULT_CHUNK,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, base: str | None = None) -> None:
         self.host = host
         self.scheme = "http" if plain_http else "https"
-        self.base = f"{self.scheme}://{api_host(host)}/v2/"
+        # ``base``: a mirror's URL up to /v2/ (hosts.toml), in place of the host's own.
+        self.base = base or f"{self.scheme}://{api_host(host)}/v2/"
         self.authorizer = auth.Authorizer(credentials)
         self.chunk_size = chunk_size
         verify = (tls or TLSOptions()).context() if not plain_http else False
