@@ -47,6 +47,7 @@ BUILTIN_PLUGINS = [
     "berth.core.networks.plugin",
     "berth.core.services.networks",
     "berth.core.services.tasks",
+    "berth.plugins.cri.plugin",
 ]
 
 
@@ -141,6 +142,10 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
             base = getattr(p.instance, "base", None)
             if base is not None:
                 routes.update(bridge.handlers_for(p.instance, base, max_recv=max_recv))
+            # A plugin serving several services (CRI: RuntimeService and ImageService).
+            for svc in (p.instance.grpc_services() if hasattr(p.instance, "grpc_services")
+                        else ()):
+                routes.update(bridge.handlers_for(svc, svc.base, max_recv=max_recv))
             if hasattr(p.instance, "ttrpc_services"):
                 for name, methods in p.instance.ttrpc_services().items():
                     ttrpc.register(name, methods)

@@ -27,6 +27,8 @@ _PACKAGES: list[tuple[str, str, tuple[str, ...]]] = [
     # Image events live in the images service package, as in containerd.
     ("containerd.services.images.v1", "berth.core.api.containerd.services.images.v1",
      ("ImageCreate", "ImageUpdate", "ImageDelete")),
+    # berth's own: server-side pull progress (core.transfer.pull).
+    ("berth.events.v1", "berth.core.api.berth.events.v1", ("ImagePullProgress",)),
 ]
 
 _by_name: dict[str, type[betterproto.Message]] = {}

@@ -12,6 +12,7 @@ bytes the daemon already has (a ``Range`` request), by berth's client or by ctr'
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,25 +99,11 @@ class Puller:
             await self.client.update_labels(desc.digest, labels)
 
     async def _add_source(self, desc: Descriptor) -> None:
-        info = await self.client.info(desc.digest)
-        existing = info.labels.get(self._source_key, "") if info is not None else ""
-        value = append_source(existing, self.repository)
-        if value != existing:
-            await self.client.update_labels(desc.digest, {self._source_key: value})
+        await add_source(self.client, desc, self._source_key, self.repository)
 
     async def _fetch_manifest(self, desc: Descriptor) -> bytes:
-        if await self.client.info(desc.digest) is not None:
-            self.progress.done(desc, "exists")
-            data = await self.client.read(desc.digest)
-        else:
-            self.progress.start(desc, 0)
-            data = await self.registry.fetch_manifest(self.repository, desc)
-            ref = mediatypes.ref_key(desc.media_type, desc.digest, desc.annotations)
-            await self.client.write_blob(ref, data, desc)
-            self.progress.advance(desc, len(data))
-            self.progress.done(desc, "done")
-        await self._add_source(desc)
-        return data
+        return await fetch_document(self.client, self.registry, self.repository, desc,
+                                    self.progress, self._source_key)
 
     async def _fetch_blob(self, desc: Descriptor) -> None:
         async with self._limit:
@@ -124,6 +111,37 @@ class Puller:
                                       self.progress)
         self.progress.done(desc, status)
         await self._add_source(desc)
+
+
+async def add_source(client: Any, desc: Descriptor, key: str, repository: str) -> None:
+    """Name ``repository`` in the blob's distribution source label ``key``.
+
+    Needs only ``client.info`` and ``client.update_labels``: the same code serves the
+    asyncio client and berthd's trio pull (``core.transfer.pull``).
+    """
+    info = await client.info(desc.digest)
+    existing = info.labels.get(key, "") if info is not None else ""
+    value = append_source(existing, repository)
+    if value != existing:
+        await client.update_labels(desc.digest, {key: value})
+
+
+async def fetch_document(client: Any, registry: Registry, repository: str, desc: Descriptor,
+                         progress: Progress, source_key: str) -> bytes:
+    """A manifest or index: from the content store if there, else from the registry
+    into it; either way labelled with its source. Framework-neutral, as add_source."""
+    if await client.info(desc.digest) is not None:
+        progress.done(desc, "exists")
+        data = await client.read(desc.digest)
+    else:
+        progress.start(desc, 0)
+        data = await registry.fetch_manifest(repository, desc)
+        ref = mediatypes.ref_key(desc.media_type, desc.digest, desc.annotations)
+        await client.write_blob(ref, data, desc)
+        progress.advance(desc, len(data))
+        progress.done(desc, "done")
+    await add_source(client, desc, source_key, repository)
+    return data
 
 
 async def fetch_blob(client: Any, registry: Registry, repository: str, desc: Descriptor,
@@ -145,17 +163,24 @@ async def fetch_blob(client: Any, registry: Registry, repository: str, desc: Des
                 if stream.start != w.offset:
                     await w.truncate()
                 await _copy(stream, w, lambda n: progress.advance(desc, n))
-        try:
-            await w.commit(desc.size, desc.digest)
-        except errdefs.AlreadyExists:
-            return "exists"
-        except errdefs.FailedPrecondition:
-            # The bytes kept do not make the blob: start from scratch next time.
-            await w.close()
-            await client.abort(ref)
-            raise
+        return await commit_fetched(w, desc, lambda: client.abort(ref))
     finally:
         await w.close()
+
+
+async def commit_fetched(w: Any, desc: Descriptor, abort: Callable[[], Awaitable[None]]
+                         ) -> str:
+    """Commit a fetched blob: "done", or "exists" when someone else committed it first.
+    Bytes that do not make the blob are dropped (``abort``) so the next try starts over.
+    Framework-neutral, as add_source."""
+    try:
+        await w.commit(desc.size, desc.digest)
+    except errdefs.AlreadyExists:
+        return "exists"
+    except errdefs.FailedPrecondition:
+        await w.close()
+        await abort()
+        raise
     return "done"
 
 

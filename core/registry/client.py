@@ -135,10 +135,11 @@ class Registry:
                  credentials: auth.Credentials | None = None,
                  tls: TLSOptions | None = None, chunk_size: int = DEFAULT_CHUNK,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, base: str | None = None) -> None:
         self.host = host
         self.scheme = "http" if plain_http else "https"
-        self.base = f"{self.scheme}://{api_host(host)}/v2/"
+        # ``base``: a mirror's URL up to /v2/ (hosts.toml), in place of the host's own.
+        self.base = base or f"{self.scheme}://{api_host(host)}/v2/"
         self.authorizer = auth.Authorizer(credentials)
         self.chunk_size = chunk_size
         verify = (tls or TLSOptions()).context() if not plain_http else False

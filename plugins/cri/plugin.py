@@ -1,0 +1,135 @@
+"""The CRI plugin (``io.containerd.grpc.v1.cri``): RuntimeService and ImageService on
+berthd's main socket and on the plugin's own (``<state>/cri.sock`` by default, so
+``/run/berth/cri.sock``), built from the other plugins' local stores only."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from berth.core import errdefs, log
+from berth.core.gc.scheduler import notifier
+from berth.core.metadata.containers import store_for
+from berth.core.plugin import InitContext, Registration, hookimpl
+from berth.core.plugin.registration import (
+    EVENT,
+    GC,
+    GRPC,
+    INTERNAL,
+    METADATA,
+    NETWORK,
+    RUNTIME_V2,
+    SERVICE,
+    SkipPlugin,
+)
+from berth.core.transfer.pull import Stores
+from berth.plugins.cri import config as cri_config
+from berth.plugins.cri.images import NAMESPACE, ImageService
+from berth.plugins.cri.pods import PodService
+
+_log = log.get("cri")
+CNI_NETWORK_ID = "cri"
+NETWORK_MANAGER = "berth.networks"
+
+
+class CRIPlugin:
+    """The plugin instance: both services, served wherever berthd serves gRPC."""
+
+    def __init__(self, config: cri_config.CRIConfig, runtime: Any, images: ImageService
+                 ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.images = images
+
+    def grpc_services(self) -> list[Any]:
+        return [self.runtime, self.images]
+
+
+def _snapshot_root(ctx: InitContext, name: str) -> Path | None:
+    for p in ctx.plugins.ordered:
+        r = p.registration
+        if r.type == "io.containerd.snapshotter.v1" and r.id == name and p.ok:
+            root = p.exports.get("root")
+            return Path(root) if root else None
+    return None
+
+
+async def _init(ctx: InitContext) -> CRIPlugin:
+    from berth.core.grpc import bridge, server as grpc_server
+
+    daemon = ctx.daemon_config
+    cfg = cri_config.parse(ctx.config, state=daemon.state)
+    if cfg.unsupported:
+        _log.warning("CRI settings berth does not support are ignored",
+                     namespace=NAMESPACE, keys=cfg.unsupported, not_default=cfg.changed)
+    md = ctx.plugins.get(METADATA)
+    stores = Stores(
+        content=ctx.plugins.get(SERVICE, "content-service"),
+        images=ctx.plugins.get(SERVICE, "images-service").store,
+        snapshotters=ctx.plugins.get(SERVICE, "snapshots-service").snapshotters,
+        differ=ctx.plugins.get(SERVICE, "diff-service"),
+        leases=md.leases,
+        events=ctx.plugins.get(EVENT),
+        mutated=notifier(ctx.plugins),
+    )
+    images = ImageService(stores, cfg, _snapshot_root(ctx, cfg.snapshotter))
+    runtime = await _runtime_service(ctx, cfg, stores, images)
+    plugin = CRIPlugin(cfg, runtime, images)
+    max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
+    routes: dict[str, Any] = {}
+    for svc in plugin.grpc_services():
+        routes.update(bridge.handlers_for(svc, svc.base, max_recv=max_recv))
+    await ctx.nursery.start(functools.partial(grpc_server.serve, routes, cfg.address))
+    _log.info("CRI serving", namespace=NAMESPACE, address=str(cfg.address))
+    return plugin
+
+
+def _pod_networks(ctx: InitContext) -> tuple[Any, Any]:
+    """The network manager, and the network plugin whose first network pods get: the
+    CRI section's own CNI dirs (plugin io.berth.network.v1.cri), else berth's cni."""
+    try:
+        manager = ctx.plugins.get(INTERNAL, NETWORK_MANAGER)
+    except errdefs.NotFound as e:
+        _log.warning("no network manager: only hostNetwork pods can run",
+                     namespace=NAMESPACE, error=str(e))
+        return None, None
+    plugins = ctx.plugins.by_type(NETWORK)
+    return manager, plugins.get(CNI_NETWORK_ID) or plugins.get("cni")
+
+
+async def _runtime_service(ctx: InitContext, cfg: cri_config.CRIConfig, stores: Stores,
+                           images: ImageService) -> PodService:
+    md = ctx.plugins.get(METADATA)
+    manager, cni = _pod_networks(ctx)
+    pods = PodService(cfg, stores=stores, images=images, containers=store_for(md.db),
+                      tasks=ctx.plugins.get(RUNTIME_V2, "task"), state=ctx.state,
+                      nursery=ctx.nursery, networks=manager, cni=cni)
+    await pods.recover()
+    return pods
+
+
+async def _init_cni(ctx: InitContext) -> Any:
+    """Pods' CNI networks from the CRI section's ``cni.conf_dir`` and ``cni.bin_dir``, as
+    containerd reads them; skipped when berth's own cni plugin reads that dir already."""
+    from berth.plugins.networks.cni.plugin import DEFAULTS as CNI_DEFAULTS, CNINetworks
+
+    section = ctx.daemon_config.plugins.get(cri_config.URI, {})
+    cfg = cri_config.parse(section, state=ctx.daemon_config.state)
+    berth_cni = ctx.daemon_config.plugins.get(f"{NETWORK}.cni", {})
+    if Path(berth_cni.get("conf_dir", CNI_DEFAULTS["conf_dir"])) == Path(cfg.cni_conf_dir):
+        raise SkipPlugin("the cni network plugin reads the CRI's cni.conf_dir already")
+    plugin = CNINetworks({**CNI_DEFAULTS, "conf_dir": cfg.cni_conf_dir,
+                          "bin_dirs": [cfg.cni_bin_dir, *CNI_DEFAULTS["bin_dirs"]]})
+    ctx.exports["conf_dir"] = cfg.cni_conf_dir
+    return plugin
+
+
+@hookimpl
+def berth_plugins() -> list[Registration]:
+    return [
+        Registration(type=NETWORK, id=CNI_NETWORK_ID, init=_init_cni),
+        Registration(type=GRPC, id="cri", init=_init,
+                     requires=(EVENT, METADATA, SERVICE, RUNTIME_V2, GC, INTERNAL),
+                     config=cri_config.DEFAULTS),
+    ]
