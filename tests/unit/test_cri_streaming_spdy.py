@@ -273,3 +273,9 @@ def test_valid_session_in_any_chunking() -> None:
             else:
                 merged.append(ev)
         assert merged == ref
+
+
+def test_wsproto_pinned() -> None:
+    from importlib.metadata import version
+
+    assert version("wsproto") == "1.3.2"
