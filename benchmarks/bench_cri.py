@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -40,40 +39,11 @@ from grpclib.client import Channel
 
 from berth.core.api.runtime import v1 as api
 from tests import daemons
-from tests.cri import cri_config, hosts_dir
-from tests.images import (
-    OCI_CONFIG,
-    OCI_LAYER_GZIP,
-    OCI_MANIFEST,
-    Image,
-    _json,
-    config_json,
-    layer_gzip,
-    oci_image,
-    push_image,
-    running_registry,
-    sha256,
-)
+from tests.cri import cri_config, hosts_dir, wait_served
+from tests.images import PAUSE, oci_image, pause_image, push_image, running_registry
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAUSE = "docker.io/library/pause:bench"
 BUSYBOX = "docker.io/library/busybox:latest"
-
-
-def pause_image() -> Image:
-    """The busybox layer with ``sleep`` as entrypoint: an infra container for containerd."""
-    config = json.loads(config_json())
-    config["config"] = {**config["config"], "Entrypoint": ["sleep", "2147483647"],
-                        "Cmd": []}
-    config_b, layer = _json(config), layer_gzip()
-    manifest = _json({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha256(config_b), "size": len(config_b)},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha256(layer), "size": len(layer)}],
-    })
-    img = Image(PAUSE, manifest, OCI_MANIFEST, config_b, layer, OCI_LAYER_GZIP)
-    img.blobs = {sha256(b): b for b in (manifest, config_b, layer)}
-    return img
 
 
 def containerd_with_cri(base: Path, certs: Path) -> daemons.Daemon:
@@ -143,6 +113,7 @@ class Side:
         self.count = 0
 
     async def open(self) -> Channel:
+        wait_served(self.address)
         ch = Channel(path=str(self.address))
         self.rt = api.RuntimeServiceStub(ch, timeout=300)
         self.im = api.ImageServiceStub(ch, timeout=300)

@@ -161,6 +161,16 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 gid=g["gid"], task_status=task_status))
         log.info("berthd successfully booted", version=__version__, address=str(cfg.address),
                  root=str(cfg.root), state=str(cfg.state))
+        # Work that must not hold the API back (the runtime's recovery of the tasks a
+        # previous berthd left) starts now, in the nursery each plugin was given.
+        for p in plugins.ordered:
+            hook = getattr(p.instance, "serving", None) if p.ok else None
+            if callable(hook):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("plugin failed to start its background work",
+                                  plugin=p.registration.uri)
         task_status.started(plugins)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,27 @@ from berth.core.api.runtime import v1 as api
 TIMEOUT = 120.0
 
 
+def wait_served(address: Path, timeout: float = 30.0) -> None:
+    """Until ``address`` accepts connections: berthd opens the CRI socket just after its
+    own (the deadline bounds a failure; nothing is timed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(str(address))
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not served after {timeout}s") from None
+            time.sleep(0.02)
+        finally:
+            s.close()
+
+
 class CRIClient:
     def __init__(self, address: Path) -> None:
         self.address = address
+        wait_served(address)
         self._loop = asyncio.new_event_loop()
         # grpclib binds a channel to the loop running when it is made.
         self._channel = self._loop.run_until_complete(self._open())

@@ -39,6 +39,8 @@ import pytest
 BUSYBOX = "/bin/busybox"
 REGISTRY = "/usr/bin/docker-registry"
 NAME = "docker.io/library/busybox:latest"
+# An infra ("pause") image for CRI sandboxes: the busybox layer, entrypoint sleep.
+PAUSE = "docker.io/library/pause:bench"
 MTIME = 1704067200  # 2024-01-01T00:00:00Z
 CREATED = "2024-01-01T00:00:00Z"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -179,6 +181,23 @@ def oci_image(name: str = NAME) -> Image:
     })
     img = Image(name, manifest, OCI_MANIFEST, config, layer, OCI_LAYER_GZIP)
     img.blobs = {sha256(b): b for b in (manifest, config, layer)}
+    return img
+
+
+@cache
+def pause_image() -> Image:
+    """The busybox layer with ``sleep`` as entrypoint: a CRI sandbox (infra) image."""
+    config = json.loads(config_json())
+    config["config"] = {**config["config"], "Entrypoint": ["sleep", "2147483647"],
+                        "Cmd": []}
+    config_b, layer = _json(config), layer_gzip()
+    manifest = _json({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": sha256(config_b), "size": len(config_b)},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha256(layer), "size": len(layer)}],
+    })
+    img = Image(PAUSE, manifest, OCI_MANIFEST, config_b, layer, OCI_LAYER_GZIP)
+    img.blobs = {sha256(b): b for b in (manifest, config_b, layer)}
     return img
 
 

@@ -21,7 +21,9 @@ async def _init(ctx: InitContext) -> TaskManager:
         containers=store_for(ctx.plugins.get(METADATA).db), nursery=ctx.nursery,
         debug=level in ("debug", "trace"),
     )
-    await manager.load_existing()
+    # Only noted here: reconnecting and cleaning up run once berthd serves (``serving``,
+    # called by the daemon), so that dead shims never keep the API down.
+    manager.adopt_existing()
     return manager
 
 

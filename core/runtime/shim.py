@@ -92,10 +92,13 @@ def closed_error() -> errdefs.BerthError:
 class ShimTask:
     """A task (and its exec'd processes) reached through one shim connection."""
 
-    def __init__(self, bundle: Bundle, binary: ShimBinary, client: Client) -> None:
+    def __init__(self, bundle: Bundle, binary: ShimBinary | None, client: Client,
+                 address: str = "") -> None:
         self.bundle = bundle
         self.binary = binary
         self.client = client
+        # The shim's socket: tasks of one group share it (and the shim).
+        self.address = address
         # Set when berth ends the connection on purpose: its end is then no death.
         self.closing = False
         # Set once the connection's owner is done, cleanup after a dead shim included.
@@ -233,7 +236,7 @@ class ShimTask:
 
 async def serve_connection(
     bundle: Bundle,
-    binary: ShimBinary,
+    binary: ShimBinary | None,
     address: str,
     log_fd: int,
     on_lost: Callable[[ShimTask], Awaitable[None]],
@@ -249,7 +252,7 @@ async def serve_connection(
     task: ShimTask | None = None
     try:
         async with open_client(address) as client, trio.open_nursery() as nursery:
-            task = ShimTask(bundle, binary, client)
+            task = ShimTask(bundle, binary, client, address)
             nursery.start_soon(_drain_log, log_fd, lg)
             task_status.started(task)
             await client.wait_closed()

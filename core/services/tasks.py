@@ -5,6 +5,11 @@ its task, call the shim. Status codes and messages are containerd's, since ctr p
 them (``task t1 not found``, ``container "t1" in namespace "default": not found``).
 Task events come from the shims (see core.runtime.manager), never from here.
 
+Right after a restart, the tasks a previous berthd left are still being recovered in
+the background (see ``TaskManager.settle``): reads answer at once (UNKNOWN for a task
+whose shim is not reconnected), and a call that acts on such a task first finishes its
+recovery: Delete, Kill and Wait on a task whose shim died get its cleanup's outcome.
+
 berth's addition: a container whose labels name networks (``io.berth.network``) is
 attached before its task is created, runs in the namespace berth pinned for it, and is
 detached when its task is deleted (core.networks.manager).
@@ -57,7 +62,8 @@ from berth.core.networks.manager import NetworkManager, apply_to_spec, spec_host
 from berth.core.networks.plugin import ID as NETWORKS_ID
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import EVENT, GRPC, INTERNAL, METADATA, RUNTIME_V2
-from berth.core.runtime.manager import CreateOpts, TaskManager, wrap
+from berth.core.runtime.binary import Exit
+from berth.core.runtime.manager import CreateOpts, Recovery, TaskManager, wrap
 from berth.core.runtime.shim import ShimTask
 
 # containerd's io.containerd.timeout.task.state.
@@ -101,6 +107,23 @@ class TasksService:
             raise errdefs.NotFound(f"task {container.id} not found", raw=True)
         return task
 
+    async def _settled(self, ctx: CallContext, container_id: str
+                       ) -> tuple[ShimTask | None, Exit | None]:
+        """The task once its recovery after a restart (if any) is over, and the exit
+        that recovery's cleanup reported when the task's shim was found dead."""
+        ns, container = self._container(ctx, container_id)
+        exit_ = await self.runtime.settle(ns, container.id)
+        task = self.runtime.get(ns, container.id)
+        if task is None and exit_ is None:
+            raise errdefs.NotFound(f"task {container.id} not found", raw=True)
+        return task, exit_
+
+    async def _live(self, ctx: CallContext, container_id: str) -> ShimTask:
+        task, _ = await self._settled(ctx, container_id)
+        if task is None:
+            raise errdefs.NotFound(f"task {container_id} not found", raw=True)
+        return task
+
     async def _process(self, task: ShimTask, exec_id: str) -> None:
         """containerd's Task.Process: an exec'd process exists if the shim has its state."""
         if exec_id:
@@ -113,6 +136,8 @@ class TasksService:
         options = _opt(req.options)
         if restore_path(container.runtime_name, options) or present(req.checkpoint):
             raise errdefs.NotImplemented_("restoring a task from a checkpoint")
+        # A task left by a previous berthd is reconnected or retired first.
+        await self.runtime.settle(ns, req.container_id)
         if self.runtime.get(ns, req.container_id) is not None:
             raise errdefs.AlreadyExists(f"task {req.container_id}")
         assert container.spec is not None  # the store refuses containers without one
@@ -164,7 +189,7 @@ class TasksService:
         return CreateTaskResponse(container_id=req.container_id, pid=pid)
 
     async def start(self, ctx: CallContext, req: StartRequest) -> StartResponse:
-        task = self._task(ctx, req.container_id)
+        task = await self._live(ctx, req.container_id)
         await self._process(task, req.exec_id)
         # The shim's Start answer carries the pid containerd reads back with State.
         if req.exec_id:
@@ -176,9 +201,10 @@ class TasksService:
 
     async def delete(self, ctx: CallContext, req: DeleteTaskRequest) -> DeleteResponse:
         ns, container = self._container(ctx, req.container_id)
-        if self.runtime.get(ns, container.id) is None:
-            raise errdefs.NotFound(f"task {container.id} not found", raw=True)
-        exit_ = await self.runtime.delete(ns, req.container_id)
+        task, exit_ = await self._settled(ctx, req.container_id)
+        # exit_ alone: its shim was found dead at start-up, its cleanup deleted it.
+        if task is not None or exit_ is None:
+            exit_ = await self.runtime.delete(ns, req.container_id)
         if self.networks is not None:
             try:
                 await self.networks.release_container(ns, container.id)
@@ -191,7 +217,7 @@ class TasksService:
 
     async def delete_process(self, ctx: CallContext, req: DeleteProcessRequest
                              ) -> DeleteResponse:
-        task = self._task(ctx, req.container_id)
+        task = await self._live(ctx, req.container_id)
         await self._process(task, req.exec_id)
         exit_ = await task.delete(req.exec_id)
         return DeleteResponse(id=req.exec_id, exit_status=exit_.status,
@@ -213,43 +239,68 @@ class TasksService:
             exit_status=state.exit_status, exited_at=state.exited_at,
         )
 
+    def _recovering(self, p: Recovery, exec_id: str = "") -> Process:
+        """A task whose shim is not reconnected (yet): what containerd reports for a
+        task whose shim does not answer."""
+        return Process(id=exec_id or p.id, pid=0 if exec_id else p.pid,
+                       status=Status.UNKNOWN)
+
     async def get(self, ctx: CallContext, req: GetRequest) -> GetResponse:
+        ns, container = self._container(ctx, req.container_id)
+        p = self.runtime.recovering(ns, container.id)
+        if p is not None:
+            # A live shim answers its probe in a moment; a dead one's cleanup is
+            # not waited for.
+            with trio.move_on_after(STATE_TIMEOUT):
+                await p.probed.wait()
+            if self.runtime.get(ns, container.id) is None and not p.settled.is_set():
+                return GetResponse(process=self._recovering(p, req.exec_id))
         task = self._task(ctx, req.container_id)
         await self._process(task, req.exec_id)
         return GetResponse(process=await self._process_state(task, req.exec_id))
 
     async def list(self, ctx: CallContext, req: ListTasksRequest) -> ListTasksResponse:
         ns = ctx.namespace_required()
+        with trio.move_on_after(STATE_TIMEOUT):
+            for p in self.runtime.recovering_in(ns):
+                await p.probed.wait()
         out = []
         for task in self.runtime.tasks(ns):
             try:
                 out.append(await self._process_state(task))
             except errdefs.NotFound:
                 continue  # deleted meanwhile
+        listed = {t.id for t in out}
+        out += [self._recovering(p) for p in self.runtime.recovering_in(ns)
+                if p.id not in listed and self.runtime.get(ns, p.id) is None]
+        out.sort(key=lambda t: t.id)
         return ListTasksResponse(tasks=out)
 
     async def pause(self, ctx: CallContext, req: PauseTaskRequest) -> Empty:
-        await self._task(ctx, req.container_id).pause()
+        await (await self._live(ctx, req.container_id)).pause()
         return Empty()
 
     async def resume(self, ctx: CallContext, req: ResumeTaskRequest) -> Empty:
-        await self._task(ctx, req.container_id).resume()
+        await (await self._live(ctx, req.container_id)).resume()
         return Empty()
 
     async def kill(self, ctx: CallContext, req: KillRequest) -> Empty:
-        task = self._task(ctx, req.container_id)
+        task, _ = await self._settled(ctx, req.container_id)
+        if task is None:
+            # Its shim was found dead at start-up: the cleanup stopped everything.
+            return Empty()
         await self._process(task, req.exec_id)
         await task.kill(req.signal, req.all, req.exec_id)
         return Empty()
 
     async def list_pids(self, ctx: CallContext, req: ListPidsRequest) -> ListPidsResponse:
-        task = self._task(ctx, req.container_id)
+        task = await self._live(ctx, req.container_id)
         return ListPidsResponse(processes=await task.pids())
 
     async def exec(self, ctx: CallContext, req: ExecProcessRequest) -> Empty:
         if req.exec_id == "":
             raise errdefs.InvalidArgument("exec id cannot be empty", raw=True)
-        task = self._task(ctx, req.container_id)
+        task = await self._live(ctx, req.container_id)
         try:
             identifiers.validate(req.exec_id)
         except errdefs.InvalidArgument as e:
@@ -260,13 +311,13 @@ class TasksService:
         return Empty()
 
     async def resize_pty(self, ctx: CallContext, req: ResizePtyRequest) -> Empty:
-        task = self._task(ctx, req.container_id)
+        task = await self._live(ctx, req.container_id)
         await self._process(task, req.exec_id)
         await task.resize_pty(req.width, req.height, req.exec_id)
         return Empty()
 
     async def close_io(self, ctx: CallContext, req: CloseIoRequest) -> Empty:
-        task = self._task(ctx, req.container_id)
+        task = await self._live(ctx, req.container_id)
         await self._process(task, req.exec_id)
         if req.stdin:
             await task.close_io(req.exec_id)
@@ -274,11 +325,11 @@ class TasksService:
 
     async def checkpoint(self, ctx: CallContext, req: CheckpointTaskRequest
                          ) -> CheckpointTaskResponse:
-        self._task(ctx, req.container_id)
+        await self._live(ctx, req.container_id)
         raise errdefs.NotImplemented_("task checkpoint")
 
     async def update(self, ctx: CallContext, req: UpdateTaskRequest) -> Empty:
-        task = self._task(ctx, req.container_id)
+        task = await self._live(ctx, req.container_id)
         await task.update(_opt(req.resources), dict(req.annotations))
         return Empty()
 
@@ -308,7 +359,12 @@ class TasksService:
         return MetricsResponse(metrics=out)
 
     async def wait(self, ctx: CallContext, req: WaitRequest) -> WaitResponse:
-        task = self._task(ctx, req.container_id)
+        task, exit_ = await self._settled(ctx, req.container_id)
+        if task is None:
+            assert exit_ is not None
+            if req.exec_id:
+                raise errdefs.NotFound(f"process {req.exec_id}: not found", raw=True)
+            return WaitResponse(exit_status=exit_.status, exited_at=exit_.timestamp)
         await self._process(task, req.exec_id)
         exit_ = await task.wait(req.exec_id)
         return WaitResponse(exit_status=exit_.status, exited_at=exit_.timestamp)

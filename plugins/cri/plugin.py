@@ -8,6 +8,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from berth.core import errdefs, log
 from berth.core.gc.scheduler import notifier
 from berth.core.metadata.containers import store_for
@@ -41,9 +43,35 @@ class CRIPlugin:
         self.config = config
         self.runtime = runtime
         self.images = images
+        self.max_recv = 16 << 20
+        self.nursery: trio.Nursery | None = None
 
     def grpc_services(self) -> list[Any]:
         return [self.runtime, self.images]
+
+    def serving(self) -> None:
+        """berthd serves (its sockets are up, shims can reach it): recover, then open
+        the CRI socket. Called once by the daemon."""
+        self.nursery.start_soon(self._after_start)
+
+    async def _after_start(self) -> None:
+        from berth.core.grpc import bridge, server as grpc_server
+
+        # The tasks a previous berthd left are recovered in the background first:
+        # whether a container still runs is known only after that.
+        await self.runtime.tasks.recovered()
+        await self.runtime.recover()
+        routes: dict[str, Any] = {}
+        for svc in self.grpc_services():
+            routes.update(bridge.handlers_for(svc, svc.base, max_recv=self.max_recv))
+        try:
+            await self.nursery.start(functools.partial(grpc_server.serve, routes,
+                                                       self.config.address))
+        except OSError as e:
+            _log.error("CRI socket not served", namespace=NAMESPACE,
+                       address=str(self.config.address), error=str(e))
+            return
+        _log.info("CRI serving", namespace=NAMESPACE, address=str(self.config.address))
 
 
 def _snapshot_root(ctx: InitContext, name: str) -> Path | None:
@@ -56,8 +84,6 @@ def _snapshot_root(ctx: InitContext, name: str) -> Path | None:
 
 
 async def _init(ctx: InitContext) -> CRIPlugin:
-    from berth.core.grpc import bridge, server as grpc_server
-
     daemon = ctx.daemon_config
     cfg = cri_config.parse(ctx.config, state=daemon.state)
     if cfg.unsupported:
@@ -76,12 +102,8 @@ async def _init(ctx: InitContext) -> CRIPlugin:
     images = ImageService(stores, cfg, _snapshot_root(ctx, cfg.snapshotter))
     runtime = await _runtime_service(ctx, cfg, stores, images)
     plugin = CRIPlugin(cfg, runtime, images)
-    max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
-    routes: dict[str, Any] = {}
-    for svc in plugin.grpc_services():
-        routes.update(bridge.handlers_for(svc, svc.base, max_recv=max_recv))
-    await ctx.nursery.start(functools.partial(grpc_server.serve, routes, cfg.address))
-    _log.info("CRI serving", namespace=NAMESPACE, address=str(cfg.address))
+    plugin.max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
+    plugin.nursery = ctx.nursery
     return plugin
 
 
@@ -105,7 +127,7 @@ async def _runtime_service(ctx: InitContext, cfg: cri_config.CRIConfig, stores: 
     pods = PodService(cfg, stores=stores, images=images, containers=store_for(md.db),
                       tasks=ctx.plugins.get(RUNTIME_V2, "task"), state=ctx.state,
                       nursery=ctx.nursery, networks=manager, cni=cni)
-    await pods.recover()
+    pods.load()
     return pods
 
 

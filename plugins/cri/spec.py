@@ -11,8 +11,10 @@ call (kernel modules, kexec, reboot, swap, clock, keyrings, bpf, perf, userfault
 mount API, namespaces...) with EPERM, not containerd's allow list; ``Unconfined`` and an
 unset profile add none, as containerd does by default.
 
-Not yet (issue 12): AppArmor, CDI, user namespaces, a pod-shared PID namespace
-(NamespaceMode.POD runs as CONTAINER), image volumes.
+A pod-shared PID namespace needs a process to hold it: with sandbox_mode "pause" the
+sandbox container's; with pinned namespaces NamespaceMode.POD runs as CONTAINER.
+
+Not yet (issue 12): AppArmor, CDI, user namespaces, image volumes.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ class PodView:
     folder: str
     host_network: bool
     netns: str = ""  # the pinned network namespace of a pod on a CNI network
+    # A sandbox container's pid (sandbox_mode "pause"): containers join its namespaces
+    # (pid too, for a pod that shares it); 0: the pod's namespaces are berth's pins.
+    infra_pid: int = 0
+
+    def ns_path(self, kind: str) -> str:
+        if self.infra_pid:
+            return f"/proc/{self.infra_pid}/ns/{kind}"
+        return str(pins.paths(Path(self.folder))[kind]) if kind in pins.KINDS else ""
 
 
 @dataclass(frozen=True)
@@ -307,6 +317,62 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
     return spec
 
 
+def infra_spec(sb: PodView, image_config: dict[str, Any], image_user: str,
+               mounts: list[Mount], oom: OOMPolicy) -> dict[str, Any]:
+    """A sandbox container (sandbox_mode "pause"): the image's entrypoint in fresh IPC,
+    UTS (hostname set) and PID namespaces that the pod's containers then join, on the
+    pod's network namespace; as containerd's, unprivileged but for what the pod asks."""
+    spec = oci.default_unix_spec(NAMESPACE, sb.id)
+    oci.with_default_unix_devices(spec)
+    img = image_config.get("config") or {}
+    args = [*(img.get("Entrypoint") or []), *(img.get("Cmd") or [])]
+    if not args:
+        raise errdefs.InvalidArgument("the sandbox image has no command", raw=True)
+    process = spec["process"]
+    process["args"] = args
+    process["cwd"] = img.get("WorkingDir") or "/"
+    process["env"] = list(img.get("Env") or []) or [oci.DEFAULT_PATH_ENV]
+    lsc = sb.config.linux.security_context if sb.config.linux else None
+    lsc = given(lsc, cri.LinuxSandboxSecurityContext)
+    opts = given(lsc.namespace_options, cri.NamespaceOption)
+    users = users_of(mounts)
+    if lsc.run_as_user is not None and betterproto.serialized_on_wire(lsc.run_as_user):
+        oci.with_user(spec, str(lsc.run_as_user.value), users)
+    elif image_user:
+        oci.with_user(spec, image_user, users)
+    out = []
+    for ns in spec["linux"]["namespaces"]:
+        kind = ns["type"]
+        if kind == "network":
+            if sb.host_network:
+                continue
+            ns = _network(sb, ns)
+        elif kind == "uts" and sb.host_network:
+            continue
+        elif (kind == "ipc" and opts.ipc == cri.NamespaceMode.NODE) or (
+                kind == "pid" and opts.pid == cri.NamespaceMode.NODE):
+            continue
+        out.append(ns)
+    spec["linux"]["namespaces"] = out
+    if not sb.host_network and sb.config.hostname:
+        spec["hostname"] = sb.config.hostname
+    if lsc.readonly_rootfs:
+        oci.with_rootfs_readonly(spec)
+    parent = sb.config.linux.cgroup_parent if sb.config.linux else ""
+    if parent:
+        spec["linux"]["cgroupsPath"] = os.path.normpath(os.path.join(parent, sb.id))
+    if sb.config.linux and sb.config.linux.sysctls:
+        spec["linux"]["sysctl"] = dict(sb.config.linux.sysctls)
+    # containerd's sandbox score, as low as berthd may give.
+    process["oomScoreAdj"] = clamp_oom_score_adj(
+        -998, oom.current, restrict=oom.restrict, privileged=oom.may_raise)
+    m = sb.config.metadata
+    oci.with_annotations(spec, {**sb.config.annotations, ANN_TYPE: "sandbox",
+                                ANN_SANDBOX_ID: sb.id, ANN_SANDBOX_NAME: m.name,
+                                ANN_SANDBOX_NS: m.namespace, ANN_SANDBOX_UID: m.uid})
+    return spec
+
+
 def _user(spec: dict[str, Any], sc: cri.LinuxContainerSecurityContext,
           image_user: str, users: oci.UserDB) -> None:
     has_uid = sc.run_as_user is not None and betterproto.serialized_on_wire(sc.run_as_user)
@@ -347,28 +413,34 @@ def _capabilities(process: dict[str, Any], caps: cri.Capability) -> None:
         process["capabilities"][kind] = [c for c in have if c not in drop]
 
 
+def _network(sb: PodView, ns: dict[str, Any]) -> dict[str, Any]:
+    """The pod's network namespace entry (its pinned netns when on a CNI network)."""
+    return {"type": "network", "path": sb.netns} if sb.netns else ns
+
+
 def _namespaces(spec: dict[str, Any], sb: PodView,
                 sc: cri.LinuxContainerSecurityContext) -> None:
     opts = given(sc.namespace_options, cri.NamespaceOption)
-    pinned = pins.paths(Path(sb.folder))
     out = []
     for ns in spec["linux"]["namespaces"]:
         kind = ns["type"]
         if kind == "network":
             if sb.host_network:
                 continue
-            if sb.netns:
-                ns = {"type": "network", "path": sb.netns}
+            ns = _network(sb, ns)
         elif kind == "uts":
             if sb.host_network:
                 continue
-            ns = {"type": "uts", "path": str(pinned["uts"])}
+            ns = {"type": "uts", "path": sb.ns_path("uts")}
         elif kind == "ipc":
             if opts.ipc == cri.NamespaceMode.NODE:
                 continue
-            ns = {"type": "ipc", "path": str(pinned["ipc"])}
-        elif kind == "pid" and opts.pid == cri.NamespaceMode.NODE:
-            continue
+            ns = {"type": "ipc", "path": sb.ns_path("ipc")}
+        elif kind == "pid":
+            if opts.pid == cri.NamespaceMode.NODE:
+                continue
+            if opts.pid == cri.NamespaceMode.POD and sb.infra_pid:
+                ns = {"type": "pid", "path": sb.ns_path("pid")}
         out.append(ns)
     spec["linux"]["namespaces"] = out
 

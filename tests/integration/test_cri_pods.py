@@ -558,3 +558,78 @@ def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryS
     finally:
         d.stop()
         remove_bridge(bridge)
+
+
+@pytest.mark.parametrize("handler", ["berth", "runc"])
+def test_oom_killed_container(pulled: tuple[daemons.Daemon, CRIClient], base: Path,  # noqa: F811
+                              handler: str) -> None:
+    """A container over its memory limit is ended by the kernel: reason OOMKilled."""
+    d, c = pulled
+    config = pod_config(base / "logs", "hungry")
+    sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+        config=config, runtime_handler=handler)).pod_sandbox_id
+    cid = c.runtime("create_container", api.CreateContainerRequest(
+        pod_sandbox_id=sid, sandbox_config=config, config=container_config(
+            "hungry", "head -c 200m /dev/zero | tail > /dev/null",
+            linux=api.LinuxContainerConfig(resources=api.LinuxContainerResources(
+                memory_limit_in_bytes=16 << 20))))).container_id
+    c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+
+    def status() -> api.ContainerStatus:
+        return c.runtime("container_status", api.ContainerStatusRequest(
+            container_id=cid)).status
+    _wait(lambda: status().state == api.ContainerState.CONTAINER_EXITED, "the OOM kill")
+    assert status().reason == "OOMKilled" and status().exit_code != 0, status()
+    c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+
+
+@pytest.mark.parametrize("handler", ["berth", "runc"])
+def test_sandbox_mode_pause(base: Path, registry: RegistryServer,  # noqa: F811
+                            busybox_oci: tuple[Path, Image], handler: str) -> None:
+    """``sandbox_mode = "pause"``: a sandbox container from sandbox_image (pulled when
+    missing) holds the pod's namespaces, PID included for a pod that shares it."""
+    from tests.cri import cri_config, hosts_dir
+    from tests.images import PAUSE, pause_image, push_image
+
+    push_image(registry, "library/busybox", "latest", busybox_oci[1])
+    push_image(registry, "library/pause", "bench", pause_image())
+    config = cri_config(base / "berth.toml", sandbox_mode="pause", sandbox_image=PAUSE,
+                        registry={"config_path": str(hosts_dir(base, "docker.io",
+                                                               registry.host))})
+    d = daemons.berthd(base / "d", "--config", str(config)).start()
+    try:
+        with CRIClient(d.state / "cri.sock") as c:
+            c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
+            pod = pod_config(base / "logs", "paused")
+            pod.linux.security_context.namespace_options.pid = api.NamespaceMode.POD
+            sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+                config=pod, runtime_handler=handler)).pod_sandbox_id
+            ids = []
+            for name in ("a", "b"):
+                cfg = container_config(name, "exec sleep 1000")
+                cfg.linux = api.LinuxContainerConfig(
+                    security_context=api.LinuxContainerSecurityContext(
+                        namespace_options=api.NamespaceOption(
+                            network=api.NamespaceMode.NODE, pid=api.NamespaceMode.POD)))
+                cid = c.runtime("create_container", api.CreateContainerRequest(
+                    pod_sandbox_id=sid, sandbox_config=pod, config=cfg)).container_id
+                c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+                ids.append(cid)
+            for kind in ("pid", "ipc"):
+                seen = {_exec(c, cid, "readlink", f"/proc/self/ns/{kind}").stdout
+                        for cid in ids}
+                assert len(seen) == 1, (kind, seen)
+            # PID 1 of the shared namespace is the sandbox container's sleep.
+            assert _exec(c, ids[0], "cat", "/proc/1/cmdline").stdout.startswith(b"sleep\0")
+            names = daemons.ctr_ok(d.address, "containers", "ls", "-q",
+                                   namespace="k8s.io").out.split()
+            assert sorted(names) == sorted([sid, *ids])
+            c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+            st = c.runtime("pod_sandbox_status", api.PodSandboxStatusRequest(
+                pod_sandbox_id=sid)).status
+            assert st.state == api.PodSandboxState.SANDBOX_NOTREADY
+            c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+        assert daemons.ctr_ok(d.address, "containers", "ls", "-q", namespace="k8s.io").out == ""
+        assert daemons.ctr_ok(d.address, "tasks", "ls", "-q", namespace="k8s.io").out == ""
+    finally:
+        d.stop()

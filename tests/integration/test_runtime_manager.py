@@ -33,7 +33,7 @@ from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import Status
 from berth.core.events import typeurl
 from berth.core.events.exchange import Exchange, Subscription
-from berth.core.metadata.containers import store_for
+from berth.core.metadata.containers import Container, store_for
 from berth.core.metadata.db import Database
 from berth.core.runtime.manager import CreateOpts, TaskManager
 from berth.core.services.events import EventsService
@@ -229,8 +229,15 @@ class Harness:
 
     def opts(self, task_id: str, args: list[str], *, stdout: str = "",
              annotations: dict[str, str] | None = None) -> CreateOpts:
+        """The task's create options; its container is recorded first, as berthd's
+        Containers service does (after a restart, a bundle of no container is retired)."""
+        oci = spec(self.namespace, task_id, args, annotations=annotations)
+        containers = store_for(self.db)
+        with contextlib.suppress(errdefs.AlreadyExists):
+            containers.create(self.namespace, Container(id=task_id, runtime_name=RUNTIME,
+                                                        spec=oci))
         return CreateOpts(
-            spec=spec(self.namespace, task_id, args, annotations=annotations),
+            spec=oci,
             runtime=RUNTIME,
             # The shim mounts the rootfs on <bundle>/rootfs itself.
             rootfs=[Mount(type="bind", source=str(self.rootfs), options=["rbind", "ro"])],
@@ -250,11 +257,12 @@ def harness(leftovers: Leftovers) -> Iterator[Harness]:
 
 
 @asynccontextmanager
-async def running(h: Harness) -> AsyncIterator[TaskManager]:
+async def running(h: Harness, *, recover: bool = True) -> AsyncIterator[TaskManager]:
     """A manager as berthd runs it, with berthd's ttrpc Events service for the shims.
 
     Leaving the block cancels the manager's nursery, as stopping berthd does: shims
-    and their containers keep running.
+    and their containers keep running. ``recover=False``: the bundles left behind are
+    only adopted, as before berthd serves; the test calls ``serving()`` itself.
     """
     async with trio.open_nursery() as nursery:
         server = Server()
@@ -266,7 +274,10 @@ async def running(h: Harness) -> AsyncIterator[TaskManager]:
             ttrpc_address=str(h.base / "berth.sock.ttrpc"), events=h.exchange,
             containers=store_for(h.db), nursery=nursery,
         )
-        await manager.load_existing()
+        if recover:
+            await manager.load_existing()
+        else:
+            manager.adopt_existing()
         yield manager
         nursery.cancel_scope.cancel()
 
@@ -465,3 +476,79 @@ async def test_grouped_tasks_share_a_shim(harness: Harness) -> None:
         assert not alive(p)
     assert_nothing_left(h, "g1")
     assert_nothing_left(h, "g2")
+
+
+async def test_restart_recovery_runs_after_serving_and_on_demand(harness: Harness) -> None:
+    """Bundles left by a previous berthd are only noted until berthd serves; a task whose
+    shim died is cleaned up at once when a call needs it, the rest in the background."""
+    h = harness
+    with trio.fail_after(GUARD):
+        async with running(h) as manager:
+            pids = {}
+            for tid in ("d1", "d2", "l1"):
+                task = await manager.create(h.namespace, tid, h.opts(tid, ["sleep", "1000"]))
+                pids[tid] = await task.start()
+        for tid in ("d1", "d2"):
+            (shim,) = shim_pids(h.namespace, tid)
+            os.kill(shim, signal.SIGKILL)
+            while alive(shim):
+                await trio.sleep(0.02)
+        sub = h.exchange.subscribe()
+        async with running(h, recover=False) as manager:
+            # Nothing dialled yet: every bundle waits, none is listed as a task.
+            assert manager.tasks(h.namespace) == []
+            assert [p.id for p in manager.recovering_in(h.namespace)] == ["d1", "d2", "l1"]
+            assert topics_of(sub) == []
+            # A call on d1 (Delete, Kill, Wait) does its cleanup now.
+            exit_ = await manager.settle(h.namespace, "d1")
+            assert exit_ is not None and (exit_.pid, exit_.status) == (pids["d1"], 137)
+            e = await next_event(sub, "/tasks/exit")
+            assert (e.container_id, e.pid, e.exit_status) == ("d1", pids["d1"], 137)
+            await next_event(sub, "/tasks/delete")
+            assert not (h.state / h.namespace / "d1").exists()
+            assert [p.id for p in manager.recovering_in(h.namespace)] == ["d2", "l1"]
+            # Once berthd serves, the rest is recovered in the background.
+            manager.serving()
+            await manager.recovered()
+            assert manager.recovering_in(h.namespace) == []
+            e = await next_event(sub, "/tasks/exit")
+            assert (e.container_id, e.pid, e.exit_status) == ("d2", pids["d2"], 137)
+            await next_event(sub, "/tasks/delete")
+            (live,) = manager.tasks(h.namespace)
+            assert (live.id, (await live.state()).status) == ("l1", Status.RUNNING)
+            # A settled id is no recovering one any more.
+            assert await manager.settle(h.namespace, "d1") is None
+            await live.kill(signal.SIGKILL)
+            await live.wait()
+            await manager.delete(h.namespace, "l1")
+    for tid in ("d1", "d2", "l1"):
+        assert not alive(pids[tid])
+        assert_nothing_left(h, tid)
+
+
+async def test_restart_retires_shims_of_no_container(harness: Harness) -> None:
+    """A shim and bundle whose container record is gone (a start cut short by a crash)
+    are shut down and removed at start-up, and the id can be used again."""
+    h = harness
+    containers = store_for(h.db)
+    with trio.fail_after(GUARD):
+        async with running(h) as manager:
+            o1 = await manager.create(h.namespace, "o1", h.opts("o1", ["sleep", "1000"]))
+            pid = await o1.start()
+            # o2 is created but never started, as when ctr run is cut short.
+            await manager.create(h.namespace, "o2", h.opts("o2", ["sleep", "1000"]))
+        shims = shim_pids(h.namespace)
+        assert len(shims) == 2
+        for tid in ("o1", "o2"):
+            containers.delete(h.namespace, tid)
+        async with running(h) as manager:
+            assert manager.tasks(h.namespace) == []
+            assert not any(alive(s) for s in shims)
+            assert not alive(pid)
+            for tid in ("o1", "o2"):
+                assert_nothing_left(h, tid)
+            again = await manager.create(h.namespace, "o1", h.opts("o1", ["true"]))
+            await again.start()
+            assert (await again.wait()).status == 0
+            await manager.delete(h.namespace, "o1")
+    assert_nothing_left(h, "o1")
