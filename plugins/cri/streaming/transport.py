@@ -49,6 +49,7 @@ class Channel:
         self._room.set()
         self.remote_closed = False
         self.local_closed = False
+        self.aborted = trio.Event()
         self.headers: dict[str, str] = {}
 
     # -- fed by the connection's reader --
@@ -73,6 +74,7 @@ class Channel:
         """The peer reset the stream or the connection died: nothing more either way."""
         self.feed_eof()
         self.local_closed = True
+        self.aborted.set()
 
     # -- used by handlers --
 
