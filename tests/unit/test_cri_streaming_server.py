@@ -340,3 +340,18 @@ async def test_idle_upgraded_connection_is_closed() -> None:
                 while await s.receive_some(4096):
                     pass
         assert server.active == 0
+
+
+async def test_websocket_garbage_closes_only_that_connection() -> None:
+    rng = random.Random(11)
+    async with serving() as (server, _):
+        for garbage in (bytes(rng.getrandbits(8) for _ in range(4096)),
+                        b"\x82\x7f" + b"\xff" * 8,  # a frame claiming 2^64-1 bytes
+                        b"\x81\x85" + b"\0\0\0\0" + b"\xff\xfe\xfd\xfc\xfb"):  # text, not UTF-8
+            url = server.get_exec(ExecRequest("c1", ("sleep", "30")))
+            async with ws_connect(url, ["v5.channel.k8s.io"]) as c:
+                with trio.fail_after(30):
+                    await c.stream.send_all(garbage)
+                    await c.closed.wait()
+            res = await ws_exec(server.get_exec(ExecRequest("c1", SCRIPT)))
+            assert res.exit_code == 3
