@@ -45,7 +45,7 @@ _log = structlog.get_logger("berth.cri.streaming")
 # After an exec's process exits, how long its output may take to drain (the shim closes the
 # FIFOs' writing ends once it has copied everything).
 DRAIN_GRACE = 5.0
-COPY_SIZE = 64 * 1024
+COPY_SIZE = 128 * 1024
 
 
 class StreamingOps:
