@@ -148,15 +148,15 @@ def test_exec_tty_and_resize(pod: Pod) -> None:
             await rc.send_stdin(b"echo typed-$((40+2))\n")
             await rc.read_stdout_until(b"typed-42")
             await rc.resize(123, 45)
-            await rc.send_stdin(b"stty size; exit 5\n")
-            assert b"45 123" in await rc.read_stdout_until(b"45 123")
+            await _see_size(rc, b"45 123")
+            await rc.send_stdin(b"exit 5\n")
             res = await rc.finish()
         assert res.exit_code == 5
         url = pod.exec_url(pod.web, ["sh"], tty=True, stdin=True, stdout=True)
         async with ws_remotecommand(url) as rc:
             await rc.resize(91, 17)
-            await rc.send_stdin(b"stty size; exit 0\n")
-            assert b"17 91" in await rc.read_stdout_until(b"17 91")
+            await _see_size(rc, b"17 91")
+            await rc.send_stdin(b"exit 0\n")
             res = await rc.finish()
         assert res.exit_code == 0
     trio.run(_guarded, run)
@@ -233,3 +233,14 @@ def test_tokens_and_idle_connections(pod: Pod) -> None:
             for s in idle:
                 await s.aclose()
     trio.run(_guarded, run)
+
+
+async def _see_size(rc, needle: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Ask ``stty size`` until the resize has landed: the resize and stdin streams are
+    separate, so the first ask may run before the terminal changed (the kubelet's race too)."""
+    for _ in range(100):
+        await rc.send_stdin(b"stty size\n")
+        with trio.move_on_after(0.5):
+            await rc.read_stdout_until(needle)
+            return
+    raise AssertionError(f"terminal never showed {needle!r}")

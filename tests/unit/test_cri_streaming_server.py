@@ -86,8 +86,8 @@ async def test_spdy_tty_line_and_resize() -> None:
             await rc.send_stdin(b"echo typed-$((40+2))\n")
             assert b"typed-42" in await rc.read_stdout_until(b"typed-42")
             await rc.resize(123, 45)
-            await rc.send_stdin(b"stty size; exit 7\n")
-            await rc.read_stdout_until(b"45 123")
+            await _see_size(rc, b"45 123")
+            await rc.send_stdin(b"exit 7\n")
             res = await rc.finish()
         assert res.exit_code == 7
 
@@ -118,8 +118,8 @@ async def test_ws_tty_resize() -> None:
             await rc.send_stdin(b"echo typed-$((40+2))\n")
             await rc.read_stdout_until(b"typed-42")
             await rc.resize(91, 17)
-            await rc.send_stdin(b"stty size; exit 0\n")
-            assert b"17 91" in await rc.read_stdout_until(b"17 91")
+            await _see_size(rc, b"17 91")
+            await rc.send_stdin(b"exit 0\n")
             res = await rc.finish()
         assert res.exit_code == 0
 
@@ -355,3 +355,14 @@ async def test_websocket_garbage_closes_only_that_connection() -> None:
                     await c.closed.wait()
             res = await ws_exec(server.get_exec(ExecRequest("c1", SCRIPT)))
             assert res.exit_code == 3
+
+
+async def _see_size(rc, needle: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Ask ``stty size`` until the resize has landed: the resize and stdin streams are
+    separate, so the first ask may run before the terminal changed (the kubelet's race too)."""
+    for _ in range(100):
+        await rc.send_stdin(b"stty size\n")
+        with trio.move_on_after(0.5):
+            await rc.read_stdout_until(needle)
+            return
+    raise AssertionError(f"terminal never showed {needle!r}")
