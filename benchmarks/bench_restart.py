@@ -4,6 +4,7 @@ Run as root from the repository root::
 
     python -m benchmarks.bench_restart                   # 100 dead shims per daemon
     python -m benchmarks.bench_restart --containers 3    # smoke run
+    python -m benchmarks.bench_restart --boot-only       # the daemons' plain boots only
 
 berthd and the real containerd start side by side, each on a fresh root in one
 temporary folder, and import the same busybox image (``tests.images``). On each,
@@ -21,6 +22,12 @@ default runtime, started 8 at a time). Then, one daemon after the other:
      actions, runc) included;
 3. for reference, a second restart with nothing to clean up (first answer only).
 
+Before that, the daemons' own boot: each is started ``--boots`` times (alternating) on
+a fresh root with nothing to recover, and the median is reported of the time from its
+start until ``ctr version`` answered, and of the CPU time it had used by then (user +
+system, all threads: the steadier number on a busy machine). ``--boot-only`` stops there;
+``--drop-caches`` empties the page cache before each start (a boot from disk).
+
 Ratios are berthd / containerd. The machine's load average is printed with the
 results (the machine may be shared). Everything is removed at the end, also when a
 step fails: containers, processes, mounts, cgroups.
@@ -30,11 +37,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,6 +101,13 @@ def ppid_of(pid: int) -> int:
             if line.startswith("PPid:"):
                 return int(line.split()[1])
     return 0
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), its children not counted."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:13]) / CLK_TCK
 
 
 def cpu_seconds(pid: int) -> float:
@@ -182,9 +198,8 @@ def kill_with_shims(s: Session, name: str, pids: dict[str, int]) -> None:
     wait_until("the shims to die", lambda: not any(alive(p) for p in shims))
 
 
-def restart(s: Session, name: str) -> tuple[float, int]:
-    """Start the daemon again: the seconds until ``ctr version`` answered, its pid."""
-    d = s.daemon(name)
+def start_timed(d: daemons.Daemon) -> tuple[float, int]:
+    """Start the daemon: the seconds until ``ctr version`` answered, its pid."""
     d.address.parent.mkdir(parents=True, exist_ok=True)
     log = open(d.log_path, "ab")  # noqa: SIM115 - the child owns it from here
     began = time.monotonic()
@@ -193,14 +208,53 @@ def restart(s: Session, name: str) -> tuple[float, int]:
                                   env={**os.environ, **d.env}, start_new_session=True)
     finally:
         log.close()
-    wait_until(f"{name} to serve",
+    wait_until(f"{d.name} to serve",
                lambda: d.proc.poll() is None and d.address.exists() and accepts(d.address),
                pause=0.002)
-    r = s.ctr(name, "version")
+    r = daemons.ctr(d.address, "version", timeout=GUARD)
     answered = time.monotonic() - began
     if r.rc != 0:
-        raise BenchError(f"{name}: ctr version: {r.err.strip()}")
+        raise BenchError(f"{d.name}: ctr version: {r.err.strip()}")
     return answered, d.proc.pid
+
+
+def restart(s: Session, name: str) -> tuple[float, int]:
+    """Start the daemon again: the seconds until ``ctr version`` answered, its pid."""
+    return start_timed(s.daemon(name))
+
+
+@dataclass
+class Boot:
+    first_answer: float
+    cpu: float
+
+
+def drop_page_cache() -> None:
+    """Start the next daemon from disk: its binary, libraries and (berthd) modules."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def boots(base: Path, n: int, cold: bool = False) -> dict[str, Boot]:
+    """Median time to first answer and boot CPU of each daemon on fresh roots."""
+    walls: dict[str, list[float]] = {"containerd": [], "berth": []}
+    cpus: dict[str, list[float]] = {"containerd": [], "berth": []}
+    for i in range(n):
+        for name in ("containerd", "berth"):
+            folder = base / f"boot-{name}-{i}"
+            d = (daemons.berthd(folder, "--log-level", "info") if name == "berth"
+                 else daemons.containerd(folder))
+            if cold:
+                drop_page_cache()
+            try:
+                wall, pid = start_timed(d)
+                cpus[name].append(own_cpu_seconds(pid))
+                walls[name].append(wall)
+            finally:
+                d.stop()
+                shutil.rmtree(folder, ignore_errors=True)
+    return {name: Boot(statistics.median(walls[name]), statistics.median(cpus[name]))
+            for name in walls}
 
 
 def measure(s: Session, name: str, n: int) -> Restart:
@@ -258,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--containers", type=int, default=100,
                    help="dead shims per daemon (default 100)")
+    p.add_argument("--boots", type=int, default=10,
+                   help="starts per daemon with nothing to recover (default 10)")
+    p.add_argument("--boot-only", action="store_true",
+                   help="measure the boots only, no containers")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="boots from a cold page cache (drops the machine's page cache "
+                        "before each start)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_restart: run as root (containers, containerd)", file=sys.stderr)
@@ -271,19 +332,38 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(subprocess.run([daemons.CONTAINERD, "--version"], capture_output=True,
                          text=True).stdout.strip())
+    # Without cached bytecode (PYTHONDONTWRITEBYTECODE, a fresh checkout) every berthd
+    # start compiles berth's modules first: ~0.1-0.2 s of CPU that an installed wheel has not.
+    daemon_py = Path(__file__).resolve().parent.parent / "core" / "daemon.py"
+    cached = Path(importlib.util.cache_from_source(str(daemon_py))).exists()
+    print(f"berth bytecode cached: {'yes' if cached else 'no'}")
     print(f"work dir {base}; namespace {s.namespace}; {n} dead runc-v2 shims per daemon")
     results: dict[str, Restart] = {}
     problems: list[str] = []
     try:
-        images.write_oci_tar(base / "busybox.tar")
-        for name in ("containerd", "berth"):
-            s.daemon(name).start()
-            s.ok(name, "images", "import", str(base / "busybox.tar"))
-        for name in ("containerd", "berth"):
-            results[name] = measure(s, name, n)
+        booted = boots(base, args.boots, cold=args.drop_caches)
+        cb, bb = booted["containerd"], booted["berth"]
+        print(f"\n== boot with nothing to recover (fresh root, median of {args.boots} "
+              f"starts each{', cold page cache' if args.drop_caches else ''}) ==")
+        print(f"{'daemon':<12} {'first answer':>13} {'boot cpu':>9}")
+        for label, r in (("containerd", cb), ("berthd", bb)):
+            print(f"{label:<12} {r.first_answer:12.3f}s {r.cpu:8.2f}s")
+        print(f"ratio berthd/containerd boot: first answer "
+              f"{bb.first_answer / cb.first_answer:.2f}x, cpu "
+              f"{bb.cpu / max(cb.cpu, 1 / CLK_TCK):.2f}x")
+        print(f"load average after the boots {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if not args.boot_only:
+            images.write_oci_tar(base / "busybox.tar")
+            for name in ("containerd", "berth"):
+                s.daemon(name).start()
+                s.ok(name, "images", "import", str(base / "busybox.tar"))
+            for name in ("containerd", "berth"):
+                results[name] = measure(s, name, n)
         load = os.getloadavg()
     finally:
         problems = cleanup(s)
+    if args.boot_only:
+        return report_cleanup(problems)
     c, b = results["containerd"], results["berth"]
     print(f"\n== restart with {n} dead shims (seconds from the daemon's start) ==")
     print(f"{'daemon':<12} {'first answer':>13} {'all cleaned':>12} {'daemon cpu':>11} "
@@ -296,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
           f"cpu {b.cpu / c.cpu:.2f}x, "
           f"first answer with nothing to clean {b.idle_first_answer / c.idle_first_answer:.2f}x")
     print(f"load average after the runs {' '.join(f'{x:.2f}' for x in load)}")
+    return report_cleanup(problems)
+
+
+def report_cleanup(problems: list[str]) -> int:
     if problems:
         print("cleanup: " + "; ".join(problems))
         return 1

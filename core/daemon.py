@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import gc
 import os
 import signal
 import sys
@@ -180,6 +181,7 @@ async def run(cfg: config.Config) -> None:
             root_lock(cfg.root):
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, cfg)
+            gc.enable()  # disabled by main() for the start-up
             async for signum in signals:
                 log.info("stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -224,6 +226,17 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Until berthd serves, it makes mostly objects that live as long as it does (modules,
+    # classes, plugins): cyclic collections meanwhile free nothing and cost about a tenth
+    # of the start-up's CPU. ``run`` turns them back on once the servers are up.
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "config" and args.action == "default":

@@ -446,12 +446,12 @@ def registry_tls() -> Iterator[RegistryServer]:
 
 def push_image(server: RegistryServer, repository: str, tag: str, img: Image) -> None:
     """Put an image into the registry with berth's registry client (no daemon)."""
+    from berth.core.client.registry import Credentials, Registry
     from berth.core.images.manifest import Descriptor
-    from berth.core.registry import Credentials, Registry
 
     async def run() -> None:
         creds = Credentials(*server.credentials) if server.credentials else None
-        from berth.core.registry import TLSOptions
+        from berth.core.client.registry import TLSOptions
 
         tls = TLSOptions(ca_file=str(server.ca_file)) if server.tls else None
         async with Registry(server.host, plain_http=not server.tls, credentials=creds,

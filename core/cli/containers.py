@@ -11,19 +11,21 @@ from typing import Any
 
 from grpclib import GRPCError
 
-from berth.core.cli import app, client, run as run_cli, tasks as tasks_cli
+from berth.core import errdefs
+from berth.core.cli import app, errors, run as run_cli, tasks as tasks_cli
 from berth.core.cli.output import emit
+from berth.core.client import connection, tasks as client_tasks
 
 
-async def create(args: argparse.Namespace, s: client.Session) -> int:
+async def create(args: argparse.Namespace, s: connection.Session) -> int:
     await run_cli.new_container(args, s, args.ref, args.id, args.cmd)
     return 0
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.containers.v1 import ListContainersRequest
 
-    resp = await tasks_cli.containers_stub(s).list(ListContainersRequest(filters=args.filters))
+    resp = await client_tasks.containers_stub(s).list(ListContainersRequest(filters=args.filters))
     if args.quiet:
         for c in resp.containers:
             print(c.id)
@@ -78,48 +80,49 @@ def container_json(c: Any) -> dict[str, Any]:
     return doc
 
 
-async def info(args: argparse.Namespace, s: client.Session) -> int:
+async def info(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.oci import default_spec
 
-    c = await tasks_cli.get_container(s, args.container)
+    c = await client_tasks.get_container(s, args.container)
     doc = default_spec.from_any(c.spec) if args.spec else container_json(c)
     print(json.dumps(doc, indent=4))
     return 0
 
 
-async def delete_one(s: client.Session, container_id: str, *, keep_snapshot: bool) -> None:
+async def delete_one(s: connection.Session, container_id: str, *, keep_snapshot: bool) -> None:
     from berth.core.api.containerd.services.tasks.v1 import GetRequest
     from berth.core.api.containerd.v1.types import Status
 
-    container = await tasks_cli.get_container(s, container_id)
+    container = await client_tasks.get_container(s, container_id)
     try:
-        process = (await tasks_cli.tasks_stub(s).get(
+        process = (await client_tasks.tasks_stub(s).get(
             GetRequest(container_id=container_id))).process
     except GRPCError as e:
-        if not tasks_cli.is_not_found(e):
+        if not client_tasks.is_not_found(e):
             raise
     else:
         if process.status not in (Status.STOPPED, Status.CREATED):
+            status = client_tasks.status_name(process.status)
             raise app.CommandError(
-                f"cannot delete a non stopped container: {{{tasks_cli.status_name(process.status)}"
+                f"cannot delete a non stopped container: {{{status}"
                 f" {process.exit_status} {tasks_cli.go_time(process.exited_at)}}}")
-        await tasks_cli.delete_task(s, container_id, force=process.status == Status.CREATED)
+        await client_tasks.delete_task(s, container_id, force=process.status == Status.CREATED)
     await run_cli.remove_container(s, container, keep_snapshot=keep_snapshot)
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     failed = False
     for cid in args.containers:
         try:
             await delete_one(s, cid, keep_snapshot=args.keep_snapshot)
-        except (GRPCError, app.CommandError) as e:
+        except (GRPCError, errdefs.BerthError, app.CommandError) as e:
             failed = True
-            msg = f"{e.status.name}: {e.message}" if isinstance(e, GRPCError) else str(e)
-            print(f"berth: failed to delete container {cid!r}: {msg}", file=sys.stderr)
+            print(f"berth: failed to delete container {cid!r}: {errors.message(e)}",
+                  file=sys.stderr)
     return 1 if failed else 0
 
 
-async def label(args: argparse.Namespace, s: client.Session) -> int:
+async def label(args: argparse.Namespace, s: connection.Session) -> int:
     from betterproto.lib.google.protobuf import FieldMask
 
     from berth.core.api.containerd.services.containers.v1 import Container, UpdateContainerRequest
@@ -127,7 +130,7 @@ async def label(args: argparse.Namespace, s: client.Session) -> int:
     if not args.container:
         raise app.CommandError("container id must be provided")
     labels = run_cli.label_args(args.labels)
-    resp = await tasks_cli.containers_stub(s).update(UpdateContainerRequest(
+    resp = await client_tasks.containers_stub(s).update(UpdateContainerRequest(
         container=Container(id=args.container, labels=labels),
         update_mask=FieldMask(paths=[f"labels.{k}" for k in labels])))
     print(",".join(f"{k}={v}" for k, v in sorted(resp.container.labels.items())))
@@ -135,30 +138,37 @@ async def label(args: argparse.Namespace, s: client.Session) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("containers", aliases=["container", "c"], help="manage containers")
+    p = app.group(sub, "containers", example="berth containers ls",
+                  aliases=["container", "c"], help="manage containers")
     g = p.add_subparsers(dest="cmd", metavar="COMMAND")
     g.required = True
 
-    c = app.add(g, "create", create, help="create a container")
+    c = app.add(g, "create", create,
+                example="berth containers create docker.io/library/alpine:latest web sleep 300",
+                help="create a container")
     run_cli.container_flags(c)
     c.add_argument("ref", metavar="IMAGE|ROOTFS")
     c.add_argument("id", metavar="CONTAINER")
     c.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
 
-    c = app.add(g, "delete", rm, help="delete one or more containers",
+    c = app.add(g, "delete", rm, example="berth containers rm web",
+                help="delete one or more containers",
                 aliases=["del", "remove", "rm"])
     c.add_argument("--keep-snapshot", action="store_true",
                    help="do not clean up the snapshot with the container")
     c.add_argument("containers", nargs="+", metavar="CONTAINER")
 
-    c = app.add(g, "info", info, help="get info about a container")
+    c = app.add(g, "info", info, example="berth containers info --spec web",
+                help="get info about a container")
     c.add_argument("--spec", action="store_true", help="only display the spec")
     c.add_argument("container")
 
-    c = app.add(g, "label", label, help="set and clear labels for a container")
+    c = app.add(g, "label", label, example="berth containers label web tier=front owner=",
+                help="set and clear labels for a container")
     c.add_argument("container")
     c.add_argument("labels", nargs="*", metavar="KEY=VALUE")
 
-    c = app.add(g, "list", ls, help="list containers", aliases=["ls"])
+    c = app.add(g, "list", ls, example="berth containers ls -q 'labels.tier==front'",
+                help="list containers", aliases=["ls"])
     c.add_argument("--quiet", "-q", action="store_true", help="print only the container id")
     c.add_argument("filters", nargs="*")

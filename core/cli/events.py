@@ -6,7 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from berth.core.cli import app, client
+from berth.core.cli import app
+from berth.core.client import connection
 
 
 def _line(env: Any, seq: int | None, fmt: str) -> str:
@@ -25,7 +26,7 @@ def _line(env: Any, seq: int | None, fmt: str) -> str:
     return f"{prefix}{env.timestamp} {env.namespace} {env.topic} {body}"
 
 
-async def events(args: argparse.Namespace, s: client.Session) -> int:
+async def events(args: argparse.Namespace, s: connection.Session) -> int:
     if args.since is None:
         from berth.core.api.containerd.services.events.v1 import EventsStub, SubscribeRequest
 
@@ -41,7 +42,8 @@ async def events(args: argparse.Namespace, s: client.Session) -> int:
 
 
 def register(sub: Any) -> None:
-    c = app.add(sub, "events", events, help="display events", aliases=["event"])
+    c = app.add(sub, "events", events, example="berth events 'topic~=/tasks/'",
+                help="display events", aliases=["event"])
     c.add_argument("--since", type=int, default=None,
                    help="replay the durable log after this sequence number, then follow")
     c.add_argument("--no-follow", action="store_true", help="with --since: stop at the end")

@@ -7,8 +7,9 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from berth.core.cli import app, client
+from berth.core.cli import app, errors
 from berth.core.cli.output import emit
+from berth.core.client import connection
 
 EXPIRE_LABEL = "containerd.io/gc.expire"
 
@@ -24,13 +25,13 @@ def _duration(text: str) -> timedelta:
     return timedelta(seconds=sum(float(a) * unit[b] for a, b in parts))
 
 
-def _stub(s: client.Session) -> Any:
+def _stub(s: connection.Session) -> Any:
     from berth.core.api.containerd.services.leases.v1 import LeasesStub
 
     return LeasesStub(s.channel, metadata=s.metadata)
 
 
-async def create(args: argparse.Namespace, s: client.Session) -> int:
+async def create(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.leases.v1 import CreateRequest
 
     labels = app.labels_from(args.labels)
@@ -42,7 +43,7 @@ async def create(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.leases.v1 import ListRequest
 
     resp = await _stub(s).list(ListRequest(filters=args.filters))
@@ -59,7 +60,7 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     from grpclib import GRPCError
 
     from berth.core.api.containerd.services.leases.v1 import DeleteRequest
@@ -69,8 +70,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
         try:
             await _stub(s).delete(DeleteRequest(id=lid, sync=args.sync))
         except GRPCError as e:
-            print(f"berth: unable to delete {lid}: {e.status.name}: {e.message}",
-                  file=sys.stderr)
+            print(f"berth: unable to delete {lid}: {errors.message(e)}", file=sys.stderr)
             failed = True
             continue
         print(lid)
@@ -78,17 +78,19 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("leases", aliases=["lease"], help="manage leases")
+    p = app.group(sub, "leases", example="berth leases ls", aliases=["lease"], help="manage leases")
     g = p.add_subparsers(dest="cmd", metavar="COMMAND")
     g.required = True
-    c = app.add(g, "create", create, help="create a lease")
+    c = app.add(g, "create", create, example="berth leases create --id keep -x 1h",
+                help="create a lease")
     c.add_argument("--id", help="lease id (random when empty)")
     c.add_argument("--expires", "-x", type=_duration, default=timedelta(hours=24),
                    help="expiry as a duration (0s: never)")
     c.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-    c = app.add(g, "list", ls, help="list leases", aliases=["ls"])
+    c = app.add(g, "list", ls, example="berth leases ls", help="list leases", aliases=["ls"])
     c.add_argument("--quiet", "-q", action="store_true")
     c.add_argument("filters", nargs="*")
-    c = app.add(g, "delete", rm, help="delete leases", aliases=["rm"])
+    c = app.add(g, "delete", rm, example="berth leases rm keep",
+                help="delete leases", aliases=["rm"])
     c.add_argument("--sync", action="store_true", help="collect garbage before returning")
     c.add_argument("ids", nargs="+")

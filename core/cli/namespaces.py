@@ -6,17 +6,18 @@ import argparse
 import sys
 from typing import Any
 
-from berth.core.cli import app, client
+from berth.core.cli import app, errors
 from berth.core.cli.output import emit
+from berth.core.client import connection
 
 
-def _stub(s: client.Session) -> Any:
+def _stub(s: connection.Session) -> Any:
     from berth.core.api.containerd.services.namespaces.v1 import NamespacesStub
 
     return NamespacesStub(s.channel, metadata=s.metadata)
 
 
-async def create(args: argparse.Namespace, s: client.Session) -> int:
+async def create(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.namespaces.v1 import CreateNamespaceRequest, Namespace
 
     await _stub(s).create(CreateNamespaceRequest(
@@ -24,7 +25,7 @@ async def create(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.namespaces.v1 import ListNamespacesRequest
 
     resp = await _stub(s).list(ListNamespacesRequest())
@@ -39,7 +40,7 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def label(args: argparse.Namespace, s: client.Session) -> int:
+async def label(args: argparse.Namespace, s: connection.Session) -> int:
     from betterproto.lib.google.protobuf import FieldMask
 
     from berth.core.api.containerd.services.namespaces.v1 import Namespace, UpdateNamespaceRequest
@@ -52,7 +53,7 @@ async def label(args: argparse.Namespace, s: client.Session) -> int:
     return 0
 
 
-async def rm(args: argparse.Namespace, s: client.Session) -> int:
+async def rm(args: argparse.Namespace, s: connection.Session) -> int:
     from grpclib import GRPCError
     from grpclib.const import Status
 
@@ -64,8 +65,7 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
             await _stub(s).delete(DeleteNamespaceRequest(name=name))
         except GRPCError as e:
             if e.status is not Status.NOT_FOUND:
-                print(f"berth: unable to delete {name}: {e.status.name}: {e.message}",
-                      file=sys.stderr)
+                print(f"berth: unable to delete {name}: {errors.message(e)}", file=sys.stderr)
                 failed = True
                 continue
         print(name)
@@ -73,16 +73,21 @@ async def rm(args: argparse.Namespace, s: client.Session) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("namespaces", aliases=["namespace", "ns"], help="manage namespaces")
+    p = app.group(sub, "namespaces", example="berth namespaces ls",
+                  aliases=["namespace", "ns"], help="manage namespaces")
     g = p.add_subparsers(dest="cmd", metavar="COMMAND")
     g.required = True
-    c = app.add(g, "create", create, help="create a namespace", aliases=["c"])
+    c = app.add(g, "create", create, example="berth namespaces create web tier=front",
+                help="create a namespace", aliases=["c"])
     c.add_argument("name")
     c.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-    c = app.add(g, "list", ls, help="list namespaces", aliases=["ls"])
+    c = app.add(g, "list", ls, example="berth namespaces ls -q",
+                help="list namespaces", aliases=["ls"])
     c.add_argument("--quiet", "-q", action="store_true")
-    c = app.add(g, "label", label, help="set and clear labels (empty value clears)")
+    c = app.add(g, "label", label, example="berth namespaces label web tier=back",
+                help="set and clear labels (empty value clears)")
     c.add_argument("name")
     c.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-    c = app.add(g, "remove", rm, help="remove namespaces", aliases=["rm"])
+    c = app.add(g, "remove", rm, example="berth namespaces rm web",
+                help="remove namespaces", aliases=["rm"])
     c.add_argument("names", nargs="+")

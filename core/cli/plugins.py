@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from berth.core.cli import app, client
+from berth.core.cli import app
 from berth.core.cli.output import emit
+from berth.core.client import connection
 
 
 def _status(p: Any) -> str:
@@ -23,7 +24,7 @@ def _platforms(p: Any) -> str:
     return ",".join(out) or "-"
 
 
-async def ls(args: argparse.Namespace, s: client.Session) -> int:
+async def ls(args: argparse.Namespace, s: connection.Session) -> int:
     from berth.core.api.containerd.services.introspection.v1 import (
         IntrospectionStub,
         PluginsRequest,
@@ -62,9 +63,11 @@ async def ls(args: argparse.Namespace, s: client.Session) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("plugins", aliases=["plugin"], help="plugins and their status")
+    p = app.group(sub, "plugins", example="berth plugins ls",
+                  aliases=["plugin"], help="plugins and their status")
     g = p.add_subparsers(dest="cmd", metavar="COMMAND")
     g.required = True
-    c = app.add(g, "list", ls, help="list plugins", aliases=["ls"])
+    c = app.add(g, "list", ls, example="berth plugins ls -d type==io.containerd.snapshotter.v1",
+                help="list plugins", aliases=["ls"])
     c.add_argument("--detailed", "-d", action="store_true", help="show details")
     c.add_argument("filters", nargs="*")

@@ -20,8 +20,9 @@ from typing import Any
 
 from grpclib import GRPCError
 
-from berth.core import cio, errdefs
-from berth.core.cli import app, client, tasks as tasks_cli
+from berth.core import errdefs
+from berth.core.cli import app, tasks as tasks_cli
+from berth.core.client import cio, connection, tasks as client_tasks
 
 DEFAULT_RUNTIME = "io.containerd.berth.v1"
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
@@ -116,7 +117,7 @@ def read_env_file(path: str) -> list[str]:
     return out
 
 
-async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
+async def new_container(args: argparse.Namespace, s: connection.Session, ref: str,
                         container_id: str, cmd: list[str],
                         tty_size: tuple[int, int] | None = None) -> Any:
     """Create the container ``ctr run``/``ctr containers create`` would; returns it."""
@@ -127,7 +128,7 @@ async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
         CreateContainerRequest,
     )
     from berth.core.cli.images import default_snapshotter
-    from berth.core.images.client import Client
+    from berth.core.client.client import Client
     from berth.core.oci import default_spec
 
     if not ref:
@@ -135,31 +136,28 @@ async def new_container(args: argparse.Namespace, s: client.Session, ref: str,
     if not container_id:
         raise app.CommandError("container id must be provided")
     network_labels(args)
-    try:
-        opts = spec_options(args, cmd)
-        opts.tty_size = tty_size
-        runtime = ContainerRuntime(name=args.runtime,
-                                   options=runtime_options(args.runtime, args.runc_binary))
-        images = Client(s.channel, s.namespace,
-                        snapshotter=args.snapshotter or default_snapshotter())
-        # The lease protects the snapshot until the container record refers to it.
-        async with images.lease():
-            containers = ContainersStub(s.channel, metadata=images.metadata)
-            if not args.rootfs:
-                return await _from_image(args, s, images, containers, ref, container_id,
-                                         opts, runtime)
-            opts.rootfs = os.path.abspath(ref)
-            spec = default_spec.build(s.namespace, container_id, opts,
-                                      default_spec.UserDB.from_root(opts.rootfs))
-            record = Container(id=container_id, labels=label_args(args.label),
-                               runtime=runtime, spec=default_spec.to_any(spec))
-            return (await containers.create(CreateContainerRequest(container=record))
-                    ).container
-    except (errdefs.BerthError, OSError) as e:
-        raise app.CommandError(str(e)) from None
+    opts = spec_options(args, cmd)
+    opts.tty_size = tty_size
+    runtime = ContainerRuntime(name=args.runtime,
+                               options=runtime_options(args.runtime, args.runc_binary))
+    images = Client(s.channel, s.namespace,
+                    snapshotter=args.snapshotter or default_snapshotter())
+    # The lease protects the snapshot until the container record refers to it.
+    async with images.lease():
+        containers = ContainersStub(s.channel, metadata=images.metadata)
+        if not args.rootfs:
+            return await _from_image(args, s, images, containers, ref, container_id,
+                                     opts, runtime)
+        opts.rootfs = os.path.abspath(ref)
+        spec = default_spec.build(s.namespace, container_id, opts,
+                                  default_spec.UserDB.from_root(opts.rootfs))
+        record = Container(id=container_id, labels=label_args(args.label),
+                           runtime=runtime, spec=default_spec.to_any(spec))
+        return (await containers.create(CreateContainerRequest(container=record))
+                ).container
 
 
-async def _from_image(args: argparse.Namespace, s: client.Session, images: Any,
+async def _from_image(args: argparse.Namespace, s: connection.Session, images: Any,
                       containers: Any, ref: str, container_id: str, opts: Any,
                       runtime: Any) -> Any:
     from berth.core import mount as mounting
@@ -184,7 +182,7 @@ async def _from_image(args: argparse.Namespace, s: client.Session, images: Any,
         if len(k) + len(v) <= MAX_LABEL_SIZE:
             labels[k] = v
     labels.update(label_args(args.label))
-    labels[tasks_cli.STOP_SIGNAL_LABEL] = default_spec.image_stop_signal(config)
+    labels[client_tasks.STOP_SIGNAL_LABEL] = default_spec.image_stop_signal(config)
     mounts = await images.prepare(container_id, top,
                                   label_args(args.snapshotter_label))
     try:
@@ -202,7 +200,7 @@ async def _from_image(args: argparse.Namespace, s: client.Session, images: Any,
         raise
 
 
-async def remove_container(s: client.Session, container: Any, *,
+async def remove_container(s: connection.Session, container: Any, *,
                            keep_snapshot: bool = False) -> None:
     """Delete the record and, unless kept, its snapshot (WithSnapshotCleanup)."""
     from berth.core.api.containerd.services.containers.v1 import DeleteContainerRequest
@@ -216,12 +214,12 @@ async def remove_container(s: client.Session, container: Any, *,
             await SnapshotsStub(s.channel, metadata=s.metadata).remove(RemoveSnapshotRequest(
                 snapshotter=container.snapshotter, key=container.snapshot_key))
         except GRPCError as e:
-            if not tasks_cli.is_not_found(e):
+            if not client_tasks.is_not_found(e):
                 raise
-    await tasks_cli.containers_stub(s).delete(DeleteContainerRequest(id=container.id))
+    await client_tasks.containers_stub(s).delete(DeleteContainerRequest(id=container.id))
 
 
-async def run(args: argparse.Namespace, s: client.Session) -> int:
+async def run(args: argparse.Namespace, s: connection.Session) -> int:
     if args.rm and args.detach:
         raise app.CommandError("flags --detach and --rm cannot be specified together")
     container = await new_container(args, s, args.ref, args.id, args.cmd,
@@ -233,30 +231,30 @@ async def run(args: argparse.Namespace, s: client.Session) -> int:
             await remove_container(s, container)
 
 
-async def _run_task(args: argparse.Namespace, s: client.Session, container: Any) -> int:
+async def _run_task(args: argparse.Namespace, s: connection.Session, container: Any) -> int:
     fifos = cio.new_fifo_set(args.fifo_dir, container.id, terminal=args.tty)
     created = False
 
     async def create() -> None:
         nonlocal created
-        pid = await tasks_cli.create_task(s, container, fifos)
+        pid = await client_tasks.create_task(s, container, fifos)
         created = True
         if args.pid_file:
             tasks_cli.write_pid_file(args.pid_file, pid)
 
     try:
-        code = await tasks_cli.run_attached(s, container.id, fifos, create=create,
+        code = await client_tasks.run_attached(s, container.id, fifos, create=create,
                                             detach=args.detach)
     except BaseException:
         if created:
             with contextlib.suppress(Exception):
-                await tasks_cli.delete_task(s, container.id, force=True, fifos=fifos)
+                await client_tasks.delete_task(s, container.id, force=True, fifos=fifos)
         else:
             fifos.close()
         raise
     if code is None:
         return 0
-    await tasks_cli.delete_task(s, container.id, fifos=fifos)
+    await client_tasks.delete_task(s, container.id, fifos=fifos)
     return code
 
 
@@ -294,7 +292,9 @@ def container_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    c = app.add(sub, "run", run, help="run a container")
+    c = app.add(sub, "run", run,
+                example="berth run --rm -t docker.io/library/alpine:latest demo sh",
+                help="run a container")
     c.add_argument("--rm", action="store_true",
                    help="remove the container after running (not with --detach)")
     c.add_argument("--detach", "-d", action="store_true",

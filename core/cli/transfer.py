@@ -6,8 +6,8 @@ import sys
 import threading
 from typing import Any
 
+from berth.core.client.images.progress import Progress
 from berth.core.images.manifest import Descriptor
-from berth.core.images.progress import Progress
 
 
 def human(n: float) -> str:

@@ -69,7 +69,10 @@ def save(path: Path, subscribers: Counter[Key]) -> None:
     # The state dir is a tmpfs: write and rename, no fsync (as containerd does there).
     doc = {"subscribers": [list(k) for k, n in sorted(subscribers.items()) for _ in range(n)]}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
+    # Subscribers' filters can name containers and labels: private, like the rest of state.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as f:
+        f.write(json.dumps(doc))
     os.replace(tmp, path)
 
 

@@ -14,7 +14,7 @@ async def _init(ctx: InitContext) -> Exchange:
     capacity = int(ctx.config["log_capacity"])
     ctx.exports["log_capacity"] = str(capacity)
     grace = float(ctx.config["reconnect_grace"])
-    ctx.state.mkdir(parents=True, exist_ok=True, mode=0o711)
+    ctx.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     record = ctx.state / "subscribers.json"
     hold = holds.BootHold(holds.load(record), grace) if grace > 0 else None
     exchange = Exchange(EventLog(md.db, capacity) if capacity > 0 else None,

@@ -4,6 +4,10 @@ its config and layers, and the garbage collection labels that tie them together.
 These follow containerd's ``images`` package: ``manifest_for`` is ``images.Manifest``
 (an index's children are filtered by platform and the best match wins),
 ``child_labels`` is ``SetChildrenMappedLabels`` with ``ChildGCLabels``.
+
+Shared by both sides and bound to neither event loop: the walks only await the reader they
+are given (``read(digest) -> bytes``), the client library's over gRPC or a trio service's
+over the local content store.
 """
 
 from __future__ import annotations

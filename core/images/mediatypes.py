@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from berth.plugins.differ.compression import is_layer_media_type
+from berth.core.archive.compression import is_layer_media_type
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

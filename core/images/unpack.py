@@ -21,7 +21,6 @@ from berth.core import errdefs, log
 from berth.core.images import mediatypes
 from berth.core.images.image import Resolved
 from berth.core.images.manifest import chain_id
-from berth.core.snapshots import filter_inherited_labels
 
 _log = log.get("unpack")
 
@@ -66,6 +65,10 @@ async def unpack(client: Any, image: Resolved, *,
 async def _layer(client: Any, layer: Any, diff_id: str, parent: str, cid: str) -> bool:
     if await client.stat(cid) is not None:
         return False
+    # Imported here: core.snapshots loads the metadata package (trio) with it, which a
+    # client that never unpacks need not pay for.
+    from berth.core.snapshots import filter_inherited_labels
+
     labels = filter_inherited_labels(layer.annotations)
     labels[mediatypes.LABEL_SNAPSHOT_REF] = cid
     key = ""

@@ -5,6 +5,8 @@ A namespace is made by a thread of its own that unshares CLONE_NEWNET; its
 the namespace alive without any process in it. The thread then ends, so no worker
 thread of berthd ever stays in another namespace. Removing is unmount + unlink.
 Netlink inside a namespace goes through pyroute2 from such a thread (``run_in``).
+pyroute2 is imported by the functions that use it: it is a sixth of berthd's import time,
+and serving the first call after a start needs no netlink.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-
-from pyroute2 import IPRoute, netns as pr_netns
 
 from berth.core import mount
 from berth.core.oci.libc import load_libc
@@ -56,6 +56,8 @@ def _in_thread(fn: Callable[[], T]) -> T:
 
 
 def _lo_up() -> None:
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
@@ -115,6 +117,7 @@ def is_own(path: Path | str) -> bool:
 
 def run_in(path: Path | str, fn: Callable[[], T]) -> T:
     """Call ``fn`` in a thread that has entered the namespace at ``path``."""
+    from pyroute2 import netns as pr_netns
 
     def enter() -> T:
         try:
@@ -133,6 +136,8 @@ def loopback_up(path: Path | str) -> None:
 
 def links(path: Path | str) -> list[str]:
     """The names of the links inside the namespace at ``path``."""
+
+    from pyroute2 import IPRoute
 
     def names() -> list[str]:
         with IPRoute() as ipr:

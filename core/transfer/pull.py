@@ -1,17 +1,19 @@
 """Pulling an image inside berthd (trio) into the local stores.
 
-The same result as containerd's pull and as berth's client pull (``core.images.pull``):
+The same result as containerd's pull and as berth's client pull (``core.client.images.pull``):
 every blob labelled with its distribution source, parents with the GC labels of their
 children, an index limited to the platform's best manifest, layers unpacked into the
 snapshotter with containerd's snapshot names, and the image recorded once usable. All
 of it under a lease that expires by itself should berthd die half way, so GC takes back
 what an interrupted pull left. Registry endpoints come from containerd's hosts.toml
-rules (:mod:`berth.core.registry.hosts`): each endpoint able to resolve is tried in
+rules (:mod:`berth.core.distribution.hosts`; the registry client is the client
+library's, on httpx, which runs on trio too): each endpoint able to resolve is tried in
 order, and the one that answered serves the blobs. Progress is published per blob as
 ``berth.events.v1.ImagePullProgress`` on ``/images/pull/progress``.
 
-The manifest walk and unpacker of ``core.images`` are reused through :class:`LocalClient`,
-which offers them the client methods they call, over the local stores.
+The manifest walk (``core.images``) and the client library's unpacker and document
+fetch (framework-neutral: they only await the client they are given) are reused through
+:class:`LocalClient`, which offers them the client methods they call, over local stores.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from berth.core import errdefs, log
 from berth.core.api.berth.events.v1 import ImagePullProgress
 from berth.core.api.containerd.services.images import v1 as images_api
 from berth.core.api.containerd.types import Descriptor as ApiDescriptor
+from berth.core.distribution import auth
+from berth.core.distribution.client import Registry
+from berth.core.distribution.fetch import add_source, commit_fetched, fetch_document
+from berth.core.distribution.hosts import Endpoint, Hosts, registry_for, resolvers
 from berth.core.images import mediatypes, platforms
 from berth.core.images.image import (
     Resolved,
@@ -37,8 +43,6 @@ from berth.core.images.image import (
     select_manifests,
 )
 from berth.core.images.manifest import Descriptor, children
-from berth.core.images.progress import Progress
-from berth.core.images.pull import add_source, commit_fetched, fetch_document
 from berth.core.images.reference import Spec
 from berth.core.images.unpack import unpack as unpack_image
 from berth.core.metadata.content import Info, NamespacedContent
@@ -46,9 +50,6 @@ from berth.core.metadata.images import Descriptor as ImageTarget, Image, ImageSt
 from berth.core.metadata.leases import LeaseStore, random_id
 from berth.core.metadata.snapshots import NamespacedSnapshotter
 from berth.core.mount import Mount
-from berth.core.registry import auth
-from berth.core.registry.client import Registry, TLSOptions
-from berth.core.registry.hosts import CAP_PULL, CAP_RESOLVE, Endpoint, Hosts
 
 _log = log.get("pull")
 
@@ -165,7 +166,7 @@ class LocalClient:
         await self._sn.remove(self.namespace, key, lease=self.lease)
 
 
-class _Progress(Progress):
+class _Progress:
     """Publishes each blob's start and end (and each layer's unpacking) as an event."""
 
     def __init__(self, stores: Stores, namespace: str, ref: str) -> None:
@@ -187,6 +188,9 @@ class _Progress(Progress):
 
     def done(self, desc: Descriptor, status: str) -> None:
         self._publish(desc, status, desc.size)
+
+    def advance(self, desc: Descriptor, n: int) -> None:
+        """Bytes as they come are not news: start and end are."""
 
 
 class _Fetcher:
@@ -258,26 +262,14 @@ class _Fetcher:
             await w.close()
 
 
-def _registry(spec: Spec, ep: Endpoint, opts: PullOptions) -> Registry:
-    tls = None
-    if not ep.plain_http:
-        cert, key = ep.client[0] if ep.client else ("", "")
-        tls = TLSOptions(ca_file=ep.ca[0] if ep.ca else None, skip_verify=ep.skip_verify,
-                         cert_file=cert or None, key_file=key or None)
-    return Registry(spec.hostname, plain_http=ep.plain_http, credentials=opts.credentials,
-                    tls=tls, base=ep.base)
-
-
 async def _resolve(spec: Spec, endpoints: list[Endpoint], opts: PullOptions
                    ) -> tuple[Registry, Endpoint, Descriptor]:
     """The first endpoint that resolves the reference, and what it names."""
     reference = spec.digest or spec.tag or "latest"
     errors: list[str] = []
     not_found = True
-    for ep in endpoints:
-        if not ep.can(CAP_RESOLVE) and not (spec.digest and ep.can(CAP_PULL)):
-            continue
-        reg = _registry(spec, ep, opts)
+    for ep in resolvers(endpoints, bool(spec.digest)):
+        reg = registry_for(spec.hostname, ep, opts.credentials)
         try:
             desc = await reg.resolve(spec.repository, reference)
         except errdefs.NotFound as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from berth.core import errdefs
-from berth.core.registry.hosts import Hosts
+from berth.core.distribution.hosts import Hosts
 
 URI = "io.containerd.grpc.v1.cri"
 BERTH_RUNTIME = "io.containerd.berth.v1"

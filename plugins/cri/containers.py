@@ -21,7 +21,6 @@ from berth.core import errdefs
 from berth.core.api.containerd.types import Mount as ApiMount
 from berth.core.api.runtime import v1 as cri
 from berth.core.grpc.context import CallContext
-from berth.core.images.progress import first_error
 from berth.core.metadata.containers import Container
 from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts
@@ -73,19 +72,20 @@ class ContainerOps:
             if sn is None:
                 raise errdefs.FailedPrecondition(
                     f"snapshotter {self.config.snapshotter!r} is not loaded", raw=True)
-            mounts = await sn.prepare(NAMESPACE, ctr.id, image.chain_id)
-            prepared = True
-            spec = await trio.to_thread.run_sync(
-                cri_spec.container_spec, sb.view, ctr.id, config, image.resolved.config.raw,
-                image_user(image.resolved), mounts, self.oom)
-            runtime = self.config.runtime(sb.handler)
-            self.store.create(NAMESPACE, Container(
-                id=ctr.id, runtime_name=runtime.runtime_type,
-                runtime_options=rec.runtime_options(runtime.options),
-                spec=oci.to_any(spec), image=image.id,
-                labels={**config.labels, rec.KIND_LABEL: "container"},
-                snapshotter=self.config.snapshotter, snapshot_key=ctr.id,
-                extensions={rec.CONTAINER_EXT: rec.ext(ctr.to_doc())}))
+            async with self.leased() as lease:
+                mounts = await sn.prepare(NAMESPACE, ctr.id, image.chain_id, lease=lease)
+                prepared = True
+                spec = await trio.to_thread.run_sync(
+                    cri_spec.container_spec, sb.view, ctr.id, config,
+                    image.resolved.config.raw, image_user(image.resolved), mounts, self.oom)
+                runtime = self.config.runtime(sb.handler)
+                self.store.create(NAMESPACE, Container(
+                    id=ctr.id, runtime_name=runtime.runtime_type,
+                    runtime_options=rec.runtime_options(runtime.options),
+                    spec=oci.to_any(spec), image=image.id,
+                    labels={**config.labels, rec.KIND_LABEL: "container"},
+                    snapshotter=self.config.snapshotter, snapshot_key=ctr.id,
+                    extensions={rec.CONTAINER_EXT: rec.ext(ctr.to_doc())}))
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -380,7 +380,7 @@ class ContainerOps:
                                 rec.logger.debug("exec delete", id=ctr.id, exec_id=exec_id,
                                            error=str(e))
             except BaseExceptionGroup as group:
-                raise first_error(group) from None
+                raise rec.first_error(group) from None
         finally:
             for k in keepers:
                 os.close(k)

@@ -22,11 +22,11 @@ import trio
 from berth.core import errdefs, log
 from berth.core.api.containerd.services.images import v1 as images_api
 from berth.core.api.runtime import v1 as cri
+from berth.core.distribution import auth
 from berth.core.grpc.context import CallContext
 from berth.core.images import platforms, reference
 from berth.core.images.image import Resolved, manifest_for
 from berth.core.images.manifest import Descriptor, chain_id
-from berth.core.registry import auth
 from berth.core.transfer.pull import LocalClient, PullOptions, Stores, pull, record_image
 from berth.plugins.cri.config import CRIConfig
 

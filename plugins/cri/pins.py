@@ -46,7 +46,7 @@ def paths(folder: Path) -> dict[str, Path]:
 
 def create(folder: Path, hostname: str) -> dict[str, Path]:
     """Pin fresh IPC and UTS namespaces (hostname set) in ``folder``; blocking."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o711)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     pins = paths(folder)
     for p in pins.values():
         os.close(os.open(p, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o444))

@@ -16,10 +16,13 @@ reason) and the task deleted, so the shim frees what it held.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -284,16 +287,17 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         if sn is None:
             raise errdefs.FailedPrecondition(
                 f"snapshotter {self.config.snapshotter!r} is not loaded", raw=True)
-        mounts = await sn.prepare(NAMESPACE, sb.id, image.chain_id)
-        spec = await trio.to_thread.run_sync(
-            cri_spec.infra_spec, sb.view, image.resolved.config.raw,
-            image_user(image.resolved), mounts, self.oom)
-        self.store.create(NAMESPACE, Container(
-            id=sb.id, runtime_name=runtime.runtime_type,
-            runtime_options=rec.runtime_options(runtime.options), spec=oci.to_any(spec),
-            image=image.id, snapshotter=self.config.snapshotter, snapshot_key=sb.id,
-            labels={**sb.config.labels, rec.KIND_LABEL: "sandbox"},
-            extensions={rec.SANDBOX_EXT: rec.ext(sb.to_doc())}))
+        async with self.leased() as lease:
+            mounts = await sn.prepare(NAMESPACE, sb.id, image.chain_id, lease=lease)
+            spec = await trio.to_thread.run_sync(
+                cri_spec.infra_spec, sb.view, image.resolved.config.raw,
+                image_user(image.resolved), mounts, self.oom)
+            self.store.create(NAMESPACE, Container(
+                id=sb.id, runtime_name=runtime.runtime_type,
+                runtime_options=rec.runtime_options(runtime.options), spec=oci.to_any(spec),
+                image=image.id, snapshotter=self.config.snapshotter, snapshot_key=sb.id,
+                labels={**sb.config.labels, rec.KIND_LABEL: "sandbox"},
+                extensions={rec.SANDBOX_EXT: rec.ext(sb.to_doc())}))
         record = self.store.get(NAMESPACE, sb.id)
         task = await self.tasks.create(NAMESPACE, sb.id, CreateOpts(
             spec=record.spec, runtime=record.runtime_name,
@@ -302,6 +306,21 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         sb.infra_pid = await task.start()
         self._save_sandbox(sb)
         self.nursery.start_soon(self._watch_infra, sb)
+
+    @contextlib.asynccontextmanager
+    async def leased(self) -> AsyncIterator[str]:
+        """A lease over a snapshot's first moments: until the berth container that
+        names it is recorded, nothing else keeps it from the garbage collector."""
+        expire = (datetime.now(UTC) + timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lease = self.stores.leases.create(
+            NAMESPACE, f"cri-{rec.new_id()[:16]}", {"containerd.io/gc.expire": expire}).id
+        try:
+            yield lease
+        finally:
+            try:
+                self.stores.leases.delete(NAMESPACE, lease)
+            except errdefs.BerthError as e:
+                rec.logger.warning("lease left to expire", lease=lease, error=str(e))
 
     async def _watch_infra(self, sb: rec.Sandbox) -> None:
         """The sandbox container's end makes the pod not ready, as with containerd."""
@@ -402,7 +421,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             rec.logger.error("pod network teardown failed", id=sb.id, error=str(e))
 
     def _sandbox_files(self, sb: rec.Sandbox, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o711)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         hostname = sb.config.hostname or (os.uname().nodename if sb.host_network else "")
         if sb.mode == "pinned":
             pins.create(folder, "" if sb.host_network else hostname)

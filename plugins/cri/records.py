@@ -185,6 +185,14 @@ def serialized(field_name: str) -> Any:
         return call
     return wrap
 
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error a nursery failed with (the others are the cancellations it caused)."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def is_id(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 

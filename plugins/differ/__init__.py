@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from berth.plugins.differ import compression
+from berth.core.archive import compression
+from berth.core.archive.diff import write_diff
 from berth.plugins.differ.apply import ApplyResult, Mode, apply_layer
-from berth.plugins.differ.diff import write_diff
 
 __all__ = [
     "ApplyResult",

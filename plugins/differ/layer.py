@@ -21,11 +21,7 @@ import tarfile
 from dataclasses import dataclass
 
 from berth.core import errdefs
-
-WHITEOUT_PREFIX = ".wh."
-# ``.wh..wh.`` names are metadata, not deletions (aufs left ``.wh..wh.plnk`` and friends).
-WHITEOUT_META_PREFIX = WHITEOUT_PREFIX + WHITEOUT_PREFIX
-OPAQUE_MARKER = WHITEOUT_META_PREFIX + ".opq"
+from berth.core.archive import OPAQUE_MARKER, WHITEOUT_META_PREFIX, WHITEOUT_PREFIX
 
 # PAX records that carry extended attributes (GNU tar, Go's archive/tar, containerd).
 PAX_XATTR_PREFIX = "SCHILY.xattr."

@@ -567,7 +567,7 @@ def tree_of(root: Path) -> dict[str, object]:
 
 
 def test_write_diff_round_trips(tmp_path: Path) -> None:
-    from berth.plugins.differ import write_diff
+    from berth.core.archive.diff import write_diff
 
     lower, upper, rebuilt = tmp_path / "lower", tmp_path / "upper", tmp_path / "rebuilt"
     lower.mkdir()

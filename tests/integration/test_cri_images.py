@@ -206,3 +206,30 @@ def test_pull_with_auth_config(base: Path, registry_auth: RegistryServer,
             assert _code(e) == Status.INVALID_ARGUMENT
     finally:
         d.stop()
+
+
+def test_berth_images_pull_with_hosts_dir(base: Path, registry: RegistryServer,
+                                          busybox_oci: tuple[Path, Image]) -> None:
+    """``berth images pull --hosts-dir``: the same hosts.toml rules from the CLI (the
+    mirror answers for docker.io; the server, a closed local port, is never needed)."""
+    from tests.images import push_image
+
+    _, img = busybox_oci
+    push_image(registry, "library/busybox", "latest", img)
+    certs = hosts_dir(base, "docker.io", registry.host)
+    d = daemons.berthd(base / "d").start()
+    try:
+        r = daemons.berth(d.address, "images", "pull", "--hosts-dir", str(certs), "busybox")
+        assert r.rc == 0, r.err
+        assert img.manifest_digest in r.out
+        bad = base / "bad.d"
+        (bad / "docker.io").mkdir(parents=True)
+        (bad / "docker.io" / "hosts.toml").write_text('server = [\n')
+        r = daemons.berth(d.address, "images", "pull", "--hosts-dir", str(bad), "busybox")
+        assert r.rc != 0 and "hosts.toml" in r.err, r.err
+        push = daemons.berth(d.address, "images", "push", "--hosts-dir", str(certs),
+                             "docker.io/library/busybox:latest")
+        # The mirror may pull and resolve only; the server cannot be reached: refused.
+        assert push.rc != 0 and "127.0.0.1:1" in push.err, push.err
+    finally:
+        d.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from berth.core import cio
+from berth.core.client import cio
 
 
 def run(coro):  # noqa: ANN001, ANN201 - a tiny helper

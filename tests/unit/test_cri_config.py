@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from berth.core import errdefs
-from berth.core.registry.hosts import Endpoint, Hosts, parse_hosts_toml
+from berth.core.distribution.hosts import Endpoint, Hosts, parse_hosts_toml
 from berth.plugins.cri import config
 
 # containerd 1.6's section as `containerd config default` prints it (abridged where

@@ -11,7 +11,8 @@ import pytest
 import zstandard
 
 from berth.core import errdefs
-from berth.plugins.differ import ApplyTarget, compression, layer, target_for_mounts
+from berth.core.archive import compression
+from berth.plugins.differ import ApplyTarget, layer, target_for_mounts
 from berth.plugins.differ.apply import HashingReader
 from berth.plugins.differ.layer import Kind
 

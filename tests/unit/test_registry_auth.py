@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from berth.core import errdefs
+from berth.core.distribution import auth
+from berth.core.distribution.client import Registry
 from berth.core.images import mediatypes
 from berth.core.images.manifest import Descriptor
-from berth.core.registry import auth
-from berth.core.registry.client import Registry
 
 # --- challenges ----------------------------------------------------------------------------
 

@@ -26,10 +26,10 @@ from berth.core.api.containerd.services.images import v1 as images_api
 from berth.core.api.containerd.services.leases import v1 as leases_api
 from berth.core.api.containerd.services.snapshots import v1 as snapshots_api
 from berth.core.api.containerd.types import Mount
+from berth.core.client.connection import NAMESPACE_HEADER
 from berth.core.images import mediatypes
 from berth.core.images.manifest import Descriptor
 
-NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
 DEFAULT_SNAPSHOTTER = "overlayfs"
 WRITE_CHUNK = 1 << 20
@@ -38,8 +38,27 @@ WRITE_WINDOW = 4
 LEASE_EXPIRY = timedelta(hours=24)
 
 
+# The classes containerd's client (errdefs.FromGRPC) knows; any other code reads "unknown".
+_CLIENT_CLASSES = frozenset({
+    errdefs.Code.INVALID_ARGUMENT, errdefs.Code.ALREADY_EXISTS, errdefs.Code.NOT_FOUND,
+    errdefs.Code.UNAVAILABLE, errdefs.Code.FAILED_PRECONDITION, errdefs.Code.UNIMPLEMENTED,
+    errdefs.Code.CANCELLED, errdefs.Code.DEADLINE_EXCEEDED,
+})
+
+
 def translate(e: GRPCError) -> errdefs.BerthError:
-    return errdefs.from_status(int(e.status.value), e.message or "")
+    """The typed error for a gRPC status, its message as containerd's client words it:
+    ``<description>: <class>``, the class said once (``image "x": not found``)."""
+    code = int(e.status.value)
+    err = errdefs.from_status(code, e.message or "")
+    suffix = err.suffix if code in _CLIENT_CLASSES else errdefs.Unknown.suffix
+    desc = e.message or ""
+    if desc and desc != suffix:
+        err.message = f"{desc.removesuffix(': ' + suffix)}: {suffix}"
+    else:
+        err.message = suffix
+    err.args = (err.message,)
+    return err
 
 
 @contextlib.contextmanager

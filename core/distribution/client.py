@@ -1,7 +1,7 @@
 """An OCI distribution (Docker registry v2) client on httpx (asyncio).
 
 One :class:`Registry` talks to one host, over TLS or, with ``plain_http``, plain HTTP.
-Authentication is :class:`berth.core.registry.auth.Authorizer`'s business; this module only
+Authentication is :class:`berth.core.distribution.auth.Authorizer`'s business; this module only
 carries out what it asks for. Blob downloads verify size and digest as the bytes go
 by, and continue from an offset with a ``Range`` request; uploads are monolithic
 (one PUT) or chunked (PATCHes, then the PUT), after asking whether the registry has
@@ -22,9 +22,9 @@ from urllib.parse import urlencode, urljoin
 import httpx
 
 from berth.core import errdefs
+from berth.core.distribution import auth
 from berth.core.images import mediatypes
 from berth.core.images.manifest import Descriptor, detect_media_type, digest_of
-from berth.core.registry import auth
 
 DOCKER_HUB_HOST = "registry-1.docker.io"
 # Blobs up to this size go up in one PUT; larger ones in PATCH chunks of this size.

@@ -1,7 +1,7 @@
 """OCI distribution (registry) client: authentication and the HTTP API."""
 
-from berth.core.registry.auth import Authorizer, Credentials, Unauthorized, parse_challenges
-from berth.core.registry.client import BlobStream, Registry, RegistryError, TLSOptions
+from berth.core.distribution.auth import Authorizer, Credentials, Unauthorized, parse_challenges
+from berth.core.distribution.client import BlobStream, Registry, RegistryError, TLSOptions
 
 __all__ = [
     "Authorizer",

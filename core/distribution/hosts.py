@@ -21,6 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from berth.core import errdefs
+from berth.core.distribution.auth import Credentials
+from berth.core.distribution.client import Registry, TLSOptions
 
 CAP_PULL = "pull"
 CAP_RESOLVE = "resolve"
@@ -191,3 +193,21 @@ class Hosts:
         if default not in out:
             out.append(default)
         return out
+
+
+def registry_for(host: str, ep: Endpoint, credentials: Credentials | None = None) -> Registry:
+    """A client for registry ``host`` reached at endpoint ``ep`` (its URL, TLS settings
+    and first client certificate)."""
+    tls = None
+    if not ep.plain_http:
+        cert, key = ep.client[0] if ep.client else ("", "")
+        tls = TLSOptions(ca_file=ep.ca[0] if ep.ca else None, skip_verify=ep.skip_verify,
+                         cert_file=cert or None, key_file=key or None)
+    return Registry(host, plain_http=ep.plain_http, credentials=credentials, tls=tls,
+                    base=ep.base)
+
+
+def resolvers(endpoints: list[Endpoint], by_digest: bool) -> list[Endpoint]:
+    """The endpoints that may resolve a reference (any that pulls, for a digest)."""
+    return [ep for ep in endpoints
+            if ep.can(CAP_RESOLVE) or (by_digest and ep.can(CAP_PULL))]

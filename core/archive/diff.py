@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from berth.plugins.differ.layer import WHITEOUT_PREFIX
+from berth.core.archive import WHITEOUT_PREFIX
 
 _CAPABILITY = "security.capability"
 _COPY_CHUNK = 1 << 20

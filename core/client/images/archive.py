@@ -25,6 +25,7 @@ from datetime import date
 from typing import Any, BinaryIO
 
 from berth.core import errdefs
+from berth.core.archive import compression
 from berth.core.images import gojson, mediatypes, reference
 from berth.core.images.image import child_labels
 from berth.core.images.manifest import (
@@ -36,7 +37,6 @@ from berth.core.images.manifest import (
     parse_manifest,
 )
 from berth.core.images.platforms import Matcher, Platform, normalize
-from berth.plugins.differ import compression
 
 COPY_CHUNK = 1 << 20
 JSON_LIMIT = 20 << 20
@@ -44,6 +44,10 @@ OCI_LAYOUT_VERSION = "1.0.0"
 
 
 # --- names ------------------------------------------------------------------------------
+
+class BadArchive(errdefs.InvalidArgument):
+    """The stream is not an image archive berth can read (the caller names the file)."""
+
 
 def add_ref_prefix(prefix: str) -> Callable[[str], str]:
     """ctr's default translator: a bare OCI ref name ("latest") gets ``prefix:``."""
@@ -114,7 +118,7 @@ async def _ingest(client: Any, ref: str, src: BinaryIO, size: int) -> str:
         while left > 0:
             chunk = src.read(min(COPY_CHUNK, left))
             if not chunk:
-                raise errdefs.InvalidArgument(f"{ref}: archive entry shorter than its header")
+                raise BadArchive(f"{ref}: archive entry shorter than its header")
             hasher.update(chunk)
             await w.write(chunk)
             left -= len(chunk)
@@ -131,11 +135,11 @@ async def _ingest(client: Any, ref: str, src: BinaryIO, size: int) -> str:
 def _load_json(src: BinaryIO, what: str) -> Any:
     data = src.read(JSON_LIMIT + 1)
     if len(data) > JSON_LIMIT:
-        raise errdefs.InvalidArgument(f"{what} larger than {JSON_LIMIT} bytes")
+        raise BadArchive(f"{what} larger than {JSON_LIMIT} bytes")
     try:
         return json.loads(data)
     except ValueError as e:
-        raise errdefs.InvalidArgument(f"untar {what}: {e}") from None
+        raise BadArchive(f"untar {what}: {e}") from None
 
 
 async def import_index(client: Any, src: BinaryIO) -> Descriptor:
@@ -147,7 +151,7 @@ async def import_index(client: Any, src: BinaryIO) -> Descriptor:
     try:
         tar = tarfile.open(fileobj=src, mode="r|*")
     except tarfile.TarError as e:
-        raise errdefs.InvalidArgument(f"not an image archive: {e}") from None
+        raise BadArchive(f"not an image archive: {e}") from None
     with tar:
         for member in tar:
             if member.issym():
@@ -167,18 +171,18 @@ async def import_index(client: Any, src: BinaryIO) -> Descriptor:
                 blobs[name] = Descriptor("", digest, member.size)
     if layout and layout.get("imageLayoutVersion"):
         if layout["imageLayoutVersion"] != OCI_LAYOUT_VERSION:
-            raise errdefs.InvalidArgument(
+            raise BadArchive(
                 f"unsupported OCI version {layout['imageLayoutVersion']}")
         idx = blobs.get("index.json")
         if idx is None:
-            raise errdefs.InvalidArgument(
+            raise BadArchive(
                 f"missing index.json in OCI layout {OCI_LAYOUT_VERSION}")
         return Descriptor(mediatypes.OCI_INDEX, idx.digest, idx.size)
     if docker_manifests is None or not isinstance(docker_manifests, list):
-        raise errdefs.InvalidArgument("unrecognized image format")
+        raise BadArchive("unrecognized image format")
     for name, target in symlinks.items():
         if target not in blobs:
-            raise errdefs.InvalidArgument(f"no target for symlink layer from {name!r} to "
+            raise BadArchive(f"no target for symlink layer from {name!r} to "
                                           f"{target!r}")
         blobs[name] = blobs[target]
     return await _docker_index(client, docker_manifests, blobs)
@@ -263,7 +267,7 @@ async def import_archive(client: Any, src: BinaryIO, opts: ImportOptions) -> Imp
 
     async def walk(desc: Descriptor, depth: int) -> None:
         if depth > 8:
-            raise errdefs.InvalidArgument("index nesting too deep")
+            raise BadArchive("index nesting too deep")
         data = await client.read(desc.digest) if (
             mediatypes.is_index(desc.media_type) or mediatypes.is_manifest(desc.media_type)
         ) else b""

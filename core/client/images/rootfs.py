@@ -1,6 +1,6 @@
 """A one-layer image from a root filesystem (a directory or a tar), like ``docker import``.
 
-A directory becomes the layer tar :func:`berth.plugins.differ.write_diff` writes against an
+A directory becomes the layer tar :func:`berth.core.archive.diff.write_diff` writes against an
 empty directory (numeric owners, whole-second times, capabilities kept); a tar is used
 as given (plain, gzip or zstd). The layer is stored gzip-compressed, with an OCI config
 for the host platform and an OCI manifest.
@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from berth.core import errdefs
+from berth.core.archive import compression
+from berth.core.archive.diff import write_diff
 from berth.core.images import gojson, mediatypes
 from berth.core.images.manifest import Descriptor, Manifest, descriptor_for
 from berth.core.images.platforms import default_spec
-from berth.plugins.differ import compression, write_diff
 
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CHUNK = 1 << 20

@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from berth.core import errdefs
+from berth.core.client.images.progress import Progress, first_error
+from berth.core.distribution.client import Registry
 from berth.core.images import mediatypes
 from berth.core.images.image import distribution_source_label
 from berth.core.images.manifest import Descriptor, parse_index, parse_manifest
 from berth.core.images.platforms import ALL, Matcher
-from berth.core.images.progress import Progress, first_error
 from berth.core.images.reference import Spec
-from berth.core.registry.client import Registry
 
 
 async def _collect(client: Any, root: Descriptor, matcher: Matcher

@@ -12,23 +12,22 @@ bytes the daemon already has (a ``Range`` request), by berth's client or by ctr'
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from berth.core import errdefs
+from berth.core.client.images.progress import Progress, first_error
+from berth.core.distribution.client import Registry
+from berth.core.distribution.fetch import add_source, commit_fetched, fetch_document
 from berth.core.images import mediatypes
 from berth.core.images.image import (
-    append_source,
     child_labels,
     distribution_source_label,
     select_manifests,
 )
 from berth.core.images.manifest import Descriptor, children
 from berth.core.images.platforms import Matcher
-from berth.core.images.progress import Progress, first_error
 from berth.core.images.reference import Spec
-from berth.core.registry.client import Registry
 
 DEFAULT_CONCURRENCY = 3
 # Network chunks (up to ~64 KiB each) held while the content writer is busy.
@@ -113,37 +112,6 @@ class Puller:
         await self._add_source(desc)
 
 
-async def add_source(client: Any, desc: Descriptor, key: str, repository: str) -> None:
-    """Name ``repository`` in the blob's distribution source label ``key``.
-
-    Needs only ``client.info`` and ``client.update_labels``: the same code serves the
-    asyncio client and berthd's trio pull (``core.transfer.pull``).
-    """
-    info = await client.info(desc.digest)
-    existing = info.labels.get(key, "") if info is not None else ""
-    value = append_source(existing, repository)
-    if value != existing:
-        await client.update_labels(desc.digest, {key: value})
-
-
-async def fetch_document(client: Any, registry: Registry, repository: str, desc: Descriptor,
-                         progress: Progress, source_key: str) -> bytes:
-    """A manifest or index: from the content store if there, else from the registry
-    into it; either way labelled with its source. Framework-neutral, as add_source."""
-    if await client.info(desc.digest) is not None:
-        progress.done(desc, "exists")
-        data = await client.read(desc.digest)
-    else:
-        progress.start(desc, 0)
-        data = await registry.fetch_manifest(repository, desc)
-        ref = mediatypes.ref_key(desc.media_type, desc.digest, desc.annotations)
-        await client.write_blob(ref, data, desc)
-        progress.advance(desc, len(data))
-        progress.done(desc, "done")
-    await add_source(client, desc, source_key, repository)
-    return data
-
-
 async def fetch_blob(client: Any, registry: Registry, repository: str, desc: Descriptor,
                      progress: Progress) -> str:
     """Copy one blob into the content store, continuing an earlier ingest of it."""
@@ -168,22 +136,6 @@ async def fetch_blob(client: Any, registry: Registry, repository: str, desc: Des
         await w.close()
 
 
-async def commit_fetched(w: Any, desc: Descriptor, abort: Callable[[], Awaitable[None]]
-                         ) -> str:
-    """Commit a fetched blob: "done", or "exists" when someone else committed it first.
-    Bytes that do not make the blob are dropped (``abort``) so the next try starts over.
-    Framework-neutral, as add_source."""
-    try:
-        await w.commit(desc.size, desc.digest)
-    except errdefs.AlreadyExists:
-        return "exists"
-    except errdefs.FailedPrecondition:
-        await w.close()
-        await abort()
-        raise
-    return "done"
-
-
 async def _copy(chunks: Any, w: Any, advance: Any) -> None:
     """Network to content writer, the two running side by side.
 
@@ -191,7 +143,7 @@ async def _copy(chunks: Any, w: Any, advance: Any) -> None:
     ``WRITE_CHUNK``), so a fast network makes few large writes and a slow one small
     prompt ones: nothing received waits for more to arrive before it is sent.
     """
-    from berth.core.images.client import WRITE_CHUNK
+    from berth.core.client.client import WRITE_CHUNK
 
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=COPY_QUEUE)
 
