@@ -69,7 +69,11 @@ class HostRuntime:
                 for src, dst in ((proc.stdout, streams.stdout), (proc.stderr, streams.stderr)):
                     if dst is not None:
                         outputs.start_soon(_pump_out, src, dst)
-            code = await proc.wait()
+            try:
+                code = await proc.wait()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()  # the client went away
             # The process is gone: a client that never closed stdin must not hold us.
             nursery.cancel_scope.cancel()
         return code

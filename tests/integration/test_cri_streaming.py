@@ -244,3 +244,16 @@ async def _see_size(rc, needle: bytes) -> None:  # type: ignore[no-untyped-def]
             await rc.read_stdout_until(needle)
             return
     raise AssertionError(f"terminal never showed {needle!r}")
+
+
+def test_client_hanging_up_kills_its_exec(pod: Pod) -> None:
+    def sleeping() -> bool:
+        r = pod.c.runtime("exec_sync", api.ExecSyncRequest(container_id=pod.web, cmd=["ps"]))
+        return b"sleep 777" in r.stdout
+
+    async def run() -> None:
+        url = pod.exec_url(pod.web, ["sleep", "777"], stdout=True, stderr=True)
+        async with spdy_remotecommand(url):
+            await trio.to_thread.run_sync(_wait, sleeping, "the exec running")
+    trio.run(_guarded, run)
+    _wait(lambda: not sleeping(), "the exec killed after its client hung up")

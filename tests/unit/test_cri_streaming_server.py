@@ -366,3 +366,19 @@ async def _see_size(rc, needle: bytes) -> None:  # type: ignore[no-untyped-def]
             await rc.read_stdout_until(needle)
             return
     raise AssertionError(f"terminal never showed {needle!r}")
+
+
+async def test_client_hanging_up_ends_its_exec() -> None:
+    async with serving() as (server, _):
+        for connect in ("spdy", "ws"):
+            url = server.get_exec(ExecRequest("c1", ("sleep", "1000")))
+            if connect == "spdy":
+                async with spdy_remotecommand(url) as rc:
+                    await trio.sleep(0.2)
+            else:
+                async with ws_remotecommand(url) as rc:
+                    await trio.sleep(0.2)
+            del rc
+            with trio.fail_after(30):
+                while server.active:
+                    await trio.sleep(0.05)

@@ -481,19 +481,29 @@ class StreamServer:
             # channel.k8s.io clients half-close nothing: v1 servers closed stdin at once.
             streams.stdin.feed_eof()
         resize = got.get(protocol.STREAM_RESIZE)
-        await self._remotecommand(kind, req, streams, resize, error, proto)
+        await self._remotecommand(kind, req, streams, resize, error, proto, session.closed)
         with trio.move_on_after(CLOSE_GRACE):
             await session.closed.wait()
         if not session.closed.is_set():
             await session.goaway()
 
     async def _remotecommand(self, kind: str, req: Any, streams: ExecStreams,
-                             resize: Channel | None, error: Channel | None, proto: str) -> None:
+                             resize: Channel | None, error: Channel | None, proto: str,
+                             gone: trio.Event) -> None:
         async with trio.open_nursery() as nursery:
             if resize is not None and streams.tty:
                 send, streams.resize = trio.open_memory_channel[TerminalSize](16)
                 nursery.start_soon(_pump_resize, resize, send)
-            status = await self._run_command(kind, req, streams)
+            # A client that hangs up ends its command (containerd kills the exec too): nobody
+            # is left to read its output or status.
+            with trio.CancelScope() as command:
+                nursery.start_soon(_cancel_when, gone, command)
+                status = await self._run_command(kind, req, streams)
+            if command.cancelled_caught:
+                _log.info("client gone, command ended", kind=kind,
+                          id=getattr(req, "container_id", ""))
+                nursery.cancel_scope.cancel()
+                return
             for ch in (streams.stdout, streams.stderr):
                 if ch is not None:
                     await _quietly(ch.send_eof())
@@ -647,7 +657,7 @@ class StreamServer:
         if session.protocol in (protocol.WS_V1, protocol.WS_V1_BASE64) and streams.stdin:
             pass  # these clients cannot half-close stdin: it ends with the connection
         await self._remotecommand(kind, req, streams, ch[protocol.CH_RESIZE],
-                                  ch[protocol.CH_ERROR], session.protocol)
+                                  ch[protocol.CH_ERROR], session.protocol, session.closed)
 
     async def _ws_port_forward(self, session: WebSocketSession, req: PortForwardRequest,
                                ports: list[int]) -> None:
@@ -674,6 +684,11 @@ async def _pump_resize(src: Channel, dst: trio.MemorySendChannel[TerminalSize]) 
                 return
             for size in sizes:
                 await dst.send(size)
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _quietly(aw: Any) -> None:

@@ -17,6 +17,7 @@ import errno
 import os
 import secrets
 import shutil
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -175,10 +176,15 @@ class CRIStreamRuntime:
                     with trio.CancelScope(shield=True):
                         await _quiet_delete(task, exec_id)
             log.info("streaming exec started", tty=streams.tty)
+            exited = False
             try:
-                return await self._run_exec(task, exec_id, streams, readers, stdin)
+                code = await self._run_exec(task, exec_id, streams, readers, stdin)
+                exited = True
+                return code
             finally:
                 with trio.CancelScope(shield=True):
+                    if not exited:
+                        await _kill_exec(task, exec_id)
                     await _quiet_delete(task, exec_id)
         finally:
             for k in keepers:
@@ -273,6 +279,16 @@ async def _connect_in(path: str, port: int) -> trio.SocketStream:
         return trio.SocketStream(sock)
     assert last is not None
     raise last
+
+
+async def _kill_exec(task: Any, exec_id: str) -> None:
+    """SIGKILL an exec whose client went away, and wait (bounded) for it to be gone."""
+    try:
+        await task.kill(signal.SIGKILL, exec_id=exec_id)
+        with trio.move_on_after(DRAIN_GRACE):
+            await task.wait(exec_id)
+    except errdefs.BerthError as e:
+        _log.debug("exec kill", exec_id=exec_id, error=str(e))
 
 
 async def _quiet_delete(task: Any, exec_id: str) -> None:
