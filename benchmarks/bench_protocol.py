@@ -1,12 +1,11 @@
 """CPU cost of berth's gRPC serving path per unary call, without sockets or daemons.
 
 A client h2 connection (in this process) makes the request bytes; they are fed straight
-into ``bridge.Protocol.data_received`` in batches (1 request per read, like one caller;
+into ``connection.Connection.feed`` in batches (1 request per read, like one caller;
 16 per read, like many), and the server's answers are fed back to the client, which
 checks them and hands flow-control windows back. So this measures berth's own work
-(h2, grpclib's events, the bridge, the service, betterproto) with no kernel, no event
-loop wake-ups and no other process: stable even on a busy machine, and handy with a
-profiler::
+(h2, the connection's events, the service, betterproto) with no kernel, no socket and
+no other process: stable even on a busy machine, and handy with a profiler::
 
     python -m benchmarks.bench_protocol [--calls N] [--batch B]
     py-spy record -o prof.svg -- python -m benchmarks.bench_protocol
@@ -15,7 +14,6 @@ profiler::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import trio
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,7 +34,7 @@ from berth.core.api.containerd.services.namespaces.v1 import (  # noqa: E402
     NamespacesBase,
 )
 from berth.core.api.containerd.services.version.v1 import VersionBase, VersionResponse  # noqa: E402
-from berth.core.grpc import bridge  # noqa: E402
+from berth.core.grpc import bridge, connection  # noqa: E402
 
 VERSION = "/containerd.services.version.v1.Version/Version"
 LIST = "/containerd.services.namespaces.v1.Namespaces/List"
@@ -61,32 +60,10 @@ class _Namespaces:
                                        for c in "abcd"])
 
 
-class _SinkTransport:
-    """Collects what the server writes."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-
 async def run(path: str, calls: int, batch: int) -> float:
     routes = {**bridge.handlers_for(_Version(), VersionBase),
               **bridge.handlers_for(_Namespaces(), NamespacesBase)}
-    server = bridge.Server(routes)
-    proto = server._protocol_factory()  # noqa: SLF001 - no listening socket here
-    sink = _SinkTransport()
-    proto.connection_made(sink)  # type: ignore[arg-type]
+    conn = connection.Connection(connection.Router(routes))
 
     client = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -105,11 +82,9 @@ async def run(path: str, calls: int, batch: int) -> float:
             client.send_data(sid, body, end_stream=True)
         data = client.data_to_send()
         t0 = time.process_time()
-        proto.data_received(data)
-        await asyncio.sleep(0)  # let anything scheduled run (gathered writes, tasks)
+        conn.feed(data)
+        out = conn.h2.data_to_send()
         spent = time.process_time() - t0
-        out = b"".join(sink.out)
-        sink.out.clear()
         for ev in client.receive_data(out):
             if isinstance(ev, h2.events.TrailersReceived):
                 status = dict(ev.headers).get("grpc-status")
@@ -120,6 +95,9 @@ async def run(path: str, calls: int, batch: int) -> float:
                 client.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
         return spent
 
+    # The server's preface and SETTINGS, then the client's ack of them.
+    conn.feed(client.data_to_send())
+    client.receive_data(conn.h2.data_to_send())
     await exchange(batch)  # warm up: first headers fill the HPACK tables
     done = 0
     spent = 0.0
@@ -139,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':<16} {'requests/read':>13} {'us/call':>8} {'calls/s/core':>13}")
     for name, path in (("Version", VERSION), ("Namespaces.List", LIST)):
         for batch in args.batch:
-            per_call = asyncio.run(run(path, args.calls, batch))
+            per_call = trio.run(run, path, args.calls, batch)
             print(f"{name:<16} {batch:>13} {per_call * 1e6:>8.1f} {1 / per_call:>13.0f}")
     return 0
 

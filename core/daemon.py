@@ -113,8 +113,6 @@ def _naming(what: str, address: Path) -> Iterator[None]:
 
 async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Initialise plugins, serve gRPC and ttrpc until cancelled."""
-    import trio_asyncio
-
     from berth.core.grpc import bridge, server as grpc_server
     from berth.core.plugin.graph import init_all
     from berth.core.ttrpc.server import Server as TTRPCServer
@@ -122,7 +120,7 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
     make_top_dirs(cfg.root, cfg.state)
     registrations = _registrations(cfg)
     disabled = set(cfg.data.get("disabled_plugins", []))
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
         plugins = await init_all(
             registrations, root=cfg.root, state=cfg.state, plugin_config=cfg.plugins,
             daemon_config=cfg, nursery=nursery, disabled=disabled,
@@ -159,7 +157,7 @@ async def serve(cfg: config.Config, *, task_status: Any = trio.TASK_STATUS_IGNOR
         with _naming("gRPC", cfg.address):
             await nursery.start(lambda task_status: grpc_server.serve(
                 routes, cfg.address, tcp_address=g.get("tcp_address", ""), uid=g["uid"],
-                gid=g["gid"], task_status=task_status))
+                gid=g["gid"], max_recv=max_recv, task_status=task_status))
         log.info("berthd successfully booted", version=__version__, address=str(cfg.address),
                  root=str(cfg.root), state=str(cfg.state))
         # Work that must not hold the API back (the runtime's recovery of the tasks a

@@ -1,1 +1,1 @@
-"""gRPC serving: grpclib hosted inside trio (see bridge.py)."""
+"""gRPC serving: a trio server on h2's state machine (server.py, connection.py, bridge.py)."""

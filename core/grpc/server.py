@@ -1,37 +1,30 @@
-"""A gRPC server on a unix socket (and optionally TCP), owned by a trio task."""
+"""berthd's gRPC server: trio listeners on a unix socket (and optionally TCP).
+
+Each accepted connection is served by ``connection.Connection`` in a task of its own
+behind a boundary: whatever one connection's input makes go wrong (a bug of ours
+included) ends that connection with a log line, never the server or the daemon.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import errno
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import grpclib.const
-import grpclib.exceptions
-import grpclib.server
 import structlog
 import trio
-import trio_asyncio
 
-from berth.core.grpc.bridge import Server
+from berth.core.grpc import bridge
+from berth.core.grpc.bridge import Method
+from berth.core.grpc.connection import Connection, Router
 
 log = structlog.get_logger("grpc")
 
-
-class _QuietPeerResets(logging.Filter):
-    """grpclib logs a traceback when a client resets a stream it was still answering
-    (ctr does so after every content Write); that is the client's right, not an error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (record.getMessage().startswith("Failed to handle cancellation")
-                    and isinstance(exc, grpclib.exceptions.StreamTerminatedError))
-
-
-logging.getLogger("grpclib.server").addFilter(_QuietPeerResets())
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def _unix_listener(path: Path, uid: int = 0, gid: int = 0) -> socket.socket:
@@ -52,42 +45,56 @@ def _unix_listener(path: Path, uid: int = 0, gid: int = 0) -> socket.socket:
     return sock
 
 
+async def serve_connection(router: Router, stream: trio.abc.Stream) -> None:
+    """One connection, start to end; nothing it raises leaves (except cancellation)."""
+    try:
+        async with stream:
+            await Connection(router).serve(stream)
+    except Exception:
+        log.exception("gRPC connection failed; closed")
+
+
+async def _accept_loop(listener: trio.abc.Listener[Any], router: Router,
+                       nursery: trio.Nursery) -> None:
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                raise
+            log.error("gRPC: failed accept; backing off", error=str(exc))
+            await trio.sleep(0.1)
+            continue
+        nursery.start_soon(serve_connection, router, stream)
+
+
 async def serve(
-    routes: dict[str, grpclib.const.Handler],
+    routes: Mapping[str, Method],
     address: Path,
     *,
     tcp_address: str = "",
     uid: int = 0,
     gid: int = 0,
-    task_status: Any = trio.TASK_STATUS_IGNORED,
+    max_recv: int = bridge.DEFAULT_MAX_RECV,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``routes`` until cancelled; the socket file is removed on the way out.
-
-    Must run inside ``trio_asyncio.open_loop()``.
-    """
+    """Serve ``routes`` until cancelled; the socket file is removed on the way out."""
+    router = Router(routes, max_recv=max_recv)
     sock = _unix_listener(address, uid, gid)
-    servers: list[grpclib.server.Server] = []
-    # Async unary methods run here, as trio tasks (see bridge.Protocol); cancelling
-    # serve cancels them with everything else.
-    async with trio.open_nursery() as calls:
-        try:
-            server = Server(routes, calls=calls)
-            servers.append(server)
-            await trio_asyncio.aio_as_trio(server.start)(sock=sock)
-            if tcp_address:
-                host, _, port = tcp_address.rpartition(":")
-                tcp = Server(routes, calls=calls)
-                servers.append(tcp)
-                await trio_asyncio.aio_as_trio(tcp.start)(host or "127.0.0.1", int(port))
+    listeners: list[trio.abc.Listener[Any]] = [
+        trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+    try:
+        if tcp_address:
+            host, _, port = tcp_address.rpartition(":")
+            listeners += await trio.open_tcp_listeners(int(port), host=host or "127.0.0.1")
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, router, nursery)
             log.info("serving", address=str(address), tcp=tcp_address or None)
             task_status.started()
-            await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                for s in servers:
-                    s.close()
-                    with trio.move_on_after(5):
-                        await trio_asyncio.aio_as_trio(s.wait_closed)()
-                sock.close()
-                with contextlib.suppress(FileNotFoundError):
-                    address.unlink()
+    finally:
+        for listener in listeners[1:]:
+            listener.socket.close()  # type: ignore[attr-defined]
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            address.unlink()

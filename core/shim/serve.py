@@ -19,16 +19,12 @@ from functools import partial
 import trio
 
 from berth.core import log
-from berth.core.grpc import messages
 from berth.core.oci.reaper import Reaper
 from berth.core.shim import address as addr, logging as shim_logging
 from berth.core.shim.flags import Flags
 from berth.core.shim.publisher import Publisher
 from berth.core.shim.service import TASK_SERVICE, TaskService
 from berth.core.ttrpc import Server
-
-# Building and reading betterproto messages without raising exceptions per field.
-messages.install()
 
 RUNTIME_NAME = "io.containerd.berth.v1"
 PUBLISHER_FLUSH_TIMEOUT = 5.0

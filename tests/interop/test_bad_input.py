@@ -288,3 +288,34 @@ def test_unknown_grpc_paths_match_grpc_go(berthd: Daemon, containerd: Daemon) ->
         assert reply.status == grpc_raw(containerd.address, path, b"").status
         assert reply.status[0] == errdefs.Code.UNIMPLEMENTED
     assert_serving(berthd)
+
+
+def test_non_ascii_namespace_header(berthd: Daemon, containerd: Daemon) -> None:
+    # One request used to end berthd: h2 raised UnicodeDecodeError decoding the header
+    # value inside the protocol, and the error escaped into the daemon's nursery.
+    for args in (("namespaces", "ls"), ("containers", "ls")):
+        got = daemons.ctr(berthd.address, *args, namespace="é")
+        want = daemons.ctr(containerd.address, *args, namespace="é")
+        assert (got.rc, got.out, got.err) == (want.rc, want.out, want.err), (args, got, want)
+    assert 'namespace validation: identifier "é" must match' in got.err, got
+    assert_serving(berthd)
+    # Bytes that are not UTF-8 at all: that connection may end, berthd may not.
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(20)
+    sock.connect(str(berthd.address))
+    try:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", LIST_NS.encode()),
+            (b":authority", b"localhost"), (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"), (b"containerd-namespace", b"\xff\xfe\x80"),
+        ], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        while sock.recv(1 << 16):  # answered or closed, either is fine
+            pass
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    assert_serving(berthd)

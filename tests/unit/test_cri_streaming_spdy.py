@@ -274,8 +274,3 @@ def test_valid_session_in_any_chunking() -> None:
                 merged.append(ev)
         assert merged == ref
 
-
-def test_wsproto_pinned() -> None:
-    from importlib.metadata import version
-
-    assert version("wsproto") == "1.3.2"

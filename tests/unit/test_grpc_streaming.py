@@ -1,8 +1,8 @@
-"""Server-streaming calls on the bridge's own path (core/grpc/bridge.py), end to end.
+"""Server-streaming calls through berth's gRPC server (core/grpc), end to end.
 
-A real grpclib client talks to ``berth.core.grpc.server.serve`` over a unix socket in a
-temporary folder; the service is a stand-in for Content.Read whose behaviour each
-request picks (by digest).
+A real grpclib client (asyncio, hosted by trio-asyncio in the test only) talks to
+``berth.core.grpc.server.serve`` over a unix socket in a temporary folder; the service
+is a stand-in for Content.Read whose behaviour each request picks (by digest).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ async def test_deadline_ends_a_running_stream(served: tuple[Path, FakeContent]) 
         await svc.cancelled.wait()
 
 
-async def test_the_calls_take_the_bridge_path() -> None:
-    handler = bridge.handlers_for(FakeContent(), api.ContentBase)[READ]
-    spec = handler.func.inline
-    assert spec.streaming and spec.is_async
+async def test_the_method_table_comes_from_the_generated_base() -> None:
+    method = bridge.handlers_for(FakeContent(), api.ContentBase)[READ]
+    assert method.cardinality is grpclib.const.Cardinality.UNARY_STREAM and method.is_async
+    assert method.recv_type is api.ReadContentRequest
