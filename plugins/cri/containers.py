@@ -26,6 +26,7 @@ from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts
 from berth.plugins.cri import logs, records as rec, spec as cri_spec, stats as cri_stats
 from berth.plugins.cri.images import NAMESPACE, image_user
+from berth.plugins.cri.streaming.attach import AttachHub
 
 
 class ContainerOps:
@@ -121,14 +122,20 @@ class ContainerOps:
         for p in (out_path, err_path):
             logs.make_fifo(p)
         log_file = logs.LogFile(Path(ctr.log_path) if ctr.log_path else None)
+        hub = AttachHub(bool(ctr.config.tty))
+        stdin_path = folder / "stdin" if ctr.config.stdin else None
         readers, keepers = [], []
         try:
+            if stdin_path is not None:
+                logs.make_fifo(stdin_path)
+                hub.open_stdin(stdin_path)
             for p in (out_path, err_path):
                 r, k = logs.open_fifo(p)
                 readers.append(r)
                 keepers.append(k)
             task = await self.tasks.create(NAMESPACE, ctr.id, CreateOpts(
                 spec=record.spec, runtime=record.runtime_name, rootfs=rootfs,
+                stdin=str(stdin_path or ""),
                 stdout=str(out_path), stderr=str(err_path) if not ctr.config.tty else "",
                 terminal=bool(ctr.config.tty), runtime_options=record.runtime_options))
             try:
@@ -141,15 +148,18 @@ class ContainerOps:
             for r in readers:
                 await r.aclose()
             log_file.close()
+            with trio.CancelScope(shield=True):
+                await hub.close()
             raise
         finally:
             for k in keepers:
                 os.close(k)
         ctr.log_file = log_file
+        ctr.attach_hub = hub
         ctr.status.started_at = rec.now()
         self._save_container(ctr)
         for r, stream in zip(readers, (logs.STDOUT, logs.STDERR), strict=True):
-            self._copy(ctr, r, stream)
+            self._copy(ctr, hub.tap(r, stream), stream)
         self.nursery.start_soon(self._monitor, ctr)
         rec.logger.info("container started", id=ctr.id, pid=ctr.status.pid)
         self._event(ctr.id, sb, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
@@ -174,6 +184,9 @@ class ContainerOps:
             with trio.move_on_after(rec.LOG_DRAIN):
                 await ctr.logs_done.wait()
             ctr.log_file.close()
+        if ctr.attach_hub is not None:
+            with trio.CancelScope(shield=True):
+                await ctr.attach_hub.close()
         ctr.status.finished_at = finished
         ctr.status.exit_code = status
         ctr.status.reason = "Completed" if status == 0 else "Error"

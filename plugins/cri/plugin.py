@@ -28,6 +28,8 @@ from berth.core.transfer.pull import Stores
 from berth.plugins.cri import config as cri_config
 from berth.plugins.cri.images import NAMESPACE, ImageService
 from berth.plugins.cri.pods import PodService
+from berth.plugins.cri.streaming.server import StreamServer, StreamServerConfig
+from berth.plugins.cri.streaming.service import CRIStreamRuntime
 
 _log = log.get("cri")
 CNI_NETWORK_ID = "cri"
@@ -101,9 +103,20 @@ async def _init(ctx: InitContext) -> CRIPlugin:
     images = ImageService(stores, cfg, _snapshot_root(ctx, cfg.snapshotter))
     runtime = await _runtime_service(ctx, cfg, stores, images)
     plugin = CRIPlugin(cfg, runtime, images)
+    runtime.stream_server = await _stream_server(ctx, cfg, runtime)
     plugin.max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
     plugin.nursery = ctx.nursery
     return plugin
+
+
+async def _stream_server(ctx: InitContext, cfg: cri_config.CRIConfig, pods: PodService
+                         ) -> StreamServer:
+    """The exec/attach/port-forward server, listening before the CRI socket opens."""
+    server = StreamServer(CRIStreamRuntime(pods), StreamServerConfig(
+        address=cfg.stream_server_address, port=int(cfg.stream_server_port or 0),
+        tls=cfg.enable_tls_streaming, state_dir=str(Path(ctx.state) / "streaming")))
+    await ctx.nursery.start(server.serve)
+    return server
 
 
 def _pod_networks(ctx: InitContext) -> tuple[Any, Any]:

@@ -42,9 +42,10 @@ from berth.plugins.cri.config import CRIConfig
 from berth.plugins.cri.containers import ContainerOps
 from berth.plugins.cri.images import NAMESPACE, ImageService, image_user
 from berth.plugins.cri.runtime import RuntimeBase
+from berth.plugins.cri.streaming.service import StreamingOps
 
 
-class PodService(ContainerOps, RuntimeBase):
+class PodService(StreamingOps, ContainerOps, RuntimeBase):
     """RuntimeService: pods, and containers (ContainerOps), with Version and Status
     from RuntimeBase."""
 

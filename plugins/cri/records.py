@@ -146,6 +146,8 @@ class CRIContainer:
     log_file: logs.LogFile | None = None
     copiers: int = 0
     logs_done: trio.Event = field(default_factory=trio.Event)
+    # The live container's stdio for CRI Attach (streaming.attach.AttachHub).
+    attach_hub: Any = None
 
     @property
     def state(self) -> int:

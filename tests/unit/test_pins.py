@@ -14,7 +14,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-PINNED = ("h2", "hpack", "hyperframe", "grpclib", "betterproto")
+PINNED = ("h2", "hpack", "hyperframe", "grpclib", "betterproto", "wsproto")
 
 
 def _requirements() -> dict[str, Requirement]:

@@ -1,0 +1,259 @@
+"""CRI Exec, Attach and PortForward through berthd's streaming server, against real pods.
+
+The pod has its own network namespace (CNI bridge); its "web" container serves a 1 MB file
+and an echo CGI with busybox httpd on a port nobody published, so only port-forward (which
+enters the pod's namespace) reaches it. The client is tests/cri_stream_client.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from berth.core.api.runtime import v1 as api
+from tests import daemons
+from tests.cri import CRIClient
+from tests.cri_stream_client import (
+    StreamClientError,
+    spdy_connect,
+    spdy_exec,
+    spdy_port_forward,
+    spdy_remotecommand,
+    ws_connect,
+    ws_exec,
+    ws_remotecommand,
+)
+from tests.integration.test_cri_images import base  # noqa: F401 - fixture
+from tests.integration.test_cri_pods import (
+    HANG_GUARD,
+    _cni_daemon,
+    _wait,
+    container_config,
+    pod_config,
+)
+
+if TYPE_CHECKING:
+    from tests.images import Image, RegistryServer
+
+pytest_plugins = ("tests.images",)
+pytestmark = pytest.mark.root
+
+PORT = 8080
+WEB = (
+    "mkdir -p /www/cgi-bin && head -c 1048576 /dev/urandom > /www/big && "
+    "printf '#!/bin/sh\\nprintf \"Content-Type: application/octet-stream\\\\r\\\\n\\\\r\\\\n\"\\n"
+    "head -c \"$CONTENT_LENGTH\"\\n' > /www/cgi-bin/echo && chmod +x /www/cgi-bin/echo && "
+    f"exec httpd -f -p {PORT} -h /www"
+)
+
+
+class Pod:
+    def __init__(self, d: daemons.Daemon, c: CRIClient, sid: str, web: str, talk: str) -> None:
+        self.d, self.c, self.sid, self.web, self.talk = d, c, sid, web, talk
+
+    def exec_url(self, cid: str, cmd: list[str], **kw: bool) -> str:
+        return self.c.runtime("exec", api.ExecRequest(container_id=cid, cmd=cmd, **kw)).url
+
+    def pf_url(self, *ports: int) -> str:
+        return self.c.runtime("port_forward", api.PortForwardRequest(
+            pod_sandbox_id=self.sid, port=list(ports))).url
+
+
+@pytest.fixture
+def pod(base: Path, registry: RegistryServer,  # noqa: F811
+        busybox_oci: tuple[Path, Image]) -> Iterator[Pod]:
+    from tests.integration.test_networks import remove_bridge
+
+    d, bridge = _cni_daemon(base, registry, busybox_oci[1])
+    try:
+        with CRIClient(d.state / "cri.sock") as c:
+            c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
+            config = pod_config(base / "logs", "stream")
+            config.linux.security_context.namespace_options.network = api.NamespaceMode.POD
+            sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+                config=config, runtime_handler="berth")).pod_sandbox_id
+            ids = []
+            for name, script, kw in (
+                    ("web", WEB, {}),
+                    ("talk", "echo ready; while read line; do echo got-$line; done; "
+                             "exec sleep 1000", {"stdin": True})):
+                cid = c.runtime("create_container", api.CreateContainerRequest(
+                    pod_sandbox_id=sid, sandbox_config=config,
+                    config=container_config(name, script, **kw))).container_id
+                c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+                ids.append(cid)
+            p = Pod(d, c, sid, *ids)
+
+            def serving() -> bool:
+                r = c.runtime("exec_sync", api.ExecSyncRequest(
+                    container_id=p.web, cmd=["wget", "-q", "-O", "/dev/null",
+                                             f"http://127.0.0.1:{PORT}/big"]))
+                return r.exit_code == 0
+            _wait(serving, "httpd in the pod")
+            yield p
+            c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+            c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    finally:
+        d.stop()
+        remove_bridge(bridge)
+
+
+async def _guarded(fn) -> None:  # type: ignore[no-untyped-def]
+    # Bounds a hang; nothing is timed by it.
+    with trio.fail_after(HANG_GUARD):
+        await fn()
+
+
+def _big(p: Pod) -> bytes:
+    r = p.c.runtime("exec_sync", api.ExecSyncRequest(container_id=p.web, cmd=["cat", "/www/big"]))
+    assert len(r.stdout) == 1 << 20
+    return r.stdout
+
+
+def _body(response: bytes) -> bytes:
+    head, sep, body = response.partition(b"\r\n\r\n")
+    assert sep and head.startswith(b"HTTP/1."), response[:200]
+    return body
+
+
+def test_exec_both_streams_and_exit_code(pod: Pod) -> None:
+    script = ["sh", "-c", "echo out; echo err >&2; exit 3"]
+
+    async def run() -> None:
+        res = await spdy_exec(pod.exec_url(pod.web, script, stdout=True, stderr=True))
+        assert (res.stdout, res.stderr, res.exit_code) == (b"out\n", b"err\n", 3)
+        res = await ws_exec(pod.exec_url(pod.web, script, stdout=True, stderr=True))
+        assert (res.stdout, res.stderr, res.exit_code) == (b"out\n", b"err\n", 3)
+        res = await ws_exec(pod.exec_url(pod.web, script, stdout=True, stderr=True),
+                            "v4.base64.channel.k8s.io")
+        assert (res.stdout, res.stderr, res.exit_code) == (b"out\n", b"err\n", 3)
+        # stdin through, half-closed, 1 MB.
+        data = os.urandom(1 << 20)
+        url = pod.exec_url(pod.web, ["sh", "-c", "cat; echo done"], stdin=True, stdout=True)
+        res = await spdy_exec(url, stdin=data, stderr=False)
+        assert res.stdout == data + b"done\n" and res.exit_code == 0
+    trio.run(_guarded, run)
+
+
+def test_exec_tty_and_resize(pod: Pod) -> None:
+    async def run() -> None:
+        url = pod.exec_url(pod.web, ["sh"], tty=True, stdin=True, stdout=True)
+        async with spdy_remotecommand(url, stdin=True, tty=True) as rc:
+            await rc.resize(80, 24)
+            await rc.send_stdin(b"echo typed-$((40+2))\n")
+            await rc.read_stdout_until(b"typed-42")
+            await rc.resize(123, 45)
+            await _see_size(rc, b"45 123")
+            await rc.send_stdin(b"exit 5\n")
+            res = await rc.finish()
+        assert res.exit_code == 5
+        url = pod.exec_url(pod.web, ["sh"], tty=True, stdin=True, stdout=True)
+        async with ws_remotecommand(url) as rc:
+            await rc.resize(91, 17)
+            await _see_size(rc, b"17 91")
+            await rc.send_stdin(b"exit 0\n")
+            res = await rc.finish()
+        assert res.exit_code == 0
+    trio.run(_guarded, run)
+
+
+def test_port_forward_into_the_pod(pod: Pod) -> None:
+    big = _big(pod)
+    upload = os.urandom(1 << 20)
+    post = (f"POST /cgi-bin/echo HTTP/1.0\r\nContent-Length: {len(upload)}\r\n\r\n".encode()
+            + upload)
+
+    async def run() -> None:
+        async with spdy_connect(pod.pf_url(), ["portforward.k8s.io"]) as (c, _):
+            for i in range(20):
+                got, err = await spdy_port_forward(c, PORT, i, b"GET /big HTTP/1.0\r\n\r\n")
+                assert err == b"" and _body(got) == big, i
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                got, _ = await spdy_port_forward(c, PORT, 100 + i, post)
+                results[i] = _body(got)
+            async with trio.open_nursery() as n:
+                for i in range(5):
+                    n.start_soon(one, i)
+            assert all(results[i] == upload for i in range(5))
+            got, err = await spdy_port_forward(c, 9, 999, b"x")
+            assert got == b"" and b"error forwarding port 9" in err
+        async with ws_connect(pod.pf_url(PORT), ["v4.channel.k8s.io"], nch=2) as w:
+            await w.send(0, b"GET /big HTTP/1.0\r\n\r\n")
+            await w.read_until(0, lambda d: len(d) >= 2 + (1 << 20) + 20)
+            got = await w.read_all(0)
+            assert _body(got[2:]) == big
+    trio.run(_guarded, run)
+
+
+def test_attach_sees_output_and_sends_stdin(pod: Pod) -> None:
+    async def run() -> None:
+        url = pod.c.runtime("attach", api.AttachRequest(
+            container_id=pod.talk, stdin=True, stdout=True, stderr=True)).url
+        async with spdy_remotecommand(url, stdin=True) as rc:
+            await rc.send_stdin(b"hello\n")
+            assert b"got-hello" in await rc.read_stdout_until(b"got-hello")
+        url = pod.c.runtime("attach", api.AttachRequest(
+            container_id=pod.talk, stdin=True, stdout=True, stderr=True)).url
+        async with ws_remotecommand(url) as rc:
+            await rc.send_stdin(b"again\n")
+            assert b"got-again" in await rc.read_stdout_until(b"got-again")
+    trio.run(_guarded, run)
+
+
+def _berthd_fds(d: daemons.Daemon) -> int:
+    assert d.proc is not None
+    return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+
+
+def test_tokens_and_idle_connections(pod: Pod) -> None:
+    async def run() -> None:
+        url = pod.exec_url(pod.web, ["true"], stdout=True)
+        assert (await spdy_exec(url, stderr=False)).exit_code == 0
+        with pytest.raises(StreamClientError, match="404"):
+            await spdy_exec(url, stderr=False)
+        host_port = url.split("/")[2]
+        host, port = host_port.rsplit(":", 1)
+        before = _berthd_fds(pod.d)
+        idle = [await trio.open_tcp_stream(host, int(port)) for _ in range(200)]
+        try:
+            await trio.sleep(0.5)
+            # berthd keeps at most its pending limit (64) of them, not 200.
+            assert _berthd_fds(pod.d) - before <= 64 + 8
+            res = await spdy_exec(pod.exec_url(pod.web, ["echo", "alive"], stdout=True),
+                                  stderr=False)
+            assert res.stdout == b"alive\n"
+        finally:
+            for s in idle:
+                await s.aclose()
+    trio.run(_guarded, run)
+
+
+async def _see_size(rc, needle: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Ask ``stty size`` until the resize has landed: the resize and stdin streams are
+    separate, so the first ask may run before the terminal changed (the kubelet's race too)."""
+    for _ in range(100):
+        await rc.send_stdin(b"stty size\n")
+        with trio.move_on_after(0.5):
+            await rc.read_stdout_until(needle)
+            return
+    raise AssertionError(f"terminal never showed {needle!r}")
+
+
+def test_client_hanging_up_kills_its_exec(pod: Pod) -> None:
+    def sleeping() -> bool:
+        r = pod.c.runtime("exec_sync", api.ExecSyncRequest(container_id=pod.web, cmd=["ps"]))
+        return b"sleep 777" in r.stdout
+
+    async def run() -> None:
+        url = pod.exec_url(pod.web, ["sleep", "777"], stdout=True, stderr=True)
+        async with spdy_remotecommand(url):
+            await trio.to_thread.run_sync(_wait, sleeping, "the exec running")
+    trio.run(_guarded, run)
+    _wait(lambda: not sleeping(), "the exec killed after its client hung up")
