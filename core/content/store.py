@@ -117,7 +117,7 @@ class ContentStore:
                 yield info
 
     def _scan(self, algorithm: str) -> list[BlobInfo]:
-        out = []
+        out: list[BlobInfo] = []
         try:
             it = os.scandir(self.blobs / algorithm)
         except FileNotFoundError:

@@ -232,7 +232,7 @@ def _data_reader(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[int],
         return member.read
     # The member's data sits at the stream position; reading it straight from the
     # stream saves a layer of buffering and copies per chunk.
-    return tar.fileobj.read  # type: ignore[union-attr]
+    return tar.fileobj.read
 
 
 class _DirCache:
