@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import betterproto
 from betterproto.lib.google.protobuf import Any as AnyMsg
@@ -75,7 +75,7 @@ class Container:
     updated_at: datetime = field(default_factory=lambda: datetime.fromtimestamp(0, UTC))
 
 
-def present(msg: betterproto.Message | None) -> bool:
+def present(msg: betterproto.Message | None) -> TypeGuard[betterproto.Message]:
     """Whether a message field was set (Go's non-nil pointer)."""
     return msg is not None and betterproto.serialized_on_wire(msg)
 
