@@ -541,6 +541,7 @@ class NamespacedWriter:
             if not data:
                 return 0
             await self._create_and_copy(self.size)
+            assert self.backend is not None  # _create_and_copy made it
         return await self.backend.write(data)
 
     async def truncate(self, size: int) -> None:

@@ -298,6 +298,7 @@ def record_image(stores: Stores, namespace: str, name: str, root: Descriptor,
     target = ImageTarget(root.media_type, root.digest, root.size,
                          annotations=dict(root.annotations))
     image = Image(name=name, target=target, labels=dict(labels))
+    event: images_api.ImageCreate | images_api.ImageUpdate
     try:
         out = stores.images.create(namespace, image)
         topic, event = "/images/create", images_api.ImageCreate(name=name, labels=out.labels)

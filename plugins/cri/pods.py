@@ -109,9 +109,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             if ctr.state != cri.ContainerState.CONTAINER_CREATED:
                 continue
             await self.tasks.settle(NAMESPACE, ctr.id)
-            if self.tasks.get(NAMESPACE, ctr.id) is not None:
+            task = self.tasks.get(NAMESPACE, ctr.id)
+            if task is not None:
                 # Died in StartContainer after the task was made: back to created.
-                task = self.tasks.get(NAMESPACE, ctr.id)
                 try:
                     await task.kill(signal.SIGKILL, all=True)
                 except errdefs.BerthError:
