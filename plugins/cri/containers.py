@@ -445,9 +445,9 @@ class ContainerOps:
             record = self.store.get(NAMESPACE, ctr.id)
         except errdefs.NotFound:
             record = None
-        running = record is not None and ctr.state == cri.ContainerState.CONTAINER_RUNNING
-        raw = await trio.to_thread.run_sync(
-            cri_stats.read, rec.cgroups_path(record), ctr.id) if running else {}
+        raw: dict[str, Any] = {}
+        if record is not None and ctr.state == cri.ContainerState.CONTAINER_RUNNING:
+            raw = await trio.to_thread.run_sync(cri_stats.read, rec.cgroups_path(record), ctr.id)
         cpu, memory = cri_stats.usage(raw, now)
         layer = cri.FilesystemUsage(timestamp=now, fs_id=cri.FilesystemIdentifier(
             mountpoint=str(self.images.snapshot_root or "")))
