@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import enum
 import zlib
-from typing import BinaryIO, Protocol
+from types import ModuleType
+from typing import BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -22,11 +23,14 @@ from berth.core import errdefs
 try:
     # ISA-L's inflate (python-isal): zlib's API, about twice zlib's speed, which is
     # most of what unpacking a gzip layer costs.
-    from isal import isal_zlib as _inflate_lib
+    from isal import isal_zlib
 
-    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflate_lib.error)
+    _inflate_lib: ModuleType = isal_zlib
+    # isal's stub declares error an instance; it is the exception class.
+    _INFLATE_ERRORS: tuple[type[Exception], ...] = (
+        zlib.error, cast("type[Exception]", isal_zlib.error))
 except ImportError:  # pragma: no cover - isal is a dependency; zlib still works
-    _inflate_lib = zlib  # type: ignore[assignment]
+    _inflate_lib = zlib
     _INFLATE_ERRORS = (zlib.error,)
 
 # Compressed input is pulled in chunks of this size.

@@ -136,8 +136,8 @@ async def _size(c: Any, target: Any, matcher: Any) -> int | None:
                 if m.platform is None or matcher.match(m.platform):
                     await walk(m)
         elif mediatypes.is_manifest(d.media_type):
-            m = parse_manifest(await c.read(d.digest))
-            total += m.config.size + sum(x.size for x in m.layers)
+            manifest = parse_manifest(await c.read(d.digest))
+            total += manifest.config.size + sum(x.size for x in manifest.layers)
 
     try:
         await walk(Descriptor.from_api(target))

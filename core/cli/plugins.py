@@ -32,7 +32,7 @@ async def ls(args: argparse.Namespace, s: connection.Session) -> int:
 
     resp = await IntrospectionStub(s.channel, metadata=s.metadata).plugins(
         PluginsRequest(filters=args.filters))
-    records = [{
+    records: list[dict[str, Any]] = [{
         "type": p.type, "id": p.id, "requires": list(p.requires),
         "platforms": _platforms(p), "exports": dict(p.exports),
         "capabilities": list(p.capabilities), "status": _status(p),

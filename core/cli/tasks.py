@@ -70,7 +70,7 @@ async def ls(args: argparse.Namespace, s: connection.Session) -> int:
 
     def name(st: Any) -> str:
         try:
-            return Status(st).name
+            return str(Status(st))
         except ValueError:
             return str(st)
 

@@ -35,7 +35,7 @@ import stat
 import tempfile
 import termios
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_FIFO_DIR = "/run/berth/fifo"
@@ -304,7 +304,7 @@ class Copier:
         assert self._outputs_done is not None, "use the Copier in `async with`"
         await asyncio.shield(self._outputs_done)
 
-    async def _all_outputs(self, copies: list[Awaitable[None]]) -> None:
+    async def _all_outputs(self, copies: Sequence[Awaitable[None]]) -> None:
         try:
             await asyncio.gather(*copies)
         finally:

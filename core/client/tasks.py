@@ -250,7 +250,7 @@ def status_name(status: Any) -> str:
     from berth.core.api.containerd.v1.types import Status
 
     try:
-        return Status(status).name.lower()
+        return str(Status(status)).lower()
     except ValueError:
         return str(status)
 

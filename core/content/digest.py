@@ -38,7 +38,7 @@ class Digest(str):
         return self[: self.index(":")]
 
     @property
-    def hex(self) -> str:  # type: ignore[override]  # str has no hex(); name follows go-digest
+    def hex(self) -> str:  # str has no hex(); the name follows go-digest
         return self[self.index(":") + 1 :]
 
     @classmethod

@@ -15,7 +15,7 @@ import collections
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,7 +107,7 @@ class ContentStore:
         except FileNotFoundError:
             raise NotFound(f"content {d}") from None
 
-    async def walk(self) -> AsyncIterator[BlobInfo]:
+    async def walk(self) -> AsyncGenerator[BlobInfo, None]:
         """Every blob, one directory listing per algorithm (taken in a worker thread)."""
         for algorithm in sorted(os.listdir(self.blobs)):
             if not dg.is_supported(algorithm):
@@ -117,7 +117,7 @@ class ContentStore:
                 yield info
 
     def _scan(self, algorithm: str) -> list[BlobInfo]:
-        out = []
+        out: list[BlobInfo] = []
         try:
             it = os.scandir(self.blobs / algorithm)
         except FileNotFoundError:
@@ -304,7 +304,7 @@ class Reader:
         return await trio.to_thread.run_sync(_pread_all, self._fd, size, offset)
 
     async def chunks(self, offset: int = 0, size: int = 0,
-                     chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+                     chunk_size: int = READ_CHUNK) -> AsyncGenerator[bytes, None]:
         """The range containerd's Read RPC serves, in chunks.
 
         Negative offset means 0; an offset past the end is OutOfRange; size <= 0 or a

@@ -11,7 +11,7 @@ see the stream end.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import betterproto
@@ -183,7 +183,7 @@ class Exchange:
         return self._clients_changed
 
     async def replay(self, since: int, filter_exprs: Sequence[str] = (), *, follow: bool = True
-                     ) -> AsyncIterator[Event]:
+                     ) -> AsyncGenerator[Event, None]:
         """Events after ``since`` from the log, then (with ``follow``) live ones, gap-free.
 
         The live subscription starts before the log is read, so an event published

@@ -38,11 +38,11 @@ class EventLog:
                 (ts_ns, env.namespace, env.topic, type_url, value),
             )
             seq = cur.lastrowid
+            assert seq is not None  # an INSERT's rowid
             self._since_trim += 1
             if self._since_trim >= _TRIM_EVERY:
                 self._since_trim = 0
                 c.execute("DELETE FROM events WHERE seq <= ?", (seq - self.capacity,))
-        assert seq is not None
         return seq
 
     def bounds(self) -> tuple[int, int]:

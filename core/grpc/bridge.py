@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import betterproto
 import structlog
 from grpclib.const import Cardinality
 
@@ -135,7 +136,7 @@ class Method:
     impl: Callable[..., Any]
     cardinality: Cardinality
     recv_type: type
-    reply_type: type
+    reply_type: type[betterproto.Message]
     max_recv: int
     is_async: bool
 

@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import betterproto
 from betterproto.lib.google.protobuf import Any as AnyMsg
@@ -75,7 +75,10 @@ class Container:
     updated_at: datetime = field(default_factory=lambda: datetime.fromtimestamp(0, UTC))
 
 
-def present(msg: betterproto.Message | None) -> bool:
+_M = TypeVar("_M", bound=betterproto.Message)
+
+
+def present(msg: _M | None) -> TypeGuard[_M]:
     """Whether a message field was set (Go's non-nil pointer)."""
     return msg is not None and betterproto.serialized_on_wire(msg)
 

@@ -18,6 +18,7 @@ The model is containerd's ``metadata/content.go`` over the local blob store
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import json
@@ -345,7 +346,7 @@ class NamespacedContent:
         return dataclasses.replace(st, ref=ref)
 
     async def list_statuses(self, namespace: str, filter_exprs: Iterable[str] = ()
-                            ) -> list[Status]:
+                            ) -> builtins.list[Status]:
         flt = filters.parse_all(list(filter_exprs))
         with self.db.read() as c:
             rows = c.execute("SELECT ref, bref FROM content_ingests WHERE namespace = ? "
@@ -448,11 +449,11 @@ class NamespacedContent:
 
     # --- garbage collection -------------------------------------------------------------
 
-    def gc_list(self) -> list[tuple[str, str, dict[str, str]]]:
+    def gc_list(self) -> builtins.list[tuple[str, str, dict[str, str]]]:
         with self.db.read() as c:
             return gc_records(c)
 
-    def gc_ingests(self) -> list[IngestRecord]:
+    def gc_ingests(self) -> builtins.list[IngestRecord]:
         with self.db.read() as c:
             return gc_ingest_records(c)
 
@@ -474,7 +475,7 @@ class NamespacedContent:
                 with contextlib.suppress(errdefs.NotFound):
                     await self.backend.abort(rec.bref)
 
-    async def cleanup(self) -> tuple[list[str], list[str]]:
+    async def cleanup(self) -> tuple[builtins.list[str], builtins.list[str]]:
         """Remove backend blobs and ingests that no namespace refers to any more.
 
         Returns the digests and backend refs removed.
@@ -540,6 +541,7 @@ class NamespacedWriter:
             if not data:
                 return 0
             await self._create_and_copy(self.size)
+            assert self.backend is not None  # _create_and_copy made it
         return await self.backend.write(data)
 
     async def truncate(self, size: int) -> None:

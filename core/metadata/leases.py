@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 import os
 import sqlite3
@@ -128,7 +129,7 @@ class LeaseStore:
                 (namespace, lease_id, r.type, r.id),
             )
 
-    def list_resources(self, namespace: str, lease_id: str) -> list[Resource]:
+    def list_resources(self, namespace: str, lease_id: str) -> builtins.list[Resource]:
         with self.db.read() as c:
             self._require(c, namespace, lease_id)
             rows = c.execute(

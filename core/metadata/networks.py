@@ -7,6 +7,7 @@ after its teardown succeeded, so whatever berthd dies in the middle of, the next
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import sqlite3
@@ -165,7 +166,7 @@ class AttachmentStore:
             return c.execute("SELECT COUNT(*) FROM network_attachments WHERE netns = ?",
                              (netns,)).fetchone()[0]
 
-    def stale(self) -> list[Attachment]:
+    def stale(self) -> builtins.list[Attachment]:
         """Container attachments whose container record is gone."""
         with self.db.read() as c:
             try:

@@ -184,7 +184,7 @@ def _atomic_delete(path: Path) -> None:
 
 def list_bundles(state: Path) -> list[tuple[str, str]]:
     """(namespace, id) of every bundle directory under ``state``, dot-names skipped."""
-    out = []
+    out: list[tuple[str, str]] = []
     try:
         namespaces = sorted(os.scandir(state), key=lambda e: e.name)
     except FileNotFoundError:

@@ -3,6 +3,7 @@ over it (containerd's local/gRPC split)."""
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -109,7 +110,7 @@ class ContainersLocal:
                       ContainerCreate(id=created.id, image=created.image, runtime=runtime))
         return created
 
-    def update(self, ns: str, container: store.Container, paths: list[str]
+    def update(self, ns: str, container: store.Container, paths: builtins.list[str]
                ) -> store.Container:
         updated = self.store.update(ns, container, paths)
         self._publish(ns, "/containers/update", ContainerUpdate(

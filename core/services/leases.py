@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 from betterproto.lib.google.protobuf import Empty
 
 from berth.core import errdefs
@@ -72,7 +74,7 @@ class LeaseManager:
         self.store.delete_resource(namespace, id, resource)
         self._mutated(True)
 
-    def list_resources(self, namespace: str, id: str) -> list[leases.Resource]:
+    def list_resources(self, namespace: str, id: str) -> builtins.list[leases.Resource]:
         return self.store.list_resources(namespace, id)
 
 

@@ -3,6 +3,8 @@ over it (containerd's local/gRPC split)."""
 
 from __future__ import annotations
 
+import builtins
+
 import betterproto
 from betterproto.lib.google.protobuf import Empty
 
@@ -58,7 +60,7 @@ class NamespacesLocal:
         self.store.create(name, labels)
         self._publish(caller, "/namespaces/create", NamespaceCreate(name=name, labels=labels))
 
-    def update(self, name: str, labels: dict[str, str], paths: list[str], *,
+    def update(self, name: str, labels: dict[str, str], paths: builtins.list[str], *,
                caller: str) -> None:
         """Set the labels ``paths`` name (``labels.<key>``), or replace them all."""
         if paths:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import betterproto
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg, Empty
 
@@ -72,11 +71,11 @@ STATE_TIMEOUT = 2.0
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 
 
-def _opt(msg: betterproto.Message | None) -> betterproto.Message | None:
+def _opt(msg: AnyMsg | None) -> AnyMsg | None:
     return msg if present(msg) else None
 
 
-def restore_path(runtime: str, options: betterproto.Message | None) -> str:
+def restore_path(runtime: str, options: AnyMsg | None) -> str:
     """The CRIU image a runc task is to be restored from, if its options name one."""
     if options is None or not runtime.startswith("io.containerd.runc"):
         return ""
@@ -170,7 +169,7 @@ class TasksLocal:
             self.networks.creating.discard(key)
 
     async def _create(self, ns: str, req: CreateTaskRequest, container: Container,
-                      spec: AnyMsg, options: betterproto.Message | None
+                      spec: AnyMsg, options: AnyMsg | None
                       ) -> CreateTaskResponse:
         opts = CreateOpts(
             spec=spec,

@@ -124,6 +124,12 @@ class Process:
             with trio.CancelScope(shield=True):
                 await self.io.aclose()
 
+    async def kill(self, sig: int, all: bool = False) -> None:
+        raise NotImplementedError  # Init and Exec each signal their own way
+
+    async def delete(self) -> None:
+        raise NotImplementedError
+
 
 class Init(Process):
     kind = "init"

@@ -83,9 +83,9 @@ def decode_any(data: bytes) -> tuple[str, bytes]:
         if kind != WIRE_LEN:
             continue
         if number == 1:
-            type_url = bytes(raw).decode()  # type: ignore[arg-type]
+            type_url = bytes(raw).decode()
         elif number == 2:
-            value = bytes(raw)  # type: ignore[arg-type]
+            value = bytes(raw)
     return type_url, value
 
 
@@ -94,5 +94,5 @@ def string_fields(data: bytes) -> dict[int, str]:
     out: dict[int, str] = {}
     for number, kind, raw in fields(data):
         if kind == WIRE_LEN:
-            out[number] = bytes(raw).decode(errors="replace")  # type: ignore[arg-type]
+            out[number] = bytes(raw).decode(errors="replace")
     return out

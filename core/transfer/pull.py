@@ -295,8 +295,10 @@ async def _resolve(spec: Spec, endpoints: list[Endpoint], opts: PullOptions
 def record_image(stores: Stores, namespace: str, name: str, root: Descriptor,
             labels: dict[str, str]) -> Image:
     """Create or retarget image ``name``, publishing containerd's image event."""
-    target = ImageTarget(root.media_type, root.digest, root.size, dict(root.annotations))
+    target = ImageTarget(root.media_type, root.digest, root.size,
+                         annotations=dict(root.annotations))
     image = Image(name=name, target=target, labels=dict(labels))
+    event: images_api.ImageCreate | images_api.ImageUpdate
     try:
         out = stores.images.create(namespace, image)
         topic, event = "/images/create", images_api.ImageCreate(name=name, labels=out.labels)

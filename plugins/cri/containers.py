@@ -10,8 +10,9 @@ import os
 import secrets
 import shutil
 import signal
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import betterproto
 import trio
@@ -28,9 +29,42 @@ from berth.plugins.cri import logs, records as rec, spec as cri_spec, stats as c
 from berth.plugins.cri.images import NAMESPACE, image_user
 from berth.plugins.cri.streaming.attach import AttachHub
 
+if TYPE_CHECKING:
+    from berth.core.metadata.containers import ContainerStore
+    from berth.core.runtime.manager import TaskManager
+    from berth.core.transfer.pull import Stores
+    from berth.plugins.cri.config import CRIConfig
+    from berth.plugins.cri.images import ImageService
+
 
 class ContainerOps:
     """The container half of the RuntimeService (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what PodService gives these methods
+        config: CRIConfig
+        stores: Stores
+        images: ImageService
+        store: ContainerStore
+        tasks: TaskManager
+        state: Path
+        nursery: trio.Nursery
+        oom: cri_spec.OOMPolicy
+        sandboxes: dict[str, rec.Sandbox]
+        containers: dict[str, rec.CRIContainer]
+        _names: dict[str, str]
+        _locks: dict[str, trio.Lock]
+
+        def leased(self) -> AbstractAsyncContextManager[str]: ...
+        def _sandbox(self, sid: str) -> rec.Sandbox: ...
+        def _container(self, cid: str) -> rec.CRIContainer: ...
+        def _container_name(self, ctr: rec.CRIContainer) -> str: ...
+        def _save_container(self, ctr: rec.CRIContainer) -> None: ...
+        def _copy(self, ctr: rec.CRIContainer, src: trio.lowlevel.FdStream,
+                  stream: str) -> None: ...
+        async def _drop_record(self, id: str, snapshotter: str, snapshot_key: str
+                               ) -> None: ...
+        def _event(self, cid: str, sb: rec.Sandbox | None,
+                   kind: cri.ContainerEventType) -> None: ...
 
     # --- containers -------------------------------------------------------------------
 
@@ -411,9 +445,9 @@ class ContainerOps:
             record = self.store.get(NAMESPACE, ctr.id)
         except errdefs.NotFound:
             record = None
-        running = record is not None and ctr.state == cri.ContainerState.CONTAINER_RUNNING
-        raw = await trio.to_thread.run_sync(
-            cri_stats.read, rec.cgroups_path(record), ctr.id) if running else {}
+        raw: dict[str, Any] = {}
+        if record is not None and ctr.state == cri.ContainerState.CONTAINER_RUNNING:
+            raw = await trio.to_thread.run_sync(cri_stats.read, rec.cgroups_path(record), ctr.id)
         cpu, memory = cri_stats.usage(raw, now)
         layer = cri.FilesystemUsage(timestamp=now, fs_id=cri.FilesystemIdentifier(
             mountpoint=str(self.images.snapshot_root or "")))

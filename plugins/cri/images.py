@@ -161,7 +161,7 @@ class ImageService:
         out: dict[str, CRIImage] = {}
         for record in self.stores.images.list(NAMESPACE):
             t = record.target
-            target = Descriptor(t.media_type, t.digest, t.size, dict(t.annotations))
+            target = Descriptor(t.media_type, t.digest, t.size, annotations=dict(t.annotations))
             try:
                 resolved = await self._resolve(target)
             except errdefs.BerthError as e:

@@ -53,6 +53,7 @@ class CRIPlugin:
     def serving(self) -> None:
         """berthd serves (its sockets are up, shims can reach it): recover, then open
         the CRI socket. Called once by the daemon."""
+        assert self.nursery is not None  # set by the plugin's init, before serving
         self.nursery.start_soon(self._after_start)
 
     async def _after_start(self) -> None:
@@ -65,6 +66,7 @@ class CRIPlugin:
         routes: dict[str, Any] = {}
         for svc in self.grpc_services():
             routes.update(bridge.handlers_for(svc, svc.base, max_recv=self.max_recv))
+        assert self.nursery is not None
         try:
             await self.nursery.start(functools.partial(grpc_server.serve, routes,
                                                        self.config.address))

@@ -109,9 +109,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             if ctr.state != cri.ContainerState.CONTAINER_CREATED:
                 continue
             await self.tasks.settle(NAMESPACE, ctr.id)
-            if self.tasks.get(NAMESPACE, ctr.id) is not None:
+            task = self.tasks.get(NAMESPACE, ctr.id)
+            if task is not None:
                 # Died in StartContainer after the task was made: back to created.
-                task = self.tasks.get(NAMESPACE, ctr.id)
                 try:
                     await task.kill(signal.SIGKILL, all=True)
                 except errdefs.BerthError:
@@ -401,7 +401,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         from berth.core.networks.types import PortMapping
 
         ports = [PortMapping(host_port=p.host_port, container_port=p.container_port,
-                             protocol=cri.Protocol(p.protocol).name.lower(),
+                             protocol=str(cri.Protocol(p.protocol)).lower(),
                              host_ip=p.host_ip)
                  for p in sb.config.port_mappings if p.host_port > 0]
         att = await self.networks.attach(NAMESPACE, sb.id, sb.network, ports=ports,

@@ -23,6 +23,7 @@ of the same pass and decompression overlaps with writing files.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import queue
@@ -232,7 +233,7 @@ def _data_reader(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[int],
         return member.read
     # The member's data sits at the stream position; reading it straight from the
     # stream saves a layer of buffering and copies per chunk.
-    return tar.fileobj.read  # type: ignore[union-attr]
+    return tar.fileobj.read
 
 
 class _DirCache:
@@ -480,7 +481,7 @@ class _Unpacker:
         # xattrs (security.capability) and the mode come after it.
         os.fchown(fd, info.uid, info.gid)
         for attr, value in self._xattrs(info):
-            self._setxattr(info.name, lambda a=attr, v=value: os.setxattr(fd, a, v))
+            self._setxattr(info.name, functools.partial(os.setxattr, fd, attr, value))
         os.fchmod(fd, info.mode & 0o7777)
         if times:
             os.utime(fd, ns=layer.entry_times(info.mtime, info.pax_headers))
@@ -493,8 +494,8 @@ class _Unpacker:
             # /proc/self/fd/N is the directory we hold; the last component is not followed.
             path = f"/proc/self/fd/{pfd}/{base}"
             for attr, value in xattrs:
-                self._setxattr(info.name, lambda a=attr, v=value: os.setxattr(
-                    path, a, v, follow_symlinks=False))
+                self._setxattr(info.name, functools.partial(
+                    os.setxattr, path, attr, value, follow_symlinks=False))
         if chmod:
             # The name was just created by us and is not a symlink.
             os.chmod(base, info.mode & 0o7777, dir_fd=pfd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from berth.core import errdefs
@@ -146,7 +147,7 @@ def _whiteout(name: str, path: tuple[str, ...]) -> Action:
     return Action(Kind.WHITEOUT, path[:-1] + (hidden,))
 
 
-def xattrs(pax_headers: dict[str, str]) -> dict[str, bytes]:
+def xattrs(pax_headers: Mapping[str, str]) -> dict[str, bytes]:
     """The extended attributes a PAX header carries, as the raw bytes to set.
 
     tarfile decodes PAX values as UTF-8 and falls back to surrogate escapes for
@@ -199,7 +200,8 @@ def time_ns(value: str | float | int | None) -> int | None:
     return max(-_MAX_S * _NS_PER_S, min(total, _MAX_S * _NS_PER_S))
 
 
-def entry_times(mtime: str | float | int, pax_headers: dict[str, str]) -> tuple[int, int]:
+def entry_times(mtime: str | float | int, pax_headers: Mapping[str, str]
+                ) -> tuple[int, int]:
     """(atime, mtime) in ns for an entry, as containerd sets them.
 
     The PAX record is more precise than the header field when both exist. The

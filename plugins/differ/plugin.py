@@ -146,7 +146,7 @@ def _diff_sync(lower: Sequence[Mount], upper: Sequence[Mount], sink: _TrioSink,
     with _directory(lower, read_only=True) as lower_root, \
             _directory(upper, read_only=True) as upper_root:
         if compress:
-            gz = gzip.GzipFile(fileobj=sink, mode="wb", mtime=0)  # type: ignore[arg-type]
+            gz = gzip.GzipFile(fileobj=sink, mode="wb", mtime=0)
             tee = _Tee(gz)
             try:
                 write_diff(lower_root, upper_root, tee)  # type: ignore[arg-type]

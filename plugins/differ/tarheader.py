@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import tarfile
+from typing import Self
 
 # name mode uid gid size mtime chksum type linkname [magic version] uname gname
 # devmajor devminor prefix [padding]
@@ -52,7 +53,7 @@ class FastTarInfo(tarfile.TarInfo):
     __slots__ = ()
 
     @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
         if len(buf) != tarfile.BLOCKSIZE:
             return super().frombuf(buf, encoding, errors)
         (name, mode, uid, gid, size, mtime, chksum, kind, linkname, uname, gname,

@@ -759,8 +759,8 @@ def test_mount_in_root_refuses_a_target_swapped_for_a_symlink(workdir: Path) -> 
     (root / "a").mkdir(parents=True)
     code = f"""
 import errno, os
-from berth.plugins.runtimes.inprocess.syscalls import Syscalls, MS_BIND
-sc = Syscalls()
+from berth.plugins.runtimes.inprocess.syscalls import LibcSyscalls, MS_BIND
+sc = LibcSyscalls()
 root = {str(root)!r}
 os.rmdir(root + "/a")
 os.symlink("/", root + "/a")

@@ -181,7 +181,7 @@ def test_seccomp_build_and_enforce() -> None:
                      {"names": ["unknown_call"], "action": "SCMP_ACT_KILL"}],
     })
     assert flags == 2 and bpf and len(bpf) % 8 == 0
-    sc = S.Syscalls()
+    sc = S.LibcSyscalls()
 
     def filtered() -> str:
         sc.set_no_new_privs()
@@ -455,7 +455,7 @@ def test_state_of_a_zombie_is_stopped(tmp_path: Path) -> None:
 async def test_reaper_is_a_subreaper_only_while_running(tmp_path: Path) -> None:
     from berth.plugins.runtimes.inprocess import Runtime
 
-    sc = S.Syscalls()
+    sc = S.LibcSyscalls()
     before = sc.is_child_subreaper()
     reaper = Reaper()
     runtime = Runtime(tmp_path / "state", reaper)

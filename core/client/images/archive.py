@@ -22,7 +22,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from berth.core import errdefs
 from berth.core.archive import compression
@@ -102,7 +102,7 @@ class Imported:
     images: list[tuple[str, Descriptor]] = field(default_factory=list)
 
 
-async def _ingest(client: Any, ref: str, src: BinaryIO, size: int) -> str:
+async def _ingest(client: Any, ref: str, src: IO[bytes], size: int) -> str:
     """Copy ``size`` bytes of ``src`` into the content store; returns their digest."""
     hasher = hashlib.sha256()
     try:
@@ -133,7 +133,7 @@ async def _ingest(client: Any, ref: str, src: BinaryIO, size: int) -> str:
     return digest
 
 
-def _load_json(src: BinaryIO, what: str) -> Any:
+def _load_json(src: IO[bytes], what: str) -> Any:
     data = src.read(JSON_LIMIT + 1)
     if len(data) > JSON_LIMIT:
         raise BadArchive(f"{what} larger than {JSON_LIMIT} bytes")
@@ -287,8 +287,8 @@ async def import_archive(client: Any, src: BinaryIO, opts: ImportOptions) -> Imp
         elif mediatypes.is_index(desc.media_type):
             kids = parse_index(data, desc.media_type).manifests
         elif mediatypes.is_manifest(desc.media_type):
-            m = parse_manifest(data, desc.media_type)
-            kids = [m.config, *m.layers]
+            manifest = parse_manifest(data, desc.media_type)
+            kids = [manifest.config, *manifest.layers]
         else:
             kids = []
         kids = [k for k in kids if k.platform is None or opts.matcher.match(k.platform)]

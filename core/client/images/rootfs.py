@@ -57,7 +57,7 @@ def build_layer(source: Path, workdir: Path) -> Layer:
     blob = workdir / "layer.tar.gz"
     with open(blob, "wb") as raw:
         outer = _Hashing(raw)
-        with gzip.GzipFile(fileobj=outer, mode="wb", mtime=0) as gz:  # type: ignore[arg-type]
+        with gzip.GzipFile(fileobj=outer, mode="wb", mtime=0) as gz:
             inner = _Hashing(gz)
             if source.is_dir():
                 empty = workdir / "empty"

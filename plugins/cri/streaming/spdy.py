@@ -499,7 +499,7 @@ class Connection:
 
     # -- input --
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
         if self.closed:
             raise ProtocolError("session is closed")
         self._in += data

@@ -10,6 +10,7 @@ TCP (the only back-pressure Go's spdystream peers honour).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Awaitable, Callable
 
@@ -37,7 +38,7 @@ class ChannelClosed(Exception):
 class Channel:
     """One bidirectional stream of an upgraded connection."""
 
-    def __init__(self, name: str, send: Callable[[bytes], Awaitable[None]],
+    def __init__(self, name: str, send: Callable[[bytes | bytearray], Awaitable[None]],
                  eof: Callable[[], Awaitable[None]], limit: int = CHANNEL_BUFFER) -> None:
         self.name = name
         self._send = send
@@ -90,7 +91,7 @@ class Channel:
             self._room.set()
         return out
 
-    async def send_all(self, data: bytes) -> None:
+    async def send_all(self, data: bytes | bytearray) -> None:
         if self.local_closed:
             raise ChannelClosed(f"{self.name} is closed")
         if data:
@@ -130,7 +131,7 @@ class SpdySession:
             self.last_activity = trio.current_time()
             await self.stream.send_all(out)
 
-    async def _send_data(self, sid: int, data: bytes) -> None:
+    async def _send_data(self, sid: int, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             if self.closed.is_set():
@@ -204,18 +205,19 @@ class SpdySession:
                 ch.abort()
             self._new_send.close()
 
-    async def _handle(self, data: bytes) -> None:
+    async def _handle(self, data: bytes | bytearray) -> None:
         self.last_activity = trio.current_time()
         events = self.conn.receive_data(data)
         out = self.conn.data_to_send()  # ping echoes, resets
         if out:
             async with self._lock:
                 await self.stream.send_all(out)
+        ch: Channel | None
         for ev in events:
             if isinstance(ev, spdy.StreamOpened):
                 ch = Channel(f"stream {ev.stream_id}",
-                             lambda d, s=ev.stream_id: self._send_data(s, d),
-                             lambda s=ev.stream_id: self._send_eof(s))
+                             functools.partial(self._send_data, ev.stream_id),
+                             functools.partial(self._send_eof, ev.stream_id))
                 ch.headers = {k: v for k, v in ev.headers}
                 ch.sid = ev.stream_id  # type: ignore[attr-defined]
                 if ev.fin:
@@ -265,8 +267,8 @@ class WebSocketSession:
         self.error: Exception | None = None
         self.channels: list[Channel] = []
         for i in range(channels):
-            ch = Channel(f"channel {i}", lambda d, i=i: self._send(i, d),
-                         lambda i=i: self._eof(i))
+            ch = Channel(f"channel {i}", functools.partial(self._send, i),
+                         functools.partial(self._eof, i))
             if i not in readable:
                 ch.feed_eof()  # the client has nothing to say on a write-only channel
             self.channels.append(ch)
@@ -292,7 +294,7 @@ class WebSocketSession:
             except LocalProtocolError as exc:
                 raise ChannelClosed(str(exc)) from None
 
-    async def _send(self, channel: int, data: bytes) -> None:
+    async def _send(self, channel: int, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             await self._send_message(protocol.ws_encode(self.protocol, channel,
@@ -321,7 +323,7 @@ class WebSocketSession:
 
     async def run_reader(self, initial: bytes = b"") -> None:
         try:
-            data = initial
+            data: bytes | bytearray = initial
             # wsproto may hold frames that came with the handshake.
             if not await self._events():
                 return

@@ -10,7 +10,6 @@ import errno
 import os
 import stat
 from collections import deque
-from typing import Any
 
 from berth.plugins.runtimes.inprocess import syscalls as sys_
 from berth.plugins.runtimes.inprocess.spec import Container, Mount
@@ -22,7 +21,7 @@ _LOCKABLE = (sys_.MS_NOSUID | sys_.MS_NODEV | sys_.MS_NOEXEC | sys_.MS_NOATIME
 _FS_FLAGS_MASK = ~(sys_.MS_BIND | sys_.MS_REC | sys_.MS_REMOUNT | sys_.PROPAGATION_FLAGS)
 
 
-def secure_join(sc: Any, root: str, unsafe: str, *, max_links: int = 255) -> str:
+def secure_join(sc: sys_.Syscalls, root: str, unsafe: str, *, max_links: int = 255) -> str:
     """``root``/``unsafe`` with every symlink resolved as if ``root`` were ``/``."""
     parts = deque(unsafe.split("/"))
     resolved: list[str] = []
@@ -50,7 +49,7 @@ def secure_join(sc: Any, root: str, unsafe: str, *, max_links: int = 255) -> str
     return root.rstrip("/") + "/" + "/".join(resolved) if resolved else root
 
 
-def mkdir_all(sc: Any, root: str, path: str, mode: int = 0o755) -> None:
+def mkdir_all(sc: sys_.Syscalls, root: str, path: str, mode: int = 0o755) -> None:
     """Create ``path`` (already resolved, inside ``root``) and its missing parents."""
     rel = os.path.relpath(path, root)
     if rel == ".":
@@ -68,7 +67,7 @@ def mkdir_all(sc: Any, root: str, path: str, mode: int = 0o755) -> None:
             raise OSError(errno.ENOTDIR, f"{current} is not a directory")
 
 
-def _remount(sc: Any, target: str, flags: int, root: str | None = None) -> None:
+def _remount(sc: sys_.Syscalls, target: str, flags: int, root: str | None = None) -> None:
     """A bind remount with ``flags``; on EPERM retry keeping the flags the kernel locked.
     With ``root``, ``target`` is reached only inside it (see ``Syscalls.mount_in_root``)."""
     flags |= sys_.MS_REMOUNT | sys_.MS_BIND
@@ -85,12 +84,12 @@ def _remount(sc: Any, target: str, flags: int, root: str | None = None) -> None:
         mount(flags | (sc.mount_flags(target) & _LOCKABLE))
 
 
-def remount_readonly(sc: Any, target: str) -> None:
+def remount_readonly(sc: sys_.Syscalls, target: str) -> None:
     flags = sys_.MS_BIND | sys_.MS_REMOUNT | sys_.MS_RDONLY
     sc.mount("", target, "", flags | (sc.mount_flags(target) & _LOCKABLE), "")
 
 
-def prepare_root(sc: Any, c: Container) -> None:
+def prepare_root(sc: sys_.Syscalls, c: Container) -> None:
     """Stop mount events from reaching the host, then make the rootfs a mount point."""
     sc.mount("", "/", "", c.rootfs_propagation or (sys_.MS_SLAVE | sys_.MS_REC), "")
     if c.rootfs_propagation & sys_.MS_SHARED:
@@ -100,7 +99,7 @@ def prepare_root(sc: Any, c: Container) -> None:
     sc.mount(c.rootfs, c.rootfs, "bind", sys_.MS_BIND | sys_.MS_REC, "")
 
 
-def _mount_point_of(sc: Any, path: str) -> str:
+def _mount_point_of(sc: sys_.Syscalls, path: str) -> str:
     best = "/"
     for line in sc.read_file("/proc/self/mountinfo").splitlines():
         fields = line.split(" ")
@@ -112,7 +111,8 @@ def _mount_point_of(sc: Any, path: str) -> str:
     return best
 
 
-def mount_one(sc: Any, c: Container, m: Mount, cgroup_binds: list[tuple[str, str]]) -> bool:
+def mount_one(sc: sys_.Syscalls, c: Container, m: Mount,
+              cgroup_binds: list[tuple[str, str]]) -> bool:
     """Mount ``m`` under the rootfs. Returns True when a read-only remount is deferred
     (a read-only /dev gets its device nodes first).
 
@@ -162,7 +162,7 @@ def mount_one(sc: Any, c: Container, m: Mount, cgroup_binds: list[tuple[str, str
     return False
 
 
-def _mount_cgroup(sc: Any, c: Container, m: Mount, dest: str,
+def _mount_cgroup(sc: sys_.Syscalls, c: Container, m: Mount, dest: str,
                   binds: list[tuple[str, str]]) -> None:
     """The container sees its own cgroup directories, bound from the host.
 
@@ -188,7 +188,7 @@ def _mount_cgroup(sc: Any, c: Container, m: Mount, dest: str,
         sc.mount("", dest, "", sys_.MS_REMOUNT | sys_.MS_RDONLY | flags, "mode=755")
 
 
-def pivot_root(sc: Any, rootfs: str) -> None:
+def pivot_root(sc: sys_.Syscalls, rootfs: str) -> None:
     """Make ``rootfs`` the root, leaving no path to the host's root behind.
 
     pivot_root(".", ".") stacks the old root on top of the new one; detaching it after
@@ -219,7 +219,7 @@ def pivot_root(sc: Any, rootfs: str) -> None:
         sc.close(old)
 
 
-def readonly_paths(sc: Any, paths: list[str]) -> None:
+def readonly_paths(sc: sys_.Syscalls, paths: list[str]) -> None:
     for p in paths:
         if sc.lstat(p) is None:
             continue
@@ -227,7 +227,7 @@ def readonly_paths(sc: Any, paths: list[str]) -> None:
         remount_readonly(sc, p)
 
 
-def mask_paths(sc: Any, paths: list[str]) -> None:
+def mask_paths(sc: sys_.Syscalls, paths: list[str]) -> None:
     """Directories get an empty read-only tmpfs, files get /dev/null bound over them."""
     for p in paths:
         st = sc.lstat(p)

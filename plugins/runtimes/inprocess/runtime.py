@@ -47,7 +47,7 @@ from berth.plugins.runtimes.inprocess import (
     syscalls as sys_,
 )
 from berth.plugins.runtimes.inprocess.state import ContainerState, StateStore, alive, proc_stat
-from berth.plugins.runtimes.inprocess.syscalls import Syscalls
+from berth.plugins.runtimes.inprocess.syscalls import LibcSyscalls, Syscalls
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 _GONE_TIMEOUT = 10.0
@@ -114,12 +114,12 @@ class Runtime:
     a child subreaper while containers are created or exec'ed into: create/exec check it.
     """
 
-    def __init__(self, root: Path, reaper: Reaper, *, syscalls: Syscalls | None = None,
+    def __init__(self, root: str | Path, reaper: Reaper, *, syscalls: Syscalls | None = None,
                  cgroup_root: str = cgroups.CGROUP_ROOT) -> None:
         self.root = Path(root)
         self._store = StateStore(self.root)
         self._reaper = reaper
-        self._sc = syscalls or Syscalls()
+        self._sc: Syscalls = syscalls or LibcSyscalls()
         self._cgroup_root = cgroup_root
         self._known_last = caps.last_cap()
         self._kcore = os.path.exists("/proc/kcore")

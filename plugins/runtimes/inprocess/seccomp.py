@@ -92,7 +92,7 @@ def rules(seccomp: dict[str, Any]) -> list[tuple[str, int, list[tuple[int, int, 
     """(syscall name, action, [(index, op, value, valueTwo)]) for each rule to add."""
     default = action(seccomp.get("defaultAction") or "SCMP_ACT_ALLOW",
                      seccomp.get("defaultErrnoRet"))
-    out = []
+    out: list[tuple[str, int, list[tuple[int, int, int, int]]]] = []
     for entry in seccomp.get("syscalls") or []:
         act = action(entry.get("action") or "", entry.get("errnoRet"))
         if act == default:

@@ -114,7 +114,7 @@ def _plan_fds(stdio: tuple[int, int, int], ns_fds: list[tuple[str, int]],
     return fds
 
 
-def enter(sc: Any, keep: set[int]) -> None:
+def enter(sc: sys_.Syscalls, keep: set[int]) -> None:
     """First steps of every forked container process, before it joins anything: it
     becomes non-dumpable (no process of the container may ptrace it, open its
     /proc/<pid>/fd or /proc/<pid>/exe, or take its fds with pidfd_getfd), and it closes
@@ -132,7 +132,7 @@ def expect(sync: Sync, kind: str) -> dict[str, Any]:
     return msg
 
 
-def setup_stdio(sc: Any, fds: tuple[int, int, int]) -> None:
+def setup_stdio(sc: sys_.Syscalls, fds: tuple[int, int, int]) -> None:
     """Put ``fds`` on 0/1/2. Copies are taken first so that overlapping numbers
     (stdout given as fd 0, say) are not clobbered."""
     high = [sc.dup_above(fd, 3) for fd in fds]
@@ -142,7 +142,7 @@ def setup_stdio(sc: Any, fds: tuple[int, int, int]) -> None:
         sc.close(fd)
 
 
-def join_namespaces(sc: Any, ns_fds: list[tuple[str, int]]) -> None:
+def join_namespaces(sc: sys_.Syscalls, ns_fds: list[tuple[str, int]]) -> None:
     """setns into each; the user namespace first (it grants the rights for the others),
     the mount namespace last (it changes the root the other paths were opened from)."""
     order = sorted(ns_fds, key=lambda t: (t[0] != "user", t[0] == "mount"))
@@ -157,7 +157,7 @@ def needs_fork(ns_types: set[str]) -> bool:
 
 
 # ---- init ----------------------------------------------------------------------------
-def run_init(sc: Any, sync: Sync, plan: InitPlan) -> bool:
+def run_init(sc: sys_.Syscalls, sync: Sync, plan: InitPlan) -> bool:
     """First child. Returns True when the caller is done (it forked the init and must
     exit 0); otherwise never returns (execve)."""
     c = plan.container
@@ -190,7 +190,7 @@ def run_init(sc: Any, sync: Sync, plan: InitPlan) -> bool:
     return False
 
 
-def prepare_rootfs(sc: Any, plan: InitPlan) -> None:
+def prepare_rootfs(sc: sys_.Syscalls, plan: InitPlan) -> None:
     c = plan.container
     mounts.prepare_root(sc, c)
     dev_readonly = False
@@ -213,7 +213,7 @@ def prepare_rootfs(sc: Any, plan: InitPlan) -> None:
             pass  # a read-only image: chdir reports it later
 
 
-def setup_console(sc: Any, console_fd: int, *, bind_console: bool) -> None:
+def setup_console(sc: sys_.Syscalls, console_fd: int, *, bind_console: bool) -> None:
     """Create a pty in the container's devpts, hand the master to the console socket
     (SCM_RIGHTS, like runc) and make the slave the controlling terminal and stdio."""
     master, slave_path = sc.open_pty("/dev/ptmx")
@@ -233,12 +233,12 @@ def setup_console(sc: Any, console_fd: int, *, bind_console: bool) -> None:
     sc.set_ctty(0)
 
 
-def set_rlimits(sc: Any, p: Process) -> None:
+def set_rlimits(sc: sys_.Syscalls, p: Process) -> None:
     for resource, soft, hard in p.rlimits:
         sc.setrlimit(resource, soft, hard)
 
 
-def finalize(sc: Any, p: Process, known_last: int) -> None:
+def finalize(sc: sys_.Syscalls, p: Process, known_last: int) -> None:
     """Capabilities and identity, in the only order that works: the bounding set while
     CAP_SETPCAP is there, keep caps across setuid, switch ids, then set the sets."""
     caps.apply_bounding(sc, p.caps, known_last=known_last)
@@ -255,7 +255,7 @@ def finalize(sc: Any, p: Process, known_last: int) -> None:
     sc.chdir(p.cwd)
 
 
-def lookup(sc: Any, p: Process) -> str:
+def lookup(sc: sys_.Syscalls, p: Process) -> str:
     """The executable for args[0], searched in the process's PATH (after pivot_root)."""
     name = p.args[0]
     if "/" in name:
@@ -273,7 +273,7 @@ def lookup(sc: Any, p: Process) -> str:
     raise SetupError(f'exec: "{name}": executable file not found in $PATH')
 
 
-def check_interpreter(sc: Any, path: str) -> None:
+def check_interpreter(sc: sys_.Syscalls, path: str) -> None:
     """A script whose ``#!`` interpreter is missing fails here, as an error of the
     request, rather than in the exec stub (which can only say so on stderr and exit 127).
     Anything else the kernel decides (ELF, binfmt_misc formats)."""
@@ -289,7 +289,7 @@ def check_interpreter(sc: Any, path: str) -> None:
                          f"{interpreter})")
 
 
-def wait_for_start(sc: Any, fifo_fd: int) -> None:
+def wait_for_start(sc: sys_.Syscalls, fifo_fd: int) -> None:
     """Block until ``start`` opens exec.fifo for reading, then tell it we go on."""
     fd = sc.open(f"/proc/self/fd/{fifo_fd}", os.O_WRONLY | os.O_CLOEXEC)
     sc.write(fd, b"0")
@@ -297,7 +297,7 @@ def wait_for_start(sc: Any, fifo_fd: int) -> None:
     sc.close(fifo_fd)
 
 
-def init_container(sc: Any, sync: Sync, plan: InitPlan) -> None:
+def init_container(sc: sys_.Syscalls, sync: Sync, plan: InitPlan) -> None:
     c = plan.container
     p = c.process
     # Without a pid namespace this is still the first child: a runtime exit must not kill
@@ -353,7 +353,7 @@ def init_container(sc: Any, sync: Sync, plan: InitPlan) -> None:
                  exec_fd=plan.exec_fd)
 
 
-def exec_process(sc: Any, seccomp: tuple[bytes, int] | None, path: str, p: Process, *,
+def exec_process(sc: sys_.Syscalls, seccomp: tuple[bytes, int] | None, path: str, p: Process, *,
                  exec_fd: int = -1) -> None:
     """Last steps before execve: nothing of the runtime leaks, seccomp as late as possible.
 
@@ -374,7 +374,7 @@ def exec_process(sc: Any, seccomp: tuple[bytes, int] | None, path: str, p: Proce
 
 
 # ---- exec ----------------------------------------------------------------------------
-def run_exec(sc: Any, sync: Sync, plan: ExecPlan) -> bool:
+def run_exec(sc: sys_.Syscalls, sync: Sync, plan: ExecPlan) -> bool:
     """Like ``run_init`` for an extra process in a running container. The exec'ed process
     keeps the sync socket (close-on-exec) so the runtime sees execve succeed as EOF."""
     p = plan.process
