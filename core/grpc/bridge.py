@@ -104,7 +104,7 @@ class Encoded:
 
     __slots__ = ("message", "framed")
 
-    def __init__(self, message: Any) -> None:
+    def __init__(self, message: betterproto.Message) -> None:
         self.message = message
         data = bytes(message)
         self.framed = b"\x00" + len(data).to_bytes(4, "big") + data
@@ -120,7 +120,7 @@ class AnswerCache:
         self._value: Any = None
         self._answer: Encoded | None = None
 
-    def get(self, value: Any, build: Callable[[Any], Any]) -> Encoded:
+    def get(self, value: Any, build: Callable[[Any], betterproto.Message]) -> Encoded:
         answer = self._answer
         if answer is None or value != self._value:
             answer = Encoded(build(value))
