@@ -28,6 +28,7 @@ from berth.core.content.digest import problem
 from berth.core.content.errors import go_quote
 from berth.core.events.exchange import Exchange
 from berth.core.gc.scheduler import notifier
+from berth.core.grpc.bridge import AnswerCache, Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.content import Info, NamespacedContent
 from berth.core.metadata.db import Database
@@ -38,6 +39,9 @@ _log = log.get("content")
 
 # gogo's non-nullable timestamps put Go's zero time on the wire when unset.
 ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
+# Info answers kept serialized, per namespace and digest: ctr asks for the same few
+# blobs a dozen times per run. Past this many the cache starts over (a bound, not LRU).
+INFO_ANSWERS = 256
 LIST_BATCH = 100
 READ_CHUNK = 1 << 20
 
@@ -79,12 +83,20 @@ class ContentService:
 
     def __init__(self, store: NamespacedContent) -> None:
         self.store = store
+        self._infos: dict[tuple[str, str], AnswerCache] = {}
 
-    def info(self, ctx: CallContext, req: api.InfoRequest) -> api.InfoResponse:
+    def info(self, ctx: CallContext, req: api.InfoRequest) -> Encoded:
         if problem(req.digest) is not None:
             raise errdefs.InvalidArgument(f"{go_quote(req.digest)} failed validation", raw=True)
         ns = ctx.namespace_required()
-        return api.InfoResponse(info=_info(self.store.info(ns, req.digest)))
+        info = self.store.info(ns, req.digest)  # read every time: the store is the truth
+        key = (ns, req.digest)
+        cache = self._infos.get(key)
+        if cache is None:
+            if len(self._infos) >= INFO_ANSWERS:
+                self._infos.clear()
+            cache = self._infos[key] = AnswerCache()
+        return cache.get(info, lambda i: api.InfoResponse(info=_info(i)))
 
     def update(self, ctx: CallContext, req: api.UpdateRequest) -> api.UpdateResponse:
         given = req.info or api.Info()

@@ -24,6 +24,7 @@ from berth.core.api.containerd.services.namespaces.v1 import (
     UpdateNamespaceResponse,
 )
 from berth.core.events.exchange import Exchange
+from berth.core.grpc.bridge import AnswerCache, Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.namespaces import NamespaceStore
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -86,14 +87,16 @@ class NamespacesService:
 
     def __init__(self, local: NamespacesLocal) -> None:
         self.local = local
+        # The store is read on every call (it is the truth); the answer is rebuilt and
+        # serialized only when what it read differs from last time.
+        self._list = AnswerCache()
 
     def get(self, ctx: CallContext, req: GetNamespaceRequest) -> GetNamespaceResponse:
         return GetNamespaceResponse(Namespace(name=req.name, labels=self.local.labels(req.name)))
 
-    def list(self, ctx: CallContext, req: ListNamespacesRequest) -> ListNamespacesResponse:
-        return ListNamespacesResponse(
-            [Namespace(name=name, labels=labels) for name, labels in self.local.list()]
-        )
+    def list(self, ctx: CallContext, req: ListNamespacesRequest) -> Encoded:
+        return self._list.get(self.local.list(), lambda namespaces: ListNamespacesResponse(
+            [Namespace(name=name, labels=labels) for name, labels in namespaces]))
 
     def create(self, ctx: CallContext, req: CreateNamespaceRequest) -> CreateNamespaceResponse:
         ns = req.namespace or Namespace()

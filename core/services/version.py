@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from berth.core import __version__
 from berth.core.api.containerd.services.version.v1 import VersionBase, VersionResponse
+from berth.core.grpc.bridge import Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import GRPC
@@ -15,9 +16,10 @@ class VersionService:
     base = VersionBase
 
     def __init__(self) -> None:
-        self._resp = VersionResponse(version=__version__, revision=REVISION)
+        # Serialized once: the answer never changes while the daemon runs.
+        self._resp = Encoded(VersionResponse(version=__version__, revision=REVISION))
 
-    def version(self, ctx: CallContext, req: object) -> VersionResponse:
+    def version(self, ctx: CallContext, req: object) -> Encoded:
         return self._resp
 
 
