@@ -130,7 +130,8 @@ def test_other_start_failures_are_clear(base: Path) -> None:
     assert (r.returncode, r.stderr) == (1, f"berthd: config file {base}/missing.toml: not found\n")
 
     cfg = base / "req.toml"
-    cfg.write_text('required_plugins = ["io.containerd.grpc.v1.nothing"]\n')
+    cfg.write_text('required_plugins = ["io.containerd.grpc.v1.nothing"]\n'
+                   '[plugins."io.berth.network.v1.cni"]\nwrite_default = false\n')
     r = berthd_cmd("--config", str(cfg), "--root", str(base / "root"), "--state",
                    str(base / "state"), "--address", str(base / "b.sock"))
     assert r.returncode == 1, r
