@@ -11,48 +11,16 @@ and serving the first call after a start needs no netlink.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from berth.core import mount
-from berth.core.oci.libc import load_libc
-
-CLONE_NEWNET = 0x40000000
-MS_BIND = 0x1000
-MNT_DETACH = 0x2
-
-_libc = load_libc()
-_unshare = _libc["unshare"]
-_unshare.argtypes = [ctypes.c_int]
-_mount = _libc["mount"]
-_mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                   ctypes.c_char_p]
+from berth.core import nspin
 
 T = TypeVar("T")
-
-
-def _in_thread(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a fresh thread that ends with it (so its namespace dies with it)."""
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as e:  # handed to the caller below
-            err.append(e)
-
-    t = threading.Thread(target=run, name="netns")
-    t.start()
-    t.join()
-    if err:
-        raise err[0]
-    return out[0]
+_in_thread = nspin.in_fresh_thread
 
 
 def _lo_up() -> None:
@@ -65,21 +33,16 @@ def _lo_up() -> None:
 def create(path: Path, *, loopback_up: bool = True) -> None:
     """Make a new network namespace pinned at ``path`` (which must not exist)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-    os.close(fd)
+    nspin.placeholder(path)
 
     def make() -> None:
-        if _unshare(CLONE_NEWNET) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"unshare network namespace: {os.strerror(e)}")
-        if _mount(b"/proc/thread-self/ns/net", os.fsencode(path), None, MS_BIND, None) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"pin network namespace at {path}: {os.strerror(e)}")
+        nspin.unshare(nspin.CLONE_NEWNET, "network namespace")
+        nspin.pin_own("net", path)
         if loopback_up:
             _lo_up()
 
     try:
-        _in_thread(make)
+        _in_thread(make, "netns")
     except BaseException:
         remove(path)
         raise
@@ -87,23 +50,12 @@ def create(path: Path, *, loopback_up: bool = True) -> None:
 
 def remove(path: Path) -> None:
     """Unpin and delete; a path that is gone or was never mounted is no error."""
-    try:
-        mount.unmount(path, MNT_DETACH)
-    except FileNotFoundError:
-        pass
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    nspin.unpin(path)
 
 
 def is_netns(path: Path | str) -> bool:
     """Whether ``path`` is a pinned network namespace (nsfs), not a plain file."""
-    try:
-        # Namespace files all live on the one nsfs: same device as our own.
-        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
-    except OSError:
-        return False
+    return nspin.is_pinned(path, "net")
 
 
 def is_own(path: Path | str) -> bool:
