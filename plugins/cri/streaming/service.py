@@ -174,6 +174,9 @@ class CRIStreamRuntime:
                 keepers = []
                 if not started:
                     with trio.CancelScope(shield=True):
+                        # A client that hangs up while Start is under way may leave the
+                        # process running already: kill it (an error if it never ran).
+                        await _kill_exec(task, exec_id)
                         await _quiet_delete(task, exec_id)
             log.info("streaming exec started", tty=streams.tty)
             exited = False
