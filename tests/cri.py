@@ -145,5 +145,9 @@ def cri_config(path: Path, **section: Any) -> Path:
             lines += ["", *render(f"{prefix}.{key}", v)]
         return lines
 
-    path.write_text("\n".join(render('plugins."io.containerd.grpc.v1.cri"', section)) + "\n")
+    # berth's own cni plugin writes its default network into its conf_dir: the test's
+    # folder, never the host's /etc/berth/cni/net.d.
+    own_cni = f'[plugins."io.berth.network.v1.cni"]\nconf_dir = "{path.parent / "berth-net.d"}"\n'
+    path.write_text("\n".join(render('plugins."io.containerd.grpc.v1.cri"', section)) + "\n\n"
+                    + own_cni)
     return path
