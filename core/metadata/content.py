@@ -260,12 +260,19 @@ class NamespacedContent:
     # --- blobs --------------------------------------------------------------------------
 
     def info(self, namespace: str, digest: str) -> Info:
+        return _info(self._blob(namespace, digest, "*"))
+
+    def size(self, namespace: str, digest: str) -> int:
+        """The blob's size, NotFound as :meth:`info` (a read needs no more)."""
+        return int(self._blob(namespace, digest, "size")[0])
+
+    def _blob(self, namespace: str, digest: str, columns: str) -> sqlite3.Row:
         with self.db.read() as c:
-            row = c.execute("SELECT * FROM content_blobs WHERE namespace = ? AND digest = ?",
-                            (namespace, digest)).fetchone()
+            row = c.execute(f"SELECT {columns} FROM content_blobs "
+                            "WHERE namespace = ? AND digest = ?", (namespace, digest)).fetchone()
         if row is None:
             raise errdefs.NotFound(f"content digest {digest}")
-        return _info(row)
+        return row
 
     def update(self, namespace: str, info: Info, paths: Iterable[str] = ()) -> Info:
         paths = list(paths)
