@@ -14,6 +14,7 @@ collection due at the next tick), ``mutation_threshold`` (100), ``schedule_delay
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Generator
@@ -240,14 +241,17 @@ class GCScheduler:
             last_end = trio.current_time()
             next_at = last_end + interval
             # Debug, as containerd's: at info it was a log line per container removal.
-            _log.debug(
-                "garbage collected", d=format_duration(stats.elapsed),
-                content=stats.content, ingests=stats.ingests, leases=stats.leases,
-                snapshots=stats.snapshots, blobs=stats.blobs,
-                backend_ingests=stats.backend_ingests,
-                content_d=format_duration(stats.content_d),
-                snapshot_d={k: format_duration(v) for k, v in stats.snapshot_d.items()},
-            )
+            # Its durations are formatted only when the line is written (a ctr run --rm
+            # collects two or three times).
+            if _log.is_enabled_for(logging.DEBUG):
+                _log.debug(
+                    "garbage collected", d=format_duration(stats.elapsed),
+                    content=stats.content, ingests=stats.ingests, leases=stats.leases,
+                    snapshots=stats.snapshots, blobs=stats.blobs,
+                    backend_ingests=stats.backend_ingests,
+                    content_d=format_duration(stats.content_d),
+                    snapshot_d={k: format_duration(v) for k, v in stats.snapshot_d.items()},
+                )
             for w in waiters:
                 w.finish(stats)
 
