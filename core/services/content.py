@@ -30,7 +30,7 @@ from berth.core.events.exchange import Exchange
 from berth.core.gc.scheduler import notifier
 from berth.core.grpc.bridge import AnswerCache, Encoded
 from berth.core.grpc.context import CallContext
-from berth.core.metadata.content import Info, NamespacedContent
+from berth.core.metadata.content import Info, NamespacedContent, info_of
 from berth.core.metadata.db import Database
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import CONTENT, EVENT, GRPC, METADATA, SERVICE
@@ -97,14 +97,15 @@ class ContentService:
         if problem(req.digest) is not None:
             raise errdefs.InvalidArgument(f"{go_quote(req.digest)} failed validation", raw=True)
         ns = ctx.namespace_required()
-        info = self.store.info(ns, req.digest)  # read every time: the store is the truth
+        # Read every time (the store is the truth), parsed only when it changed.
+        raw = self.store.info_raw(ns, req.digest)
         key = (ns, req.digest)
         cache = self._infos.get(key)
         if cache is None:
             if len(self._infos) >= INFO_ANSWERS:
                 self._infos.clear()
             cache = self._infos[key] = AnswerCache()
-        return cache.get(info, lambda i: api.InfoResponse(info=_info(i)))
+        return cache.get(raw, lambda r: api.InfoResponse(info=_info(info_of(r))))
 
     def update(self, ctx: CallContext, req: api.UpdateRequest) -> api.UpdateResponse:
         given = req.info or api.Info()

@@ -211,3 +211,25 @@ async def test_content_read_answers_small_blobs_from_memory_per_namespace(
     cs.delete("a", d)
     with pytest.raises(errdefs.NotFound):
         await read("a")
+
+
+async def test_content_info_answer_is_kept_until_the_blob_changes(
+        db: Database, backend: ContentStore) -> None:
+    from berth.core.api.containerd.services.content import v1 as api
+    from berth.core.grpc.context import CallContext
+    from berth.core.services.content import ContentService
+
+    cs = NamespacedContent(db, backend)
+    svc = ContentService(cs)
+    d = await put(cs, "a", "r", b"config")
+    cs.update("a", Info(digest=d, labels={"k": "1"}), ["labels.k"])
+    ctx = CallContext(metadata={"containerd-namespace": "a"})
+    first = svc.info(ctx, api.InfoRequest(digest=d))
+    assert svc.info(ctx, api.InfoRequest(digest=d)) is first
+    assert first.message.info.labels == {"k": "1"} and first.message.info.size == 6
+    cs.update("a", Info(digest=d, labels={"k": "2"}), ["labels.k"])
+    second = svc.info(ctx, api.InfoRequest(digest=d))
+    assert second is not first and second.message.info.labels == {"k": "2"}
+    assert second.message.info.updated_at >= first.message.info.updated_at
+    with pytest.raises(errdefs.NotFound):
+        svc.info(CallContext(metadata={"containerd-namespace": "b"}), api.InfoRequest(digest=d))
