@@ -150,8 +150,9 @@ class TasksLocal:
             raise errdefs.AlreadyExists(f"task {req.container_id}")
         self.networks.creating.add(key)
         try:
+            spec = container.spec
             prepared = await self.networks.prepare_container(
-                ns, container.id, container.labels, spec_hostname(container.spec))
+                ns, container.id, container.labels, lambda: spec_hostname(spec))
             if prepared is None:
                 return await self._create(ns, req, container, container.spec, options)
             try:
