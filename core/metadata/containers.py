@@ -197,11 +197,12 @@ class ContainerStore:
     ``ctr run`` asks for its container about ten times (every Tasks call looks it up),
     dockerd's ``docker run`` eight times through Containers.Get, and parsing the row
     (spec Any, labels, extensions, timestamps) cost more than the query. This store is
-    the table's only writer in the process, and every write drops the entry it touches."""
+    the table's only writer in the process (the cache belongs to the database, shared by
+    every store object over it), and every write drops the entry it touches."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._cache: dict[tuple[str, str], _Cached] = {}
+        self._cache: dict[tuple[str, str], _Cached] = db.shared(COMPONENT, dict)
 
     def _load(self, namespace: str, container_id: str) -> _Cached:
         key = (namespace, container_id)

@@ -260,6 +260,17 @@ def test_reads_are_kept_parsed_and_every_write_drops_them(store: ContainerStore)
     assert store.answer("default", "c1", "k", build) == "answer "
 
 
+def test_stores_over_one_database_share_what_they_keep(db: Database) -> None:
+    a, b = ContainerStore(db), ContainerStore(db)
+    a.create("default", container("c1", image="one"))
+    assert b.get("default", "c1").image == "one"
+    a.update("default", container("c1", image="two"), ["image"])
+    assert b.get("default", "c1").image == "two"
+    a.delete("default", "c1")
+    with pytest.raises(errdefs.NotFound):
+        b.get("default", "c1")
+
+
 def test_the_kept_reads_are_bounded(store: ContainerStore, monkeypatch) -> None:
     from berth.core.metadata import containers as mod
 
