@@ -482,12 +482,12 @@ async def test_idle_scheduler_sleeps_until_something_is_due(
         before = s.wakeups
         for _ in range(50):
             s.mutated(False)  # below the mutation threshold: nothing is due
-        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
         assert s.wakeups == before
         s.mutated(True)  # the next tick now has work: one wake-up arms it
         for _ in range(20):
             s.mutated(True)  # already armed: no more wake-ups
-        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
         assert s.wakeups == before + 1
         await trio.sleep(1)
         assert col.runs == 2  # a deletion is still collected at the next tick
