@@ -170,8 +170,9 @@ def namespace_check(c: sqlite3.Connection, namespace: str) -> str | None:
     return "containers" if row.fetchone() else None
 
 
-# Containers kept parsed in memory (most recently loaded first out of the door).
-CACHE_SIZE = 512
+# Containers kept parsed in memory, oldest loaded dropped first: with their kept answers
+# up to ~40 KB each for dockerd's specs, so about 10 MB at most.
+CACHE_SIZE = 256
 
 
 class _Cached:
