@@ -246,12 +246,25 @@ async def _see_size(rc, needle: bytes) -> None:  # type: ignore[no-untyped-def]
     raise AssertionError(f"terminal never showed {needle!r}")
 
 
-# Known defect, quarantined: in 2 of 3 full-suite CI checks (never alone, 12 runs) the exec
-# outlived its client for 60 s; the cause is not found yet. Not strict, so a pass shows
-# as XPASS; the failure message carries berthd's log for the next one to read.
-@pytest.mark.xfail(strict=False, reason="flaky in full-suite runs: exec sometimes outlives "
-                   "its hung-up client (issue 13, under investigation)")
+def _host_pids(argv: list[str]) -> list[int]:
+    """Processes on the host (the test's root sees every pid namespace) running argv."""
+    want = b"\0".join(a.encode() for a in argv) + b"\0"
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if Path(f"/proc/{name}/cmdline").read_bytes() == want:
+                    found.append(int(name))
+            except OSError:
+                pass  # gone meanwhile
+    return found
+
+
 def test_client_hanging_up_kills_its_exec(pod: Pod) -> None:
+    """A client gone ends its exec, also when it hangs up the moment the process exists:
+    runc exec's process runs before Start has its pid, and a Kill then met "process not
+    created" and left the process running (this failed under load before berthd let Start
+    finish and the shim made Kill wait for it)."""
     def sleeping() -> bool:
         r = pod.c.runtime("exec_sync", api.ExecSyncRequest(container_id=pod.web, cmd=["ps"]))
         return b"sleep 777" in r.stdout
@@ -261,8 +274,32 @@ def test_client_hanging_up_kills_its_exec(pod: Pod) -> None:
         async with spdy_remotecommand(url):
             await trio.to_thread.run_sync(_wait, sleeping, "the exec running")
     trio.run(_guarded, run)
+    _wait_gone(pod, lambda: not sleeping())
+
+    # Hang up as soon as the process shows on the host, through both transports, with and
+    # without a terminal: most of these land while Start is still under way.
+    for i in range(12):
+        argv = ["sleep", str(7000 + i)]
+        tty = i % 2 == 1
+        url = pod.exec_url(pod.web, argv, stdout=True, stderr=not tty, tty=tty,
+                           stdin=tty)
+
+        async def hang_up_early(url: str = url, argv: list[str] = argv, i: int = i,
+                                tty: bool = tty) -> None:
+            client = (spdy_remotecommand(url, stdin=tty, tty=tty) if i % 4 < 2
+                      else ws_remotecommand(url))
+            async with client:
+                for _ in range(int(HANG_GUARD * 1000)):
+                    if _host_pids(argv):
+                        return
+                    await trio.sleep(0.001)
+        trio.run(_guarded, hang_up_early)
+        _wait_gone(pod, lambda argv=argv: not _host_pids(argv), " ".join(argv))
+
+
+def _wait_gone(pod: Pod, gone, what: str = "sleep 777") -> None:  # type: ignore[no-untyped-def]
     try:
-        _wait(lambda: not sleeping(), "the exec killed after its client hung up")
+        _wait(gone, f"{what} killed after its client hung up")
     except TimeoutError:
         tail = "\n".join(pod.d.logs().splitlines()[-60:])
         raise AssertionError(f"the exec outlived its client; berthd's log ends:\n{tail}") from None

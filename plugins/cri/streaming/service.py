@@ -47,6 +47,8 @@ _log = structlog.get_logger("berth.cri.streaming")
 # FIFOs' writing ends once it has copied everything).
 DRAIN_GRACE = 5.0
 COPY_SIZE = 128 * 1024
+# Bounds an exec's Create and Start, which run on even when the client hangs up meanwhile.
+START_TIMEOUT = 60.0
 
 
 class StreamingOps:
@@ -161,21 +163,30 @@ class CRIStreamRuntime:
                     paths["stdin"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
             started = False
             try:
-                await task.exec(exec_id, stdin=str(paths.get("stdin", "")),
-                                stdout=str(paths.get("stdout", "")),
-                                stderr=str(paths.get("stderr", "")), terminal=streams.tty,
-                                spec=oci.process_any(process))
-                with self.pods.tasks.primer.starting():
-                    await task.start(exec_id)
-                started = True
+                # Shielded from the client hanging up: cancelled half way, Start's process
+                # may already run inside the container while nobody here knows it yet, and
+                # a Kill sent then meets "process not created" and leaves it running. Once
+                # Start has answered, the cancel lands just below and the kill finds it.
+                with trio.CancelScope(shield=True) as setup:
+                    setup.deadline = trio.current_time() + START_TIMEOUT
+                    await task.exec(exec_id, stdin=str(paths.get("stdin", "")),
+                                    stdout=str(paths.get("stdout", "")),
+                                    stderr=str(paths.get("stderr", "")),
+                                    terminal=streams.tty, spec=oci.process_any(process))
+                    with self.pods.tasks.primer.starting():
+                        await task.start(exec_id)
+                    started = True
+                if not started:
+                    raise errdefs.DeadlineExceeded(
+                        f"exec in container {ctr.id} did not start within {START_TIMEOUT}s",
+                        raw=True)
             finally:
                 for k in keepers:
                     os.close(k)
                 keepers = []
                 if not started:
                     with trio.CancelScope(shield=True):
-                        # A client that hangs up while Start is under way may leave the
-                        # process running already: kill it (an error if it never ran).
+                        # A Start that failed or timed out may still have left a process.
                         await _kill_exec(task, exec_id)
                         await _quiet_delete(task, exec_id)
             log.info("streaming exec started", tty=streams.tty)
