@@ -235,7 +235,10 @@ async def spdy_connect(url: str, protocols: list[str]) -> AsyncIterator[tuple[Sp
             yield client, reply.headers["x-stream-protocol-version"][0]
         finally:
             nursery.cancel_scope.cancel()
-            await stream.aclose()
+            # Shielded: a checkpoint here, in the scope just cancelled, would raise
+            # Cancelled over whatever the body raised, and the nursery would swallow it.
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
 
 @dataclass
@@ -451,7 +454,10 @@ async def ws_connect(url: str, protocols: list[str], nch: int = 5
             yield client
         finally:
             nursery.cancel_scope.cancel()
-            await stream.aclose()
+            # Shielded: a checkpoint here, in the scope just cancelled, would raise
+            # Cancelled over whatever the body raised, and the nursery would swallow it.
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
 
 class WsRemoteCommand(RemoteCommand):

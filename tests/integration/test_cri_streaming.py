@@ -55,6 +55,7 @@ WEB = (
 class Pod:
     def __init__(self, d: daemons.Daemon, c: CRIClient, sid: str, web: str, talk: str) -> None:
         self.d, self.c, self.sid, self.web, self.talk = d, c, sid, web, talk
+        self.config = api.PodSandboxConfig()
 
     def exec_url(self, cid: str, cmd: list[str], **kw: bool) -> str:
         return self.c.runtime("exec", api.ExecRequest(container_id=cid, cmd=cmd, **kw)).url
@@ -88,6 +89,7 @@ def pod(base: Path, registry: RegistryServer,  # noqa: F811
                 c.runtime("start_container", api.StartContainerRequest(container_id=cid))
                 ids.append(cid)
             p = Pod(d, c, sid, *ids)
+            p.config = config
 
             def serving() -> bool:
                 r = c.runtime("exec_sync", api.ExecSyncRequest(
@@ -95,9 +97,14 @@ def pod(base: Path, registry: RegistryServer,  # noqa: F811
                                              f"http://127.0.0.1:{PORT}/big"]))
                 return r.exit_code == 0
             _wait(serving, "httpd in the pod")
-            yield p
-            c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
-            c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+            try:
+                yield p
+            finally:
+                p.c.close()  # a test that restarts berthd has its own client: p.c
+            with CRIClient(d.state / "cri.sock") as c2:
+                c2.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+                c2.runtime("remove_pod_sandbox",
+                           api.RemovePodSandboxRequest(pod_sandbox_id=sid))
     finally:
         d.stop()
         remove_bridge(bridge)
@@ -146,7 +153,7 @@ def test_exec_tty_and_resize(pod: Pod) -> None:
         async with spdy_remotecommand(url, stdin=True, tty=True) as rc:
             await rc.resize(80, 24)
             await rc.send_stdin(b"echo typed-$((40+2))\n")
-            await rc.read_stdout_until(b"typed-42")
+            assert b"typed-42" in await rc.read_stdout_until(b"typed-42")
             await rc.resize(123, 45)
             await _see_size(rc, b"45 123")
             await rc.send_stdin(b"exit 5\n")
@@ -207,6 +214,41 @@ def test_attach_sees_output_and_sends_stdin(pod: Pod) -> None:
     trio.run(_guarded, run)
 
 
+def test_attach_after_berthd_restart(pod: Pod) -> None:
+    """kill -9 of berthd and a restart: attach to containers the old berthd started sees
+    their output and sends them stdin (the new berthd re-opens their stdio FIFOs, which
+    their shims kept open), without and with a terminal."""
+    config = pod.config
+    typist = pod.c.runtime("create_container", api.CreateContainerRequest(
+        pod_sandbox_id=pod.sid, sandbox_config=config,
+        config=container_config("typist", "exec sh", stdin=True, tty=True))).container_id
+    pod.c.runtime("start_container", api.StartContainerRequest(container_id=typist))
+    pod.d.kill()
+    pod.c.close()
+    pod.d.start()
+    pod.c = c = CRIClient(pod.d.state / "cri.sock")
+
+    def attach_url(cid: str, tty: bool = False) -> str:
+        return c.runtime("attach", api.AttachRequest(
+            container_id=cid, stdin=True, stdout=True, stderr=not tty, tty=tty)).url
+
+    async def run() -> None:
+        async with spdy_remotecommand(attach_url(pod.talk), stdin=True) as rc:
+            await rc.send_stdin(b"after-restart\n")
+            assert b"got-after-restart" in await rc.read_stdout_until(b"got-after-restart")
+        async with ws_remotecommand(attach_url(pod.talk)) as rc:
+            await rc.send_stdin(b"again\n")
+            assert b"got-again" in await rc.read_stdout_until(b"got-again")
+        async with spdy_remotecommand(attach_url(typist, tty=True), stdin=True,
+                                      tty=True) as rc:
+            await rc.send_stdin(b"echo typed-$((40+2))\n")
+            assert b"typed-42" in await rc.read_stdout_until(b"typed-42")
+    trio.run(_guarded, run)
+    # The log still gets what the container writes, beside the attached client.
+    log = Path(config.log_directory) / "talk" / "0.log"
+    _wait(lambda: b"got-again" in log.read_bytes(), "the talk container's log")
+
+
 def _berthd_fds(d: daemons.Daemon) -> int:
     assert d.proc is not None
     return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
@@ -241,8 +283,10 @@ async def _see_size(rc, needle: bytes) -> None:  # type: ignore[no-untyped-def]
     for _ in range(100):
         await rc.send_stdin(b"stty size\n")
         with trio.move_on_after(0.5):
-            await rc.read_stdout_until(needle)
-            return
+            # read_stdout_until also returns at the stream's end, needle or not.
+            if needle in await rc.read_stdout_until(needle):
+                return
+            break
     raise AssertionError(f"terminal never showed {needle!r}")
 
 
