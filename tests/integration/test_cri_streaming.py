@@ -20,10 +20,12 @@ from tests import daemons
 from tests.cri import CRIClient
 from tests.cri_stream_client import (
     StreamClientError,
+    key_pair,
     spdy_connect,
     spdy_exec,
     spdy_port_forward,
     spdy_remotecommand,
+    trusting,
     ws_connect,
     ws_exec,
     ws_remotecommand,
@@ -247,6 +249,63 @@ def test_attach_after_berthd_restart(pod: Pod) -> None:
     # The log still gets what the container writes, beside the attached client.
     log = Path(config.log_directory) / "talk" / "0.log"
     _wait(lambda: b"got-again" in log.read_bytes(), "the talk container's log")
+
+
+def test_tls_streaming_with_a_key_pair(base: Path, registry: RegistryServer,  # noqa: F811
+                                       busybox_oci: tuple[Path, Image]) -> None:
+    """enable_tls_streaming with x509_key_pair_streaming: berthd's streaming server shows
+    that certificate (a client trusting it alone completes an exec); a pair that does not
+    load fails the CRI plugin at start, named in the log, and no CRI socket opens."""
+    from tests.cri import cri_config, hosts_dir
+    from tests.images import push_image
+
+    push_image(registry, "library/busybox", "latest", busybox_oci[1])
+    cert, key = key_pair(base, "berth-streaming")
+    _, other_key = key_pair(base, "other")
+    (base / "net.d").mkdir()
+
+    def daemon(name: str, tls_key: Path) -> daemons.Daemon:
+        config = cri_config(
+            base / f"{name}.toml", enable_tls_streaming=True,
+            x509_key_pair_streaming={"tls_cert_file": str(cert), "tls_key_file": str(tls_key)},
+            registry={"config_path": str(hosts_dir(base, "docker.io", registry.host))},
+            cni={"conf_dir": str(base / "net.d"), "bin_dir": "/usr/lib/cni"})
+        return daemons.berthd(base / name, "--config", str(config))
+
+    d = daemon("good", key).start()
+    try:
+        with CRIClient(d.state / "cri.sock") as c:
+            c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
+            config = pod_config(base / "logs", "tls")
+            sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+                config=config, runtime_handler="berth")).pod_sandbox_id
+            cid = c.runtime("create_container", api.CreateContainerRequest(
+                pod_sandbox_id=sid, sandbox_config=config,
+                config=container_config("sleeper", "exec sleep 1000"))).container_id
+            c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+            url = c.runtime("exec", api.ExecRequest(
+                container_id=cid, cmd=["sh", "-c", "echo out; echo err >&2; exit 3"],
+                stdout=True, stderr=True)).url
+            assert url.startswith("https://127.0.0.1:")
+            res = trio.run(lambda: spdy_exec(url, tls=trusting(cert)))
+            assert (res.stdout, res.stderr, res.exit_code) == (b"out\n", b"err\n", 3)
+            c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+            c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    finally:
+        d.stop()
+
+    bad = daemon("bad", other_key).start()
+    try:
+        _wait(lambda: "failed to load x509 key pair for stream server" in bad.logs(),
+              "the key pair's error in berthd's log")
+        line = next(x for x in bad.logs().splitlines() if "x509 key pair" in x)
+        assert "failed to load plugin" in line and "tls_key_file is not the PEM private key" \
+            in line, line
+        plugins = daemons.ctr_ok(bad.address, "plugins", "ls").out
+        assert any("cri" in x and "error" in x for x in plugins.splitlines()), plugins
+        assert not (bad.state / "cri.sock").exists()
+    finally:
+        bad.stop()
 
 
 def _berthd_fds(d: daemons.Daemon) -> int:

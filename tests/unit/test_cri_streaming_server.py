@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import ssl
 import struct
 import subprocess
 import zlib
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from berth.core import errdefs
 from berth.plugins.cri.streaming import spdy
 from berth.plugins.cri.streaming.server import (
     AttachRequest,
@@ -25,14 +27,17 @@ from berth.plugins.cri.streaming.server import (
     StreamServer,
     StreamServerConfig,
     TokenCache,
+    load_key_pair,
 )
 from tests.cri_stream_client import (
     StreamClientError,
     http_request,
+    key_pair,
     spdy_connect,
     spdy_exec,
     spdy_port_forward,
     spdy_remotecommand,
+    trusting,
     ws_connect,
     ws_exec,
     ws_remotecommand,
@@ -327,6 +332,50 @@ async def test_tls_self_signed(tmp_path) -> None:  # noqa: ANN001
         assert res.exit_code == 3 and res.stdout == b"out\n"
         res = await ws_exec(server.get_exec(ExecRequest("c1", SCRIPT)))
         assert res.exit_code == 3
+
+
+async def test_tls_with_a_given_key_pair(tmp_path) -> None:  # noqa: ANN001
+    """x509_key_pair_streaming: the server shows that certificate, so a client trusting it
+    alone (names checked) completes an exec; the same client refuses the self-signed one."""
+    cert, key = key_pair(tmp_path, "given")
+    trust = trusting(cert)
+    async with serving(tls=True, tls_cert_file=str(cert), tls_key_file=str(key),
+                       state_dir=str(tmp_path / "self")) as (server, _):
+        res = await spdy_exec(server.get_exec(ExecRequest("c1", SCRIPT)), tls=trust)
+        assert (res.stdout, res.stderr, res.exit_code) == (b"out\n", b"err\n", 3)
+        res = await ws_exec(server.get_exec(ExecRequest("c1", SCRIPT)), tls=trust)
+        assert res.exit_code == 3
+    assert not (tmp_path / "self").exists()  # nothing self-signed was made
+    async with serving(tls=True, state_dir=str(tmp_path / "self")) as (server, _):
+        with pytest.raises(trio.BrokenResourceError) as err:
+            await spdy_exec(server.get_exec(ExecRequest("c1", SCRIPT)), tls=trust)
+        assert isinstance(err.value.__cause__, ssl.SSLCertVerificationError)
+
+
+def test_a_key_pair_that_does_not_load_is_named(tmp_path) -> None:  # noqa: ANN001
+    cert, key = key_pair(tmp_path, "one")
+    _, other_key = key_pair(tmp_path, "two")
+    _, locked_key = key_pair(tmp_path, "locked", passphrase="secret")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    for c, k, why in ((tmp_path / "missing.crt", key, "no PEM certificate"),
+                      (garbage, key, "no PEM certificate"),
+                      (cert, tmp_path / "missing.key", "not the PEM private key"),
+                      (cert, other_key, "not the PEM private key"),
+                      (cert, garbage, "not the PEM private key"),
+                      (cert, locked_key, "encrypted"),
+                      (cert, "", "both files")):
+        with pytest.raises(errdefs.InvalidArgument,
+                           match="failed to load x509 key pair for stream server") as err:
+            load_key_pair(str(c), str(k))
+        assert why in str(err.value), (c, k)
+    # The server refuses to start on one, rather than serve another certificate.
+    server = StreamServer(HostRuntime(), StreamServerConfig(
+        tls=True, tls_cert_file=str(cert), tls_key_file=str(other_key),
+        state_dir=str(tmp_path / "self")))
+    with pytest.raises(errdefs.InvalidArgument, match="x509 key pair"):
+        trio.run(server.serve)
+    assert not (tmp_path / "self").exists()
 
 
 async def test_idle_upgraded_connection_is_closed() -> None:
