@@ -163,6 +163,8 @@ def test_exec_tty_and_resize(pod: Pod) -> None:
         assert res.exit_code == 5
         url = pod.exec_url(pod.web, ["sh"], tty=True, stdin=True, stdout=True)
         async with ws_remotecommand(url) as rc:
+            await rc.send_stdin(b"echo typed-$((40+3))\n")
+            assert b"typed-43" in await rc.read_stdout_until(b"typed-43")
             await rc.resize(91, 17)
             await _see_size(rc, b"17 91")
             await rc.send_stdin(b"exit 0\n")
@@ -193,12 +195,30 @@ def test_port_forward_into_the_pod(pod: Pod) -> None:
             assert all(results[i] == upload for i in range(5))
             got, err = await spdy_port_forward(c, 9, 999, b"x")
             assert got == b"" and b"error forwarding port 9" in err
-        async with ws_connect(pod.pf_url(PORT), ["v4.channel.k8s.io"], nch=2) as w:
-            await w.send(0, b"GET /big HTTP/1.0\r\n\r\n")
-            await w.read_until(0, lambda d: len(d) >= 2 + (1 << 20) + 20)
-            got = await w.read_all(0)
-            assert _body(got[2:]) == big
+        # WebSocket: one connection per forwarded connection, the same counts and sizes.
+        for i in range(20):
+            got = await _ws_forward(pod.pf_url(PORT), b"GET /big HTTP/1.0\r\n\r\n")
+            assert _body(got) == big, i
+        urls = [pod.pf_url(PORT) for _ in range(5)]
+        ws_results: dict[int, bytes] = {}
+
+        async def ws_one(i: int) -> None:
+            ws_results[i] = _body(await _ws_forward(urls[i], post))
+        async with trio.open_nursery() as n:
+            for i in range(5):
+                n.start_soon(ws_one, i)
+        assert all(ws_results[i] == upload for i in range(5))
     trio.run(_guarded, run)
+
+
+async def _ws_forward(url: str, payload: bytes) -> bytes:
+    """One forwarded connection over WebSocket (v4.channel.k8s.io): what the pod's server
+    sent back until it closed, without the port prefix."""
+    async with ws_connect(url, ["v4.channel.k8s.io"], nch=2) as w:
+        await w.send(0, payload)
+        got = await w.read_all(0)
+    assert got[:2] == PORT.to_bytes(2, "little"), got[:2]
+    return got[2:]
 
 
 def test_attach_sees_output_and_sends_stdin(pod: Pod) -> None:
@@ -306,6 +326,27 @@ def test_tls_streaming_with_a_key_pair(base: Path, registry: RegistryServer,  # 
         assert not (bad.state / "cri.sock").exists()
     finally:
         bad.stop()
+
+
+def test_garbage_closes_only_that_connection(pod: Pod) -> None:
+    """berthd's streaming server: random bytes, a frame with a huge length, a header block
+    that does not inflate and a zip bomb after the upgrade each close that connection, and
+    berthd goes on serving others."""
+    from tests.unit.test_cri_streaming_server import (
+        ends_in_goaway,
+        garbage_after_upgrade,
+        garbage_cases,
+    )
+
+    async def run() -> None:
+        for name, garbage in garbage_cases().items():
+            url = pod.exec_url(pod.web, ["sleep", "30"], stdout=True, stderr=True)
+            assert ends_in_goaway(await garbage_after_upgrade(url, garbage)), name
+            res = await spdy_exec(pod.exec_url(pod.web, ["echo", "alive"], stdout=True),
+                                  stderr=False)
+            assert res.stdout == b"alive\n", name
+    trio.run(_guarded, run)
+    assert pod.d.proc is not None and pod.d.proc.poll() is None
 
 
 def _berthd_fds(d: daemons.Daemon) -> int:

@@ -258,8 +258,8 @@ async def test_upgrade_negotiation_errors() -> None:
         assert reply.status == 400 and b"missing upgrade headers" in reply.body
 
 
-async def _garbage_after_upgrade(server: StreamServer, garbage: bytes) -> bytes:
-    url = server.get_exec(ExecRequest("c1", ("sleep", "30")))
+async def garbage_after_upgrade(url: str, garbage: bytes) -> bytes:
+    """Upgrade an exec URL to SPDY, send garbage, read what comes back until the close."""
     reply, s, rest = await http_request(url, [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
                                               ("X-Stream-Protocol-Version", "v4.channel.k8s.io")])
     assert reply.status == 101
@@ -286,23 +286,30 @@ def _syn(block: bytes) -> bytes:
     return struct.pack(">HHI", 0x8003, 1, len(payload)) + payload
 
 
-async def test_garbage_after_upgrade_closes_only_that_connection() -> None:
+def garbage_cases() -> dict[str, bytes]:
+    """What a client may send after the upgrade that is no SPDY a server should take."""
     z = zlib.compressobj(9, zlib.DEFLATED, 15, 8, zlib.Z_DEFAULT_STRATEGY, spdy.DICTIONARY)
     bomb = z.compress(struct.pack(">II", 1, 1) + b"x" + struct.pack(">I", 100_000_000)
                       + b"A" * 100_000_000) + z.flush(zlib.Z_SYNC_FLUSH)
     rng = random.Random(7)
-    cases = {
+    return {
         "random": bytes(rng.getrandbits(8) for _ in range(4096)),
         "huge length": struct.pack(">HHI", 0x8003, 1, 0xFFFFFF) + b"\0" * 100,
         "no inflate": _syn(b"\x78\xbb" + b"\xfe" * 64),
         "zip bomb": _syn(bomb),
     }
+
+
+def ends_in_goaway(got: bytes) -> bool:
+    """What came back, if anything, ends in a GOAWAY with PROTOCOL_ERROR."""
+    return not got or got[-16:-4] == struct.pack(">HHII", 0x8003, 7, 8, 0)[:12]
+
+
+async def test_garbage_after_upgrade_closes_only_that_connection() -> None:
     async with serving() as (server, _):
-        for name, garbage in cases.items():
-            got = await _garbage_after_upgrade(server, garbage)
-            # What came back, if anything, ends in a GOAWAY with PROTOCOL_ERROR.
-            if got:
-                assert got[-16:-4] == struct.pack(">HHII", 0x8003, 7, 8, 0)[:12], name
+        for name, garbage in garbage_cases().items():
+            url = server.get_exec(ExecRequest("c1", ("sleep", "30")))
+            assert ends_in_goaway(await garbage_after_upgrade(url, garbage)), name
             res = await spdy_exec(server.get_exec(ExecRequest("c1", SCRIPT)))
             assert res.exit_code == 3, name
 
