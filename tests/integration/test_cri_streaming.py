@@ -441,6 +441,22 @@ def test_client_hanging_up_kills_its_exec(pod: Pod) -> None:
         _wait_gone(pod, lambda argv=argv: not _host_pids(argv), " ".join(argv))
 
 
+def test_exec_sync_whose_caller_goes_is_killed(pod: Pod) -> None:
+    """ExecSync with no timeout of its own, whose caller's deadline passes: the command is
+    killed (as containerd does), not left running with nobody to read its output."""
+    req = api.ExecSyncRequest(container_id=pod.web, cmd=["sleep", "555"])
+    with pytest.raises(TimeoutError):
+        pod.c.run(pod.c.runtime_stub.exec_sync(req, timeout=2))
+    _wait_gone(pod, lambda: not _host_pids(["sleep", "555"]), "sleep 555")
+    # Hung up before the process could even start: nothing is left either.
+    for i in range(5):
+        argv = ["sleep", str(5550 + i)]
+        req = api.ExecSyncRequest(container_id=pod.web, cmd=argv)
+        with pytest.raises(TimeoutError):
+            pod.c.run(pod.c.runtime_stub.exec_sync(req, timeout=0.01 * (i + 1)))
+        _wait_gone(pod, lambda argv=argv: not _host_pids(argv), " ".join(argv))
+
+
 def _wait_gone(pod: Pod, gone, what: str = "sleep 777") -> None:  # type: ignore[no-untyped-def]
     try:
         _wait(gone, f"{what} killed after its client hung up")

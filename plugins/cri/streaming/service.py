@@ -30,7 +30,7 @@ from berth.core.api.runtime import v1 as cri
 from berth.core.grpc.context import CallContext
 from berth.core.networks import netns
 from berth.core.oci import default_spec as oci
-from berth.plugins.cri import logs
+from berth.plugins.cri import logs, records as rec
 from berth.plugins.cri.images import NAMESPACE
 from berth.plugins.cri.streaming.server import (
     AttachRequest,
@@ -47,8 +47,6 @@ _log = structlog.get_logger("berth.cri.streaming")
 # FIFOs' writing ends once it has copied everything).
 DRAIN_GRACE = 5.0
 COPY_SIZE = 128 * 1024
-# Bounds an exec's Create and Start, which run on even when the client hangs up meanwhile.
-START_TIMEOUT = 60.0
 
 
 class StreamingOps:
@@ -168,7 +166,7 @@ class CRIStreamRuntime:
                 # a Kill sent then meets "process not created" and leaves it running. Once
                 # Start has answered, the cancel lands just below and the kill finds it.
                 with trio.CancelScope(shield=True) as setup:
-                    setup.deadline = trio.current_time() + START_TIMEOUT
+                    setup.deadline = trio.current_time() + rec.EXEC_START_TIMEOUT
                     await task.exec(exec_id, stdin=str(paths.get("stdin", "")),
                                     stdout=str(paths.get("stdout", "")),
                                     stderr=str(paths.get("stderr", "")),
@@ -178,8 +176,8 @@ class CRIStreamRuntime:
                     started = True
                 if not started:
                     raise errdefs.DeadlineExceeded(
-                        f"exec in container {ctr.id} did not start within {START_TIMEOUT}s",
-                        raw=True)
+                        f"exec in container {ctr.id} did not start within "
+                        f"{rec.EXEC_START_TIMEOUT:.0f}s", raw=True)
             finally:
                 for k in keepers:
                     os.close(k)
