@@ -12,7 +12,8 @@ mount API, namespaces...) with EPERM, not containerd's allow list; ``Unconfined`
 unset profile add none, as containerd does by default.
 
 A pod-shared PID namespace needs a process to hold it: with sandbox_mode "pause" the
-sandbox container's; with pinned namespaces NamespaceMode.POD runs as CONTAINER.
+sandbox container's; with pinned namespaces the pod's holder (plugins/cri/pidns), whose
+pinned namespace containers join by path.
 
 Not yet (issue 12): AppArmor, CDI, user namespaces, image volumes.
 """
@@ -59,10 +60,14 @@ class PodView:
     # A sandbox container's pid (sandbox_mode "pause"): containers join its namespaces
     # (pid too, for a pod that shares it); 0: the pod's namespaces are berth's pins.
     infra_pid: int = 0
+    # The pinned PID namespace of a pod whose holder process keeps it (plugins/cri/pidns).
+    pidns: str = ""
 
     def ns_path(self, kind: str) -> str:
         if self.infra_pid:
             return f"/proc/{self.infra_pid}/ns/{kind}"
+        if kind == "pid":
+            return self.pidns
         return str(pins.paths(Path(self.folder))[kind]) if kind in pins.KINDS else ""
 
 
@@ -439,7 +444,7 @@ def _namespaces(spec: dict[str, Any], sb: PodView,
         elif kind == "pid":
             if opts.pid == cri.NamespaceMode.NODE:
                 continue
-            if opts.pid == cri.NamespaceMode.POD and sb.infra_pid:
+            if opts.pid == cri.NamespaceMode.POD and sb.ns_path("pid"):
                 ns = {"type": "pid", "path": sb.ns_path("pid")}
         out.append(ns)
     spec["linux"]["namespaces"] = out
