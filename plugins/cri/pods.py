@@ -290,6 +290,8 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             raise errdefs.InvalidArgument("sandbox config must name the pod (metadata name, "
                                           "uid and namespace)", raw=True)
         runtime = self.config.runtime(req.runtime_handler)
+        if problem := runtime.cgroup_driver_problem():
+            raise errdefs.FailedPrecondition(problem, raw=True)
         ns_opts = config.linux.security_context.namespace_options \
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)
