@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from berth.plugins.cri.config import CRIConfig
     from berth.plugins.cri.images import ImageService
 
+# The exit code containerd records for a container whose start failed.
+START_ERROR_EXIT = 128
+
 
 class ContainerOps:
     """The container half of the RuntimeService (see the module docstring)."""
@@ -178,12 +181,14 @@ class ContainerOps:
                 with trio.CancelScope(shield=True):
                     await self._delete_task(ctr)
                 raise
-        except BaseException:
+        except BaseException as exc:
             for r in readers:
                 await r.aclose()
             log_file.close()
             with trio.CancelScope(shield=True):
                 await hub.close()
+            if isinstance(exc, Exception):  # not a berthd going down: that is retried
+                self._start_failed(ctr, sb, exc)
             raise
         finally:
             for k in keepers:
@@ -198,6 +203,23 @@ class ContainerOps:
         rec.logger.info("container started", id=ctr.id, pid=ctr.status.pid)
         self._event(ctr.id, sb, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
         return cri.StartContainerResponse()
+
+    def _start_failed(self, ctr: rec.CRIContainer, sb: rec.Sandbox, exc: Exception) -> None:
+        """A container whose start failed has exited, as containerd records it (exit
+        code 128, reason StartError): the kubelet then restarts it by its policy instead
+        of finding it created forever."""
+        ctr.status.finished_at = rec.now()
+        ctr.status.exit_code = START_ERROR_EXIT
+        ctr.status.reason = "StartError"
+        ctr.status.message = getattr(exc, "message", "") or str(exc)
+        try:
+            self._save_container(ctr)
+        except errdefs.NotFound:
+            return
+        ctr.exited.set()
+        rec.logger.warning("container start failed", id=ctr.id, error=ctr.status.message)
+        self._event(ctr.id, sb, cri.ContainerEventType(
+            cri.ContainerEventType.CONTAINER_STOPPED_EVENT))
 
     async def _monitor(self, ctr: rec.CRIContainer) -> None:
         """Wait for the container's exit; record it; delete the task."""

@@ -130,9 +130,37 @@ def kill(pid: int, folder: str) -> bool:
         os.close(fd)
 
 
-def stop(folder: Path | str, pid: int) -> None:
-    """End the holder ``pid`` of ``folder`` (none when 0) and unpin its namespace;
-    idempotent. Blocking: call it from a thread."""
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def stop(folder: Path | str, pid: int) -> list[int]:
+    """End the holder ``pid`` of ``folder`` and its waiting parent (none when ``pid`` is
+    0), and unpin the namespace; idempotent; the pids signalled. Blocking: call it from
+    a thread."""
+    folder = str(folder)
+    hit = []
     if pid > 0:
-        kill(pid, str(folder))
+        parent = _parent(pid)
+        for p in (pid, parent):
+            if p > 1 and kill(p, folder):
+                hit.append(p)
     nspin.unpin(pin_path(folder))
+    return hit
+
+
+async def wait_gone(pid: int) -> None:
+    """Until process ``pid`` has exited (a pidfd turns readable)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)

@@ -148,16 +148,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         if proc is not None:
             await proc.wait()  # the waiting parent ends with its child, and is reaped here
         else:
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                fd = -1
-            if fd >= 0:
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                finally:
-                    os.close(fd)
-        self._holders.pop(sb.id, None)
+            await pidns.wait_gone(pid)
+        if self._holders.get(sb.id) is proc:
+            self._holders.pop(sb.id, None)
         if sb.pid_holder == pid and sb.id in self.sandboxes:
             rec.logger.warning("the pod's PID namespace holder died", id=sb.id, pid=pid)
             await self._holder_gone(sb)
@@ -180,8 +173,16 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         self.nursery.start_soon(self._watch_holder, sb, proc)
 
     async def _stop_holder(self, sb: rec.Sandbox) -> None:
+        """Kill the pod's PID namespace holder and return once it is gone (and with it,
+        by the kernel's hand, whatever was left in the namespace)."""
         pid, sb.pid_holder = sb.pid_holder, 0
-        await trio.to_thread.run_sync(pidns.stop, sb.folder, pid)
+        proc = self._holders.pop(sb.id, None)
+        hit = await trio.to_thread.run_sync(pidns.stop, sb.folder, pid)
+        with trio.move_on_after(rec.KILL_WAIT):
+            if proc is not None:
+                await proc.wait()  # berthd's child: reaped here
+            for p in hit:
+                await pidns.wait_gone(p)
 
     def load(self) -> None:
         """The sandboxes and containers berthd recorded; what still runs is settled by
