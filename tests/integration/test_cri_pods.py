@@ -506,6 +506,29 @@ def _leftovers(d: daemons.Daemon, folder: Path, cgroup_parent: str = ""
             "holders": holders, "cgroups": cgroups}
 
 
+def _states_agree(d: daemons.Daemon, c: CRIClient, pods: list[api.PodSandbox]) -> None:
+    """What the CRI says after a restart is what runs: a running container has a running
+    task, any other none; a ready pod (sharing its PID namespace) has its holder, a pod
+    not ready has no running container."""
+    from berth.plugins.cri import pidns
+
+    tasks = {}
+    for line in daemons.ctr_ok(d.address, "tasks", "ls", namespace="k8s.io").out.splitlines()[1:]:
+        cid, _, status = line.split()[:3]
+        tasks[cid] = status
+    holders = set(pidns.find(d.state).values())
+    ctrs = c.runtime("list_containers", api.ListContainersRequest()).containers
+    for x in ctrs:
+        running = x.state == api.ContainerState.CONTAINER_RUNNING
+        assert (tasks.get(x.id) == "RUNNING") == running, (x.id, x.state, tasks)
+    for p in pods:
+        mine = [x for x in ctrs if x.pod_sandbox_id == p.id]
+        if p.state == api.PodSandboxState.SANDBOX_READY:
+            assert any(f.endswith(p.id) for f in holders), (p.id, holders)
+        else:
+            assert not [x for x in mine if x.state == api.ContainerState.CONTAINER_RUNNING]
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6])
 def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryServer,  # noqa: F811
                                                  busybox_oci: tuple[Path, Image],
@@ -555,6 +578,7 @@ def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryS
             d.start()
             with CRIClient(d.state / "cri.sock") as c:
                 found = c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items
+                _states_agree(d, c, found)
                 for p in found:
                     c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=p.id))
                     c.runtime("remove_pod_sandbox",
