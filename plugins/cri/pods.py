@@ -128,10 +128,10 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         found = await trio.to_thread.run_sync(pidns.find, self.state / "sandboxes")
         keep = {sb.folder: sb for sb in self.sandboxes.values()
                 if sb.pid_holder and sb.state == cri.PodSandboxState.SANDBOX_READY}
-        for pid, folder in found.items():
-            if folder not in keep:  # both processes of the pair
-                rec.logger.info("killing a stale PID namespace holder", pid=pid, folder=folder)
-                pidns.kill(pid, folder)
+        stale = {pid: folder for pid, folder in found.items() if folder not in keep}
+        for folder in sorted(set(stale.values())):
+            rec.logger.info("killing a stale PID namespace holder", folder=folder)
+        await trio.to_thread.run_sync(pidns.kill_all, stale)
         for sb in keep.values():
             if found.get(sb.pid_holder) == sb.folder:
                 self.nursery.start_soon(self._watch_holder, sb, None)

@@ -111,13 +111,17 @@ def test_pod_shares_one_pid_namespace(cri: tuple[daemons.Daemon, CRIClient],
 
     # pid = POD: each container lists the other's process; PID 1 is berth's holder.
     assert "sleep 1002" in _ps(c, a) and "sleep 1001" in _ps(c, b)
-    assert _exec(c, a, "cat", "/proc/1/cmdline").stdout.split(b"\0")[-3:-1] == [
-        str(pidns.SCRIPT).encode(), str(d.state / "io.containerd.grpc.v1.cri" / "sandboxes"
-                                        / shared).encode()]
+    assert _exec(c, a, "cat", "/proc/1/cmdline").stdout.endswith(b"sleep\0infinity\0")
+    # Its environment (berth's marker and paths) is not the pod's to read.
+    assert _exec(c, a, "cat", "/proc/1/environ").stdout == b""
     pid_ns = {_exec(c, cid, "readlink", "/proc/self/ns/pid").stdout for cid in (a, b)}
     assert len(pid_ns) == 1 and pid_ns != {os.readlink("/proc/self/ns/pid").encode() + b"\n"}
     holder = _pid_holder(c, shared)
-    assert _holders(d).get(holder, "").endswith(shared)
+    assert _holders(d).get(holder, "").endswith(shared) and pidns.is_ns_init(holder)
+    # PID 1 reaps the pod's orphans (SIGCHLD ignored: the kernel reaps them).
+    r = _exec(c, a, "sh", "-c", "(sleep 0.1 &); sleep 0.5; ps -o stat,args")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) > 3, r
+    assert not [x for x in r.stdout.splitlines()[1:] if x.startswith(b"Z")], r.stdout
     # pid = CONTAINER: each container is PID 1 of its own namespace, alone; no holder.
     assert "sleep 1002" not in _ps(c, x) and "sleep 1001" not in _ps(c, y)
     assert _exec(c, x, "cat", "/proc/1/cmdline").stdout == b"sleep\x001001\x00"
