@@ -529,10 +529,11 @@ def _states_agree(d: daemons.Daemon, c: CRIClient, pods: list[api.PodSandbox]) -
             assert not [x for x in mine if x.state == api.ContainerState.CONTAINER_RUNNING]
 
 
+@pytest.mark.parametrize("handler", ["berth", "runc"])
 @pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6])
 def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryServer,  # noqa: F811
                                                  busybox_oci: tuple[Path, Image],
-                                                 delay: float) -> None:
+                                                 delay: float, handler: str) -> None:
     """kill -9 while a pod starts (RunPodSandbox, CreateContainer, StartContainer in
     flight) and while it stops, at a few points: after a restart the calls can be
     retried, the pod removed, and nothing is left (pins, netns, IPs, shims, cgroups, the
@@ -555,7 +556,7 @@ def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryS
                 async def start(c: CRIClient = c, pod: api.PodSandboxConfig = pod) -> None:
                     rt = c.runtime_stub
                     sid = (await rt.run_pod_sandbox(api.RunPodSandboxRequest(
-                        config=pod, runtime_handler="berth"))).pod_sandbox_id
+                        config=pod, runtime_handler=handler))).pod_sandbox_id
                     cid = (await rt.create_container(api.CreateContainerRequest(
                         pod_sandbox_id=sid, sandbox_config=pod,
                         config=container_config("c", "exec sleep 1000")))).container_id
