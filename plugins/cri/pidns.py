@@ -112,6 +112,9 @@ def holder_folder(pid: int) -> str | None:
     """The pod folder a holder process serves, or None when ``pid`` is none of ours."""
     prefix = f"{MARKER}=".encode()
     try:
+        # Only berthd's own user's processes: no other user can have one killed.
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return None
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = f.read()
     except OSError:
