@@ -1,8 +1,10 @@
 """CRI pods and containers on berth's containers store and runtime v2 task manager.
 
 A pod sandbox has no infra container: its IPC and UTS namespaces are pinned by berth
-(:mod:`berth.plugins.cri.pins`) and containers join them by path; a hostNetwork pod uses
-the node's network and UTS namespaces. Sandboxes and containers are berth containers of
+(:mod:`berth.plugins.cri.pins`) and containers join them by path; a pod that shares its
+PID namespace gets a small holder process as that namespace's PID 1
+(:mod:`berth.plugins.cri.pidns`); a hostNetwork pod uses the node's network and UTS
+namespaces. Sandboxes and containers are berth containers of
 namespace ``k8s.io`` (labels ``io.cri-containerd.kind=sandbox|container``, the CRI
 metadata as JSON in an extension), so ``ctr -n k8s.io containers ls`` shows them. Every
 container of a pod carries ``io.kubernetes.cri.sandbox-id``: berth's shim and runc's v2
