@@ -176,3 +176,51 @@ def test_pid_holder_survives_berthd_kill_and_its_death_ends_the_pod(
         c2.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
     _wait(lambda: _holders(d) == {}, "no holder left")
     assert sid not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.parametrize("handler", ["berth", "runc"])
+def test_target_pid_namespace(cri: tuple[daemons.Daemon, CRIClient], base: Path,  # noqa: F811
+                              handler: str) -> None:
+    """NamespaceMode.TARGET (``kubectl debug --target``): a container joins a running
+    container's own PID namespace, pinned; bad targets are clear errors, nothing made."""
+    from grpclib.const import Status
+    from grpclib.exceptions import GRPCError
+
+    d, c = cri
+    sid, config, (a, b) = _pod(c, base, "debugged", api.NamespaceMode.CONTAINER, handler)
+    other, other_config, (x, _) = _pod(c, base, "other", api.NamespaceMode.CONTAINER, handler)
+
+    def debugger(name: str, target: str, pod: str = sid,
+                 pod_config: api.PodSandboxConfig = config) -> str:
+        cfg = container_config(name, "exec sleep 1009")
+        cfg.linux = api.LinuxContainerConfig(security_context=api.LinuxContainerSecurityContext(
+            namespace_options=api.NamespaceOption(network=api.NamespaceMode.NODE,
+                                                  pid=api.NamespaceMode.TARGET,
+                                                  target_id=target)))
+        cid = c.runtime("create_container", api.CreateContainerRequest(
+            pod_sandbox_id=pod, sandbox_config=pod_config, config=cfg)).container_id
+        c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+        return str(cid)
+
+    dbg = debugger("dbg", a)
+    assert _exec(c, dbg, "cat", "/proc/1/cmdline").stdout == b"sleep\x001001\x00"
+    assert "sleep 1009" in _ps(c, a) and "sleep 1002" not in _ps(c, dbg)
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert f"containers/{dbg}/pidns" in mounts
+    before = sorted(p.name for p in (d.state / "io.containerd.grpc.v1.cri" /
+                                     "containers").iterdir())
+    for target, code in ((x, Status.INVALID_ARGUMENT), ("f" * 64, Status.NOT_FOUND),
+                         ("", Status.INVALID_ARGUMENT)):
+        with pytest.raises(GRPCError) as e:
+            debugger("bad", target)
+        assert e.value.status == code and e.value.message, (target, e.value)
+    c.runtime("stop_container", api.StopContainerRequest(container_id=b, timeout=0))
+    with pytest.raises(GRPCError) as e:
+        debugger("late", b)
+    assert e.value.status == Status.FAILED_PRECONDITION, e.value
+    assert sorted(p.name for p in (d.state / "io.containerd.grpc.v1.cri" /
+                                   "containers").iterdir()) == before
+    for pod in (sid, other):
+        c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod))
+        c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    assert f"containers/{dbg}/pidns" not in Path("/proc/self/mountinfo").read_text()
