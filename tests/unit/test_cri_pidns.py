@@ -23,7 +23,8 @@ def _sandbox(tmp: Path, pid: cri.NamespaceMode | None, holder: int = 0) -> recor
                            pid_holder=holder)
 
 
-def _pid_entries(sb: records.Sandbox, mode: cri.NamespaceMode, tmp: Path) -> list[dict]:
+def _pid_entries(sb: records.Sandbox, mode: cri.NamespaceMode, tmp: Path,
+                 target: str = "") -> list[dict]:
     layer = tmp / "layer"
     (layer / "etc").mkdir(parents=True, exist_ok=True)
     config = cri.ContainerConfig(
@@ -32,7 +33,7 @@ def _pid_entries(sb: records.Sandbox, mode: cri.NamespaceMode, tmp: Path) -> lis
             security_context=cri.LinuxContainerSecurityContext(
                 namespace_options=cri.NamespaceOption(pid=mode))))
     s = spec.container_spec(sb.view, "c1", config, {"config": {}}, "",
-                            [Mount("bind", str(layer), ["rbind"])], spec.OOMPolicy())
+                            [Mount("bind", str(layer), ["rbind"])], spec.OOMPolicy(), target)
     return [n for n in s["linux"]["namespaces"] if n["type"] == "pid"]
 
 
@@ -53,6 +54,16 @@ def test_containers_join_the_pinned_pid_namespace(tmp_path: Path) -> None:
     # POD is the enum's zero: a pod that says nothing shares, as with containerd.
     assert _sandbox(tmp_path, None).shares_pid
     assert not _sandbox(tmp_path, cri.NamespaceMode.NODE).shares_pid
+
+
+def test_target_mode_needs_the_pinned_target(tmp_path: Path) -> None:
+    from berth.core import errdefs
+
+    sb = _sandbox(tmp_path, cri.NamespaceMode.CONTAINER)
+    assert _pid_entries(sb, cri.NamespaceMode.TARGET, tmp_path, "/pins/t") == [
+        {"type": "pid", "path": "/pins/t"}]
+    with pytest.raises(errdefs.InvalidArgument):
+        _pid_entries(sb, cri.NamespaceMode.TARGET, tmp_path)
 
 
 def test_the_holder_is_recorded(tmp_path: Path) -> None:
