@@ -6,6 +6,7 @@ left (records, state folders, snapshots, leases, mounts, PID namespace holders).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,15 @@ pytest_plugins = ("tests.images",)
 pytestmark = pytest.mark.root
 
 MISSING = "f" * 64
+
+
+@pytest.fixture(autouse=True)
+def _no_pod_left(pulled: tuple[daemons.Daemon, CRIClient]  # noqa: F811
+                 ) -> Iterator[None]:
+    from tests.integration.test_cri_namespaces import remove_pods
+
+    yield
+    remove_pods(pulled[0])
 
 
 def _refused(c: CRIClient, call: str, req: object, *codes: Status) -> str:

@@ -51,7 +51,19 @@ def cri(base: Path, registry: RegistryServer,  # noqa: F811 - a fixture
             c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
             yield d, c
     finally:
+        remove_pods(d)
         d.stop()
+
+
+def remove_pods(d: daemons.Daemon) -> None:
+    """What a failed test left (pods, their holders and shims outlive berthd), removed
+    while berthd still runs."""
+    if d.proc is None or d.proc.poll() is not None:
+        return
+    with CRIClient(d.state / "cri.sock") as c:
+        for p in c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items:
+            c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=p.id))
+            c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=p.id))
 
 
 def _pod(c: CRIClient, folder: Path, name: str, mode: api.NamespaceMode, handler: str,
