@@ -9,6 +9,7 @@ ignoring them silently.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,24 @@ class Runtime:
     @property
     def systemd_cgroup(self) -> bool:
         return bool(self.options.get("SystemdCgroup", False))
+
+    def cgroup_driver_problem(self) -> str:
+        """Why this handler's pods cannot run ("" when they can): the systemd cgroup
+        driver with no systemd to ask. berth does not fall back to cgroupfs behind the
+        driver RuntimeConfig names."""
+        if self.systemd_cgroup and not systemd_running():
+            return (f"runtime handler {self.name!r} asks for the systemd cgroup driver "
+                    "(options SystemdCgroup = true) but systemd is not running on this "
+                    f"node (no {SYSTEMD_RUN}): set SystemdCgroup = false (cgroupfs)")
+        return ""
+
+
+SYSTEMD_RUN = "/run/systemd/system"
+
+
+def systemd_running() -> bool:
+    """systemd is PID 1 (sd_booted(3)'s test, as runc's)."""
+    return os.path.isdir(SYSTEMD_RUN)
 
 
 @dataclass
