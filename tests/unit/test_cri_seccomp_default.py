@@ -1,0 +1,58 @@
+"""RuntimeDefault as containerd builds it: chosen by the bounding set, per architecture,
+and loadable as it is by the seccomp compiler berth's in-process runtime uses
+(libseccomp, the library runc and crun use too)."""
+
+from __future__ import annotations
+
+import errno
+
+from berth.core.oci import default_spec as oci
+from berth.plugins.cri import seccomp_default as sd, spec
+from berth.plugins.runtimes.inprocess import seccomp
+
+
+def _allowed(profile: dict) -> set[str]:
+    return {n for e in profile["syscalls"] if e["action"] == sd.ALLOW and not e.get("args")
+            for n in e["names"]}
+
+
+def test_profile_by_capability() -> None:
+    caps = oci.default_unix_spec("k8s.io", "c")["process"]["capabilities"]["bounding"]
+    plain = sd.profile(caps, arch="amd64", release="6.1.0")
+    assert plain["defaultAction"] == "SCMP_ACT_ERRNO" and "defaultErrnoRet" not in plain
+    assert plain["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    names = _allowed(plain)
+    assert {"read", "execve", "arch_prctl", "ptrace", "chroot"} <= names  # chroot: default cap
+    assert not {"mount", "unshare", "setns", "keyctl", "add_key", "bpf", "reboot",
+                "init_module", "kcmp", "process_vm_readv", "clone", "clone3"} & names
+    clone = [e for e in plain["syscalls"] if e["names"] == ["clone"]]
+    assert clone[0]["args"] == [{"index": 0, "value": 0x7E020000, "valueTwo": 0,
+                                 "op": "SCMP_CMP_MASKED_EQ"}]
+    assert {"names": ["clone3"], "action": "SCMP_ACT_ERRNO",
+            "errnoRet": errno.ENOSYS} in plain["syscalls"]
+    personas = {e["args"][0]["value"] for e in plain["syscalls"] if e["names"] == ["personality"]}
+    assert personas == {0, 8, 0x20000, 0x20008, 0xFFFFFFFF}
+
+    admin = sd.profile([*caps, "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"], arch="amd64")
+    assert {"mount", "unshare", "setns", "clone", "clone3", "kcmp",
+            "process_vm_readv"} <= _allowed(admin)
+    assert not any(e["action"] == sd.ERRNO for e in admin["syscalls"])
+    none = sd.profile([], arch="amd64")
+    assert "chroot" not in _allowed(none) and "read" in _allowed(none)
+
+
+def test_arches_and_kernels() -> None:
+    assert sd.profile([], arch="s390x")["syscalls"][-2]["args"][0]["index"] == 1
+    assert sd.profile([], arch="arm64")["architectures"] == ["SCMP_ARCH_ARM", "SCMP_ARCH_AARCH64"]
+    assert "cacheflush" in _allowed(sd.profile([], arch="arm64"))
+    assert sd.profile([], arch="ppc64le")["architectures"] == []
+    assert "ptrace" not in _allowed(sd.profile([], arch="amd64", release="4.4.0-foo"))
+    assert sd.kernel_at_least(4, 8, "6.18.44-fc") and not sd.kernel_at_least(4, 8, "x")
+    assert sd.goarch("x86_64") == "amd64" and sd.goarch("aarch64") == "arm64"
+
+
+def test_profile_compiles_and_spec_hook() -> None:
+    bpf, flags = seccomp.build(sd.profile(["CAP_SYS_ADMIN"]))
+    assert flags == 0 and len(bpf) % 8 == 0 and bpf
+    bpf2, _ = seccomp.build(spec.default_seccomp())
+    assert bpf2 != bpf
