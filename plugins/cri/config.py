@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "stream_server_port": "0",
     "enable_tls_streaming": False,
     "max_container_log_line_size": 16384,
+    "enable_cdi": False,
+    "cdi_spec_dirs": ["/etc/cdi", "/var/run/cdi"],
     "containerd": {
         "snapshotter": "overlayfs",
         "default_runtime_name": "runc",
@@ -108,6 +110,8 @@ class CRIConfig:
     cni_conf_dir: str = "/etc/cni/net.d"
     registry_config_path: str = ""
     registry_mirrors: dict[str, list[str]] = field(default_factory=dict)
+    enable_cdi: bool = False
+    cdi_spec_dirs: list[str] = field(default_factory=lambda: list(DEFAULTS["cdi_spec_dirs"]))
     unsupported: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
 
@@ -166,7 +170,8 @@ def parse(section: dict[str, Any], *, state: Path) -> CRIConfig:
     seen = _Unsupported()
     top = {"address", "sandbox_mode", "sandbox_image", "restrict_oom_score_adj",
            "stream_server_address", "stream_server_port", "enable_tls_streaming",
-           "max_container_log_line_size", "containerd", "cni", "registry"}
+           "max_container_log_line_size", "containerd", "cni", "registry", "enable_cdi",
+           "cdi_spec_dirs"}
     for key, value in section.items():
         if key not in top:
             seen.note(key, value, _CONTAINERD_DEFAULTS.get(key))
@@ -190,6 +195,12 @@ def parse(section: dict[str, Any], *, state: Path) -> CRIConfig:
         max_container_log_line_size=_get(section, "max_container_log_line_size", int,
                                          16384, ""),
     )
+    cfg.enable_cdi = _get(section, "enable_cdi", bool, False, "")
+    dirs = section.get("cdi_spec_dirs", DEFAULTS["cdi_spec_dirs"])
+    if not isinstance(dirs, list) or not all(isinstance(x, str) and x.startswith("/")
+                                             for x in dirs):
+        raise _bad("cdi_spec_dirs", "a list of absolute paths")
+    cfg.cdi_spec_dirs = list(dirs)
     ctrd = _table(section, "containerd", "")
     for key, value in ctrd.items():
         if key not in ("snapshotter", "default_runtime_name", "runtimes"):

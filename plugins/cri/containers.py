@@ -25,7 +25,7 @@ from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import Container
 from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts
-from berth.plugins.cri import logs, records as rec, spec as cri_spec, stats as cri_stats
+from berth.plugins.cri import cdi, logs, records as rec, spec as cri_spec, stats as cri_stats
 from berth.plugins.cri.images import NAMESPACE, image_user
 from berth.plugins.cri.streaming.attach import AttachHub
 
@@ -112,6 +112,8 @@ class ContainerOps:
                 spec = await trio.to_thread.run_sync(
                     cri_spec.container_spec, sb.view, ctr.id, config,
                     image.resolved.config.raw, image_user(image.resolved), mounts, self.oom)
+                spec = await trio.to_thread.run_sync(cdi.for_container, spec, config,
+                                                     self.config)
                 runtime = self.config.runtime(sb.handler)
                 self.store.create(NAMESPACE, Container(
                     id=ctr.id, runtime_name=runtime.runtime_type,

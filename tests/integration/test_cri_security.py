@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
-from benchmarks.bench_cri import containerd_with_cri
 from berth.core.api.runtime import v1 as api
 from tests import daemons
 from tests.cri import CRIClient, cri_config, hosts_dir
@@ -173,6 +174,7 @@ def _remove_pod(c: CRIClient, sid: str) -> None:
 def both(base: Path, registry: RegistryServer, busybox_oci: tuple[Path, Image]  # noqa: F811
          ) -> Iterator[tuple[daemons.Daemon, daemons.Daemon]]:
     """berthd and the real containerd (CRI on), both pulling through the local registry."""
+    from benchmarks.bench_cri import containerd_with_cri
     from tests.images import pause_image, push_image
 
     push_image(registry, "library/busybox", "latest", busybox_oci[1])
@@ -216,3 +218,92 @@ def test_runtime_default_is_containerds_profile(
     admin = {r[0] for r in _rules(specs["berth"]["admin"]["linux"]["seccomp"])}
     plain = {r[0] for r in _rules(specs["berth"]["plain"]["linux"]["seccomp"])}
     assert {"mount", "unshare", "setns"} <= admin - plain
+
+
+# --- CDI devices -----------------------------------------------------------------------
+
+CDI_SPEC = """\
+cdiVersion: "0.6.0"
+kind: example.com/probe
+devices:
+  - name: null0
+    containerEdits:
+      env: ["CDI_PROBE=null0"]
+      deviceNodes:
+        - path: /dev/cdi-null
+          hostPath: /dev/null
+          permissions: rw
+      mounts:
+        - hostPath: {share}
+          containerPath: /cdi/share
+          options: [ro, rbind]
+"""
+
+
+@pytest.fixture
+def cdi_daemon(base: Path, registry: RegistryServer,  # noqa: F811
+               busybox_oci: tuple[Path, Image]) -> Iterator[tuple[daemons.Daemon, Path]]:
+    """berthd with CDI on, its spec folder (YAML) under the test's folder."""
+    from tests.images import push_image
+
+    push_image(registry, "library/busybox", "latest", busybox_oci[1])
+    share = base / "share"
+    share.mkdir()
+    (share / "note.txt").write_text("shared by a CDI mount\n")
+    specs = base / "cdi"
+    specs.mkdir()
+    (specs / "probe.yaml").write_text(CDI_SPEC.format(share=share))
+    config = cri_config(base / "berth.toml", enable_cdi=True,
+                        cdi_spec_dirs=[str(base / "missing"), str(specs)],
+                        registry={"config_path": str(hosts_dir(base, "docker.io",
+                                                               registry.host))})
+    d = daemons.berthd(base / "d", "--config", str(config)).start()
+    try:
+        yield d, specs
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("handler", ["berth", "runc"])
+def test_cdi_devices_inside_the_container(cdi_daemon: tuple[daemons.Daemon, Path],
+                                          base: Path, handler: str) -> None:  # noqa: F811
+    d, _ = cdi_daemon
+    with CRIClient(d.state / "cri.sock") as c:
+        c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
+        config = pod_config(base / "logs", "cdi")
+        sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+            config=config, runtime_handler=handler)).pod_sandbox_id
+        cfg = container_config("dev", "exec sleep 1000",
+                               cdi_devices=[api.CdiDevice("example.com/probe=null0")])
+        cid = c.runtime("create_container", api.CreateContainerRequest(
+            pod_sandbox_id=sid, sandbox_config=config, config=cfg)).container_id
+        c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+        r = _exec(c, cid, "sh", "-c",
+                  'echo "$CDI_PROBE"; cat /cdi/share/note.txt; stat -c "%F %t:%T" '
+                  "/dev/cdi-null; echo data > /dev/cdi-null && echo wrote; "
+                  "touch /cdi/share/x 2>/dev/null || echo read-only")
+        assert r.exit_code == 0, r
+        assert r.stdout.decode().splitlines() == [
+            "null0", "shared by a CDI mount", "character special file 1:3", "wrote",
+            "read-only"], r
+
+        # By annotation too (cdi.k8s.io/...); an unknown device: a clear error, nothing made.
+        cfg = container_config("ann", "exec sleep 1000",
+                               annotations={"cdi.k8s.io/probe": "example.com/probe=null0"})
+        ann = c.runtime("create_container", api.CreateContainerRequest(
+            pod_sandbox_id=sid, sandbox_config=config, config=cfg)).container_id
+        for name, kw in (("bad", {"cdi_devices": [api.CdiDevice("example.com/probe=nope")]}),
+                         ("bad2", {"annotations": {"cdi.k8s.io/x": "not-a-name"}})):
+            with pytest.raises(GRPCError) as e:
+                c.runtime("create_container", api.CreateContainerRequest(
+                    pod_sandbox_id=sid, sandbox_config=config,
+                    config=container_config(name, "true", **kw)))
+            assert e.value.status == Status.INVALID_ARGUMENT, e.value
+            assert "CDI" in (e.value.message or ""), e.value
+        listed = c.runtime("list_containers", api.ListContainersRequest()).containers
+        assert {x.id for x in listed} == {cid, ann}
+        names = daemons.ctr_ok(d.address, "snapshots", "ls", namespace="k8s.io").out
+        # A header, the image's layer and the two containers' snapshots.
+        assert len(names.splitlines()) == 4, names
+        c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+        c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
