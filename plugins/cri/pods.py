@@ -421,7 +421,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             rec.logger.error("pod network teardown failed", id=sb.id, error=str(e))
 
     def _sandbox_files(self, sb: rec.Sandbox, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0711: a container's root mapped by a user namespace must reach the pod's /etc
+        # files (containerd's sandbox folders are 0755).
+        folder.mkdir(parents=True, exist_ok=True, mode=0o711)
         hostname = sb.config.hostname or (os.uname().nodename if sb.host_network else "")
         if sb.mode == "pinned":
             pins.create(folder, "" if sb.host_network else hostname)

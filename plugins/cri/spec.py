@@ -14,7 +14,8 @@ none, as containerd does by default.
 A pod-shared PID namespace needs a process to hold it: with sandbox_mode "pause" the
 sandbox container's; with pinned namespaces NamespaceMode.POD runs as CONTAINER.
 
-Not yet (issue 12): AppArmor, CDI, user namespaces, image volumes.
+User namespaces: :mod:`berth.plugins.cri.userns`; CDI devices: :mod:`berth.plugins.cri.cdi`.
+Not supported: AppArmor (this kernel has none), image volumes.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from berth.core import errdefs
 from berth.core.api.runtime import v1 as cri
 from berth.core.mount import Mount
 from berth.core.oci import default_spec as oci
-from berth.plugins.cri import pins, seccomp_default
+from berth.plugins.cri import pins, seccomp_default, userns
 from berth.plugins.runtimes.inprocess.caps import NAMES as CAP_NAMES, last_cap
 
 NAMESPACE = "k8s.io"
@@ -302,6 +303,7 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
     if sb.config.linux and sb.config.linux.sysctls:
         spec["linux"]["sysctl"] = dict(sb.config.linux.sysctls)
     _namespaces(spec, sb, sc)
+    userns.into_spec(spec, userns.mappings(sb.config, sc))
     _mounts(spec, sb, config)
     _resources(spec, sb, container_id, linux.resources, oom)
     annotations = dict(config.annotations)

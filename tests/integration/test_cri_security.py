@@ -307,3 +307,75 @@ def test_cdi_devices_inside_the_container(cdi_daemon: tuple[daemons.Daemon, Path
         assert len(names.splitlines()) == 4, names
         c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
         c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+
+
+# --- user namespaces -------------------------------------------------------------------
+
+HOST_BASE = 300000  # host ids 300000..365535 become the pod's 0..65535
+
+
+def _userns(mode: api.NamespaceMode = api.NamespaceMode.POD, length: int = 65536
+            ) -> api.UserNamespace:
+    maps = [api.IdMapping(host_id=HOST_BASE, container_id=0, length=length)]
+    return api.UserNamespace(mode=mode, uids=maps, gids=list(maps))
+
+
+@pytest.mark.parametrize("handler", ["berth", "runc"])
+def test_pod_user_namespace(pulled: tuple[daemons.Daemon, CRIClient], base: Path,  # noqa: F811
+                            handler: str) -> None:
+    d, c = pulled
+    # The mapped root walks to its bundle as any other user (berthd's state folders are
+    # 0711, the bundle's group is the mapped root's); the test's own folder is 0700.
+    base.chmod(0o711)
+    config = pod_config(base / "logs", "userns")
+    config.linux.security_context.namespace_options.userns_options = _userns()
+    sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+        config=config, runtime_handler=handler)).pod_sandbox_id
+
+    def make(name: str, opts: api.UserNamespace, script: str = "exec sleep 1000") -> str:
+        cfg = container_config(name, script, linux=api.LinuxContainerConfig(
+            security_context=api.LinuxContainerSecurityContext(
+                namespace_options=api.NamespaceOption(
+                    network=api.NamespaceMode.NODE, pid=api.NamespaceMode.CONTAINER,
+                    userns_options=opts))))
+        return c.runtime("create_container", api.CreateContainerRequest(
+            pod_sandbox_id=sid, sandbox_config=config, config=cfg)).container_id
+
+    if handler == "runc":
+        # runc 1.1's exec joins the user namespace first, then fails on the pod's others.
+        with pytest.raises(GRPCError) as e:
+            make("mapped", _userns())
+        assert e.value.status == Status.UNIMPLEMENTED, e.value
+        assert "in-process runtime" in (e.value.message or ""), e.value
+        assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
+        c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+        return
+    cid = make("mapped", _userns())
+    c.runtime("start_container", api.StartContainerRequest(container_id=cid))
+    r = _exec(c, cid, "sh", "-c",
+              "cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c '%u:%g' / "
+              "/bin/busybox; echo hi > /root/note && cat /root/note; ls /proc/1 >/dev/null")
+    assert r.exit_code == 0, r
+    lines = [" ".join(x.split()) for x in r.stdout.decode().splitlines()]
+    assert lines == [f"0 {HOST_BASE} 65536", f"0 {HOST_BASE} 65536", "0", "0:0", "0:0",
+                     "hi"], lines
+    # Seen from the host, the container's root is the mapped id.
+    st = c.runtime("container_status", api.ContainerStatusRequest(
+        container_id=cid, verbose=True))
+    pid = json.loads(st.info["info"])["pid"]
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert f"Uid:\t{HOST_BASE}\t" in status, status
+
+    # What a kubelet never sends: a clear error, nothing made.
+    for name, opts in (("container-mode", _userns(api.NamespaceMode.CONTAINER)),
+                       ("empty", _userns(length=0)),
+                       ("differs", api.UserNamespace(mode=api.NamespaceMode.POD, uids=[
+                           api.IdMapping(host_id=1, container_id=0, length=1)], gids=[
+                           api.IdMapping(host_id=1, container_id=0, length=1)]))):
+        with pytest.raises(GRPCError) as e:
+            make(name, opts)
+        assert e.value.status == Status.INVALID_ARGUMENT, (name, e.value)
+    listed = c.runtime("list_containers", api.ListContainersRequest()).containers
+    assert [x.id for x in listed] == [cid]
+    c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
+    c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))

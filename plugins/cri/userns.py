@@ -1,0 +1,157 @@
+"""Pod user namespaces (CRI ``NamespaceOption.userns_options``).
+
+Mode NODE (or no options) keeps the host's user namespace. Mode POD runs each container
+of the pod in a user namespace with the pod's uid and gid mappings (the OCI spec's
+``user`` namespace with ``uidMappings``/``gidMappings``), the same mappings for every
+container of the pod, so files they share have one owner. Modes CONTAINER and TARGET
+are refused, as the kubelet never asks for them.
+
+The image's files belong to host ids 0..n, which a mapped container sees as the overflow
+id (nobody): its root could not write its own root filesystem. The container's snapshot
+is therefore chowned into the mapped range when it is made, as containerd does for a
+snapshotter without id-mapped mounts (the overlay copies up what it chowns: the cost is
+a copy of the image's files per container). Neither runc 1.1 nor berth's runtimes take
+id-mapped rootfs mounts, which would avoid the copy.
+
+Each container gets its own user namespace instance (with the pod's mappings); the pod's
+pinned network, IPC and UTS namespaces stay owned by the host's user namespace, so a
+container's root has no capability over them (no sysctls of its own in them), and may
+not mount their sysfs or mqueue: /sys is then the host's, bound read-only, and
+/dev/mqueue is left out.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+import betterproto
+
+from berth.core import errdefs
+from berth.core.api.runtime import v1 as cri
+from berth.core.mount import Mount, mounted
+from berth.plugins.cri.config import BERTH_RUNTIME, Runtime
+
+MAX_ID = 1 << 32
+MAX_MAPPINGS = 340  # the kernel's limit of lines in uid_map (since 4.15)
+
+
+def _bad(msg: str) -> errdefs.InvalidArgument:
+    return errdefs.InvalidArgument(msg, raw=True)
+
+
+def _options(ns: cri.NamespaceOption | None) -> cri.UserNamespace | None:
+    if ns is None or ns.userns_options is None:
+        return None
+    u = ns.userns_options
+    return u if betterproto.serialized_on_wire(u) else None
+
+
+def _maps(items: list[cri.IdMapping], what: str) -> list[dict[str, int]]:
+    if not items:
+        raise _bad(f"user namespace mode POD needs {what} mappings")
+    if len(items) > MAX_MAPPINGS:
+        raise _bad(f"user namespace: more than {MAX_MAPPINGS} {what} mappings")
+    out, spans = [], []
+    for m in items:
+        if m.length == 0:
+            raise _bad(f"user namespace: a {what} mapping of length 0")
+        if m.host_id + m.length > MAX_ID or m.container_id + m.length > MAX_ID:
+            raise _bad(f"user namespace: {what} mapping {m.container_id}:{m.host_id}:"
+                       f"{m.length} leaves the 32-bit id range")
+        spans.append((m.container_id, m.container_id + m.length))
+        out.append({"containerID": m.container_id, "hostID": m.host_id, "size": m.length})
+    spans.sort()
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        raise _bad(f"user namespace: {what} mappings overlap")
+    return out
+
+
+def mappings(pod: cri.PodSandboxConfig, sc: cri.LinuxContainerSecurityContext | None
+             ) -> tuple[list[dict[str, int]], list[dict[str, int]]] | None:
+    """The (uid, gid) mappings a container runs with; None for the host's namespace."""
+    # `is not None` throughout: a message whose fields are all defaults is falsy.
+    lsc = pod.linux.security_context if pod.linux is not None else None
+    pod_opts = _options(lsc.namespace_options if lsc is not None else None)
+    own = _options(sc.namespace_options if sc is not None else None)
+    if own is not None and pod_opts is not None and bytes(own) != bytes(pod_opts):
+        raise _bad("the container's user namespace options differ from its pod's")
+    u = own if own is not None else pod_opts
+    if u is None or u.mode == cri.NamespaceMode.NODE:
+        return None
+    if u.mode != cri.NamespaceMode.POD:
+        raise _bad(f"user namespace mode {cri.NamespaceMode(u.mode).name} is not supported "
+                   "(POD or NODE)")
+    return _maps(u.uids, "uid"), _maps(u.gids, "gid")
+
+
+def for_container(pod: cri.PodSandboxConfig,
+                  sc: cri.LinuxContainerSecurityContext | None, runtime: Runtime
+                  ) -> tuple[list[dict[str, int]], list[dict[str, int]]] | None:
+    """:func:`mappings`, refused (Unimplemented) on a runtime that cannot run them: runc
+    1.1 (and so the runc-v2 shim, or berth's shim with an external binary) joins the
+    user namespace before the pod's others on exec, which then refuses every ExecSync."""
+    maps = mappings(pod, sc)
+    if maps is not None and (runtime.runtime_type != BERTH_RUNTIME
+                             or runtime.options.get("BinaryName")):
+        raise errdefs.NotImplemented_(
+            f"user namespaces (userns_options mode POD) need a runtime handler on berth's "
+            f"in-process runtime; {runtime.name!r} runs runc, whose exec cannot join a pod "
+            "namespace its user namespace does not own", raw=True)
+    return maps
+
+
+def into_spec(spec: dict[str, Any],
+              maps: tuple[list[dict[str, int]], list[dict[str, int]]] | None) -> None:
+    """A new user namespace with the mappings, in the OCI spec."""
+    if maps is None:
+        return
+    linux = spec["linux"]
+    linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "user"]
+    linux["namespaces"].append({"type": "user"})
+    linux["uidMappings"], linux["gidMappings"] = maps
+    new = {ns["type"] for ns in linux["namespaces"] if not ns.get("path")}
+    mounts = []
+    for m in spec["mounts"]:
+        if m["type"] == "sysfs" and "network" not in new:
+            # sysfs may only be mounted by the user namespace owning the network
+            # namespace: the host's /sys, bound read-only (as rootless runtimes do).
+            m = {"destination": m["destination"], "type": "bind", "source": "/sys",
+                 "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+        elif m["type"] == "mqueue" and "ipc" not in new:
+            # Likewise for an IPC namespace's mqueue; mq_open(3) works without it.
+            continue
+        mounts.append(m)
+    spec["mounts"] = mounts
+
+
+def _mapper(maps: Sequence[dict[str, int]]) -> Any:
+    def to_host(i: int) -> int:
+        for m in maps:
+            if m["containerID"] <= i < m["containerID"] + m["size"]:
+                return m["hostID"] + i - m["containerID"]
+        return i  # outside every mapping: left as is (the overflow id inside)
+    return to_host
+
+
+def remap_rootfs(mounts: list[Mount],
+                 maps: tuple[list[dict[str, int]], list[dict[str, int]]]) -> int:
+    """Chown a container's snapshot into the mapped range; returns the entries changed.
+    Set-id bits, which chown clears, are put back."""
+    uid, gid = _mapper(maps[0]), _mapper(maps[1])
+    changed = 0
+    with mounted(mounts) as root:
+        for top, dirs, files in os.walk(root):
+            for name in [*dirs, *files] if top != str(root) else [".", *dirs, *files]:
+                path = os.path.join(top, name)
+                st = os.lstat(path)
+                want = (uid(st.st_uid), gid(st.st_gid))
+                if want == (st.st_uid, st.st_gid):
+                    continue
+                os.lchown(path, *want)
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.chmod(path, stat.S_IMODE(st.st_mode))
+                changed += 1
+    return changed
