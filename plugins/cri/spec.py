@@ -332,7 +332,7 @@ def infra_spec(sb: PodView, image_config: dict[str, Any], image_user: str,
     process["args"] = args
     process["cwd"] = img.get("WorkingDir") or "/"
     process["env"] = list(img.get("Env") or []) or [oci.DEFAULT_PATH_ENV]
-    lsc = sb.config.linux.security_context if sb.config.linux else None
+    lsc = sb.config.linux.security_context if sb.config.linux is not None else None
     lsc = given(lsc, cri.LinuxSandboxSecurityContext)
     opts = given(lsc.namespace_options, cri.NamespaceOption)
     users = users_of(mounts)

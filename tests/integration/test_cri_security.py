@@ -79,7 +79,10 @@ def test_runtime_default_seccomp_inside_containers(
     for name, linux in (
             ("default", _security(api.SecurityProfile(P.RuntimeDefault))),
             ("admin", _security(api.SecurityProfile(P.RuntimeDefault), add=("SYS_ADMIN",))),
-            ("unconfined", _security(api.SecurityProfile(P.Unconfined)))):
+            ("unconfined", _security(api.SecurityProfile(P.Unconfined))),
+            ("nobody", _security(api.SecurityProfile(P.RuntimeDefault)))):
+        if name == "nobody":  # the runtime changes user with the profile already on
+            linux.security_context.run_as_user = api.Int64Value(65534)
         ids[name] = c.runtime("create_container", api.CreateContainerRequest(
             pod_sandbox_id=sid, sandbox_config=config, config=container_config(
                 name, "exec sleep 1000", mounts=mounts, linux=linux))).container_id
@@ -110,6 +113,10 @@ def test_runtime_default_seccomp_inside_containers(
     got = _probe(c, ids["admin"])
     assert got["clone_newns"] == "ok" and got["clone3"] == "ok", got
     assert got["keyctl"] == "EPERM" and got["kcmp"] == "EPERM", got
+
+    r = _exec(c, ids["nobody"], "sh", "-c", "id -u; ls / >/dev/null; unshare -U true")
+    assert r.stdout == b"65534\n" and r.exit_code != 0, r
+    assert _probe(c, ids["nobody"])["clone3"] == "ENOSYS"
 
     got = _probe(c, ids["unconfined"])
     assert got["unshare_user"] == "ok" and got["personality_addr_no_randomize"] == "ok", got

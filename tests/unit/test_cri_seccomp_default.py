@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import errno
 
+import pytest
+
+from berth.core import errdefs
+from berth.core.api.runtime import v1 as cri
 from berth.core.oci import default_spec as oci
 from berth.plugins.cri import seccomp_default as sd, spec
 from berth.plugins.runtimes.inprocess import seccomp
@@ -56,3 +60,26 @@ def test_profile_compiles_and_spec_hook() -> None:
     assert flags == 0 and len(bpf) % 8 == 0 and bpf
     bpf2, _ = seccomp.build(spec.default_seccomp())
     assert bpf2 != bpf
+
+
+def test_security_profile_choices() -> None:
+    P = cri.SecurityProfileProfileType
+    ctx = cri.LinuxContainerSecurityContext
+    with pytest.raises(errdefs.InvalidArgument, match="localhost_ref"):
+        spec.seccomp_for(ctx(seccomp=cri.SecurityProfile(P.RuntimeDefault, "/x.json")))
+    with pytest.deprecated_call():
+        legacy = ctx(seccomp_profile_path="runtime/default")
+    assert spec.seccomp_for(legacy, ["CAP_SYS_ADMIN"]) == sd.profile(["CAP_SYS_ADMIN"])
+    # The kubelet's empty SecurityProfile (on the wire, all defaults) is RuntimeDefault.
+    sent = ctx().parse(b"\x7a\x00")
+    assert spec.seccomp_for(sent, [])["defaultAction"] == "SCMP_ACT_ERRNO"
+    # A pause sandbox gets its pod's profile, for its own capabilities.
+    pod = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="p", uid="u", namespace="n"),
+        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
+            seccomp=cri.SecurityProfile(P.RuntimeDefault))))
+    pod = cri.PodSandboxConfig().parse(bytes(pod))  # as received
+    infra = spec.infra_spec(spec.PodView("sb", pod, "/nonexistent", True),
+                            {"config": {"Cmd": ["/pause"]}}, "", [], spec.OOMPolicy())
+    caps = infra["process"]["capabilities"]["bounding"]
+    assert infra["linux"]["seccomp"] == sd.profile(caps)

@@ -330,13 +330,27 @@ def test_user_namespace_waits_for_maps_and_binds_devices(tmp_path: Path) -> None
     assert calls[bind][3:5] == ("bind", S.MS_BIND)
 
 
-def test_join_namespaces_user_first_mount_last() -> None:
+def test_join_namespaces_others_then_user_then_mount() -> None:
+    """The pod's namespaces while the host's capabilities still count (a CRI pod's
+    pinned IPC namespace belongs to the host's user namespace), the user namespace
+    after them, the mount namespace last."""
     sc = FakeSyscalls()
     steps.join_namespaces(sc, [("mount", 5), ("network", 6), ("user", 7), ("ipc", 8)])
     setns = [x[1:] for x in sc.calls if x[0] == "setns"]
-    assert setns == [(7, S.CLONE_NEWUSER), (6, S.CLONE_NEWNET), (8, S.CLONE_NEWIPC),
+    assert setns == [(6, S.CLONE_NEWNET), (8, S.CLONE_NEWIPC), (7, S.CLONE_NEWUSER),
                      (5, S.CLONE_NEWNS)]
-    assert [x for x in sc.calls if x[0] == "close"] == [("close", fd) for fd in (7, 6, 8, 5)]
+    assert [x for x in sc.calls if x[0] == "close"] == [("close", fd) for fd in (6, 8, 7, 5)]
+
+
+def test_join_namespaces_retries_after_the_user_namespace() -> None:
+    """One that needs the user namespace's rights (EPERM before) is joined after it."""
+    sc = FakeSyscalls(fail={"setns": [OSError(errno.EPERM, "setns")]})
+    steps.join_namespaces(sc, [("ipc", 8), ("user", 7), ("uts", 9)])
+    setns = [x[1] for x in sc.calls if x[0] == "setns"]
+    assert setns == [8, 9, 7, 8]
+    sc = FakeSyscalls(fail={"setns": [OSError(errno.EPERM, "setns")]})
+    with pytest.raises(OSError):  # without a user namespace to join, EPERM is final
+        steps.join_namespaces(sc, [("ipc", 8), ("uts", 9)])
 
 
 def test_seccomp_without_no_new_privs_goes_before_dropping_caps(tmp_path: Path) -> None:
@@ -429,7 +443,7 @@ def test_exec_sequence(tmp_path: Path) -> None:
         steps.run_exec(sc, sync, plan)
     calls = sc.calls
     setns = [x[1] for x in calls if x[0] == "setns"]
-    assert setns == [22, 20, 21]
+    assert setns == [20, 22, 21]
     assert first(calls, "recv", "go") < first(calls, "setns") < first(calls, "fork")
     assert first(calls, "fork") < first(calls, "setsid") < first(calls, "set_no_new_privs")
     assert first(calls, "setresuid", 7) < first(calls, "capset") < first(calls, "send", "ready")
