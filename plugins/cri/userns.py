@@ -87,6 +87,11 @@ def mappings(pod: cri.PodSandboxConfig, sc: cri.LinuxContainerSecurityContext | 
     return _maps(u.uids, "uid"), _maps(u.gids, "gid")
 
 
+def supported(runtime: Runtime) -> bool:
+    """Whether a handler runs pods in user namespaces (Status tells the kubelet)."""
+    return runtime.runtime_type == BERTH_RUNTIME and not runtime.options.get("BinaryName")
+
+
 def for_container(pod: cri.PodSandboxConfig,
                   sc: cri.LinuxContainerSecurityContext | None, runtime: Runtime
                   ) -> tuple[list[dict[str, int]], list[dict[str, int]]] | None:
@@ -94,8 +99,7 @@ def for_container(pod: cri.PodSandboxConfig,
     1.1 (and so the runc-v2 shim, or berth's shim with an external binary) joins the
     user namespace before the pod's others on exec, which then refuses every ExecSync."""
     maps = mappings(pod, sc)
-    if maps is not None and (runtime.runtime_type != BERTH_RUNTIME
-                             or runtime.options.get("BinaryName")):
+    if maps is not None and not supported(runtime):
         raise errdefs.NotImplemented_(
             f"user namespaces (userns_options mode POD) need a runtime handler on berth's "
             f"in-process runtime; {runtime.name!r} runs runc, whose exec cannot join a pod "

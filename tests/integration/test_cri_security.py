@@ -334,6 +334,10 @@ def test_pod_user_namespace(pulled: tuple[daemons.Daemon, CRIClient], base: Path
     # The mapped root walks to its bundle as any other user (berthd's state folders are
     # 0711, the bundle's group is the mapped root's); the test's own folder is 0700.
     base.chmod(0o711)
+    # Status tells the kubelet which handlers take user namespaces.
+    st = c.runtime("status", api.StatusRequest())
+    assert {h.name: h.features.user_namespaces for h in st.runtime_handlers} == {
+        "": False, "runc": False, "berth": True}
     config = pod_config(base / "logs", "userns")
     config.linux.security_context.namespace_options.userns_options = _userns()
     sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
