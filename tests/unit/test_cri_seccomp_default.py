@@ -60,6 +60,8 @@ def test_profile_compiles_and_spec_hook() -> None:
     assert flags == 0 and len(bpf) % 8 == 0 and bpf
     bpf2, _ = seccomp.build(spec.default_seccomp())
     assert bpf2 != bpf
+    # Compiled once per profile in a runtime process (each container, each exec asks).
+    assert seccomp.build(sd.profile(["CAP_SYS_ADMIN"]))[0] is bpf
 
 
 def test_security_profile_choices() -> None:
