@@ -244,6 +244,10 @@ devices:
         - hostPath: {share}
           containerPath: /cdi/share
           options: [ro, rbind]
+      hooks:
+        - hookName: createRuntime
+          path: /bin/sh
+          args: [sh, -c, "cat > {share}/hook-state.json"]
 """
 
 
@@ -293,6 +297,9 @@ def test_cdi_devices_inside_the_container(cdi_daemon: tuple[daemons.Daemon, Path
         assert r.stdout.decode().splitlines() == [
             "null0", "shared by a CDI mount", "character special file 1:3", "wrote",
             "read-only"], r
+        # The spec's createRuntime hook ran, on the host, with the container's state.
+        state = json.loads((base / "share" / "hook-state.json").read_text())
+        assert state["id"] == cid, state
 
         # By annotation too (cdi.k8s.io/...); an unknown device: a clear error, nothing made.
         cfg = container_config("ann", "exec sleep 1000",
