@@ -15,7 +15,8 @@ A pod-shared PID namespace needs a process to hold it: with sandbox_mode "pause"
 sandbox container's; with pinned namespaces NamespaceMode.POD runs as CONTAINER.
 
 User namespaces: :mod:`berth.plugins.cri.userns`; CDI devices: :mod:`berth.plugins.cri.cdi`.
-Not supported: AppArmor (this kernel has none), image volumes.
+AppArmor: :mod:`berth.plugins.cri.apparmor` (Localhost profiles refused). Not supported:
+image volumes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from berth.core import errdefs
 from berth.core.api.runtime import v1 as cri
 from berth.core.mount import Mount
 from berth.core.oci import default_spec as oci
-from berth.plugins.cri import pins, seccomp_default, userns
+from berth.plugins.cri import apparmor, pins, seccomp_default, userns
 from berth.plugins.runtimes.inprocess.caps import NAMES as CAP_NAMES, last_cap
 
 NAMESPACE = "k8s.io"
@@ -291,6 +292,7 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
         spec["linux"]["readonlyPaths"] = list(sc.readonly_paths)
     if sc.readonly_rootfs:
         oci.with_rootfs_readonly(spec)
+    apparmor.check(sc)
     if not sc.privileged:
         # After the capabilities: RuntimeDefault depends on them.
         profile = seccomp_for(sc, process["capabilities"]["bounding"])

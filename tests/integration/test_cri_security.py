@@ -121,6 +121,16 @@ def test_runtime_default_seccomp_inside_containers(
     got = _probe(c, ids["unconfined"])
     assert got["unshare_user"] == "ok" and got["personality_addr_no_randomize"] == "ok", got
     assert got["clone3"] == "ok" and got["process_vm_readv"] == "ok", got
+
+    # No AppArmor on this node: a Localhost profile is refused as containerd 1.6 does.
+    linux = _security(None)
+    linux.security_context.apparmor = api.SecurityProfile(P.Localhost, "k8s-probe")
+    with pytest.raises(GRPCError) as e:
+        c.runtime("create_container", api.CreateContainerRequest(
+            pod_sandbox_id=sid, sandbox_config=config, config=container_config(
+                "armored", "true", linux=linux)))
+    assert e.value.status == Status.UNKNOWN and "apparmor" in (e.value.message or ""), e.value
+    assert len(c.runtime("list_containers", api.ListContainersRequest()).containers) == 4
     c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
     c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
 

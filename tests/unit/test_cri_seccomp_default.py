@@ -11,7 +11,7 @@ import pytest
 from berth.core import errdefs
 from berth.core.api.runtime import v1 as cri
 from berth.core.oci import default_spec as oci
-from berth.plugins.cri import seccomp_default as sd, spec
+from berth.plugins.cri import apparmor, seccomp_default as sd, spec
 from berth.plugins.runtimes.inprocess import seccomp
 
 
@@ -85,3 +85,17 @@ def test_security_profile_choices() -> None:
                             {"config": {"Cmd": ["/pause"]}}, "", [], spec.OOMPolicy())
     caps = infra["process"]["capabilities"]["bounding"]
     assert infra["linux"]["seccomp"] == sd.profile(caps)
+
+
+def test_apparmor_on_a_node_without_it() -> None:
+    P = cri.SecurityProfileProfileType
+    ctx = cri.LinuxContainerSecurityContext
+    for ok in (ctx(), ctx(apparmor=cri.SecurityProfile(P.Unconfined)),
+               ctx().parse(bytes(ctx(apparmor=cri.SecurityProfile(P.RuntimeDefault))))):
+        apparmor.check(ok)
+    with pytest.raises(errdefs.Unknown, match="apparmor is not supported"):
+        apparmor.check(ctx(apparmor=cri.SecurityProfile(P.Localhost, "k8s-nginx")))
+    with pytest.deprecated_call():
+        legacy = ctx(apparmor_profile="localhost/k8s-nginx")
+    with pytest.raises(errdefs.Unknown):
+        apparmor.check(legacy)
