@@ -5,6 +5,7 @@ whose state (stores, task manager, records, locks) these methods use."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -116,9 +117,10 @@ class ContainerOps:
                 prepared = True
                 if maps is not None:
                     await trio.to_thread.run_sync(remap_rootfs, mounts, maps)
-                spec = await trio.to_thread.run_sync(
+                spec = await trio.to_thread.run_sync(functools.partial(
                     cri_spec.container_spec, sb.view, ctr.id, config,
-                    image.resolved.config.raw, image_user(image.resolved), mounts, self.oom)
+                    image.resolved.config.raw, image_user(image.resolved), mounts, self.oom,
+                    unset_seccomp_profile=self.config.unset_seccomp_profile))
                 spec = await trio.to_thread.run_sync(with_cdi_devices, spec, config,
                                                      self.config)
                 runtime = self.config.runtime(sb.handler)

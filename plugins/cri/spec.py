@@ -116,9 +116,10 @@ def load_seccomp(path: str) -> dict[str, Any]:
 
 
 def seccomp_for(sc: cri.LinuxContainerSecurityContext | cri.LinuxSandboxSecurityContext,
-                bounding: list[str] | None = None) -> dict[str, Any] | None:
+                bounding: list[str] | None = None, unset: str = "") -> dict[str, Any] | None:
     """The profile a security context asks for (RuntimeDefault for a process whose
-    capability bounding set is ``bounding``); None for none."""
+    capability bounding set is ``bounding``); when it names none, ``unset`` (the
+    ``unset_seccomp_profile`` key, in the deprecated field's syntax); None for none."""
     prof = sc.seccomp
     if prof is not None and betterproto.serialized_on_wire(prof):
         kind = prof.profile_type
@@ -131,7 +132,7 @@ def seccomp_for(sc: cri.LinuxContainerSecurityContext | cri.LinuxSandboxSecurity
         if kind == cri.SecurityProfileProfileType.Localhost:
             return load_seccomp(prof.localhost_ref)
         return None
-    legacy = sc.seccomp_profile_path
+    legacy = sc.seccomp_profile_path or unset
     if legacy in ("runtime/default", "docker/default"):
         return default_seccomp(bounding)
     if legacy.startswith("localhost/"):
@@ -246,7 +247,7 @@ def check_relative(path: str, what: str) -> None:
 
 def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
                    image_config: dict[str, Any], image_user: str, mounts: list[Mount],
-                   oom: OOMPolicy) -> dict[str, Any]:
+                   oom: OOMPolicy, unset_seccomp_profile: str = "") -> dict[str, Any]:
     """The OCI spec of a CRI container, as containerd's CRI builds it (the parts berth
     supports; see the module's note on what is left)."""
     users = users_of(mounts)
@@ -295,7 +296,8 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
     apparmor.check(sc)
     if not sc.privileged:
         # After the capabilities: RuntimeDefault depends on them.
-        profile = seccomp_for(sc, process["capabilities"]["bounding"])
+        profile = seccomp_for(sc, process["capabilities"]["bounding"],
+                              unset_seccomp_profile)
         if profile is not None:
             spec["linux"]["seccomp"] = profile
     for d in config.devices:

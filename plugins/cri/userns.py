@@ -113,6 +113,12 @@ def into_spec(spec: dict[str, Any],
     if maps is None:
         return
     linux = spec["linux"]
+    if any(ns["type"] == "pid" and ns.get("path") for ns in linux["namespaces"]):
+        # /proc may only be mounted by the user namespace owning the PID namespace, and
+        # a pod's shared one is the host user namespace's.
+        raise errdefs.NotImplemented_(
+            "a user namespace with the pod's shared PID namespace is not supported",
+            raw=True)
     linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "user"]
     linux["namespaces"].append({"type": "user"})
     linux["uidMappings"], linux["gidMappings"] = maps

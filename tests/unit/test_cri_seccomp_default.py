@@ -5,6 +5,7 @@ and loadable as it is by the seccomp compiler berth's in-process runtime uses
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from berth.core import errdefs
 from berth.core.api.runtime import v1 as cri
 from berth.core.oci import default_spec as oci
 from berth.plugins.cri import apparmor, seccomp_default as sd, spec
+from berth.plugins.cri.config import parse
 from berth.plugins.runtimes.inprocess import seccomp
 
 
@@ -99,3 +101,19 @@ def test_apparmor_on_a_node_without_it() -> None:
         legacy = ctx(apparmor_profile="localhost/k8s-nginx")
     with pytest.raises(errdefs.Unknown):
         apparmor.check(legacy)
+
+
+def test_unset_seccomp_profile(tmp_path: Path) -> None:
+    """containerd's ``unset_seccomp_profile``: the profile of a container naming none."""
+    assert parse({}, state=tmp_path).unset_seccomp_profile == ""
+    cfg = parse({"unset_seccomp_profile": "runtime/default"}, state=tmp_path)
+    assert "unset_seccomp_profile" not in cfg.unsupported
+    ctx = cri.LinuxContainerSecurityContext
+    assert spec.seccomp_for(ctx(), [], cfg.unset_seccomp_profile) == sd.profile([])
+    assert spec.seccomp_for(ctx(), [], "") is None
+    named = ctx().parse(bytes(ctx(seccomp=cri.SecurityProfile(
+        cri.SecurityProfileProfileType.Unconfined))))
+    assert spec.seccomp_for(named, [], "runtime/default") is None  # a choice made stays
+    for bad in ("weird", "localhost/relative.json"):
+        with pytest.raises(errdefs.InvalidArgument, match="unset_seccomp_profile"):
+            parse({"unset_seccomp_profile": bad}, state=tmp_path)

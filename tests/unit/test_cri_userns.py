@@ -89,6 +89,12 @@ def test_into_spec(tmp_path: Path) -> None:
     own = oci.default_unix_spec("k8s.io", "c")
     userns.into_spec(own, ([{"containerID": 0, "hostID": 1, "size": 1}],) * 2)
     assert {m["type"] for m in own["mounts"]} >= {"sysfs", "mqueue"}
+    shared = oci.default_unix_spec("k8s.io", "c")
+    for ns in shared["linux"]["namespaces"]:
+        if ns["type"] == "pid":
+            ns["path"] = "/proc/1/ns/pid"
+    with pytest.raises(errdefs.NotImplemented_, match="PID namespace"):
+        userns.into_spec(shared, ([{"containerID": 0, "hostID": 1, "size": 1}],) * 2)
 
 
 @pytest.mark.root
