@@ -205,7 +205,8 @@ def _number(node: dict[str, Any], key: str, path: str) -> int | None:
     return value
 
 
-def _device_node(node: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _device_node(node: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The spec's linux.devices entry and its cgroup rule (none for a FIFO)."""
     path = node.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
         raise _bad(f"CDI device node {path!r}: path must be absolute")
@@ -243,7 +244,7 @@ def _device_node(node: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             entry[key] = node[key]
     rule = {"allow": True, "type": "c" if kind == "u" else kind, "major": major,
             "minor": minor, "access": perms}
-    return entry, rule
+    return entry, None if kind == "p" else rule
 
 
 def _mount(m: dict[str, Any]) -> dict[str, Any]:
@@ -291,7 +292,8 @@ def _apply_edits(spec: dict[str, Any], edits: dict[str, Any], what: str) -> None
         entry, rule = _device_node(node)
         devices = [d for d in linux.get("devices") or [] if d["path"] != entry["path"]]
         linux["devices"] = [*devices, entry]
-        linux.setdefault("resources", {}).setdefault("devices", []).append(rule)
+        if rule is not None:
+            linux.setdefault("resources", {}).setdefault("devices", []).append(rule)
     if edits.get("mounts"):
         new = [_mount(m) for m in edits["mounts"]]
         dests = {m["destination"] for m in new}

@@ -152,16 +152,23 @@ def remap_rootfs(mounts: list[Mount],
     Set-id bits, which chown clears, are put back."""
     uid, gid = _mapper(maps[0]), _mapper(maps[1])
     changed = 0
+    # A hard link already mapped through another name must not be mapped twice (host and
+    # container ranges may overlap); one that copy-up split from it still needs mapping.
+    done: dict[tuple[int, int], tuple[int, int]] = {}
     with mounted(mounts) as root:
         for top, dirs, files in os.walk(root):
             for name in [*dirs, *files] if top != str(root) else [".", *dirs, *files]:
                 path = os.path.join(top, name)
                 st = os.lstat(path)
+                if done.get((st.st_dev, st.st_ino)) == (st.st_uid, st.st_gid):
+                    continue
                 want = (uid(st.st_uid), gid(st.st_gid))
                 if want == (st.st_uid, st.st_gid):
                     continue
                 os.lchown(path, *want)
                 if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
                     os.chmod(path, stat.S_IMODE(st.st_mode))
+                after = os.lstat(path)
+                done[(after.st_dev, after.st_ino)] = want
                 changed += 1
     return changed

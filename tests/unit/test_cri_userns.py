@@ -119,3 +119,18 @@ def test_remap_rootfs(tmp_path: Path) -> None:
     assert os.lstat(root / "bin" / "link").st_uid == 100007
     assert (os.stat(root / "home").st_uid, os.stat(root / "home").st_gid) == (101000, 100100)
     assert os.stat(root / "bin").st_uid == 70000
+
+
+@pytest.mark.root
+def test_remap_rootfs_hard_links_once(tmp_path: Path) -> None:
+    """Overlapping ranges (host 1000.. for container 0..): a file with two names moves
+    once, not twice."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (chown)")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    (root / "a").write_text("x")
+    os.link(root / "a", root / "b")
+    maps = ([{"containerID": 0, "hostID": 1000, "size": 65536}],) * 2
+    userns.remap_rootfs([Mount("bind", str(root), ["rbind", "rw"])], maps)
+    assert os.stat(root / "a").st_uid == os.stat(root / "b").st_uid == 1000
