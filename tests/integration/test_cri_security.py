@@ -80,7 +80,9 @@ def test_runtime_default_seccomp_inside_containers(
             ("default", _security(api.SecurityProfile(P.RuntimeDefault))),
             ("admin", _security(api.SecurityProfile(P.RuntimeDefault), add=("SYS_ADMIN",))),
             ("unconfined", _security(api.SecurityProfile(P.Unconfined))),
-            ("nobody", _security(api.SecurityProfile(P.RuntimeDefault)))):
+            ("nobody", _security(api.SecurityProfile(P.RuntimeDefault))),
+            ("tracer", _security(api.SecurityProfile(P.RuntimeDefault),
+                                 add=("SYS_PTRACE",)))):
         if name == "nobody":  # the runtime changes user with the profile already on
             linux.security_context.run_as_user = api.Int64Value(65534)
         ids[name] = c.runtime("create_container", api.CreateContainerRequest(
@@ -114,6 +116,9 @@ def test_runtime_default_seccomp_inside_containers(
     assert got["clone_newns"] == "ok" and got["clone3"] == "ok", got
     assert got["keyctl"] == "EPERM" and got["kcmp"] == "EPERM", got
 
+    got = _probe(c, ids["tracer"])  # CAP_SYS_PTRACE unlocks the ptrace class only
+    assert got["kcmp"] == "ok" and got["process_vm_readv"] == "ok", got
+    assert got["keyctl"] == "EPERM" and got["unshare_user"] == "EPERM", got
     r = _exec(c, ids["nobody"], "sh", "-c", "id -u; ls / >/dev/null; unshare -U true")
     assert r.stdout == b"65534\n" and r.exit_code != 0, r
     assert _probe(c, ids["nobody"])["clone3"] == "ENOSYS"
@@ -130,7 +135,7 @@ def test_runtime_default_seccomp_inside_containers(
             pod_sandbox_id=sid, sandbox_config=config, config=container_config(
                 "armored", "true", linux=linux)))
     assert e.value.status == Status.UNKNOWN and "apparmor" in (e.value.message or ""), e.value
-    assert len(c.runtime("list_containers", api.ListContainersRequest()).containers) == 4
+    assert len(c.runtime("list_containers", api.ListContainersRequest()).containers) == 5
     c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
     c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
 
