@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from berth.core import errdefs
 from berth.core.api.runtime import v1 as cri
@@ -134,3 +135,26 @@ def test_remap_rootfs_hard_links_once(tmp_path: Path) -> None:
     maps = ([{"containerID": 0, "hostID": 1000, "size": 65536}],) * 2
     userns.remap_rootfs([Mount("bind", str(root), ["rbind", "rw"])], maps)
     assert os.stat(root / "a").st_uid == os.stat(root / "b").st_uid == 1000
+
+
+_ids = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_ids, _ids, _ids), max_size=5),
+       st.sampled_from(list(cri.NamespaceMode)))
+def test_mappings_fuzzed(maps: list[tuple[int, int, int]], mode: cri.NamespaceMode) -> None:
+    """Any mappings a client sends: accepted within the 32-bit range without overlap,
+    otherwise InvalidArgument; nothing else."""
+    ms = [cri.IdMapping(host_id=h, container_id=c, length=n) for c, h, n in maps]
+    pod = cri.PodSandboxConfig().parse(bytes(_pod(cri.UserNamespace(
+        mode=mode, uids=ms, gids=list(ms)))))
+    try:
+        got = userns.mappings(pod, None)
+    except errdefs.InvalidArgument:
+        return
+    if got is None:
+        assert mode == cri.NamespaceMode.NODE or not maps and mode == POD
+        return
+    for m in got[0]:
+        assert m["size"] > 0 and m["hostID"] + m["size"] <= 2**32
