@@ -42,7 +42,8 @@ logger = structlog.get_logger("berth.cri.cdi")
 ANNOTATION_PREFIX = "cdi.k8s.io/"
 DEFAULT_SPEC_DIRS = ("/etc/cdi", "/var/run/cdi")
 MAX_SPEC_FILE = 1 << 20
-MAX_SPEC_FILES = 1024
+MAX_SPEC_FILES = 256  # per folder; what is read for one CreateContainer stays bounded
+MAX_SPEC_BYTES = 16 << 20  # all folders together
 HOOK_NAMES = ("prestart", "createRuntime", "createContainer", "startContainer",
               "poststart", "poststop")
 _VENDOR = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*[A-Za-z0-9]|[A-Za-z]")
@@ -96,11 +97,22 @@ class Registry:
     errors: dict[str, str] = field(default_factory=dict)  # file: why it was skipped
 
 
-def _load_file(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        data = f.read(MAX_SPEC_FILE + 1)
+def _read(path: Path) -> bytes:
+    # Non-blocking: a FIFO put in a spec folder must not hang CreateContainer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_SPEC_FILE + 1)
+    finally:
+        os.close(fd)
     if len(data) > MAX_SPEC_FILE:
         raise ValueError("larger than 1 MiB")
+    return data
+
+
+def _load_file(path: Path, data: bytes) -> dict[str, Any]:
     doc = json.loads(data) if path.suffix == ".json" else yaml.load(
         data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     if not isinstance(doc, dict):
@@ -142,16 +154,23 @@ def _check_edits(edits: Any) -> None:
 def load(spec_dirs: list[str] | tuple[str, ...]) -> Registry:
     """Read every spec file of ``spec_dirs`` (a broken file is skipped and noted)."""
     reg = Registry()
+    budget = MAX_SPEC_BYTES
     for d in spec_dirs:
         here: dict[str, list[Device]] = {}
         try:
             files = sorted(p for p in Path(d).iterdir()
-                           if p.suffix in (".json", ".yaml", ".yml") and p.is_file())
+                           if p.suffix in (".json", ".yaml", ".yml"))
         except OSError:
             continue  # a folder that does not exist holds no device
+        for path in files[MAX_SPEC_FILES:]:
+            reg.errors[str(path)] = f"more than {MAX_SPEC_FILES} spec files in {d}"
         for path in files[:MAX_SPEC_FILES]:
             try:
-                doc = _load_file(path)
+                if budget <= 0:
+                    raise ValueError(f"spec files past {MAX_SPEC_BYTES >> 20} MiB in all")
+                data = _read(path)
+                budget -= len(data)
+                doc = _load_file(path, data)
             except (OSError, ValueError, yaml.YAMLError, errdefs.InvalidArgument) as e:
                 reg.errors[str(path)] = str(e)
                 logger.warning("CDI spec file skipped", path=str(path), error=str(e))
