@@ -43,6 +43,7 @@ from berth.plugins.cri.containers import ContainerOps
 from berth.plugins.cri.images import NAMESPACE, ImageService, image_user
 from berth.plugins.cri.runtime import RuntimeBase
 from berth.plugins.cri.streaming.service import StreamingOps
+from berth.plugins.cri.userns import for_container as userns_for
 
 
 class PodService(StreamingOps, ContainerOps, RuntimeBase):
@@ -225,6 +226,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             raise errdefs.InvalidArgument("sandbox config must name the pod (metadata name, "
                                           "uid and namespace)", raw=True)
         runtime = self.config.runtime(req.runtime_handler)
+        userns_for(config, None, runtime)  # checked before anything is made
         ns_opts = config.linux.security_context.namespace_options \
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)

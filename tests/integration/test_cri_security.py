@@ -362,6 +362,29 @@ def test_pod_user_namespace(pulled: tuple[daemons.Daemon, CRIClient], base: Path
         "": False, "runc": False, "berth": True}
     config = pod_config(base / "logs", "userns")
     config.linux.security_context.namespace_options.userns_options = _userns()
+    if handler == "runc":
+        # runc 1.1's exec joins the user namespace first, then fails on the pod's others:
+        # refused before anything is made.
+        with pytest.raises(GRPCError) as e:
+            c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+                config=config, runtime_handler=handler))
+        assert e.value.status == Status.UNIMPLEMENTED, e.value
+        assert "in-process runtime" in (e.value.message or ""), e.value
+        assert c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items == []
+        # A pod without one, whose container asks for one, is refused the same way.
+        plain = pod_config(base / "logs", "plain")
+        sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
+            config=plain, runtime_handler=handler)).pod_sandbox_id
+        cfg = container_config("mapped", "true", linux=api.LinuxContainerConfig(
+            security_context=api.LinuxContainerSecurityContext(
+                namespace_options=api.NamespaceOption(userns_options=_userns()))))
+        with pytest.raises(GRPCError) as e:
+            c.runtime("create_container", api.CreateContainerRequest(
+                pod_sandbox_id=sid, sandbox_config=plain, config=cfg))
+        assert e.value.status == Status.UNIMPLEMENTED, e.value
+        assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
+        c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+        return
     sid = c.runtime("run_pod_sandbox", api.RunPodSandboxRequest(
         config=config, runtime_handler=handler)).pod_sandbox_id
 
@@ -374,15 +397,6 @@ def test_pod_user_namespace(pulled: tuple[daemons.Daemon, CRIClient], base: Path
         return c.runtime("create_container", api.CreateContainerRequest(
             pod_sandbox_id=sid, sandbox_config=config, config=cfg)).container_id
 
-    if handler == "runc":
-        # runc 1.1's exec joins the user namespace first, then fails on the pod's others.
-        with pytest.raises(GRPCError) as e:
-            make("mapped", _userns())
-        assert e.value.status == Status.UNIMPLEMENTED, e.value
-        assert "in-process runtime" in (e.value.message or ""), e.value
-        assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
-        c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
-        return
     cid = make("mapped", _userns())
     c.runtime("start_container", api.StartContainerRequest(container_id=cid))
     r = _exec(c, cid, "sh", "-c",
