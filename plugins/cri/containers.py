@@ -30,7 +30,7 @@ from berth.plugins.cri import logs, records as rec, spec as cri_spec, stats as c
 from berth.plugins.cri.cdi import for_container as with_cdi_devices
 from berth.plugins.cri.images import NAMESPACE, image_user
 from berth.plugins.cri.streaming.attach import AttachHub
-from berth.plugins.cri.userns import for_container as userns_for, remap_rootfs
+from berth.plugins.cri.userns import for_container as userns_for, pod_userns, remap_rootfs
 
 if TYPE_CHECKING:
     from berth.core.metadata.containers import ContainerStore
@@ -112,6 +112,8 @@ class ContainerOps:
             maps = userns_for(sb.config, config.linux.security_context
                               if config.linux is not None else None,
                               self.config.runtime(sb.handler))
+            if maps is not None:
+                await trio.to_thread.run_sync(pod_userns, Path(sb.folder), maps)
             async with self.leased() as lease:
                 mounts = await sn.prepare(NAMESPACE, ctr.id, image.chain_id, lease=lease)
                 prepared = True

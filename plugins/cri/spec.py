@@ -307,7 +307,7 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
     if sb.config.linux and sb.config.linux.sysctls:
         spec["linux"]["sysctl"] = dict(sb.config.linux.sysctls)
     _namespaces(spec, sb, sc)
-    userns.into_spec(spec, userns.mappings(sb.config, sc))
+    userns.into_spec(spec, userns.mappings(sb.config, sc), sb.folder)
     _mounts(spec, sb, config)
     _resources(spec, sb, container_id, linux.resources, oom)
     annotations = dict(config.annotations)

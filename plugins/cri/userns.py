@@ -1,10 +1,12 @@
 """Pod user namespaces (CRI ``NamespaceOption.userns_options``).
 
-Mode NODE (or no options) keeps the host's user namespace. Mode POD runs each container
-of the pod in a user namespace with the pod's uid and gid mappings (the OCI spec's
-``user`` namespace with ``uidMappings``/``gidMappings``), the same mappings for every
-container of the pod, so files they share have one owner. Modes CONTAINER and TARGET
-are refused, as the kubelet never asks for them.
+Mode NODE (or no options) keeps the host's user namespace. Mode POD runs the pod's
+containers in one user namespace with the pod's uid and gid mappings: made on the pod's
+first container (``unshare(1)`` makes it, berth writes the mappings and pins it by a bind
+mount in the pod's folder, as the other pod namespaces), joined by path in the OCI spec,
+whose ``uidMappings``/``gidMappings`` say what it maps. A container asking for other
+options than its pod's is refused; modes CONTAINER and TARGET too, as the kubelet never
+asks for them.
 
 The image's files belong to host ids 0..n, which a mapped container sees as the overflow
 id (nobody): its root could not write its own root filesystem. The container's snapshot
@@ -13,8 +15,8 @@ snapshotter without id-mapped mounts (the overlay copies up what it chowns: the 
 a copy of the image's files per container). Neither runc 1.1 nor berth's runtimes take
 id-mapped rootfs mounts, which would avoid the copy.
 
-Each container gets its own user namespace instance (with the pod's mappings); the pod's
-pinned network, IPC and UTS namespaces stay owned by the host's user namespace, so a
+The pod's pinned network, IPC and UTS namespaces stay owned by the host's user
+namespace (they are made before any container), so a
 container's root has no capability over them (no sysctls of its own in them), and may
 not mount their sysfs or mqueue: /sys is then the host's, bound read-only, and
 /dev/mqueue is left out.
@@ -24,14 +26,17 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import betterproto
 
-from berth.core import errdefs
+from berth.core import errdefs, nspin
 from berth.core.api.runtime import v1 as cri
-from berth.core.mount import Mount, mounted
+from berth.core.mount import Mount, mount, mounted
 from berth.plugins.cri.config import BERTH_RUNTIME, Runtime
 
 MAX_ID = 1 << 32
@@ -81,6 +86,8 @@ def mappings(pod: cri.PodSandboxConfig, sc: cri.LinuxContainerSecurityContext | 
     u = own if own is not None else pod_opts
     if u is None or u.mode == cri.NamespaceMode.NODE:
         return None
+    if pod_opts is None or pod_opts.mode != cri.NamespaceMode.POD:
+        raise _bad("a container may only use its pod's user namespace, and the pod has none")
     if u.mode != cri.NamespaceMode.POD:
         raise _bad(f"user namespace mode {cri.NamespaceMode(u.mode).name} is not supported "
                    "(POD or NODE)")
@@ -107,9 +114,58 @@ def for_container(pod: cri.PodSandboxConfig,
     return maps
 
 
+PIN = "userns"
+_PIN_WAIT = 10.0  # bounds a failure of unshare(1); nothing is timed
+
+
+def pin_path(folder: str | Path) -> Path:
+    return Path(folder) / PIN
+
+
+def pod_userns(folder: Path,
+               maps: tuple[list[dict[str, int]], list[dict[str, int]]]) -> Path:
+    """The pod's user namespace, made with ``maps`` and pinned on first use; blocking.
+    A process of its own makes it: unshare(2) refuses CLONE_NEWUSER to a threaded one."""
+    path = pin_path(folder)
+    if nspin.is_pinned(path, "user"):
+        return path
+    if not path.exists():  # a start cut short by a crash leaves its placeholder
+        nspin.placeholder(path)
+    child = subprocess.Popen(["unshare", "--user", "--", "sleep", "60"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        own = os.stat("/proc/self/ns/user").st_ino
+        deadline = time.monotonic() + _PIN_WAIT
+        while os.stat(f"/proc/{child.pid}/ns/user").st_ino == own:
+            if child.poll() is not None or time.monotonic() > deadline:
+                err = child.stderr.read().decode(errors="replace") if child.stderr else ""
+                raise errdefs.Internal(f"user namespace for the pod: unshare failed: {err}",
+                                       raw=True)
+            time.sleep(0.002)
+        for name, ms in (("uid_map", maps[0]), ("gid_map", maps[1])):
+            with open(f"/proc/{child.pid}/{name}", "w") as f:
+                f.write("".join(f"{m['containerID']} {m['hostID']} {m['size']}\n"
+                                for m in ms))
+        mount(Mount("bind", f"/proc/{child.pid}/ns/user", ["bind"]), path)
+    except OSError as e:
+        raise errdefs.Internal(f"user namespace for the pod: {e}", raw=True) from None
+    finally:
+        child.kill()
+        child.wait()
+        if child.stderr:
+            child.stderr.close()
+    return path
+
+
+def unpin(folder: str | Path) -> None:
+    nspin.unpin(pin_path(folder))
+
+
 def into_spec(spec: dict[str, Any],
-              maps: tuple[list[dict[str, int]], list[dict[str, int]]] | None) -> None:
-    """A new user namespace with the mappings, in the OCI spec."""
+              maps: tuple[list[dict[str, int]], list[dict[str, int]]] | None,
+              folder: str) -> None:
+    """The pod's user namespace (pinned in ``folder``) and its mappings, in the OCI spec."""
     if maps is None:
         return
     linux = spec["linux"]
@@ -120,7 +176,7 @@ def into_spec(spec: dict[str, Any],
             "a user namespace with the pod's shared PID namespace is not supported",
             raw=True)
     linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "user"]
-    linux["namespaces"].append({"type": "user"})
+    linux["namespaces"].append({"type": "user", "path": str(pin_path(folder))})
     linux["uidMappings"], linux["gidMappings"] = maps
     new = {ns["type"] for ns in linux["namespaces"] if not ns.get("path")}
     mounts = []

@@ -6,6 +6,7 @@ writes into its bundle for the same pod and containers."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -381,7 +382,7 @@ def test_pod_user_namespace(pulled: tuple[daemons.Daemon, CRIClient], base: Path
         with pytest.raises(GRPCError) as e:
             c.runtime("create_container", api.CreateContainerRequest(
                 pod_sandbox_id=sid, sandbox_config=plain, config=cfg))
-        assert e.value.status == Status.UNIMPLEMENTED, e.value
+        assert e.value.status == Status.INVALID_ARGUMENT, e.value
         assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
         c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
         return
@@ -406,6 +407,11 @@ def test_pod_user_namespace(pulled: tuple[daemons.Daemon, CRIClient], base: Path
     lines = [" ".join(x.split()) for x in r.stdout.decode().splitlines()]
     assert lines == [f"0 {HOST_BASE} 65536", f"0 {HOST_BASE} 65536", "0", "0:0", "0:0",
                      "hi"], lines
+    # One user namespace for the pod: a second container is in the same one.
+    other = make("second", _userns())
+    c.runtime("start_container", api.StartContainerRequest(container_id=other))
+    seen = {_exec(c, x, "readlink", "/proc/self/ns/user").stdout for x in (cid, other)}
+    assert len(seen) == 1 and seen != {os.readlink("/proc/self/ns/user").encode() + b"\n"}
     # Seen from the host, the container's root is the mapped id.
     st = c.runtime("container_status", api.ContainerStatusRequest(
         container_id=cid, verbose=True))
@@ -423,6 +429,7 @@ def test_pod_user_namespace(pulled: tuple[daemons.Daemon, CRIClient], base: Path
             make(name, opts)
         assert e.value.status == Status.INVALID_ARGUMENT, (name, e.value)
     listed = c.runtime("list_containers", api.ListContainersRequest()).containers
-    assert [x.id for x in listed] == [cid]
+    assert {x.id for x in listed} == {cid, other}
     c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=sid))
     c.runtime("remove_pod_sandbox", api.RemovePodSandboxRequest(pod_sandbox_id=sid))
+    assert sid not in Path("/proc/self/mountinfo").read_text()  # the pin is gone

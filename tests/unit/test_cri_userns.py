@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,8 @@ def test_mappings_checked() -> None:
     want = [{"containerID": 0, "hostID": 100000, "size": 65536}]
     assert userns.mappings(_pod(_u()), None) == (want, want)
     assert userns.mappings(_pod(_u()), _sc(_u())) == (want, want)
-    assert userns.mappings(_pod(None), _sc(_u())) == (want, want)
+    with pytest.raises(errdefs.InvalidArgument, match="pod has none"):
+        userns.mappings(_pod(None), _sc(_u()))
     two = userns.mappings(_pod(_u(POD, (0, 5000, 10), (10, 9000, 5))), None)
     assert two is not None and len(two[0]) == 2
     for bad in (_u(cri.NamespaceMode.CONTAINER), _u(cri.NamespaceMode.TARGET),
@@ -52,10 +54,11 @@ def test_mappings_checked() -> None:
         with pytest.raises(errdefs.InvalidArgument):
             userns.mappings(_pod(bad), None)
     # userns_options sent empty (mode POD, no mappings), as a Go kubelet would encode it.
-    empty = cri.LinuxContainerSecurityContext(
-        namespace_options=cri.NamespaceOption().parse(b"\x2a\x00"))
+    empty = _pod(None)
+    empty.linux.security_context.namespace_options = cri.NamespaceOption().parse(
+        b"\x2a\x00")
     with pytest.raises(errdefs.InvalidArgument, match="needs uid mappings"):
-        userns.mappings(_pod(None), empty)
+        userns.mappings(empty, None)
     with pytest.raises(errdefs.InvalidArgument, match="differ"):
         userns.mappings(_pod(_u()), _sc(_u(POD, (0, 200000, 65536))))
 
@@ -77,25 +80,25 @@ def test_into_spec(tmp_path: Path) -> None:
                                            security_context=_sc(_u()))),
         {}, "", [], spec.OOMPolicy())
     linux = s["linux"]
-    assert {"type": "user"} in linux["namespaces"]
+    assert {"type": "user", "path": str(tmp_path / "userns")} in linux["namespaces"]
     assert linux["uidMappings"] == linux["gidMappings"] == [
         {"containerID": 0, "hostID": 100000, "size": 65536}]
     sys_mount = next(m for m in s["mounts"] if m["destination"] == "/sys")
     assert sys_mount["type"] == "bind" and "ro" in sys_mount["options"]
     assert not any(m["type"] == "mqueue" for m in s["mounts"])
     plain = oci.default_unix_spec("k8s.io", "c")
-    userns.into_spec(plain, None)
+    userns.into_spec(plain, None, str(tmp_path))
     assert "uidMappings" not in plain["linux"]
     # A container with network and IPC namespaces of its own keeps sysfs and mqueue.
     own = oci.default_unix_spec("k8s.io", "c")
-    userns.into_spec(own, ([{"containerID": 0, "hostID": 1, "size": 1}],) * 2)
+    userns.into_spec(own, ([{"containerID": 0, "hostID": 1, "size": 1}],) * 2, "/x")
     assert {m["type"] for m in own["mounts"]} >= {"sysfs", "mqueue"}
     shared = oci.default_unix_spec("k8s.io", "c")
     for ns in shared["linux"]["namespaces"]:
         if ns["type"] == "pid":
             ns["path"] = "/proc/1/ns/pid"
     with pytest.raises(errdefs.NotImplemented_, match="PID namespace"):
-        userns.into_spec(shared, ([{"containerID": 0, "hostID": 1, "size": 1}],) * 2)
+        userns.into_spec(shared, ([{"containerID": 0, "hostID": 1, "size": 1}],) * 2, "/x")
 
 
 @pytest.mark.root
@@ -158,3 +161,23 @@ def test_mappings_fuzzed(maps: list[tuple[int, int, int]], mode: cri.NamespaceMo
         return
     for m in got[0]:
         assert m["size"] > 0 and m["hostID"] + m["size"] <= 2**32
+
+
+@pytest.mark.root
+def test_pod_userns_pinned_once(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root (mount)")
+    maps = ([{"containerID": 0, "hostID": 100000, "size": 65536}],
+            [{"containerID": 0, "hostID": 200000, "size": 10}])
+    path = userns.pod_userns(tmp_path, maps)
+    try:
+        assert path == tmp_path / "userns" and userns.nspin.is_pinned(path, "user")
+        assert userns.pod_userns(tmp_path, maps) == path  # the same one, not another
+        # What it maps, read through a process that joins it.
+        out = subprocess.run(["nsenter", f"--user={path}", "cat", "/proc/self/uid_map",
+                              "/proc/self/gid_map"], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out == ["0", "100000", "65536", "0", "200000", "10"]
+    finally:
+        userns.unpin(tmp_path)
+    assert not path.exists()

@@ -626,3 +626,19 @@ def test_lookup_and_interpreter_fail_as_errors_of_the_request() -> None:
         steps.check_interpreter(sc, "/s")
     for path in ("/t", "/e", "/unreadable"):
         steps.check_interpreter(sc, path)
+
+
+def test_init_in_a_joined_user_namespace_becomes_its_root(tmp_path: Path) -> None:
+    """A pod's user namespace joined by path: root there before the rootfs is set up (the
+    host's root is unmapped in it); the oom score set before any of it."""
+    def joined(cfg: dict[str, Any]) -> None:
+        cfg["linux"]["namespaces"].append({"type": "user", "path": "/run/pod/userns"})
+        cfg["linux"]["uidMappings"] = cfg["linux"]["gidMappings"] = [
+            {"containerID": 0, "hostID": 100000, "size": 65536}]
+        cfg["process"]["oomScoreAdj"] = 5
+    c = container(tmp_path, joined)
+    _, calls = run_init(c, ns_fds=[("ipc", 8), ("user", 7)])
+    assert not [x for x in calls if x[0] == "unshare" and x[1] & S.CLONE_NEWUSER]
+    oom = first(calls, "write_file", "/proc/self/oom_score_adj")
+    assert oom < first(calls, "setns", 8) < first(calls, "setns", 7) < \
+        first(calls, "setresuid", 0) < first(calls, "mount")

@@ -191,6 +191,11 @@ def run_init(sc: sys_.Syscalls, sync: Sync, plan: InitPlan) -> bool:
         expect(sync, "mapped")
         sc.setresgid(0)
         sc.setresuid(0)
+    elif any(t == "user" for t, _ in plan.ns_fds):
+        # A joined user namespace (a pod's): become its root too, or the host's root,
+        # unmapped there, could create no file (EOVERFLOW) while the rootfs is set up.
+        sc.setresgid(0)
+        sc.setresuid(0)
     types = {ns.type for ns in c.namespaces}
     done = {"user", "pid"} if plan.in_pid_ns else {"user"}
     flags = 0
