@@ -131,9 +131,14 @@ def pod_userns(folder: Path,
         return path
     if not path.exists():  # a start cut short by a crash leaves its placeholder
         nspin.placeholder(path)
-    child = subprocess.Popen(["unshare", "--user", "--", "sleep", "60"],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    try:
+        child = subprocess.Popen(["unshare", "--user", "--", "sleep", "60"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+    except OSError as e:
+        raise errdefs.FailedPrecondition(
+            f"user namespace for the pod: unshare(1) (util-linux) is needed: {e}",
+            raw=True) from None
     try:
         own = os.stat("/proc/self/ns/user").st_ino
         deadline = time.monotonic() + _PIN_WAIT
