@@ -6,8 +6,9 @@ event means for a gRPC call and runs the calls (see ``bridge`` for the service s
 - a unary call with a plain ``def`` method is answered right where its request ends,
   inside ``feed``: no task at all; an ``async def`` one runs as a trio task;
 - streaming calls run as trio tasks that send as flow control allows;
-- every write leaves through one writer task, so everything a read produced (SETTINGS
-  and PING acks, window updates, answers) goes out in one ``send``.
+- everything a read produced (SETTINGS and PING acks, window updates, answers, also
+  those of call tasks that finished in their first step) goes out in one ``send`` from
+  the reading task; answers made later leave through one writer task.
 
 Bounds (issue 8.5: nothing a client sends may pin memory or a connection):
 
@@ -259,7 +260,9 @@ class Connection:
         self.closed = False  # no more input will be read
         self.calls: trio.Nursery | None = None
         self._wake = trio.Event()
-        self._gather = False
+        self._unstarted = 0  # call tasks started that have not run their first step yet
+        self._gathering = False  # the reader is letting new calls run; it sends next
+        self._first_steps = trio.lowlevel.ParkingLot()  # the reader, while gathering
         self._writing = False
         self._drained = trio.lowlevel.ParkingLot()
         self._finishing = False
@@ -313,10 +316,18 @@ class Connection:
                     return
             if not data or not self.feed(data):
                 return
-            if self._gather:
-                self._wake.set()  # the writer sends once the new call had its first step
-            elif not await self._flush(stream):
-                # Answered inline (or nothing to answer): sent from here, no task switch.
+            if self._unstarted:
+                # A call task was just started and usually answers in its first step:
+                # let it, so its answer leaves in the same send as what this read made
+                # h2 say. The last new task to start wakes this one, which then runs
+                # once that task's first step is over.
+                self._gathering = True
+                try:
+                    await self._first_steps.park()
+                finally:
+                    self._gathering = False
+            if not await self._flush(stream):
+                # Sent from here: the writer task is only for answers made later.
                 return
             if self._writing:
                 await self._drained.park()  # stop reading a client that is not reading
@@ -332,13 +343,19 @@ class Connection:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            if self._gather:
-                # A call task was just started and usually answers in its first step:
-                # let it, so its answer leaves with what this read made h2 say.
-                self._gather = False
-                await trio.lowlevel.cancel_shielded_checkpoint()
             if not await self._flush(stream) or self._finishing:
                 return
+
+    def _started(self) -> None:
+        """First thing a call task does."""
+        self._unstarted -= 1
+        if not self._unstarted:
+            self._first_steps.unpark_all()
+
+    def _kick(self) -> None:
+        """h2 has bytes for the peer: have them sent (by the reader if it is about to)."""
+        if not self._gathering:
+            self._wake.set()
 
     async def _flush(self, stream: trio.abc.Stream) -> bool:
         """Send what h2 has for the peer; False once the peer is gone. One sender at a
@@ -532,8 +549,8 @@ class Connection:
             raise RuntimeError("async methods need a connection served by serve()")
         st.scope = trio.CancelScope(deadline=st.deadline if st.deadline is not None
                                     else math.inf)
-        self._gather = True
         self.calls.start_soon(fn, *args, name=st.method.path)
+        self._unstarted += 1
 
     def _context(self, st: _Stream) -> CallContext:
         remaining = None
@@ -575,26 +592,30 @@ class Connection:
         self._reply(st, data)
 
     async def _run_unary(self, st: _Stream, ctx: CallContext, req: Any) -> None:
+        self._started()
         m = st.method
         data = error = None
-        assert st.scope is not None
-        with st.scope:
+        scope = st.scope
+        assert scope is not None
+        with scope:
             try:
                 data = m.encode(await m.impl(ctx, req))
             except Exception as e:
                 error = bridge.service_error(e, m.path)
+        st.scope = None  # nothing left to cancel (a cancel() costs more than a check)
         if st.gone:
             return  # reset by the client, or its connection is gone
-        if st.scope.cancelled_caught:
+        if scope.cancelled_caught:
             error = bridge.deadline_exceeded()
         if error is not None:
             self._fail(st, error)
         else:
             assert data is not None
             self._reply(st, data)
-        self._wake.set()
+        self._kick()
 
     async def _run_server_stream(self, st: _Stream, ctx: CallContext, req: Any) -> None:
+        self._started()
         m = st.method
 
         async def send(msg: Any) -> None:
@@ -603,6 +624,7 @@ class Connection:
         await self._run_to_trailers(st, m.impl, ctx, req, send)
 
     async def _run_streaming(self, st: _Stream) -> None:
+        self._started()
         await self._run_to_trailers(st, st.method.impl, self._context(st),
                                     MessageStream(self, st))
 
@@ -610,8 +632,9 @@ class Connection:
                                *args: Any) -> None:
         m = st.method
         error = resp = None
-        assert st.scope is not None
-        with st.scope:
+        scope = st.scope
+        assert scope is not None
+        with scope:
             try:
                 resp = await impl(*args)
                 if m.cardinality is Cardinality.STREAM_UNARY:
@@ -622,15 +645,16 @@ class Connection:
                 return
             except Exception as e:
                 error = bridge.service_error(e, m.path)
+        st.scope = None
         if st.gone:
             return
-        if st.scope.cancelled_caught:
+        if scope.cancelled_caught:
             error = bridge.deadline_exceeded()
         if error is not None:
             self._fail(st, error)
         else:
             self._end(st)
-        self._wake.set()
+        self._kick()
 
     async def recv_message(self, st: _Stream) -> Any:
         m = st.method
@@ -666,7 +690,7 @@ class Connection:
                 self.h2.acknowledge_received_data(n, st.sid)
             except h2.exceptions.ProtocolError:
                 return
-            self._wake.set()
+            self._kick()
 
     async def send_message(self, st: _Stream, msg: Any) -> None:
         data = st.method.encode(msg)
@@ -700,7 +724,7 @@ class Connection:
             except h2.exceptions.ProtocolError:
                 raise StreamGone() from None
             view = view[n:]
-            self._wake.set()
+            self._kick()
 
     # -- output -------------------------------------------------------------------------
 
@@ -739,7 +763,7 @@ class Connection:
                 self._end(st)
             except StreamGone:
                 self._done(st)
-        self._wake.set()
+        self._kick()
 
     def _end(self, st: _Stream) -> None:
         """OK trailers (trailers-only if nothing was sent)."""
