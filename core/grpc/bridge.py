@@ -24,7 +24,7 @@ import betterproto
 import structlog
 from grpclib.const import Cardinality
 
-from berth.core import errdefs
+from berth.core import errdefs, protowire
 from berth.core.errdefs import Code
 
 log = structlog.get_logger("grpc")
@@ -67,7 +67,7 @@ def parse(recv_type: type, data: bytes) -> Any:
         msg._serialized_on_wire = True
         return msg
     try:
-        return recv_type().parse(data)
+        return protowire.parse_flat(recv_type, data)
     except Exception as e:  # betterproto raises several types on garbage
         raise GRPCStatus(Code.INTERNAL, f"grpc: error unmarshalling request: {e}") from None
 
