@@ -98,8 +98,9 @@ def _plan(cls: type) -> dict[int, tuple[str, str, int]] | None:
 
 def parse_flat(cls: type, data: bytes) -> typing.Any:
     """``cls().parse(data)`` for a betterproto message class, cheaper for flat ones."""
-    plan = _plans.get(cls, _plans)
-    if plan is _plans:
+    try:
+        plan = _plans[cls]
+    except KeyError:
         plan = _plans[cls] = _plan(cls)
     if plan is None or not data:
         return cls().parse(data)
