@@ -72,6 +72,11 @@ _H2_CONFIG = h2.config.H2Configuration(
 )
 _PREFACE_LEN = 24
 _SETTINGS = 0x4
+_PING = 0x6
+_GOAWAY = 0x7
+_HEADER_BLOCK = frozenset({0x1, 0x5, 0x9})  # HEADERS, PUSH_PROMISE, CONTINUATION
+_END_HEADERS = 0x4
+_PING_ACK = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
                   ord("u"): 1e-6, ord("n"): 1e-9}
 # Headers that are the transport's, not the call's metadata (as grpc-go and grpclib).
@@ -89,18 +94,32 @@ class Refused(Exception):
 class FrameGate:
     """Reads frame headers ahead of h2: frame lengths are judged before h2 buffers
     the frame, and the first frame after the preface must be SETTINGS (RFC 9113 3.4).
+
+    It also answers PINGs itself: grpc-go sends one with nearly every call (its
+    bandwidth estimate), and h2 spends as much on parsing, logging and acking one as
+    on a tenth of the call. A PING is taken out of the bytes for h2 (its payload goes
+    to ``pings``, for an ACK) only when it is whole in this read, well-formed (stream
+    0, 8 bytes, no ACK flag), and h2 would do nothing but ack it: after SETTINGS, not
+    inside a header block (there h2 must fail the connection), and before any GOAWAY.
+    Every other frame, odd PINGs included, is h2's to judge.
     Sans-io; keeps at most 8 bytes of a split frame header."""
 
-    __slots__ = ("_preface", "_skip", "_header", "ready")
+    __slots__ = ("_preface", "_skip", "_header", "_in_block", "_goaway", "ready",
+                 "pings")
 
     def __init__(self) -> None:
         self._preface = _PREFACE_LEN  # bytes of client preface still to pass (h2 checks them)
         self._skip = 0  # bytes of the current frame's payload still to pass
         self._header = b""
+        self._in_block = False  # a HEADERS/PUSH_PROMISE awaits its CONTINUATIONs
+        self._goaway = False
         self.ready = False  # preface and the client's SETTINGS frame header are in
+        self.pings: list[bytes] = []  # payloads of PINGs taken out, to be acked
 
-    def feed(self, data: bytes | bytearray, max_frame_size: int) -> None:
+    def feed(self, data: bytes | bytearray, max_frame_size: int) -> bytes | bytearray:
+        """Judge ``data``; the bytes to hand h2 (``data`` less the PINGs taken out)."""
         i, n = 0, len(data)
+        cuts: list[int] | None = None
         if self._preface:
             i = min(self._preface, n)
             self._preface -= i
@@ -110,23 +129,45 @@ class FrameGate:
                 self._skip -= step
                 i += step
                 continue
+            start = i
+            whole = not self._header  # the header starts in this read
             need = 9 - len(self._header)
-            header = self._header + data[i:i + need] if self._header else data[i:i + need]
+            header = data[i:i + need] if whole else self._header + data[i:i + need]
             i += need
             if len(header) < 9:
                 self._header = bytes(header)
-                return
+                break
             self._header = b""
             length = int.from_bytes(header[:3], "big")
             if length > max_frame_size:
                 raise Refused(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
                               f"frame of {length} bytes over the maximum of {max_frame_size}")
+            kind, flags = header[3], header[4]
             if not self.ready:
-                if header[3] != _SETTINGS or header[4] & 0x1:
+                if kind != _SETTINGS or flags & 0x1:
                     raise Refused(h2.errors.ErrorCodes.PROTOCOL_ERROR,
                                   "first frame after the preface is not SETTINGS")
                 self.ready = True
+            elif kind == _PING:
+                if (whole and length == 8 and i + 8 <= n and not flags & 0x1
+                        and header[5:9] == b"\0\0\0\0" and not self._in_block
+                        and not self._goaway):
+                    self.pings.append(bytes(data[i:i + 8]))
+                    if cuts is None:
+                        cuts = []
+                    cuts += (start, i + 8)
+                    i += 8
+                    continue
+            elif kind in _HEADER_BLOCK:
+                self._in_block = not flags & _END_HEADERS
+            elif kind == _GOAWAY:
+                self._goaway = True
             self._skip = length
+        if cuts is None:
+            return data
+        # Keep what lies between the PINGs taken out.
+        bounds = [0, *cuts, n]
+        return b"".join(data[bounds[k]:bounds[k + 1]] for k in range(0, len(bounds), 2))
 
 
 class Router:
@@ -285,7 +326,7 @@ class _SocketIO:
 
 class Connection:
     """The gRPC side of one HTTP/2 connection. ``serve`` runs it on a trio stream;
-    ``feed`` and ``h2.data_to_send`` also drive it without one (benchmarks, tests)."""
+    ``feed`` and ``data_to_send`` also drive it without one (benchmarks, tests)."""
 
     def __init__(self, router: Router, *, buffer_limit: int | None = None) -> None:
         self.router = router
@@ -293,6 +334,7 @@ class Connection:
         self.gate = FrameGate()
         self.streams: dict[int, _Stream] = {}
         self.buffered = 0  # request bytes held for all streams
+        self._pongs = bytearray()  # PING ACKs to send before what h2 has
         self.buffer_limit = buffer_limit or max(4 * router.max_recv, 64 << 20)
         self.closed = False  # no more input will be read
         self.calls: trio.Nursery | None = None
@@ -403,7 +445,7 @@ class Connection:
             return True
         self._writing = True
         try:
-            while data := self.h2.data_to_send():
+            while data := self.data_to_send():
                 await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._shutdown()
@@ -413,6 +455,14 @@ class Connection:
             self._drained.unpark_all()
         return True
 
+    def data_to_send(self) -> bytes:
+        """The bytes for the peer: PING ACKs first (RFC 9113 6.7), then h2's."""
+        data = self.h2.data_to_send()
+        if self._pongs:
+            data = bytes(self._pongs) + data
+            self._pongs.clear()
+        return data
+
     # -- input --------------------------------------------------------------------------
 
     def feed(self, data: bytes | bytearray) -> bool:
@@ -420,7 +470,14 @@ class Connection:
         if self.closed:
             return False
         try:
-            self.gate.feed(data, self.h2.max_inbound_frame_size)
+            data = self.gate.feed(data, self.h2.max_inbound_frame_size)
+            pings = self.gate.pings
+            if pings:
+                for payload in pings:
+                    self._pongs += _PING_ACK + payload
+                pings.clear()
+                if not data:
+                    return True
             events = self.h2.receive_data(data)
         except Refused as e:
             log.info("closing gRPC connection: protocol error", error=str(e))
