@@ -1,8 +1,10 @@
 """CRI pods and containers on berth's containers store and runtime v2 task manager.
 
 A pod sandbox has no infra container: its IPC and UTS namespaces are pinned by berth
-(:mod:`berth.plugins.cri.pins`) and containers join them by path; a hostNetwork pod uses
-the node's network and UTS namespaces. Sandboxes and containers are berth containers of
+(:mod:`berth.plugins.cri.pins`) and containers join them by path; a pod that shares its
+PID namespace gets a small holder process as that namespace's PID 1
+(:mod:`berth.plugins.cri.pidns`); a hostNetwork pod uses the node's network and UTS
+namespaces. Sandboxes and containers are berth containers of
 namespace ``k8s.io`` (labels ``io.cri-containerd.kind=sandbox|container``, the CRI
 metadata as JSON in an extension), so ``ctr -n k8s.io containers ls`` shows them. Every
 container of a pod carries ``io.kubernetes.cri.sandbox-id``: berth's shim and runc's v2
@@ -37,11 +39,12 @@ from berth.core.metadata.containers import Container, ContainerStore
 from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts, TaskManager
 from berth.core.transfer.pull import Stores
-from berth.plugins.cri import logs, pins, records as rec, spec as cri_spec
+from berth.plugins.cri import logs, pidns, pins, records as rec, spec as cri_spec
 from berth.plugins.cri.config import CRIConfig
 from berth.plugins.cri.containers import ContainerOps
 from berth.plugins.cri.images import NAMESPACE, ImageService, image_user
 from berth.plugins.cri.runtime import RuntimeBase
+from berth.plugins.cri.streaming.attach import AttachHub
 from berth.plugins.cri.streaming.service import StreamingOps
 
 
@@ -66,6 +69,8 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         self._names: dict[str, str] = {}  # reserved pod and container names -> id
         self._locks: dict[str, trio.Lock] = {}
         self._watchers: set[trio.MemorySendChannel[cri.ContainerEventResponse]] = set()
+        # The waiting parents of this berthd's PID namespace holders, by pod id.
+        self._holders: dict[str, trio.Process] = {}
         self.oom = cri_spec.OOMPolicy(cri_spec.own_oom_score_adj(),
                                       config.restrict_oom_score_adj,
                                       cri_spec.can_raise_oom_priority())
@@ -76,6 +81,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         """After a restart: what berthd recorded, and what a berthd killed half way
         through a call left without a record (pins, folders, a pod's network, a task
         never reported started) undone, so nothing leaks and every call can be retried."""
+        await self._settle_holders()
         await self._settle_running()
         for kind, table in (("sandboxes", self.sandboxes), ("containers", self.containers)):
             folder = self.state / kind
@@ -118,6 +124,69 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                     pass
                 await self._delete_task(ctr)
 
+    async def _settle_holders(self) -> None:
+        """PID namespace holders after a restart: those of ready pods watched again, any
+        other one (of a pod stopped, removed, or never recorded) killed; a ready pod whose
+        holder died while berthd was down is not ready any more."""
+        found = await trio.to_thread.run_sync(pidns.find, self.state / "sandboxes")
+        keep = {sb.folder: sb for sb in self.sandboxes.values()
+                if sb.pid_holder and sb.state == cri.PodSandboxState.SANDBOX_READY}
+        stale = {pid: folder for pid, folder in found.items() if folder not in keep}
+        for folder in sorted(set(stale.values())):
+            rec.logger.info("killing a stale PID namespace holder", folder=folder)
+        await trio.to_thread.run_sync(pidns.kill_all, stale)
+        for sb in keep.values():
+            if found.get(sb.pid_holder) == sb.folder:
+                self.nursery.start_soon(self._watch_holder, sb, None)
+            else:
+                rec.logger.warning("the pod's PID namespace holder died", id=sb.id,
+                                   pid=sb.pid_holder)
+                await self._holder_gone(sb)
+
+    async def _watch_holder(self, sb: rec.Sandbox, proc: trio.Process | None) -> None:
+        """PID 1 of the pod's PID namespace ending (and every container with it: the
+        kernel kills what is left in the namespace) makes the pod not ready, as a
+        pause container's end does; StopPodSandbox clears ``pid_holder`` first."""
+        pid = sb.pid_holder
+        if proc is not None:
+            await proc.wait()  # the waiting parent ends with its child, and is reaped here
+        else:
+            await pidns.wait_gone(pid)
+        if self._holders.get(sb.id) is proc:
+            self._holders.pop(sb.id, None)
+        if sb.pid_holder == pid and sb.id in self.sandboxes:
+            rec.logger.warning("the pod's PID namespace holder died", id=sb.id, pid=pid)
+            await self._holder_gone(sb)
+
+    async def _holder_gone(self, sb: rec.Sandbox) -> None:
+        sb.pid_holder = 0
+        if sb.state != cri.PodSandboxState.SANDBOX_READY:
+            return
+        sb.state = cri.PodSandboxState.SANDBOX_NOTREADY
+        try:
+            self._save_sandbox(sb)
+        except errdefs.NotFound:
+            return
+        self._event(sb.id, sb, cri.ContainerEventType(
+            cri.ContainerEventType.CONTAINER_STOPPED_EVENT))
+
+    async def _start_holder(self, sb: rec.Sandbox, folder: Path) -> None:
+        proc, sb.pid_holder = await pidns.start(folder)
+        self._holders[sb.id] = proc
+        self.nursery.start_soon(self._watch_holder, sb, proc)
+
+    async def _stop_holder(self, sb: rec.Sandbox) -> None:
+        """Kill the pod's PID namespace holder and return once it is gone (and with it,
+        by the kernel's hand, whatever was left in the namespace)."""
+        pid, sb.pid_holder = sb.pid_holder, 0
+        proc = self._holders.pop(sb.id, None)
+        hit = await trio.to_thread.run_sync(pidns.stop, sb.folder, pid)
+        with trio.move_on_after(rec.KILL_WAIT):
+            if proc is not None:
+                await proc.wait()  # berthd's child: reaped here
+            for p in hit:
+                await pidns.wait_gone(p)
+
     def load(self) -> None:
         """The sandboxes and containers berthd recorded; what still runs is settled by
         :meth:`recover` once the runtime has recovered its tasks."""
@@ -150,8 +219,18 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
 
     def _reattach_logs(self, ctr: rec.CRIContainer) -> None:
         """After a restart: read the running container's FIFOs again (its shim kept
-        them open, so what the container wrote meanwhile waits in the pipe)."""
+        them open, so what the container wrote meanwhile waits in the pipe), through a
+        new attach hub, and hold its stdin FIFO again, so that CRI Attach works as for
+        a container started by this berthd (the shim keeps a writer of its own on stdin:
+        the container saw no EOF when the old berthd died)."""
         ctr.log_file = logs.LogFile(Path(ctr.log_path) if ctr.log_path else None)
+        hub = AttachHub(bool(ctr.config.tty))
+        if ctr.config.stdin:
+            try:
+                hub.open_stdin(Path(ctr.folder) / "stdin")
+            except OSError as e:
+                rec.logger.warning("container stdin not reattached", id=ctr.id, error=str(e))
+        ctr.attach_hub = hub
         for name, stream in (("stdout", logs.STDOUT), ("stderr", logs.STDERR)):
             path = Path(ctr.folder) / name
             try:
@@ -160,7 +239,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                 rec.logger.warning("container log not reattached", id=ctr.id, stream=stream,
                              error=str(e))
                 continue
-            self._copy(ctr, trio.lowlevel.FdStream(fd), stream)
+            self._copy(ctr, hub.tap(trio.lowlevel.FdStream(fd), stream), stream)
 
     def _copy(self, ctr: rec.CRIContainer, src: trio.lowlevel.FdStream, stream: str) -> None:
         """Copy one stream into the container's log; the last copier to end says so."""
@@ -225,6 +304,8 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             raise errdefs.InvalidArgument("sandbox config must name the pod (metadata name, "
                                           "uid and namespace)", raw=True)
         runtime = self.config.runtime(req.runtime_handler)
+        if problem := runtime.cgroup_driver_problem():
+            raise errdefs.FailedPrecondition(problem, raw=True)
         ns_opts = config.linux.security_context.namespace_options \
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)
@@ -246,6 +327,8 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         sb.folder = str(folder)
         try:
             await trio.to_thread.run_sync(self._sandbox_files, sb, folder)
+            if sb.mode == "pinned" and sb.shares_pid:
+                await self._start_holder(sb, folder)
             if network:
                 await self._attach(sb)
             if sb.mode == "pause":
@@ -262,6 +345,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                     await self._remove_infra(sb)
                 if network:
                     await self._detach(sb, quiet=True)
+                await self._stop_holder(sb)
                 await trio.to_thread.run_sync(self._remove_sandbox_files, folder)
             del self._names[sb.name]
             raise
@@ -442,6 +526,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
 
     def _remove_sandbox_files(self, folder: Path) -> None:
         pins.remove(folder)
+        pidns.stop(folder, 0)
         shutil.rmtree(folder, ignore_errors=True)
 
     @rec.serialized("pod_sandbox_id")
@@ -453,6 +538,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                 await self._stop(ctr, 0)
         if sb.mode == "pause":
             await self._stop_infra(sb)
+        await self._stop_holder(sb)
         await self._detach(sb)
         if sb.state != cri.PodSandboxState.SANDBOX_NOTREADY:
             await trio.to_thread.run_sync(pins.remove, Path(sb.folder))
@@ -475,6 +561,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         if sb.mode == "pause":
             await self._stop_infra(sb)
             await self._remove_infra(sb)
+        await self._stop_holder(sb)
         await self._detach(sb)
         await trio.to_thread.run_sync(self._remove_sandbox_files, Path(sb.folder))
         try:
@@ -512,7 +599,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                 "config": rec.msg_json(sb.config), "runtimeHandler": sb.handler,
                 "runtimeType": sb.runtime_type, "sandboxMode": self.config.sandbox_mode,
                 "hostNetwork": sb.host_network, "network": sb.network, "netns": sb.netns,
-                "namespaces": {k: str(v) for k, v in pins.paths(Path(sb.folder)).items()},
+                "namespaces": {k: str(v) for k, v in pins.paths(Path(sb.folder)).items()}
+                | ({"pid": str(pidns.pin_path(sb.folder))} if sb.pid_holder else {}),
+                "pidHolder": sb.pid_holder,
             })}
         return out
 

@@ -12,7 +12,8 @@ mount API, namespaces...) with EPERM, not containerd's allow list; ``Unconfined`
 unset profile add none, as containerd does by default.
 
 A pod-shared PID namespace needs a process to hold it: with sandbox_mode "pause" the
-sandbox container's; with pinned namespaces NamespaceMode.POD runs as CONTAINER.
+sandbox container's; with pinned namespaces the pod's holder (plugins/cri/pidns), whose
+pinned namespace containers join by path.
 
 Not yet (issue 12): AppArmor, CDI, user namespaces, image volumes.
 """
@@ -59,10 +60,14 @@ class PodView:
     # A sandbox container's pid (sandbox_mode "pause"): containers join its namespaces
     # (pid too, for a pod that shares it); 0: the pod's namespaces are berth's pins.
     infra_pid: int = 0
+    # The pinned PID namespace of a pod whose holder process keeps it (plugins/cri/pidns).
+    pidns: str = ""
 
     def ns_path(self, kind: str) -> str:
         if self.infra_pid:
             return f"/proc/{self.infra_pid}/ns/{kind}"
+        if kind == "pid":
+            return self.pidns
         return str(pins.paths(Path(self.folder))[kind]) if kind in pins.KINDS else ""
 
 
@@ -247,9 +252,11 @@ def check_relative(path: str, what: str) -> None:
 
 def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
                    image_config: dict[str, Any], image_user: str, mounts: list[Mount],
-                   oom: OOMPolicy) -> dict[str, Any]:
+                   oom: OOMPolicy, target_pidns: str = "") -> dict[str, Any]:
     """The OCI spec of a CRI container, as containerd's CRI builds it (the parts berth
-    supports; see the module's note on what is left)."""
+    supports; see the module's note on what is left). ``target_pidns``: the PID
+    namespace of the container that NamespaceMode.TARGET names (an ephemeral container's
+    target), pinned by the caller."""
     users = users_of(mounts)
     spec = oci.default_unix_spec(NAMESPACE, container_id)
     oci.with_default_unix_devices(spec)
@@ -303,7 +310,7 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
         spec["linux"].setdefault("resources", {}).setdefault("devices", []).append(rule)
     if sb.config.linux and sb.config.linux.sysctls:
         spec["linux"]["sysctl"] = dict(sb.config.linux.sysctls)
-    _namespaces(spec, sb, sc)
+    _namespaces(spec, sb, sc, target_pidns)
     _mounts(spec, sb, config)
     _resources(spec, sb, container_id, linux.resources, oom)
     annotations = dict(config.annotations)
@@ -419,7 +426,7 @@ def _network(sb: PodView, ns: dict[str, Any]) -> dict[str, Any]:
 
 
 def _namespaces(spec: dict[str, Any], sb: PodView,
-                sc: cri.LinuxContainerSecurityContext) -> None:
+                sc: cri.LinuxContainerSecurityContext, target_pidns: str = "") -> None:
     opts = given(sc.namespace_options, cri.NamespaceOption)
     out = []
     for ns in spec["linux"]["namespaces"]:
@@ -439,8 +446,13 @@ def _namespaces(spec: dict[str, Any], sb: PodView,
         elif kind == "pid":
             if opts.pid == cri.NamespaceMode.NODE:
                 continue
-            if opts.pid == cri.NamespaceMode.POD and sb.infra_pid:
+            if opts.pid == cri.NamespaceMode.POD and sb.ns_path("pid"):
                 ns = {"type": "pid", "path": sb.ns_path("pid")}
+            elif opts.pid == cri.NamespaceMode.TARGET:
+                if not target_pidns:
+                    raise errdefs.InvalidArgument(
+                        "PID namespace mode TARGET needs a target container", raw=True)
+                ns = {"type": "pid", "path": target_pidns}
         out.append(ns)
     spec["linux"]["namespaces"] = out
 
