@@ -5,6 +5,7 @@ whose state (stores, task manager, records, locks) these methods use."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -27,8 +28,10 @@ from berth.core.metadata.containers import Container
 from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts
 from berth.plugins.cri import logs, pidns, records as rec, spec as cri_spec, stats as cri_stats
+from berth.plugins.cri.cdi import for_container as with_cdi_devices
 from berth.plugins.cri.images import NAMESPACE, image_user
 from berth.plugins.cri.streaming.attach import AttachHub
+from berth.plugins.cri.userns import for_container as userns_for, pod_userns, remap_rootfs
 
 if TYPE_CHECKING:
     from berth.core.metadata.containers import ContainerStore
@@ -138,13 +141,22 @@ class ContainerOps:
             if sn is None:
                 raise errdefs.FailedPrecondition(
                     f"snapshotter {self.config.snapshotter!r} is not loaded", raw=True)
+            maps = userns_for(sb.config, config.linux.security_context
+                              if config.linux is not None else None,
+                              self.config.runtime(sb.handler))
+            if maps is not None:
+                await trio.to_thread.run_sync(pod_userns, Path(sb.folder), maps)
             async with self.leased() as lease:
                 mounts = await sn.prepare(NAMESPACE, ctr.id, image.chain_id, lease=lease)
                 prepared = True
-                spec = await trio.to_thread.run_sync(
+                if maps is not None:
+                    await trio.to_thread.run_sync(remap_rootfs, mounts, maps)
+                spec = await trio.to_thread.run_sync(functools.partial(
                     cri_spec.container_spec, sb.view, ctr.id, config,
                     image.resolved.config.raw, image_user(image.resolved), mounts, self.oom,
-                    target_pidns)
+                    target_pidns, unset_seccomp_profile=self.config.unset_seccomp_profile))
+                spec = await trio.to_thread.run_sync(with_cdi_devices, spec, config,
+                                                     self.config)
                 runtime = self.config.runtime(sb.handler)
                 self.store.create(NAMESPACE, Container(
                     id=ctr.id, runtime_name=runtime.runtime_type,

@@ -46,6 +46,7 @@ from berth.plugins.cri.images import NAMESPACE, ImageService, image_user
 from berth.plugins.cri.runtime import RuntimeBase
 from berth.plugins.cri.streaming.attach import AttachHub
 from berth.plugins.cri.streaming.service import StreamingOps
+from berth.plugins.cri.userns import for_container as userns_for
 
 
 class PodService(StreamingOps, ContainerOps, RuntimeBase):
@@ -306,6 +307,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         runtime = self.config.runtime(req.runtime_handler)
         if problem := runtime.cgroup_driver_problem():
             raise errdefs.FailedPrecondition(problem, raw=True)
+        userns_for(config, None, runtime)  # checked before anything is made
         ns_opts = config.linux.security_context.namespace_options \
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)
@@ -505,7 +507,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             rec.logger.error("pod network teardown failed", id=sb.id, error=str(e))
 
     def _sandbox_files(self, sb: rec.Sandbox, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0711: a container's root mapped by a user namespace must reach the pod's /etc
+        # files (containerd's sandbox folders are 0755).
+        folder.mkdir(parents=True, exist_ok=True, mode=0o711)
         hostname = sb.config.hostname or (os.uname().nodename if sb.host_network else "")
         if sb.mode == "pinned":
             pins.create(folder, "" if sb.host_network else hostname)
