@@ -201,7 +201,7 @@ class Server:
                     peer_gid=peer.gid if peer else None,
                 )
                 return
-            writer = FrameWriter(stream)
+            writer = FrameWriter(stream, direct=True)
             async with trio.open_nursery() as conn_nursery:
                 conn_nursery.start_soon(writer.run)
                 try:
