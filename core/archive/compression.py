@@ -318,7 +318,9 @@ class _ZstdReader:
     def __init__(self, src: BinaryIO, head: bytes) -> None:
         self._source = _CheckedSource(src, head)
         self._reader = zstandard.ZstdDecompressor().stream_reader(
-            self._source,
+            # zstandard reads any object with read(n) (its docs say so); its stub asks
+            # for a whole IO[bytes].
+            self._source,  # type: ignore[arg-type]
             read_size=READ_SIZE,
             read_across_frames=True,
             closefd=False,

@@ -95,10 +95,10 @@ class FrameGate:
     def __init__(self) -> None:
         self._preface = _PREFACE_LEN  # bytes of client preface still to pass (h2 checks them)
         self._skip = 0  # bytes of the current frame's payload still to pass
-        self._header = b""
+        self._header: bytes | bytearray = b""
         self.ready = False  # preface and the client's SETTINGS frame header are in
 
-    def feed(self, data: bytes, max_frame_size: int) -> None:
+    def feed(self, data: bytes | bytearray, max_frame_size: int) -> None:
         i, n = 0, len(data)
         if self._preface:
             i = min(self._preface, n)
@@ -322,7 +322,7 @@ class Connection:
                 await self._drained.park()  # stop reading a client that is not reading
 
     @staticmethod
-    async def _read(stream: trio.abc.Stream) -> bytes:
+    async def _read(stream: trio.abc.Stream) -> bytes | bytearray:
         try:
             return await stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -359,7 +359,7 @@ class Connection:
 
     # -- input --------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> bool:
+    def feed(self, data: bytes | bytearray) -> bool:
         """Take bytes from the client; False once the connection should close."""
         if self.closed:
             return False

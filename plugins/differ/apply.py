@@ -199,8 +199,10 @@ class HashingReader:
 
 def _unpack(reader: HashingReader, unpacker: _Unpacker) -> None:
     try:
-        tar = tarfile.open(
-            fileobj=reader,  # type: ignore[arg-type]
+        # Stream mode ("r|") only ever calls read(); typeshed's tarfile asks every
+        # fileobj for write/seek/tell too.
+        tar = tarfile.open(  # type: ignore[call-overload]
+            fileobj=reader,
             mode="r|",
             bufsize=TAR_BLOCK,
             encoding="utf-8",

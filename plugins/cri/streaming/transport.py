@@ -329,7 +329,9 @@ class WebSocketSession:
                 return
             while True:
                 if data:
-                    self.ws.receive_data(data)
+                    # bytes() of a bytes object is that object: a copy only for a
+                    # bytearray (which wsproto's bytes annotation does not take).
+                    self.ws.receive_data(bytes(data))
                     if not await self._events():
                         break
                 data = await self.stream.receive_some(READ_SIZE)
