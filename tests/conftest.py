@@ -37,3 +37,24 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[daemons.Dae
     import shutil
 
     shutil.rmtree(base, ignore_errors=True)
+
+
+_HOST_CNI = Path("/etc/berth/cni/net.d")
+
+
+def _host_cni_files() -> dict[str, int]:
+    try:
+        return {p.name: p.stat().st_mtime_ns for p in _HOST_CNI.iterdir()}
+    except FileNotFoundError:
+        return {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tests_keep_out_of_host_etc() -> Iterator[None]:
+    """Test daemons keep their CNI networks in their own folders: none may write the default
+    network into the host's /etc/berth (daemons.berthd gives every config a conf_dir)."""
+    before = _host_cni_files()
+    yield
+    after = _host_cni_files()
+    written = sorted(n for n, m in after.items() if before.get(n) != m)
+    assert not written, f"a test daemon wrote {written} into the host's {_HOST_CNI}"

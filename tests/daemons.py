@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,26 @@ class Daemon:
             return ""
 
 
+def _cni_section(base: Path) -> str:
+    return f'[plugins."io.berth.network.v1.cni"]\nconf_dir = "{base / "cni" / "net.d"}"\n'
+
+
+def _keep_cni_out_of_etc(cfg: Path, base: Path) -> None:
+    """A test's own config file that says nothing of the cni plugin's folder gets one under
+    ``base``: otherwise berthd writes its default network into the host's /etc/berth."""
+    try:
+        data = tomllib.loads(cfg.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return  # the test is about a bad or missing file: leave it as it is
+    section = data.get("plugins", {}).get("io.berth.network.v1.cni")
+    if section is None:
+        with cfg.open("a") as f:
+            f.write("\n" + _cni_section(base))
+    elif "conf_dir" not in section and section.get("write_default", True):
+        raise ValueError(f"{cfg}: give the cni plugin a conf_dir (or write_default = false) "
+                         "so the test keeps out of the host's /etc/berth/cni/net.d")
+
+
 def berthd(base: Path, *extra: str) -> Daemon:
     base.mkdir(parents=True, exist_ok=True)
     d = Daemon("berth", base, [])
@@ -124,11 +145,11 @@ def berthd(base: Path, *extra: str) -> Daemon:
         # and write the default CNI network into the host's /etc/berth/cni/net.d.
         cfg = base / "config.toml"
         if not cfg.exists():
-            cfg.write_text(
-                '[plugins."io.berth.network.v1.cni"]\n'
-                f'conf_dir = "{base / "cni" / "net.d"}"\n'
-            )
+            cfg.write_text(_cni_section(base))
         extra = ("--config", str(cfg), *extra)
+    else:
+        flag = "--config" if "--config" in extra else "-c"
+        _keep_cni_out_of_etc(Path(extra[extra.index(flag) + 1]), base)
     d.argv = [
         sys.executable, "-m", "berth.core.daemon", "--root", str(d.root), "--state", str(d.state),
         "--address", str(d.address), "--log-level", "debug", *extra,
