@@ -31,8 +31,10 @@ _MEMORY_STAT = {
 
 
 def _uint(value: object) -> int:
+    if not isinstance(value, int | float | str | bytes):
+        return 0  # None, a list or a dict: what int() refused with a TypeError
     try:
-        number = int(value)  # type: ignore[call-overload]
+        number = int(value)
     except (TypeError, ValueError):
         return 0
     return number if 0 <= number < 1 << 64 else 0
