@@ -12,11 +12,13 @@ import base64
 import json
 import ssl
 import struct
+import subprocess
 import urllib.parse
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 import wsproto
@@ -29,6 +31,25 @@ class StreamClientError(Exception):
     pass
 
 
+def key_pair(folder: Path, name: str, san: str = "IP:127.0.0.1",
+             passphrase: str | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, made by openssl (PEM files in ``folder``)."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    secret = ["-passout", f"pass:{passphrase}"] if passphrase else ["-nodes"]
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-days", "2", "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName={san}", "-keyout", str(key), "-out", str(cert),
+                    *secret], check=True, capture_output=True)
+    return cert, key
+
+
+def trusting(cert: Path) -> ssl.SSLContext:
+    """A client context that trusts that certificate and nothing else, names checked."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cert)
+    return ctx
+
+
 @dataclass
 class HttpReply:
     status: int
@@ -36,13 +57,18 @@ class HttpReply:
     body: bytes
 
 
-async def _connect(url: str) -> tuple[trio.abc.Stream, urllib.parse.SplitResult]:
+async def _connect(url: str, tls: ssl.SSLContext | None = None
+                   ) -> tuple[trio.abc.Stream, urllib.parse.SplitResult]:
+    """``tls``: the client's context for https (the default trusts any certificate, as the
+    kubelet does not verify the runtime's)."""
     u = urllib.parse.urlsplit(url)
     sock = await trio.open_tcp_stream(u.hostname, u.port)
     if u.scheme == "https":
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE  # the kubelet does not verify the runtime's cert
+        ctx = tls
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
         stream: trio.abc.Stream = trio.SSLStream(sock, ctx, server_hostname=u.hostname)
         await stream.do_handshake()
         return stream, u
@@ -68,9 +94,10 @@ async def _read_head(stream: trio.abc.Stream) -> tuple[HttpReply, bytes]:
     return HttpReply(status, headers, b""), rest
 
 
-async def http_request(url: str, headers: list[tuple[str, str]], method: str = "POST"
+async def http_request(url: str, headers: list[tuple[str, str]], method: str = "POST",
+                       tls: ssl.SSLContext | None = None
                        ) -> tuple[HttpReply, trio.abc.Stream, bytes]:
-    stream, u = await _connect(url)
+    stream, u = await _connect(url, tls)
     path = u.path + (f"?{u.query}" if u.query else "")
     lines = [f"{method} {path} HTTP/1.1", f"Host: {u.netloc}"] + [f"{k}: {v}" for k, v in headers]
     await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -221,10 +248,11 @@ class SpdyClient:
 
 
 @asynccontextmanager
-async def spdy_connect(url: str, protocols: list[str]) -> AsyncIterator[tuple[SpdyClient, str]]:
+async def spdy_connect(url: str, protocols: list[str], tls: ssl.SSLContext | None = None
+                       ) -> AsyncIterator[tuple[SpdyClient, str]]:
     headers = [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")]
     headers += [("X-Stream-Protocol-Version", p) for p in protocols]
-    reply, stream, rest = await http_request(url, headers)
+    reply, stream, rest = await http_request(url, headers, tls=tls)
     if reply.status != 101:
         await stream.aclose()
         raise StreamClientError(f"upgrade refused: {reply.status} {reply.body!r}")
@@ -235,7 +263,10 @@ async def spdy_connect(url: str, protocols: list[str]) -> AsyncIterator[tuple[Sp
             yield client, reply.headers["x-stream-protocol-version"][0]
         finally:
             nursery.cancel_scope.cancel()
-            await stream.aclose()
+            # Shielded: a checkpoint here, in the scope just cancelled, would raise
+            # Cancelled over whatever the body raised, and the nursery would swallow it.
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
 
 @dataclass
@@ -305,9 +336,10 @@ class SpdyRemoteCommand(RemoteCommand):
 @asynccontextmanager
 async def spdy_remotecommand(url: str, *, stdin: bool = False, stdout: bool = True,
                              stderr: bool = True, tty: bool = False,
-                             protocols: list[str] | None = None
+                             protocols: list[str] | None = None,
+                             tls: ssl.SSLContext | None = None
                              ) -> AsyncIterator[SpdyRemoteCommand]:
-    async with spdy_connect(url, protocols or ["v4.channel.k8s.io"]) as (c, _proto):
+    async with spdy_connect(url, protocols or ["v4.channel.k8s.io"], tls) as (c, _proto):
         ids = {"error": await c.open([("streamType", "error")])}
         wanted = [n for n, on in (("stdin", stdin), ("stdout", stdout),
                                   ("stderr", stderr and not tty), ("resize", tty)) if on]
@@ -316,8 +348,9 @@ async def spdy_remotecommand(url: str, *, stdin: bool = False, stdout: bool = Tr
         yield SpdyRemoteCommand(c, ids)
 
 
-async def spdy_exec(url: str, stdin: bytes | None = None, **kw: bool) -> CommandResult:
-    async with spdy_remotecommand(url, stdin=stdin is not None, **kw) as rc:
+async def spdy_exec(url: str, stdin: bytes | None = None, tls: ssl.SSLContext | None = None,
+                    **kw: bool) -> CommandResult:
+    async with spdy_remotecommand(url, stdin=stdin is not None, tls=tls, **kw) as rc:
         if stdin is not None:
             await rc.send_stdin(stdin)
             await rc.close_stdin()
@@ -424,9 +457,9 @@ class WsClient:
 
 
 @asynccontextmanager
-async def ws_connect(url: str, protocols: list[str], nch: int = 5
-                     ) -> AsyncIterator[WsClient]:
-    stream, u = await _connect(url)
+async def ws_connect(url: str, protocols: list[str], nch: int = 5,
+                     tls: ssl.SSLContext | None = None) -> AsyncIterator[WsClient]:
+    stream, u = await _connect(url, tls)
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
     target = u.path + (f"?{u.query}" if u.query else "")
     await stream.send_all(ws.send(wse.Request(host=u.netloc, target=target,
@@ -451,7 +484,10 @@ async def ws_connect(url: str, protocols: list[str], nch: int = 5
             yield client
         finally:
             nursery.cancel_scope.cancel()
-            await stream.aclose()
+            # Shielded: a checkpoint here, in the scope just cancelled, would raise
+            # Cancelled over whatever the body raised, and the nursery would swallow it.
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
 
 class WsRemoteCommand(RemoteCommand):
@@ -481,15 +517,16 @@ class WsRemoteCommand(RemoteCommand):
 
 @asynccontextmanager
 async def ws_remotecommand(url: str, protocol: str = "v5.channel.k8s.io", *,
-                           stdout: bool = True, stderr: bool = True
+                           stdout: bool = True, stderr: bool = True,
+                           tls: ssl.SSLContext | None = None
                            ) -> AsyncIterator[WsRemoteCommand]:
-    async with ws_connect(url, [protocol]) as c:
+    async with ws_connect(url, [protocol], tls=tls) as c:
         yield WsRemoteCommand(c, stdout, stderr)
 
 
-async def ws_exec(url: str, protocol: str = "v5.channel.k8s.io", stdin: bytes | None = None
-                  ) -> CommandResult:
-    async with ws_remotecommand(url, protocol) as rc:
+async def ws_exec(url: str, protocol: str = "v5.channel.k8s.io", stdin: bytes | None = None,
+                  tls: ssl.SSLContext | None = None) -> CommandResult:
+    async with ws_remotecommand(url, protocol, tls=tls) as rc:
         if stdin is not None:
             await rc.send_stdin(stdin)
             await rc.close_stdin()

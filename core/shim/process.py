@@ -294,6 +294,11 @@ class Exec(Process):
         self.parent = parent
         self.spec = dict(spec)
         self.spec["terminal"] = paths.terminal
+        # Start, Kill and Delete take turns (the Go shim's execProcess mutex): the process
+        # exists before runc exec returns its pid, so a Kill or Delete arriving meanwhile
+        # must wait for that pid rather than fail with "process not created" and leave
+        # the process running with nobody to reap or signal it.
+        self._turn = trio.Lock()
 
     @property
     def pid_file(self) -> Path:
@@ -306,6 +311,10 @@ class Exec(Process):
         return super().status()
 
     async def start(self, nursery: trio.Nursery) -> None:
+        async with self._turn:
+            await self._start(nursery)
+
+    async def _start(self, nursery: trio.Nursery) -> None:
         if self.state != "created":
             raise _unknown(f"cannot start a {self.state} process")
 
@@ -323,6 +332,10 @@ class Exec(Process):
             self.state = "running"
 
     async def kill(self, sig: int, all: bool = False) -> None:
+        async with self._turn:
+            self._kill(sig)
+
+    def _kill(self, sig: int) -> None:
         if self.state == "deleted":
             raise errdefs.NotFound("cannot kill a deleted process", raw=True)
         if self.pid == 0:
@@ -336,6 +349,10 @@ class Exec(Process):
                                    raw=True) from None
 
     async def delete(self) -> None:
+        async with self._turn:
+            await self._delete()
+
+    async def _delete(self) -> None:
         if self.state == "deleted":
             raise errdefs.NotFound("cannot delete a deleted process", raw=True)
         if self.state == "running":

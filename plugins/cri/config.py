@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "stream_server_address": "127.0.0.1",
     "stream_server_port": "0",
     "enable_tls_streaming": False,
+    "x509_key_pair_streaming": {"tls_cert_file": "", "tls_key_file": ""},
     "max_container_log_line_size": 16384,
     "containerd": {
         "snapshotter": "overlayfs",
@@ -67,7 +68,6 @@ _CONTAINERD_DEFAULTS: dict[str, Any] = {
     "containerd.discard_unpacked_layers": False,
     "containerd.ignore_rdt_not_enabled_errors": False, "containerd.no_pivot": False,
     "image_decryption.key_model": "node",
-    "x509_key_pair_streaming.tls_cert_file": "", "x509_key_pair_streaming.tls_key_file": "",
 }
 _RUNTIME_KEYS = ("runtime_type", "options")
 _RUNTIME_DEFAULTS: dict[str, Any] = {
@@ -100,6 +100,9 @@ class CRIConfig:
     stream_server_address: str = "127.0.0.1"
     stream_server_port: str = "0"
     enable_tls_streaming: bool = False
+    # x509_key_pair_streaming: the streaming server's certificate instead of a self-signed one
+    stream_tls_cert_file: str = ""
+    stream_tls_key_file: str = ""
     max_container_log_line_size: int = 16384
     snapshotter: str = "overlayfs"
     default_runtime_name: str = "runc"
@@ -161,12 +164,40 @@ class _Unsupported:
             self.changed.append(key)
 
 
+def _streaming_tls(cfg: CRIConfig, pair: dict[str, Any], seen: _Unsupported) -> None:
+    """x509_key_pair_streaming, with containerd's rules: both files or neither, and only
+    with enable_tls_streaming (the files are loaded when the plugin starts)."""
+    path = "x509_key_pair_streaming."
+    for key, value in pair.items():
+        if key not in ("tls_cert_file", "tls_key_file"):
+            seen.note(path + key, value)
+    cert = _get(pair, "tls_cert_file", str, "", path)
+    key = _get(pair, "tls_key_file", str, "", path)
+    if cfg.enable_tls_streaming:
+        if cert and not key:
+            raise errdefs.InvalidArgument(
+                f'[plugins."{URI}"] {path}tls_key_file must be set with tls_cert_file',
+                raw=True)
+        if key and not cert:
+            raise errdefs.InvalidArgument(
+                f'[plugins."{URI}"] {path}tls_cert_file must be set with tls_key_file',
+                raw=True)
+    else:
+        for name, value in (("tls_cert_file", cert), ("tls_key_file", key)):
+            if value:
+                raise errdefs.InvalidArgument(
+                    f'[plugins."{URI}"] {path}{name} is set but enable_tls_streaming is not',
+                    raw=True)
+    cfg.stream_tls_cert_file, cfg.stream_tls_key_file = cert, key
+
+
 def parse(section: dict[str, Any], *, state: Path) -> CRIConfig:
     """Read the plugin's section; unknown keys are collected, wrong types refused."""
     seen = _Unsupported()
     top = {"address", "sandbox_mode", "sandbox_image", "restrict_oom_score_adj",
            "stream_server_address", "stream_server_port", "enable_tls_streaming",
-           "max_container_log_line_size", "containerd", "cni", "registry"}
+           "x509_key_pair_streaming", "max_container_log_line_size", "containerd", "cni",
+           "registry"}
     for key, value in section.items():
         if key not in top:
             seen.note(key, value, _CONTAINERD_DEFAULTS.get(key))
@@ -190,6 +221,7 @@ def parse(section: dict[str, Any], *, state: Path) -> CRIConfig:
         max_container_log_line_size=_get(section, "max_container_log_line_size", int,
                                          16384, ""),
     )
+    _streaming_tls(cfg, _table(section, "x509_key_pair_streaming", ""), seen)
     ctrd = _table(section, "containerd", "")
     for key, value in ctrd.items():
         if key not in ("snapshotter", "default_runtime_name", "runtimes"):

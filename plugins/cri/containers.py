@@ -393,15 +393,22 @@ class ContainerOps:
                     for r, buf in zip(readers, outputs, strict=True):
                         nursery.start_soon(rec.collect, r, buf, rec.EXEC_OUTPUT_CAP)
                     readers = []
+                    exit_: int | None = None
                     try:
                         # Our writing ends go once the shim holds its own: a shim may open
                         # an exec's FIFOs at Exec or only at Start.
                         try:
-                            await task.exec(exec_id, stdin="", stdout=str(paths[0]),
-                                            stderr=str(paths[1]), terminal=False,
-                                            spec=oci.process_any(process))
-                            with self.tasks.primer.starting():
-                                await task.start(exec_id)
+                            with trio.CancelScope(shield=True) as setup:
+                                setup.deadline = trio.current_time() + rec.EXEC_START_TIMEOUT
+                                await task.exec(exec_id, stdin="", stdout=str(paths[0]),
+                                                stderr=str(paths[1]), terminal=False,
+                                                spec=oci.process_any(process))
+                                with self.tasks.primer.starting():
+                                    await task.start(exec_id)
+                            if setup.cancelled_caught:
+                                raise errdefs.DeadlineExceeded(
+                                    f"exec did not start within {rec.EXEC_START_TIMEOUT:.0f}s",
+                                    raw=True)
                         finally:
                             for k in keepers:
                                 os.close(k)
@@ -409,6 +416,11 @@ class ContainerOps:
                         exit_ = await self._wait_exec(task, exec_id, req.timeout)
                     finally:
                         with trio.CancelScope(shield=True):
+                            if exit_ is None:
+                                # The caller went (its deadline, a hang-up) or Start failed:
+                                # nobody will read this process's output (containerd kills
+                                # it too).
+                                await self._kill_exec(task, exec_id)
                             try:
                                 await task.delete(exec_id)
                             except errdefs.BerthError as e:
@@ -425,17 +437,21 @@ class ContainerOps:
         return cri.ExecSyncResponse(stdout=bytes(outputs[0]), stderr=bytes(outputs[1]),
                                     exit_code=exit_)
 
+    async def _kill_exec(self, task: Any, exec_id: str) -> None:
+        try:
+            await task.kill(signal.SIGKILL, exec_id=exec_id)
+        except errdefs.BerthError as e:  # gone already, or never started
+            rec.logger.debug("exec kill", exec_id=exec_id, error=str(e))
+            return
+        with trio.move_on_after(rec.KILL_WAIT):
+            await task.wait(exec_id)
+
     async def _wait_exec(self, task: Any, exec_id: str, timeout: int) -> int:
         if timeout <= 0:
             return (await task.wait(exec_id)).status
         with trio.move_on_after(timeout):
             return (await task.wait(exec_id)).status
-        try:
-            await task.kill(signal.SIGKILL, exec_id=exec_id)
-        except errdefs.BerthError:
-            pass
-        with trio.move_on_after(rec.KILL_WAIT):
-            await task.wait(exec_id)
+        await self._kill_exec(task, exec_id)
         raise errdefs.DeadlineExceeded(f"command timed out after {timeout}s", raw=True)
 
     # --- stats ------------------------------------------------------------------------

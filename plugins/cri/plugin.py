@@ -5,6 +5,7 @@ berthd's main socket and on the plugin's own (``<state>/cri.sock`` by default, s
 from __future__ import annotations
 
 import functools
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,11 @@ from berth.core.transfer.pull import Stores
 from berth.plugins.cri import config as cri_config
 from berth.plugins.cri.images import NAMESPACE, ImageService
 from berth.plugins.cri.pods import PodService
-from berth.plugins.cri.streaming.server import StreamServer, StreamServerConfig
+from berth.plugins.cri.streaming.server import (
+    StreamServer,
+    StreamServerConfig,
+    load_key_pair,
+)
 from berth.plugins.cri.streaming.service import CRIStreamRuntime
 
 _log = log.get("cri")
@@ -102,21 +107,26 @@ async def _init(ctx: InitContext) -> CRIPlugin:
         events=ctx.plugins.get(EVENT),
         mutated=notifier(ctx.plugins),
     )
+    # A streaming key pair that does not load fails the plugin here, before anything runs.
+    stream_tls = (load_key_pair(cfg.stream_tls_cert_file, cfg.stream_tls_key_file)
+                  if cfg.enable_tls_streaming and cfg.stream_tls_cert_file else None)
     images = ImageService(stores, cfg, _snapshot_root(ctx, cfg.snapshotter))
     runtime = await _runtime_service(ctx, cfg, stores, images)
     plugin = CRIPlugin(cfg, runtime, images)
-    runtime.stream_server = await _stream_server(ctx, cfg, runtime)
+    runtime.stream_server = await _stream_server(ctx, cfg, runtime, stream_tls)
     plugin.max_recv = int(daemon.data["grpc"]["max_recv_message_size"])
     plugin.nursery = ctx.nursery
     return plugin
 
 
-async def _stream_server(ctx: InitContext, cfg: cri_config.CRIConfig, pods: PodService
-                         ) -> StreamServer:
+async def _stream_server(ctx: InitContext, cfg: cri_config.CRIConfig, pods: PodService,
+                         tls: ssl.SSLContext | None) -> StreamServer:
     """The exec/attach/port-forward server, listening before the CRI socket opens."""
     server = StreamServer(CRIStreamRuntime(pods), StreamServerConfig(
         address=cfg.stream_server_address, port=int(cfg.stream_server_port or 0),
-        tls=cfg.enable_tls_streaming, state_dir=str(Path(ctx.state) / "streaming")))
+        tls=cfg.enable_tls_streaming, tls_cert_file=cfg.stream_tls_cert_file,
+        tls_key_file=cfg.stream_tls_key_file, state_dir=str(Path(ctx.state) / "streaming")),
+        ssl_context=tls)
     await ctx.nursery.start(server.serve)
     return server
 

@@ -42,6 +42,7 @@ from berth.plugins.cri.config import CRIConfig
 from berth.plugins.cri.containers import ContainerOps
 from berth.plugins.cri.images import NAMESPACE, ImageService, image_user
 from berth.plugins.cri.runtime import RuntimeBase
+from berth.plugins.cri.streaming.attach import AttachHub
 from berth.plugins.cri.streaming.service import StreamingOps
 
 
@@ -150,8 +151,18 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
 
     def _reattach_logs(self, ctr: rec.CRIContainer) -> None:
         """After a restart: read the running container's FIFOs again (its shim kept
-        them open, so what the container wrote meanwhile waits in the pipe)."""
+        them open, so what the container wrote meanwhile waits in the pipe), through a
+        new attach hub, and hold its stdin FIFO again, so that CRI Attach works as for
+        a container started by this berthd (the shim keeps a writer of its own on stdin:
+        the container saw no EOF when the old berthd died)."""
         ctr.log_file = logs.LogFile(Path(ctr.log_path) if ctr.log_path else None)
+        hub = AttachHub(bool(ctr.config.tty))
+        if ctr.config.stdin:
+            try:
+                hub.open_stdin(Path(ctr.folder) / "stdin")
+            except OSError as e:
+                rec.logger.warning("container stdin not reattached", id=ctr.id, error=str(e))
+        ctr.attach_hub = hub
         for name, stream in (("stdout", logs.STDOUT), ("stderr", logs.STDERR)):
             path = Path(ctr.folder) / name
             try:
@@ -160,7 +171,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                 rec.logger.warning("container log not reattached", id=ctr.id, stream=stream,
                              error=str(e))
                 continue
-            self._copy(ctr, trio.lowlevel.FdStream(fd), stream)
+            self._copy(ctr, hub.tap(trio.lowlevel.FdStream(fd), stream), stream)
 
     def _copy(self, ctr: rec.CRIContainer, src: trio.lowlevel.FdStream, stream: str) -> None:
         """Copy one stream into the container's log; the last copier to end says so."""

@@ -40,6 +40,9 @@ LOG_DRAIN = 10.0
 EVENT_BUFFER = 1024
 # Waits that should end by themselves; they bound a failure, they never decide one.
 KILL_WAIT = 30.0
+# An exec's Create and Start, which run to their end even when the caller goes meanwhile:
+# the process may run before Start has its pid, and a Kill sent then finds no process.
+EXEC_START_TIMEOUT = 60.0
 
 logger = log.get("cri", namespace=NAMESPACE)
 

@@ -149,3 +149,25 @@ def test_hosts_toml_parser_never_fails_otherwise(text: str) -> None:
     except errdefs.InvalidArgument:
         return
     assert eps and eps[-1].base.endswith("/")
+
+
+def test_x509_key_pair_streaming(tmp_path: Path) -> None:
+    """containerd's rules: both files or neither, and only with enable_tls_streaming."""
+    pair = {"tls_cert_file": "/etc/berth/s.crt", "tls_key_file": "/etc/berth/s.key"}
+    cfg = config.parse({"enable_tls_streaming": True, "x509_key_pair_streaming": pair},
+                       state=tmp_path)
+    assert (cfg.stream_tls_cert_file, cfg.stream_tls_key_file) == tuple(pair.values())
+    assert cfg.unsupported == []
+    for section, why in (
+            ({"enable_tls_streaming": True,
+              "x509_key_pair_streaming": {"tls_cert_file": "/c"}}, "tls_key_file must be set"),
+            ({"enable_tls_streaming": True,
+              "x509_key_pair_streaming": {"tls_key_file": "/k"}}, "tls_cert_file must be set"),
+            ({"x509_key_pair_streaming": pair}, "enable_tls_streaming is not"),
+            ({"x509_key_pair_streaming": {"tls_cert_file": 1}}, "expected str"),
+            ({"x509_key_pair_streaming": "yes"}, "expected a table")):
+        with pytest.raises(errdefs.InvalidArgument, match=why):
+            config.parse(section, state=tmp_path)
+    empty = config.parse({"x509_key_pair_streaming": {"tls_cert_file": "", "tls_key_file": ""}},
+                         state=tmp_path)
+    assert empty.stream_tls_cert_file == "" and empty.unsupported == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import ssl
 import struct
 import subprocess
 import zlib
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from berth.core import errdefs
 from berth.plugins.cri.streaming import spdy
 from berth.plugins.cri.streaming.server import (
     AttachRequest,
@@ -25,14 +27,17 @@ from berth.plugins.cri.streaming.server import (
     StreamServer,
     StreamServerConfig,
     TokenCache,
+    load_key_pair,
 )
 from tests.cri_stream_client import (
     StreamClientError,
     http_request,
+    key_pair,
     spdy_connect,
     spdy_exec,
     spdy_port_forward,
     spdy_remotecommand,
+    trusting,
     ws_connect,
     ws_exec,
     ws_remotecommand,
@@ -253,8 +258,8 @@ async def test_upgrade_negotiation_errors() -> None:
         assert reply.status == 400 and b"missing upgrade headers" in reply.body
 
 
-async def _garbage_after_upgrade(server: StreamServer, garbage: bytes) -> bytes:
-    url = server.get_exec(ExecRequest("c1", ("sleep", "30")))
+async def garbage_after_upgrade(url: str, garbage: bytes) -> bytes:
+    """Upgrade an exec URL to SPDY, send garbage, read what comes back until the close."""
     reply, s, rest = await http_request(url, [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
                                               ("X-Stream-Protocol-Version", "v4.channel.k8s.io")])
     assert reply.status == 101
@@ -281,23 +286,30 @@ def _syn(block: bytes) -> bytes:
     return struct.pack(">HHI", 0x8003, 1, len(payload)) + payload
 
 
-async def test_garbage_after_upgrade_closes_only_that_connection() -> None:
+def garbage_cases() -> dict[str, bytes]:
+    """What a client may send after the upgrade that is no SPDY a server should take."""
     z = zlib.compressobj(9, zlib.DEFLATED, 15, 8, zlib.Z_DEFAULT_STRATEGY, spdy.DICTIONARY)
     bomb = z.compress(struct.pack(">II", 1, 1) + b"x" + struct.pack(">I", 100_000_000)
                       + b"A" * 100_000_000) + z.flush(zlib.Z_SYNC_FLUSH)
     rng = random.Random(7)
-    cases = {
+    return {
         "random": bytes(rng.getrandbits(8) for _ in range(4096)),
         "huge length": struct.pack(">HHI", 0x8003, 1, 0xFFFFFF) + b"\0" * 100,
         "no inflate": _syn(b"\x78\xbb" + b"\xfe" * 64),
         "zip bomb": _syn(bomb),
     }
+
+
+def ends_in_goaway(got: bytes) -> bool:
+    """What came back, if anything, ends in a GOAWAY with PROTOCOL_ERROR."""
+    return not got or got[-16:-4] == struct.pack(">HHII", 0x8003, 7, 8, 0)[:12]
+
+
+async def test_garbage_after_upgrade_closes_only_that_connection() -> None:
     async with serving() as (server, _):
-        for name, garbage in cases.items():
-            got = await _garbage_after_upgrade(server, garbage)
-            # What came back, if anything, ends in a GOAWAY with PROTOCOL_ERROR.
-            if got:
-                assert got[-16:-4] == struct.pack(">HHII", 0x8003, 7, 8, 0)[:12], name
+        for name, garbage in garbage_cases().items():
+            url = server.get_exec(ExecRequest("c1", ("sleep", "30")))
+            assert ends_in_goaway(await garbage_after_upgrade(url, garbage)), name
             res = await spdy_exec(server.get_exec(ExecRequest("c1", SCRIPT)))
             assert res.exit_code == 3, name
 
@@ -327,6 +339,50 @@ async def test_tls_self_signed(tmp_path) -> None:  # noqa: ANN001
         assert res.exit_code == 3 and res.stdout == b"out\n"
         res = await ws_exec(server.get_exec(ExecRequest("c1", SCRIPT)))
         assert res.exit_code == 3
+
+
+async def test_tls_with_a_given_key_pair(tmp_path) -> None:  # noqa: ANN001
+    """x509_key_pair_streaming: the server shows that certificate, so a client trusting it
+    alone (names checked) completes an exec; the same client refuses the self-signed one."""
+    cert, key = key_pair(tmp_path, "given")
+    trust = trusting(cert)
+    async with serving(tls=True, tls_cert_file=str(cert), tls_key_file=str(key),
+                       state_dir=str(tmp_path / "self")) as (server, _):
+        res = await spdy_exec(server.get_exec(ExecRequest("c1", SCRIPT)), tls=trust)
+        assert (res.stdout, res.stderr, res.exit_code) == (b"out\n", b"err\n", 3)
+        res = await ws_exec(server.get_exec(ExecRequest("c1", SCRIPT)), tls=trust)
+        assert res.exit_code == 3
+    assert not (tmp_path / "self").exists()  # nothing self-signed was made
+    async with serving(tls=True, state_dir=str(tmp_path / "self")) as (server, _):
+        with pytest.raises(trio.BrokenResourceError) as err:
+            await spdy_exec(server.get_exec(ExecRequest("c1", SCRIPT)), tls=trust)
+        assert isinstance(err.value.__cause__, ssl.SSLCertVerificationError)
+
+
+def test_a_key_pair_that_does_not_load_is_named(tmp_path) -> None:  # noqa: ANN001
+    cert, key = key_pair(tmp_path, "one")
+    _, other_key = key_pair(tmp_path, "two")
+    _, locked_key = key_pair(tmp_path, "locked", passphrase="secret")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    for c, k, why in ((tmp_path / "missing.crt", key, "no PEM certificate"),
+                      (garbage, key, "no PEM certificate"),
+                      (cert, tmp_path / "missing.key", "not the PEM private key"),
+                      (cert, other_key, "not the PEM private key"),
+                      (cert, garbage, "not the PEM private key"),
+                      (cert, locked_key, "encrypted"),
+                      (cert, "", "both files")):
+        with pytest.raises(errdefs.InvalidArgument,
+                           match="failed to load x509 key pair for stream server") as err:
+            load_key_pair(str(c), str(k))
+        assert why in str(err.value), (c, k)
+    # The server refuses to start on one, rather than serve another certificate.
+    server = StreamServer(HostRuntime(), StreamServerConfig(
+        tls=True, tls_cert_file=str(cert), tls_key_file=str(other_key),
+        state_dir=str(tmp_path / "self")))
+    with pytest.raises(errdefs.InvalidArgument, match="x509 key pair"):
+        trio.run(server.serve)
+    assert not (tmp_path / "self").exists()
 
 
 async def test_idle_upgraded_connection_is_closed() -> None:

@@ -352,3 +352,55 @@ async def test_deleting_a_created_task_releases_waiters(env: Env):
     assert results and results[0].exit_status == deleted.exit_status == 0
     assert ("delete", "c1") in env.runtime.calls
     assert env.kinds() == ["TaskCreate", "TaskDelete"]
+
+
+async def test_kill_and_delete_during_an_exec_start_wait_for_its_pid(env: Env):
+    """runc exec's process runs before runc returns its pid: a Kill (a streaming client
+    hanging up) or Delete arriving meanwhile waits for the pid, as the Go shim's exec mutex
+    makes it, instead of failing "process not created" and leaving the process running."""
+    await env.create()
+    await env.service.start(CTX, api.StartRequest(id="c1"))
+    spec = pb.Any(value=json.dumps({"args": ["sleep", "1000"]}).encode())
+    await env.service.exec(CTX, api.ExecProcessRequest(id="c1", exec_id="e1", spec=spec))
+    gate = trio.Event()
+    procs: list[trio.Process] = []
+
+    async def slow_exec(id, process, *, stdio, console_socket=None, pid_file=None):
+        # A real process, so that the Kill's signal lands on something of ours.
+        procs.append(await trio.lowlevel.open_process(["sleep", "1000"]))
+        await gate.wait()
+        return procs[0].pid
+
+    env.runtime.exec = slow_exec
+    outcomes: list[object] = []
+
+    async def call(name: str, req: object) -> None:
+        try:
+            outcomes.append((name, await getattr(env.service, name)(CTX, req)))
+        except errdefs.BerthError as exc:
+            outcomes.append((name, exc))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "start", api.StartRequest(id="c1", exec_id="e1"))
+            with trio.fail_after(30):  # bounds a hang; Start's stdio setup uses threads
+                while not procs:
+                    await trio.sleep(0.01)
+            assert procs[0].returncode is None
+            nursery.start_soon(call, "kill", api.KillRequest(id="c1", exec_id="e1", signal=9))
+            nursery.start_soon(call, "delete", api.DeleteRequest(id="c1", exec_id="e1"))
+            await settle()
+            assert outcomes == []  # both wait for Start
+            gate.set()
+        got = dict(outcomes)  # type: ignore[arg-type]
+        assert outcomes[0][0] == "start" and got["start"].pid == procs[0].pid
+        assert got["kill"] == pb.Empty()
+        assert await procs[0].wait() == -9
+        # Delete ran once the exec was running (before or after the kill's reap): refused,
+        # as for any running exec, never marking it deleted under a live process.
+        assert isinstance(got["delete"], errdefs.Unknown)
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()

@@ -172,6 +172,35 @@ class TokenCache:
         return len(self._items)
 
 
+def load_key_pair(cert: str, key: str) -> ssl.SSLContext:
+    """The server context for a given certificate (PEM, a chain allowed) and its
+    unencrypted private key; what is wrong with them is said by name."""
+    def fail(why: str) -> errdefs.InvalidArgument:
+        return errdefs.InvalidArgument(
+            f"failed to load x509 key pair for stream server (tls_cert_file {cert!r}, "
+            f"tls_key_file {key!r}): {why}", raw=True)
+
+    if not cert or not key:
+        raise fail("both files must be set")
+
+    def encrypted() -> bytes:
+        # Without this, OpenSSL would prompt on berthd's terminal for a passphrase.
+        raise fail("the private key is encrypted; berthd needs it without a passphrase")
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        # The certificate alone first, so that a bad one is not blamed on the key.
+        ssl.create_default_context(ssl.Purpose.SERVER_AUTH).load_verify_locations(cert)
+    except OSError as exc:
+        raise fail(f"no PEM certificate in tls_cert_file: {exc.strerror or exc}") from None
+    try:
+        ctx.load_cert_chain(cert, key, password=encrypted)
+    except OSError as exc:
+        raise fail("tls_key_file is not the PEM private key of that certificate: "
+                   f"{exc.strerror or exc}") from None
+    return ctx
+
+
 # HTTP -------------------------------------------------------------------------------------------
 
 
@@ -249,14 +278,15 @@ async def _read_head(stream: trio.abc.Stream) -> _Head:
 
 
 class StreamServer:
-    def __init__(self, runtime: StreamRuntime, config: StreamServerConfig | None = None) -> None:
+    def __init__(self, runtime: StreamRuntime, config: StreamServerConfig | None = None, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.runtime = runtime
         self.config = config or StreamServerConfig()
         self.tokens = TokenCache(self.config.token_ttl, self.config.max_tokens)
         self.port = 0
         self.host = self.config.address
         self.scheme = "https" if self.config.tls else "http"
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: ssl.SSLContext | None = ssl_context if self.config.tls else None
         self._pending: collections.OrderedDict[int, trio.CancelScope] = collections.OrderedDict()
         self._open = 0
         self._conn_ids = 0
@@ -296,27 +326,33 @@ class StreamServer:
 
     async def _tls_context(self) -> ssl.SSLContext:
         cert, key = self.config.tls_cert_file, self.config.tls_key_file
-        if not cert:
-            folder = Path(self.config.state_dir or "/run/berth/cri-streaming")
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            cert, key = str(folder / "stream.crt"), str(folder / "stream.key")
-            if not (os.path.exists(cert) and os.path.exists(key)):
-                san = f"IP:{self.config.address}" if self.config.address.replace(
-                    ".", "").isdigit() or ":" in self.config.address else (
-                    f"DNS:{self.config.address}")
-                await trio.run_process(
-                    ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                     "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650", "-subj",
-                     "/CN=berth-cri-streaming", "-addext", f"subjectAltName={san}",
-                     "-keyout", key, "-out", cert], capture_stdout=True, capture_stderr=True)
+        if cert or key:
+            return load_key_pair(cert, key)
+        folder = Path(self.config.state_dir or "/run/berth/cri-streaming")
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert, key = str(folder / "stream.crt"), str(folder / "stream.key")
+        if not (os.path.exists(cert) and os.path.exists(key)):
+            san = f"IP:{self.config.address}" if self.config.address.replace(
+                ".", "").isdigit() or ":" in self.config.address else (
+                f"DNS:{self.config.address}")
+            await trio.run_process(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "3650", "-subj",
+                 "/CN=berth-cri-streaming", "-addext", f"subjectAltName={san}",
+                 "-keyout", key, "-out", cert], capture_stdout=True, capture_stderr=True)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
         return ctx
 
+    async def prepare_tls(self) -> None:
+        """Load (or make) the certificate when TLS is on: a key pair that does not load is
+        an error here, before anything listens, never a fallback to another certificate."""
+        if self.config.tls and self._ssl is None:
+            self._ssl = await self._tls_context()
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
-        if self.config.tls:
-            self._ssl = await self._tls_context()
+        await self.prepare_tls()
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.address)
         self.port = listeners[0].socket.getsockname()[1]
         _log.info("cri streaming server listening", url=self.base_url)
@@ -705,5 +741,5 @@ async def _send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
 
 __all__ = [
     "AttachRequest", "ExecRequest", "ExecStreams", "PortForwardRequest", "StreamRuntime",
-    "StreamServer", "StreamServerConfig", "TokenCache",
+    "StreamServer", "StreamServerConfig", "TokenCache", "load_key_pair",
 ]

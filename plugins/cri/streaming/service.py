@@ -30,7 +30,7 @@ from berth.core.api.runtime import v1 as cri
 from berth.core.grpc.context import CallContext
 from berth.core.networks import netns
 from berth.core.oci import default_spec as oci
-from berth.plugins.cri import logs
+from berth.plugins.cri import logs, records as rec
 from berth.plugins.cri.images import NAMESPACE
 from berth.plugins.cri.streaming.server import (
     AttachRequest,
@@ -168,21 +168,30 @@ class CRIStreamRuntime:
                     paths["stdin"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
             started = False
             try:
-                await task.exec(exec_id, stdin=str(paths.get("stdin", "")),
-                                stdout=str(paths.get("stdout", "")),
-                                stderr=str(paths.get("stderr", "")), terminal=streams.tty,
-                                spec=oci.process_any(process))
-                with self.pods.tasks.primer.starting():
-                    await task.start(exec_id)
-                started = True
+                # Shielded from the client hanging up: cancelled half way, Start's process
+                # may already run inside the container while nobody here knows it yet, and
+                # a Kill sent then meets "process not created" and leaves it running. Once
+                # Start has answered, the cancel lands just below and the kill finds it.
+                with trio.CancelScope(shield=True) as setup:
+                    setup.deadline = trio.current_time() + rec.EXEC_START_TIMEOUT
+                    await task.exec(exec_id, stdin=str(paths.get("stdin", "")),
+                                    stdout=str(paths.get("stdout", "")),
+                                    stderr=str(paths.get("stderr", "")),
+                                    terminal=streams.tty, spec=oci.process_any(process))
+                    with self.pods.tasks.primer.starting():
+                        await task.start(exec_id)
+                    started = True
+                if not started:
+                    raise errdefs.DeadlineExceeded(
+                        f"exec in container {ctr.id} did not start within "
+                        f"{rec.EXEC_START_TIMEOUT:.0f}s", raw=True)
             finally:
                 for k in keepers:
                     os.close(k)
                 keepers = []
                 if not started:
                     with trio.CancelScope(shield=True):
-                        # A client that hangs up while Start is under way may leave the
-                        # process running already: kill it (an error if it never ran).
+                        # A Start that failed or timed out may still have left a process.
                         await _kill_exec(task, exec_id)
                         await _quiet_delete(task, exec_id)
             log.info("streaming exec started", tty=streams.tty)
