@@ -5,7 +5,8 @@ A short-lived thread unshares the namespaces, bind-mounts its ``/proc/thread-sel
 files onto files under berth's state dir, and ends, so no thread of berthd ever stays in
 another namespace. Unpinning is unmount + unlink and is idempotent (a teardown may be
 retried after a crash). Network namespaces (core/networks) and a CRI pod's IPC and UTS
-namespaces (plugins/cri) are made this way.
+namespaces (plugins/cri) are made this way; a CRI pod's PID namespace is pinned from its
+holder process's ``/proc/PID/ns/pid`` (plugins/cri/pidns).
 """
 
 from __future__ import annotations
@@ -74,8 +75,13 @@ def unshare(flags: int, what: str) -> None:
 
 def pin_own(kind: str, path: Path) -> None:
     """Bind-mount the calling thread's ``kind`` namespace (net, ipc, uts...) onto ``path``."""
-    check(_mount(f"/proc/thread-self/ns/{kind}".encode(), os.fsencode(path), None, MS_BIND,
-                 None), f"pin {kind} namespace at {path}")
+    pin_path(f"/proc/thread-self/ns/{kind}", kind, path)
+
+
+def pin_path(source: str, kind: str, path: Path) -> None:
+    """Bind-mount the namespace file ``source`` (``/proc/PID/ns/KIND``) onto ``path``."""
+    check(_mount(source.encode(), os.fsencode(path), None, MS_BIND, None),
+          f"pin {kind} namespace at {path}")
 
 
 def unpin(path: Path) -> None:

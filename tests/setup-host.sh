@@ -16,6 +16,7 @@ PACKAGES=(
   gcc libc6-dev         # static probes built by the container-escape tests
   binutils-aarch64-linux-gnu qemu-user  # the exec stub's aarch64 code, assembled and run
   iproute2
+  util-linux            # unshare(1) makes a CRI pod's user namespace; nsenter in its test
   containernetworking-plugins  # the real CNI plugins (bridge, host-local, portmap, firewall...) in /usr/lib/cni
   python3-venv
   ca-certificates

@@ -9,6 +9,7 @@ ignoring them silently.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "enable_tls_streaming": False,
     "x509_key_pair_streaming": {"tls_cert_file": "", "tls_key_file": ""},
     "max_container_log_line_size": 16384,
+    "enable_cdi": False,
+    "cdi_spec_dirs": ["/etc/cdi", "/var/run/cdi"],
+    "unset_seccomp_profile": "",
     "containerd": {
         "snapshotter": "overlayfs",
         "default_runtime_name": "runc",
@@ -59,7 +63,7 @@ _CONTAINERD_DEFAULTS: dict[str, Any] = {
     "enable_selinux": False, "selinux_category_range": 1024, "max_concurrent_downloads": 3,
     "stats_collect_period": 10, "disable_hugetlb_controller": True,
     "tolerate_missing_hugetlb_controller": True, "disable_cgroup": False,
-    "disable_apparmor": False, "disable_proc_mount": False, "unset_seccomp_profile": "",
+    "disable_apparmor": False, "disable_proc_mount": False,
     "device_ownership_from_security_context": False, "enable_unprivileged_icmp": False,
     "enable_unprivileged_ports": False, "ignore_image_defined_volumes": False,
     "netns_mounts_under_state_dir": False,
@@ -90,6 +94,24 @@ class Runtime:
     def systemd_cgroup(self) -> bool:
         return bool(self.options.get("SystemdCgroup", False))
 
+    def cgroup_driver_problem(self) -> str:
+        """Why this handler's pods cannot run ("" when they can): the systemd cgroup
+        driver with no systemd to ask. berth does not fall back to cgroupfs behind the
+        driver RuntimeConfig names."""
+        if self.systemd_cgroup and not systemd_running():
+            return (f"runtime handler {self.name!r} asks for the systemd cgroup driver "
+                    "(options SystemdCgroup = true) but systemd is not running on this "
+                    f"node (no {SYSTEMD_RUN}): set SystemdCgroup = false (cgroupfs)")
+        return ""
+
+
+SYSTEMD_RUN = "/run/systemd/system"
+
+
+def systemd_running() -> bool:
+    """systemd is PID 1 (sd_booted(3)'s test, as runc's)."""
+    return os.path.isdir(SYSTEMD_RUN)
+
 
 @dataclass
 class CRIConfig:
@@ -111,6 +133,10 @@ class CRIConfig:
     cni_conf_dir: str = "/etc/cni/net.d"
     registry_config_path: str = ""
     registry_mirrors: dict[str, list[str]] = field(default_factory=dict)
+    enable_cdi: bool = False
+    cdi_spec_dirs: list[str] = field(default_factory=lambda: list(DEFAULTS["cdi_spec_dirs"]))
+    # The seccomp profile of a container that names none (containerd 1.6's key; "" none).
+    unset_seccomp_profile: str = ""
     unsupported: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
 
@@ -197,7 +223,7 @@ def parse(section: dict[str, Any], *, state: Path) -> CRIConfig:
     top = {"address", "sandbox_mode", "sandbox_image", "restrict_oom_score_adj",
            "stream_server_address", "stream_server_port", "enable_tls_streaming",
            "x509_key_pair_streaming", "max_container_log_line_size", "containerd", "cni",
-           "registry"}
+           "registry", "enable_cdi", "cdi_spec_dirs", "unset_seccomp_profile"}
     for key, value in section.items():
         if key not in top:
             seen.note(key, value, _CONTAINERD_DEFAULTS.get(key))
@@ -222,6 +248,18 @@ def parse(section: dict[str, Any], *, state: Path) -> CRIConfig:
                                          16384, ""),
     )
     _streaming_tls(cfg, _table(section, "x509_key_pair_streaming", ""), seen)
+    cfg.enable_cdi = _get(section, "enable_cdi", bool, False, "")
+    dirs = section.get("cdi_spec_dirs", DEFAULTS["cdi_spec_dirs"])
+    if not isinstance(dirs, list) or not all(isinstance(x, str) and x.startswith("/")
+                                             for x in dirs):
+        raise _bad("cdi_spec_dirs", "a list of absolute paths")
+    cfg.cdi_spec_dirs = list(dirs)
+    unset = _get(section, "unset_seccomp_profile", str, "", "")
+    if unset not in ("", "unconfined", "runtime/default", "docker/default") and not (
+            unset.startswith("localhost//")):
+        raise _bad("unset_seccomp_profile", '"", "unconfined", "runtime/default" or '
+                   '"localhost/<absolute path>"')
+    cfg.unset_seccomp_profile = unset
     ctrd = _table(section, "containerd", "")
     for key, value in ctrd.items():
         if key not in ("snapshotter", "default_runtime_name", "runtimes"):

@@ -5,9 +5,11 @@ whose state (stores, task manager, records, locks) these methods use."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 from contextlib import AbstractAsyncContextManager
@@ -18,16 +20,18 @@ import betterproto
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from berth.core import errdefs
+from berth.core import errdefs, nspin
 from berth.core.api.containerd.types import Mount as ApiMount
 from berth.core.api.runtime import v1 as cri
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import Container
 from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts
-from berth.plugins.cri import logs, records as rec, spec as cri_spec, stats as cri_stats
+from berth.plugins.cri import logs, pidns, records as rec, spec as cri_spec, stats as cri_stats
+from berth.plugins.cri.cdi import for_container as with_cdi_devices
 from berth.plugins.cri.images import NAMESPACE, image_user
 from berth.plugins.cri.streaming.attach import AttachHub
+from berth.plugins.cri.userns import for_container as userns_for, pod_userns, remap_rootfs
 
 if TYPE_CHECKING:
     from berth.core.metadata.containers import ContainerStore
@@ -35,6 +39,36 @@ if TYPE_CHECKING:
     from berth.core.transfer.pull import Stores
     from berth.plugins.cri.config import CRIConfig
     from berth.plugins.cri.images import ImageService
+
+# The exit code containerd records for a container whose start failed.
+START_ERROR_EXIT = 128
+
+
+def _pin_pid_namespace(pid: int, container_id: str, pin: Path) -> None:
+    """Pin the PID namespace of process ``pid`` at ``pin``, making sure it is the
+    container's: a pidfd holds the process while its cgroup (which names the container)
+    is read, so a pid reused since the container's exit is caught."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise errdefs.FailedPrecondition(
+            f"target container {container_id} is not running", raw=True) from None
+    try:
+        nspin.placeholder(pin)
+        nspin.pin_path(f"/proc/{pid}/ns/pid", "pid", pin)
+        with open(f"/proc/{pid}/cgroup") as f:
+            ours = container_id in f.read()
+        alive = not select.select([fd], [], [], 0)[0]
+        if not (ours and alive):
+            nspin.unpin(pin)
+            raise errdefs.FailedPrecondition(
+                f"target container {container_id} is not running", raw=True)
+    except OSError as e:
+        nspin.unpin(pin)
+        raise errdefs.FailedPrecondition(
+            f"target container {container_id}: {e.strerror}", raw=True) from None
+    finally:
+        os.close(fd)
 
 
 class ContainerOps:
@@ -102,15 +136,26 @@ class ContainerOps:
         ctr.status.created_at = rec.now()
         prepared = False
         try:
+            target_pidns = await self._pin_target(sb, config, folder)
             if sn is None:
                 raise errdefs.FailedPrecondition(
                     f"snapshotter {self.config.snapshotter!r} is not loaded", raw=True)
+            maps = userns_for(sb.config, config.linux.security_context
+                              if config.linux is not None else None,
+                              self.config.runtime(sb.handler))
+            if maps is not None:
+                await trio.to_thread.run_sync(pod_userns, Path(sb.folder), maps)
             async with self.leased() as lease:
                 mounts = await sn.prepare(NAMESPACE, ctr.id, image.chain_id, lease=lease)
                 prepared = True
-                spec = await trio.to_thread.run_sync(
+                if maps is not None:
+                    await trio.to_thread.run_sync(remap_rootfs, mounts, maps)
+                spec = await trio.to_thread.run_sync(functools.partial(
                     cri_spec.container_spec, sb.view, ctr.id, config,
-                    image.resolved.config.raw, image_user(image.resolved), mounts, self.oom)
+                    image.resolved.config.raw, image_user(image.resolved), mounts, self.oom,
+                    target_pidns, unset_seccomp_profile=self.config.unset_seccomp_profile))
+                spec = await trio.to_thread.run_sync(with_cdi_devices, spec, config,
+                                                     self.config)
                 runtime = self.config.runtime(sb.handler)
                 self.store.create(NAMESPACE, Container(
                     id=ctr.id, runtime_name=runtime.runtime_type,
@@ -127,6 +172,7 @@ class ContainerOps:
                         await sn.remove(NAMESPACE, ctr.id)
                     except errdefs.BerthError as e:
                         rec.logger.warning("snapshot left", id=ctr.id, error=str(e))
+                await trio.to_thread.run_sync(nspin.unpin, pidns.pin_path(folder))
                 shutil.rmtree(folder, ignore_errors=True)
             del self._names[name]
             raise
@@ -134,6 +180,31 @@ class ContainerOps:
         rec.logger.info("container created", id=ctr.id, sandbox=sb.id, name=config.metadata.name)
         self._event(ctr.id, sb, cri.ContainerEventType.CONTAINER_CREATED_EVENT)
         return cri.CreateContainerResponse(container_id=ctr.id)
+
+    async def _pin_target(self, sb: rec.Sandbox, config: cri.ContainerConfig,
+                          folder: Path) -> str:
+        """For NamespaceMode.TARGET (``kubectl debug --target``): pin the running target
+        container's PID namespace in the new container's folder, so that the path the
+        spec names stays that namespace even if the target's pid is reused (a namespace
+        whose PID 1 died can no longer be entered: the start fails, safely)."""
+        lsc = config.linux.security_context if config.linux else None
+        opts = lsc.namespace_options if lsc else None
+        if opts is None or opts.pid != cri.NamespaceMode.TARGET:
+            return ""
+        if not opts.target_id:
+            raise errdefs.InvalidArgument(
+                "PID namespace mode TARGET needs a target container id", raw=True)
+        target = self._container(opts.target_id)
+        if target.sandbox_id != sb.id:
+            raise errdefs.InvalidArgument(
+                f"target container {target.id} is not in pod {sb.id}", raw=True)
+        if target.state != cri.ContainerState.CONTAINER_RUNNING or not target.status.pid:
+            raise errdefs.FailedPrecondition(
+                f"target container {target.id} is not running", raw=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await trio.to_thread.run_sync(_pin_pid_namespace, target.status.pid, target.id,
+                                      pidns.pin_path(folder))
+        return str(pidns.pin_path(folder))
 
     @rec.serialized("container_id")
     async def start_container(self, ctx: CallContext, req: cri.StartContainerRequest
@@ -178,12 +249,14 @@ class ContainerOps:
                 with trio.CancelScope(shield=True):
                     await self._delete_task(ctr)
                 raise
-        except BaseException:
+        except BaseException as exc:
             for r in readers:
                 await r.aclose()
             log_file.close()
             with trio.CancelScope(shield=True):
                 await hub.close()
+            if isinstance(exc, Exception):  # not a berthd going down: that is retried
+                self._start_failed(ctr, sb, exc)
             raise
         finally:
             for k in keepers:
@@ -198,6 +271,23 @@ class ContainerOps:
         rec.logger.info("container started", id=ctr.id, pid=ctr.status.pid)
         self._event(ctr.id, sb, cri.ContainerEventType.CONTAINER_STARTED_EVENT)
         return cri.StartContainerResponse()
+
+    def _start_failed(self, ctr: rec.CRIContainer, sb: rec.Sandbox, exc: Exception) -> None:
+        """A container whose start failed has exited, as containerd records it (exit
+        code 128, reason StartError): the kubelet then restarts it by its policy instead
+        of finding it created forever."""
+        ctr.status.finished_at = rec.now()
+        ctr.status.exit_code = START_ERROR_EXIT
+        ctr.status.reason = "StartError"
+        ctr.status.message = getattr(exc, "message", "") or str(exc)
+        try:
+            self._save_container(ctr)
+        except errdefs.NotFound:
+            return
+        ctr.exited.set()
+        rec.logger.warning("container start failed", id=ctr.id, error=ctr.status.message)
+        self._event(ctr.id, sb, cri.ContainerEventType(
+            cri.ContainerEventType.CONTAINER_STOPPED_EVENT))
 
     async def _monitor(self, ctr: rec.CRIContainer) -> None:
         """Wait for the container's exit; record it; delete the task."""
@@ -294,6 +384,7 @@ class ContainerOps:
             pass
         else:
             await self._drop_record(ctr.id, record.snapshotter, record.snapshot_key)
+        await trio.to_thread.run_sync(nspin.unpin, pidns.pin_path(ctr.folder))
         shutil.rmtree(ctr.folder, ignore_errors=True)
         self.containers.pop(ctr.id, None)
         self._names.pop(self._container_name(ctr), None)

@@ -53,6 +53,7 @@ def create(folder: Path, hostname: str) -> dict[str, Path]:
 def remove(folder: Path) -> None:
     for p in paths(folder).values():
         nspin.unpin(p)
+    nspin.unpin(folder / "userns")  # the pod's user namespace (plugins/cri/userns), if any
 
 
 def pinned(path: Path) -> bool:

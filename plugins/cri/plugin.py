@@ -97,6 +97,11 @@ async def _init(ctx: InitContext) -> CRIPlugin:
     if cfg.unsupported:
         _log.warning("CRI settings berth does not support are ignored",
                      namespace=NAMESPACE, keys=cfg.unsupported, not_default=cfg.changed)
+    for rt in cfg.runtimes.values():
+        problem = rt.cgroup_driver_problem()
+        if problem:
+            _log.warning("pods of this runtime handler will be refused", namespace=NAMESPACE,
+                         handler=rt.name, error=problem)
     md = ctx.plugins.get(METADATA)
     stores = Stores(
         content=ctx.plugins.get(SERVICE, "content-service"),

@@ -1,8 +1,10 @@
 """CRI pods and containers on berth's containers store and runtime v2 task manager.
 
 A pod sandbox has no infra container: its IPC and UTS namespaces are pinned by berth
-(:mod:`berth.plugins.cri.pins`) and containers join them by path; a hostNetwork pod uses
-the node's network and UTS namespaces. Sandboxes and containers are berth containers of
+(:mod:`berth.plugins.cri.pins`) and containers join them by path; a pod that shares its
+PID namespace gets a small holder process as that namespace's PID 1
+(:mod:`berth.plugins.cri.pidns`); a hostNetwork pod uses the node's network and UTS
+namespaces. Sandboxes and containers are berth containers of
 namespace ``k8s.io`` (labels ``io.cri-containerd.kind=sandbox|container``, the CRI
 metadata as JSON in an extension), so ``ctr -n k8s.io containers ls`` shows them. Every
 container of a pod carries ``io.kubernetes.cri.sandbox-id``: berth's shim and runc's v2
@@ -37,13 +39,14 @@ from berth.core.metadata.containers import Container, ContainerStore
 from berth.core.oci import default_spec as oci
 from berth.core.runtime.manager import CreateOpts, TaskManager
 from berth.core.transfer.pull import Stores
-from berth.plugins.cri import logs, pins, records as rec, spec as cri_spec
+from berth.plugins.cri import logs, pidns, pins, records as rec, spec as cri_spec
 from berth.plugins.cri.config import CRIConfig
 from berth.plugins.cri.containers import ContainerOps
 from berth.plugins.cri.images import NAMESPACE, ImageService, image_user
 from berth.plugins.cri.runtime import RuntimeBase
 from berth.plugins.cri.streaming.attach import AttachHub
 from berth.plugins.cri.streaming.service import StreamingOps
+from berth.plugins.cri.userns import for_container as userns_for
 
 
 class PodService(StreamingOps, ContainerOps, RuntimeBase):
@@ -67,6 +70,8 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         self._names: dict[str, str] = {}  # reserved pod and container names -> id
         self._locks: dict[str, trio.Lock] = {}
         self._watchers: set[trio.MemorySendChannel[cri.ContainerEventResponse]] = set()
+        # The waiting parents of this berthd's PID namespace holders, by pod id.
+        self._holders: dict[str, trio.Process] = {}
         self.oom = cri_spec.OOMPolicy(cri_spec.own_oom_score_adj(),
                                       config.restrict_oom_score_adj,
                                       cri_spec.can_raise_oom_priority())
@@ -77,6 +82,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         """After a restart: what berthd recorded, and what a berthd killed half way
         through a call left without a record (pins, folders, a pod's network, a task
         never reported started) undone, so nothing leaks and every call can be retried."""
+        await self._settle_holders()
         await self._settle_running()
         for kind, table in (("sandboxes", self.sandboxes), ("containers", self.containers)):
             folder = self.state / kind
@@ -118,6 +124,69 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                 except errdefs.BerthError:
                     pass
                 await self._delete_task(ctr)
+
+    async def _settle_holders(self) -> None:
+        """PID namespace holders after a restart: those of ready pods watched again, any
+        other one (of a pod stopped, removed, or never recorded) killed; a ready pod whose
+        holder died while berthd was down is not ready any more."""
+        found = await trio.to_thread.run_sync(pidns.find, self.state / "sandboxes")
+        keep = {sb.folder: sb for sb in self.sandboxes.values()
+                if sb.pid_holder and sb.state == cri.PodSandboxState.SANDBOX_READY}
+        stale = {pid: folder for pid, folder in found.items() if folder not in keep}
+        for folder in sorted(set(stale.values())):
+            rec.logger.info("killing a stale PID namespace holder", folder=folder)
+        await trio.to_thread.run_sync(pidns.kill_all, stale)
+        for sb in keep.values():
+            if found.get(sb.pid_holder) == sb.folder:
+                self.nursery.start_soon(self._watch_holder, sb, None)
+            else:
+                rec.logger.warning("the pod's PID namespace holder died", id=sb.id,
+                                   pid=sb.pid_holder)
+                await self._holder_gone(sb)
+
+    async def _watch_holder(self, sb: rec.Sandbox, proc: trio.Process | None) -> None:
+        """PID 1 of the pod's PID namespace ending (and every container with it: the
+        kernel kills what is left in the namespace) makes the pod not ready, as a
+        pause container's end does; StopPodSandbox clears ``pid_holder`` first."""
+        pid = sb.pid_holder
+        if proc is not None:
+            await proc.wait()  # the waiting parent ends with its child, and is reaped here
+        else:
+            await pidns.wait_gone(pid)
+        if self._holders.get(sb.id) is proc:
+            self._holders.pop(sb.id, None)
+        if sb.pid_holder == pid and sb.id in self.sandboxes:
+            rec.logger.warning("the pod's PID namespace holder died", id=sb.id, pid=pid)
+            await self._holder_gone(sb)
+
+    async def _holder_gone(self, sb: rec.Sandbox) -> None:
+        sb.pid_holder = 0
+        if sb.state != cri.PodSandboxState.SANDBOX_READY:
+            return
+        sb.state = cri.PodSandboxState.SANDBOX_NOTREADY
+        try:
+            self._save_sandbox(sb)
+        except errdefs.NotFound:
+            return
+        self._event(sb.id, sb, cri.ContainerEventType(
+            cri.ContainerEventType.CONTAINER_STOPPED_EVENT))
+
+    async def _start_holder(self, sb: rec.Sandbox, folder: Path) -> None:
+        proc, sb.pid_holder = await pidns.start(folder)
+        self._holders[sb.id] = proc
+        self.nursery.start_soon(self._watch_holder, sb, proc)
+
+    async def _stop_holder(self, sb: rec.Sandbox) -> None:
+        """Kill the pod's PID namespace holder and return once it is gone (and with it,
+        by the kernel's hand, whatever was left in the namespace)."""
+        pid, sb.pid_holder = sb.pid_holder, 0
+        proc = self._holders.pop(sb.id, None)
+        hit = await trio.to_thread.run_sync(pidns.stop, sb.folder, pid)
+        with trio.move_on_after(rec.KILL_WAIT):
+            if proc is not None:
+                await proc.wait()  # berthd's child: reaped here
+            for p in hit:
+                await pidns.wait_gone(p)
 
     def load(self) -> None:
         """The sandboxes and containers berthd recorded; what still runs is settled by
@@ -236,6 +305,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             raise errdefs.InvalidArgument("sandbox config must name the pod (metadata name, "
                                           "uid and namespace)", raw=True)
         runtime = self.config.runtime(req.runtime_handler)
+        if problem := runtime.cgroup_driver_problem():
+            raise errdefs.FailedPrecondition(problem, raw=True)
+        userns_for(config, None, runtime)  # checked before anything is made
         ns_opts = config.linux.security_context.namespace_options \
             if config.linux and config.linux.security_context else None
         host_net = bool(ns_opts and ns_opts.network == cri.NamespaceMode.NODE)
@@ -257,6 +329,8 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         sb.folder = str(folder)
         try:
             await trio.to_thread.run_sync(self._sandbox_files, sb, folder)
+            if sb.mode == "pinned" and sb.shares_pid:
+                await self._start_holder(sb, folder)
             if network:
                 await self._attach(sb)
             if sb.mode == "pause":
@@ -273,6 +347,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                     await self._remove_infra(sb)
                 if network:
                     await self._detach(sb, quiet=True)
+                await self._stop_holder(sb)
                 await trio.to_thread.run_sync(self._remove_sandbox_files, folder)
             del self._names[sb.name]
             raise
@@ -433,7 +508,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             rec.logger.error("pod network teardown failed", id=sb.id, error=str(e))
 
     def _sandbox_files(self, sb: rec.Sandbox, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0711: a container's root mapped by a user namespace must reach the pod's /etc
+        # files (containerd's sandbox folders are 0755).
+        folder.mkdir(parents=True, exist_ok=True, mode=0o711)
         hostname = sb.config.hostname or (os.uname().nodename if sb.host_network else "")
         if sb.mode == "pinned":
             pins.create(folder, "" if sb.host_network else hostname)
@@ -454,6 +531,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
 
     def _remove_sandbox_files(self, folder: Path) -> None:
         pins.remove(folder)
+        pidns.stop(folder, 0)
         shutil.rmtree(folder, ignore_errors=True)
 
     @rec.serialized("pod_sandbox_id")
@@ -465,6 +543,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                 await self._stop(ctr, 0)
         if sb.mode == "pause":
             await self._stop_infra(sb)
+        await self._stop_holder(sb)
         await self._detach(sb)
         if sb.state != cri.PodSandboxState.SANDBOX_NOTREADY:
             await trio.to_thread.run_sync(pins.remove, Path(sb.folder))
@@ -487,6 +566,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
         if sb.mode == "pause":
             await self._stop_infra(sb)
             await self._remove_infra(sb)
+        await self._stop_holder(sb)
         await self._detach(sb)
         await trio.to_thread.run_sync(self._remove_sandbox_files, Path(sb.folder))
         try:
@@ -524,7 +604,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                 "config": rec.msg_json(sb.config), "runtimeHandler": sb.handler,
                 "runtimeType": sb.runtime_type, "sandboxMode": self.config.sandbox_mode,
                 "hostNetwork": sb.host_network, "network": sb.network, "netns": sb.netns,
-                "namespaces": {k: str(v) for k, v in pins.paths(Path(sb.folder)).items()},
+                "namespaces": {k: str(v) for k, v in pins.paths(Path(sb.folder)).items()}
+                | ({"pid": str(pidns.pin_path(sb.folder))} if sb.pid_holder else {}),
+                "pidHolder": sb.pid_holder,
             })}
         return out
 

@@ -22,7 +22,7 @@ from berth.core.api.runtime import v1 as cri
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.containers import Container
 from berth.core.oci import default_spec as oci
-from berth.plugins.cri import logs, spec as cri_spec
+from berth.plugins.cri import logs, pidns, spec as cri_spec
 from berth.plugins.cri.images import NAMESPACE
 
 KIND_LABEL = "io.cri-containerd.kind"
@@ -96,11 +96,22 @@ class Sandbox:
     network: str = ""
     mode: str = "pinned"  # or "pause": a sandbox container holds the namespaces
     infra_pid: int = 0
+    # PID 1 of the pod's shared PID namespace (plugins/cri/pidns), 0 when it has none.
+    pid_holder: int = 0
 
     @property
     def view(self) -> cri_spec.PodView:
         return cri_spec.PodView(self.id, self.config, self.folder, self.host_network,
-                                self.netns, self.infra_pid if self.mode == "pause" else 0)
+                                self.netns, self.infra_pid if self.mode == "pause" else 0,
+                                str(pidns.pin_path(self.folder)) if self.pid_holder else "")
+
+    @property
+    def shares_pid(self) -> bool:
+        """Whether the pod asks for one PID namespace for all its containers."""
+        lsc = self.config.linux.security_context if self.config.linux else None
+        opts = lsc.namespace_options if lsc else None
+        # POD is the enum's zero: a pod that says nothing shares, as with containerd.
+        return (opts.pid if opts else cri.NamespaceMode.POD) == cri.NamespaceMode.POD
 
     @property
     def name(self) -> str:
@@ -112,7 +123,8 @@ class Sandbox:
                 "runtime_type": self.runtime_type, "created_at": self.created_at,
                 "state": int(self.state), "folder": self.folder,
                 "host_network": self.host_network, "netns": self.netns, "ip": self.ip,
-                "network": self.network, "mode": self.mode, "infra_pid": self.infra_pid}
+                "network": self.network, "mode": self.mode, "infra_pid": self.infra_pid,
+                "pid_holder": self.pid_holder}
 
     @classmethod
     def from_doc(cls, sid: str, doc: dict[str, Any]) -> Sandbox:
@@ -121,7 +133,8 @@ class Sandbox:
                    int(doc.get("created_at", 0)), int(doc.get("state", 1)),
                    doc.get("folder", ""), bool(doc.get("host_network", False)),
                    doc.get("netns", ""), doc.get("ip", ""), doc.get("network", ""),
-                   doc.get("mode", "pinned"), int(doc.get("infra_pid", 0)))
+                   doc.get("mode", "pinned"), int(doc.get("infra_pid", 0)),
+                   int(doc.get("pid_holder", 0)))
 
 
 @dataclass

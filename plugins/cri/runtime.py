@@ -12,6 +12,7 @@ from typing import Any
 from berth.core import __version__, log
 from berth.core.api.runtime import v1 as cri
 from berth.core.grpc.context import CallContext
+from berth.plugins.cri import userns
 from berth.plugins.cri.config import CRIConfig
 
 RUNTIME_NAME = "berth"
@@ -71,7 +72,8 @@ class RuntimeBase:
                 reason=NETWORK_NOT_READY_REASON if problem else "",
                 message=f"Network plugin returns error: {problem}" if problem else ""),
         ]
-        handlers = [cri.RuntimeHandler(name=name, features=cri.RuntimeHandlerFeatures())
+        handlers = [cri.RuntimeHandler(name=name, features=cri.RuntimeHandlerFeatures(
+                        user_namespaces=userns.supported(self.config.runtime(name))))
                     for name in ["", *sorted(self.config.runtimes)]]
         out = cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions),
                                  runtime_handlers=handlers, features=cri.RuntimeFeatures())

@@ -6,15 +6,18 @@ namespaces (the node's for hostNetwork), mounts with propagation, the pod's /etc
 resources and a clamped OOM score. Pure functions: tested without root.
 
 Seccomp: ``Localhost`` loads the profile file (a JSON object with ``defaultAction``);
-``RuntimeDefault`` is berth's own profile, a deny list of what containers must never
-call (kernel modules, kexec, reboot, swap, clock, keyrings, bpf, perf, userfaultfd,
-mount API, namespaces...) with EPERM, not containerd's allow list; ``Unconfined`` and an
-unset profile add none, as containerd does by default.
+``RuntimeDefault`` (also ``runtime/default``, ``docker/default`` and a SecurityProfile
+sent empty) is containerd's default profile for the container's capabilities
+(:mod:`berth.plugins.cri.seccomp_default`); ``Unconfined`` and an unset profile add
+none, as containerd does by default.
 
 A pod-shared PID namespace needs a process to hold it: with sandbox_mode "pause" the
-sandbox container's; with pinned namespaces NamespaceMode.POD runs as CONTAINER.
+sandbox container's; with pinned namespaces the pod's holder (plugins/cri/pidns), whose
+pinned namespace containers join by path.
 
-Not yet (issue 12): AppArmor, CDI, user namespaces, image volumes.
+User namespaces: :mod:`berth.plugins.cri.userns`; CDI devices: :mod:`berth.plugins.cri.cdi`.
+AppArmor: :mod:`berth.plugins.cri.apparmor` (Localhost profiles refused). Not supported:
+image volumes.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from berth.core import errdefs
 from berth.core.api.runtime import v1 as cri
 from berth.core.mount import Mount
 from berth.core.oci import default_spec as oci
-from berth.plugins.cri import pins
+from berth.plugins.cri import apparmor, pins, seccomp_default, userns
 from berth.plugins.runtimes.inprocess.caps import NAMES as CAP_NAMES, last_cap
 
 NAMESPACE = "k8s.io"
@@ -59,10 +62,14 @@ class PodView:
     # A sandbox container's pid (sandbox_mode "pause"): containers join its namespaces
     # (pid too, for a pod that shares it); 0: the pod's namespaces are berth's pins.
     infra_pid: int = 0
+    # The pinned PID namespace of a pod whose holder process keeps it (plugins/cri/pidns).
+    pidns: str = ""
 
     def ns_path(self, kind: str) -> str:
         if self.infra_pid:
             return f"/proc/{self.infra_pid}/ns/{kind}"
+        if kind == "pid":
+            return self.pidns
         return str(pins.paths(Path(self.folder))[kind]) if kind in pins.KINDS else ""
 
 
@@ -73,24 +80,15 @@ class OOMPolicy:
     may_raise: bool = False  # berthd has CAP_SYS_RESOURCE
 
 
-# RuntimeDefault: syscalls a container never needs, refused with EPERM.
-DENIED_SYSCALLS = (
-    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module",
-    "delete_module", "finit_module", "fsconfig", "fsmount", "fsopen", "fspick",
-    "get_kernel_syms", "get_mempolicy", "init_module", "ioperm", "iopl", "kcmp",
-    "kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie", "mbind", "mount",
-    "move_mount", "move_pages", "name_to_handle_at", "nfsservctl", "open_by_handle_at",
-    "open_tree", "perf_event_open", "personality", "pivot_root", "process_vm_readv",
-    "process_vm_writev", "ptrace", "query_module", "quotactl", "reboot", "request_key",
-    "set_mempolicy", "setns", "settimeofday", "stime", "swapoff", "swapon", "sysfs",
-    "umount", "umount2", "unshare", "uselib", "userfaultfd", "ustat", "vm86", "vm86old",
-)
 MAX_PROFILE = 1 << 20
 
 
-def default_seccomp() -> dict[str, Any]:
-    return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-        {"names": list(DENIED_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+def default_seccomp(bounding: list[str] | None = None) -> dict[str, Any]:
+    """RuntimeDefault for a container whose capability bounding set is ``bounding``
+    (containerd's default set when None)."""
+    caps = oci.default_unix_spec(NAMESPACE, "")["process"]["capabilities"]["bounding"] \
+        if bounding is None else bounding
+    return seccomp_default.profile(caps)
 
 
 def load_seccomp(path: str) -> dict[str, Any]:
@@ -122,19 +120,26 @@ def load_seccomp(path: str) -> dict[str, Any]:
     return doc
 
 
-def seccomp_for(sc: cri.LinuxContainerSecurityContext) -> dict[str, Any] | None:
-    """The profile a security context asks for; None for none."""
+def seccomp_for(sc: cri.LinuxContainerSecurityContext | cri.LinuxSandboxSecurityContext,
+                bounding: list[str] | None = None, unset: str = "") -> dict[str, Any] | None:
+    """The profile a security context asks for (RuntimeDefault for a process whose
+    capability bounding set is ``bounding``); when it names none, ``unset`` (the
+    ``unset_seccomp_profile`` key, in the deprecated field's syntax); None for none."""
     prof = sc.seccomp
     if prof is not None and betterproto.serialized_on_wire(prof):
         kind = prof.profile_type
+        if kind != cri.SecurityProfileProfileType.Localhost and prof.localhost_ref:
+            raise errdefs.InvalidArgument(
+                "seccomp config invalid: localhost_ref is only for a Localhost profile",
+                raw=True)
         if kind == cri.SecurityProfileProfileType.RuntimeDefault:
-            return default_seccomp()
+            return default_seccomp(bounding)
         if kind == cri.SecurityProfileProfileType.Localhost:
             return load_seccomp(prof.localhost_ref)
         return None
-    legacy = sc.seccomp_profile_path
+    legacy = sc.seccomp_profile_path or unset
     if legacy in ("runtime/default", "docker/default"):
-        return default_seccomp()
+        return default_seccomp(bounding)
     if legacy.startswith("localhost/"):
         return load_seccomp(legacy.removeprefix("localhost"))
     if legacy in ("", "unconfined"):
@@ -247,9 +252,12 @@ def check_relative(path: str, what: str) -> None:
 
 def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
                    image_config: dict[str, Any], image_user: str, mounts: list[Mount],
-                   oom: OOMPolicy) -> dict[str, Any]:
+                   oom: OOMPolicy, target_pidns: str = "", unset_seccomp_profile: str = ""
+                   ) -> dict[str, Any]:
     """The OCI spec of a CRI container, as containerd's CRI builds it (the parts berth
-    supports; see the module's note on what is left)."""
+    supports; see the module's note on what is left). ``target_pidns``: the PID
+    namespace of the container that NamespaceMode.TARGET names (an ephemeral container's
+    target), pinned by the caller."""
     users = users_of(mounts)
     spec = oci.default_unix_spec(NAMESPACE, container_id)
     oci.with_default_unix_devices(spec)
@@ -293,8 +301,11 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
         spec["linux"]["readonlyPaths"] = list(sc.readonly_paths)
     if sc.readonly_rootfs:
         oci.with_rootfs_readonly(spec)
+    apparmor.check(sc)
     if not sc.privileged:
-        profile = seccomp_for(sc)
+        # After the capabilities: RuntimeDefault depends on them.
+        profile = seccomp_for(sc, process["capabilities"]["bounding"],
+                              unset_seccomp_profile)
         if profile is not None:
             spec["linux"]["seccomp"] = profile
     for d in config.devices:
@@ -303,7 +314,8 @@ def container_spec(sb: PodView, container_id: str, config: cri.ContainerConfig,
         spec["linux"].setdefault("resources", {}).setdefault("devices", []).append(rule)
     if sb.config.linux and sb.config.linux.sysctls:
         spec["linux"]["sysctl"] = dict(sb.config.linux.sysctls)
-    _namespaces(spec, sb, sc)
+    _namespaces(spec, sb, sc, target_pidns)
+    userns.into_spec(spec, userns.mappings(sb.config, sc), sb.folder)
     _mounts(spec, sb, config)
     _resources(spec, sb, container_id, linux.resources, oom)
     annotations = dict(config.annotations)
@@ -332,7 +344,7 @@ def infra_spec(sb: PodView, image_config: dict[str, Any], image_user: str,
     process["args"] = args
     process["cwd"] = img.get("WorkingDir") or "/"
     process["env"] = list(img.get("Env") or []) or [oci.DEFAULT_PATH_ENV]
-    lsc = sb.config.linux.security_context if sb.config.linux else None
+    lsc = sb.config.linux.security_context if sb.config.linux is not None else None
     lsc = given(lsc, cri.LinuxSandboxSecurityContext)
     opts = given(lsc.namespace_options, cri.NamespaceOption)
     users = users_of(mounts)
@@ -358,6 +370,9 @@ def infra_spec(sb: PodView, image_config: dict[str, Any], image_user: str,
         spec["hostname"] = sb.config.hostname
     if lsc.readonly_rootfs:
         oci.with_rootfs_readonly(spec)
+    if not lsc.privileged and (profile := seccomp_for(
+            lsc, process["capabilities"]["bounding"])) is not None:
+        spec["linux"]["seccomp"] = profile
     parent = sb.config.linux.cgroup_parent if sb.config.linux else ""
     if parent:
         spec["linux"]["cgroupsPath"] = os.path.normpath(os.path.join(parent, sb.id))
@@ -419,7 +434,7 @@ def _network(sb: PodView, ns: dict[str, Any]) -> dict[str, Any]:
 
 
 def _namespaces(spec: dict[str, Any], sb: PodView,
-                sc: cri.LinuxContainerSecurityContext) -> None:
+                sc: cri.LinuxContainerSecurityContext, target_pidns: str = "") -> None:
     opts = given(sc.namespace_options, cri.NamespaceOption)
     out = []
     for ns in spec["linux"]["namespaces"]:
@@ -439,8 +454,13 @@ def _namespaces(spec: dict[str, Any], sb: PodView,
         elif kind == "pid":
             if opts.pid == cri.NamespaceMode.NODE:
                 continue
-            if opts.pid == cri.NamespaceMode.POD and sb.infra_pid:
+            if opts.pid == cri.NamespaceMode.POD and sb.ns_path("pid"):
                 ns = {"type": "pid", "path": sb.ns_path("pid")}
+            elif opts.pid == cri.NamespaceMode.TARGET:
+                if not target_pidns:
+                    raise errdefs.InvalidArgument(
+                        "PID namespace mode TARGET needs a target container", raw=True)
+                ns = {"type": "pid", "path": target_pidns}
         out.append(ns)
     spec["linux"]["namespaces"] = out
 

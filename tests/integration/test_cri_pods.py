@@ -148,10 +148,10 @@ def test_kubelet_sequence_for_a_host_network_pod(pulled: tuple[daemons.Daemon, C
     net = _exec(c, reader, "readlink", "/proc/self/ns/net").stdout
     assert net == os.readlink("/proc/self/ns/net").encode() + b"\n"
     assert len(_addresses(d, writer, reader)) == 1
-    # RuntimeDefault seccomp refuses personality(2) (no capability guards it); the
+    # RuntimeDefault seccomp (containerd's) refuses unshare(2) without CAP_SYS_ADMIN; the
     # writer has no profile. A device given by the pod spec is there.
-    assert _exec(c, writer, "linux32", "true").exit_code == 0
-    assert _exec(c, reader, "linux32", "true").exit_code != 0
+    assert _exec(c, writer, "unshare", "-U", "true").exit_code == 0
+    assert _exec(c, reader, "unshare", "-U", "true").exit_code != 0
     assert _exec(c, reader, "sh", "-c", "echo x > /dev/mynull").exit_code == 0
     # UpdateContainerResources reaches the running container's cgroup.
     c.runtime("update_container_resources", api.UpdateContainerResourcesRequest(
@@ -488,39 +488,75 @@ def _cni_daemon(folder: Path, registry: RegistryServer, img: Image
     return d.start(), bridge
 
 
-def _leftovers(d: daemons.Daemon, folder: Path) -> dict[str, list[str]]:
+def _leftovers(d: daemons.Daemon, folder: Path, cgroup_parent: str = ""
+               ) -> dict[str, list[str]]:
+    from berth.plugins.cri import pidns
+
     mounts = [x for x in Path("/proc/self/mountinfo").read_text().splitlines()
               if str(d.state) in x and ("cri" in x or "netns" in x)]
     ips = [p.name for p in (folder / "ipam").rglob("*") if p.name[:1].isdigit()]
     netns = [p.name for p in d.state.rglob("k8s.io@*")]
     shims = [x for x in os.popen("pgrep -af containerd-shim").read().splitlines()
              if str(d.address) in x and " start" not in x]
-    return {"mounts": mounts, "ips": ips, "netns": netns, "shims": shims}
+    holders = [f"{pid} {f}" for pid, f in pidns.find(d.state).items()]
+    # The containers' cgroups under the pod's parent, in every hierarchy.
+    cgroups = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*{cgroup_parent}/*")
+               if cgroup_parent and p.is_dir()]
+    return {"mounts": mounts, "ips": ips, "netns": netns, "shims": shims,
+            "holders": holders, "cgroups": cgroups}
 
 
+def _states_agree(d: daemons.Daemon, c: CRIClient, pods: list[api.PodSandbox]) -> None:
+    """What the CRI says after a restart is what runs: a running container has a running
+    task, any other none; a ready pod (sharing its PID namespace) has its holder, a pod
+    not ready has no running container."""
+    from berth.plugins.cri import pidns
+
+    tasks = {}
+    for line in daemons.ctr_ok(d.address, "tasks", "ls", namespace="k8s.io").out.splitlines()[1:]:
+        cid, _, status = line.split()[:3]
+        tasks[cid] = status
+    holders = set(pidns.find(d.state).values())
+    ctrs = c.runtime("list_containers", api.ListContainersRequest()).containers
+    for x in ctrs:
+        running = x.state == api.ContainerState.CONTAINER_RUNNING
+        assert (tasks.get(x.id) == "RUNNING") == running, (x.id, x.state, tasks)
+    for p in pods:
+        mine = [x for x in ctrs if x.pod_sandbox_id == p.id]
+        if p.state == api.PodSandboxState.SANDBOX_READY:
+            assert any(f.endswith(p.id) for f in holders), (p.id, holders)
+        else:
+            assert not [x for x in mine if x.state == api.ContainerState.CONTAINER_RUNNING]
+
+
+@pytest.mark.parametrize("handler", ["berth", "runc"])
 @pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.6])
 def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryServer,  # noqa: F811
                                                  busybox_oci: tuple[Path, Image],
-                                                 delay: float) -> None:
+                                                 delay: float, handler: str) -> None:
     """kill -9 while a pod starts (RunPodSandbox, CreateContainer, StartContainer in
     flight) and while it stops, at a few points: after a restart the calls can be
-    retried, the pod removed, and nothing is left (pins, netns, IPs, shims, records)."""
+    retried, the pod removed, and nothing is left (pins, netns, IPs, shims, cgroups, the
+    PID namespace holder, records)."""
     import asyncio
 
     from tests.integration.test_networks import remove_bridge
 
     d, bridge = _cni_daemon(base, registry, busybox_oci[1])
+    cgroup_parent = f"/berth-k9-{os.urandom(4).hex()}"
     try:
         for phase in ("start", "stop"):
             with CRIClient(d.state / "cri.sock") as c:
                 c.image("pull_image", api.PullImageRequest(image=api.ImageSpec(image="busybox")))
                 pod = pod_config(base / "logs", f"k9{phase}")
                 pod.linux.security_context.namespace_options.network = api.NamespaceMode.POD
+                pod.linux.security_context.namespace_options.pid = api.NamespaceMode.POD
+                pod.linux.cgroup_parent = cgroup_parent
 
                 async def start(c: CRIClient = c, pod: api.PodSandboxConfig = pod) -> None:
                     rt = c.runtime_stub
                     sid = (await rt.run_pod_sandbox(api.RunPodSandboxRequest(
-                        config=pod, runtime_handler="berth"))).pod_sandbox_id
+                        config=pod, runtime_handler=handler))).pod_sandbox_id
                     cid = (await rt.create_container(api.CreateContainerRequest(
                         pod_sandbox_id=sid, sandbox_config=pod,
                         config=container_config("c", "exec sleep 1000")))).container_id
@@ -528,6 +564,8 @@ def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryS
 
                 if phase == "stop":
                     c.run(start())
+                    running = _leftovers(d, base, cgroup_parent)
+                    assert running["holders"] and running["cgroups"], running  # seen
                     sid = c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items[0].id
                     call = c.runtime_stub.stop_pod_sandbox(
                         api.StopPodSandboxRequest(pod_sandbox_id=sid))
@@ -541,15 +579,19 @@ def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryS
             d.start()
             with CRIClient(d.state / "cri.sock") as c:
                 found = c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items
+                _states_agree(d, c, found)
                 for p in found:
                     c.runtime("stop_pod_sandbox", api.StopPodSandboxRequest(pod_sandbox_id=p.id))
                     c.runtime("remove_pod_sandbox",
                               api.RemovePodSandboxRequest(pod_sandbox_id=p.id))
                 assert c.runtime("list_pod_sandbox", api.ListPodSandboxRequest()).items == []
                 assert c.runtime("list_containers", api.ListContainersRequest()).containers == []
-            empty = {"mounts": [], "ips": [], "netns": [], "shims": []}
+            empty: dict[str, list[str]] = {
+                "mounts": [], "ips": [], "netns": [], "shims": [], "holders": [],
+                "cgroups": []}
             deadline = time.monotonic() + HANG_GUARD
-            while (left := _leftovers(d, base)) != empty and time.monotonic() < deadline:
+            while (left := _leftovers(d, base, cgroup_parent)) != empty \
+                    and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert left == empty, (phase, left)
             assert daemons.ctr_ok(d.address, "containers", "ls", "-q",
@@ -558,6 +600,8 @@ def test_berthd_killed_during_pod_start_and_stop(base: Path, registry: RegistryS
     finally:
         d.stop()
         remove_bridge(bridge)
+        for p in Path("/sys/fs/cgroup").glob(f"*{cgroup_parent}"):
+            p.rmdir()  # the pod's parent is the kubelet's to make and remove
 
 
 @pytest.mark.parametrize("handler", ["berth", "runc"])

@@ -330,13 +330,27 @@ def test_user_namespace_waits_for_maps_and_binds_devices(tmp_path: Path) -> None
     assert calls[bind][3:5] == ("bind", S.MS_BIND)
 
 
-def test_join_namespaces_user_first_mount_last() -> None:
+def test_join_namespaces_others_then_user_then_mount() -> None:
+    """The pod's namespaces while the host's capabilities still count (a CRI pod's
+    pinned IPC namespace belongs to the host's user namespace), the user namespace
+    after them, the mount namespace last."""
     sc = FakeSyscalls()
     steps.join_namespaces(sc, [("mount", 5), ("network", 6), ("user", 7), ("ipc", 8)])
     setns = [x[1:] for x in sc.calls if x[0] == "setns"]
-    assert setns == [(7, S.CLONE_NEWUSER), (6, S.CLONE_NEWNET), (8, S.CLONE_NEWIPC),
+    assert setns == [(6, S.CLONE_NEWNET), (8, S.CLONE_NEWIPC), (7, S.CLONE_NEWUSER),
                      (5, S.CLONE_NEWNS)]
-    assert [x for x in sc.calls if x[0] == "close"] == [("close", fd) for fd in (7, 6, 8, 5)]
+    assert [x for x in sc.calls if x[0] == "close"] == [("close", fd) for fd in (6, 8, 7, 5)]
+
+
+def test_join_namespaces_retries_after_the_user_namespace() -> None:
+    """One that needs the user namespace's rights (EPERM before) is joined after it."""
+    sc = FakeSyscalls(fail={"setns": [OSError(errno.EPERM, "setns")]})
+    steps.join_namespaces(sc, [("ipc", 8), ("user", 7), ("uts", 9)])
+    setns = [x[1] for x in sc.calls if x[0] == "setns"]
+    assert setns == [8, 9, 7, 8]
+    sc = FakeSyscalls(fail={"setns": [OSError(errno.EPERM, "setns")]})
+    with pytest.raises(OSError):  # without a user namespace to join, EPERM is final
+        steps.join_namespaces(sc, [("ipc", 8), ("uts", 9)])
 
 
 def test_seccomp_without_no_new_privs_goes_before_dropping_caps(tmp_path: Path) -> None:
@@ -429,7 +443,7 @@ def test_exec_sequence(tmp_path: Path) -> None:
         steps.run_exec(sc, sync, plan)
     calls = sc.calls
     setns = [x[1] for x in calls if x[0] == "setns"]
-    assert setns == [22, 20, 21]
+    assert setns == [20, 22, 21]
     assert first(calls, "recv", "go") < first(calls, "setns") < first(calls, "fork")
     assert first(calls, "fork") < first(calls, "setsid") < first(calls, "set_no_new_privs")
     assert first(calls, "setresuid", 7) < first(calls, "capset") < first(calls, "send", "ready")
@@ -612,3 +626,19 @@ def test_lookup_and_interpreter_fail_as_errors_of_the_request() -> None:
         steps.check_interpreter(sc, "/s")
     for path in ("/t", "/e", "/unreadable"):
         steps.check_interpreter(sc, path)
+
+
+def test_init_in_a_joined_user_namespace_becomes_its_root(tmp_path: Path) -> None:
+    """A pod's user namespace joined by path: root there before the rootfs is set up (the
+    host's root is unmapped in it); the oom score set before any of it."""
+    def joined(cfg: dict[str, Any]) -> None:
+        cfg["linux"]["namespaces"].append({"type": "user", "path": "/run/pod/userns"})
+        cfg["linux"]["uidMappings"] = cfg["linux"]["gidMappings"] = [
+            {"containerID": 0, "hostID": 100000, "size": 65536}]
+        cfg["process"]["oomScoreAdj"] = 5
+    c = container(tmp_path, joined)
+    _, calls = run_init(c, ns_fds=[("ipc", 8), ("user", 7)])
+    assert not [x for x in calls if x[0] == "unshare" and x[1] & S.CLONE_NEWUSER]
+    oom = first(calls, "write_file", "/proc/self/oom_score_adj")
+    assert oom < first(calls, "setns", 8) < first(calls, "setns", 7) < \
+        first(calls, "setresuid", 0) < first(calls, "mount")

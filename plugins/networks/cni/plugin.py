@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from berth.core import errdefs, log
+from berth.core.networks.netns import is_netns
 from berth.core.networks.types import NetworkInfo, Result, SetupRequest
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import NETWORK
@@ -181,7 +182,10 @@ class CNINetworks:
 
     def _inv(self, command: str, req: SetupRequest, ifname: str | None = None
              ) -> invoke.Invocation:
-        netns = req.netns if command == "ADD" or os.path.exists(req.netns) else ""
+        # A namespace that is gone, or a placeholder never pinned (berthd killed between
+        # making the file and pinning the namespace: no ADD ran in it), is no namespace:
+        # DEL then only releases what plugins hold outside one (IPAM), as CNI allows.
+        netns = req.netns if command == "ADD" or is_netns(req.netns) else ""
         return invoke.Invocation(command, container_id=req.id, netns=netns,
                                  ifname=ifname or req.ifname, path=self.path)
 

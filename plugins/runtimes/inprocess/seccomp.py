@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 from typing import Any
 
@@ -114,8 +115,28 @@ def rules(seccomp: dict[str, Any]) -> list[tuple[str, int, list[tuple[int, int, 
     return out
 
 
+# Compiled programs by profile: a CRI RuntimeDefault profile takes libseccomp ~10 ms of
+# CPU to compile, and every container of a pod and every ExecSync (probes) asks again.
+_compiled: dict[str, tuple[bytes, int]] = {}
+_COMPILED_MAX = 16
+
+
 def build(seccomp: dict[str, Any]) -> tuple[bytes, int]:
     """(BPF program, seccomp(2) flags) for the OCI seccomp section."""
+    try:
+        key = json.dumps(seccomp, sort_keys=True)
+    except (TypeError, ValueError):
+        return _build(seccomp)  # not JSON: _build says what is wrong with it
+    hit = _compiled.get(key)
+    if hit is None:
+        hit = _build(seccomp)
+        if len(_compiled) >= _COMPILED_MAX:
+            _compiled.pop(next(iter(_compiled)))
+        _compiled[key] = hit
+    return hit
+
+
+def _build(seccomp: dict[str, Any]) -> tuple[bytes, int]:
     lib = _libseccomp()
     if seccomp.get("listenerPath"):
         raise errdefs.InvalidArgument("seccomp: notify listeners are not supported")

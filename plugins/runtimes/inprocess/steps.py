@@ -19,6 +19,7 @@ it, apply the process settings and exec.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -143,10 +144,25 @@ def setup_stdio(sc: sys_.Syscalls, fds: tuple[int, int, int]) -> None:
 
 
 def join_namespaces(sc: sys_.Syscalls, ns_fds: list[tuple[str, int]]) -> None:
-    """setns into each; the user namespace first (it grants the rights for the others),
-    the mount namespace last (it changes the root the other paths were opened from)."""
-    order = sorted(ns_fds, key=lambda t: (t[0] != "user", t[0] == "mount"))
-    for ns_type, fd in order:
+    """setns into each: the others while this process still has its own capabilities (a
+    container in a user namespace may share a pod's namespaces that the host's user
+    namespace owns, over which a joined user namespace gives no rights), then the user
+    namespace and what needed its rights, the mount namespace last (it changes the root
+    the other paths were opened from)."""
+    user = [t for t in ns_fds if t[0] == "user"]
+    retry = []
+    for ns_type, fd in ns_fds:
+        if ns_type in ("user", "mount"):
+            continue
+        try:
+            sc.setns(fd, NAMESPACE_FLAGS[ns_type])
+        except OSError as e:
+            if e.errno != errno.EPERM or not user:
+                raise
+            retry.append((ns_type, fd))
+            continue
+        sc.close(fd)
+    for ns_type, fd in [*user, *retry, *(t for t in ns_fds if t[0] == "mount")]:
         sc.setns(fd, NAMESPACE_FLAGS[ns_type])
         sc.close(fd)
 
@@ -164,11 +180,20 @@ def run_init(sc: sys_.Syscalls, sync: Sync, plan: InitPlan) -> bool:
     setup_stdio(sc, plan.stdio)
     sc.set_pdeathsig(signal.SIGKILL)
     expect(sync, "go")  # the runtime has put us into the cgroup
+    if c.process.oom_score_adj is not None:
+        # Before any user namespace: in one the file is no longer ours to write (as
+        # runc, which sets it before it clones).
+        sc.write_file("/proc/self/oom_score_adj", str(c.process.oom_score_adj))
     join_namespaces(sc, plan.ns_fds)
     if c.new_namespace("user"):
         sc.unshare(sys_.CLONE_NEWUSER)
         sync.send({"type": "userns"})
         expect(sync, "mapped")
+        sc.setresgid(0)
+        sc.setresuid(0)
+    elif any(t == "user" for t, _ in plan.ns_fds):
+        # A joined user namespace (a pod's): become its root too, or the host's root,
+        # unmapped there, could create no file (EOVERFLOW) while the rootfs is set up.
         sc.setresgid(0)
         sc.setresuid(0)
     types = {ns.type for ns in c.namespaces}
@@ -306,8 +331,6 @@ def init_container(sc: sys_.Syscalls, sync: Sync, plan: InitPlan) -> None:
     sc.setsid()
     if c.new_namespace("network"):
         sc.loopback_up()
-    if p.oom_score_adj is not None:
-        sc.write_file("/proc/self/oom_score_adj", str(p.oom_score_adj))
     prepare_rootfs(sc, plan)
     hook_states: dict[str, Any] = {}
     if any(c.hooks.get(k) for k in ("prestart", "createRuntime", "createContainer",
