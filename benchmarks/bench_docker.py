@@ -8,7 +8,8 @@ Run as root from the repository root::
 Two stacks start side by side, each in its own folder: berthd + dockerd and the real
 containerd + dockerd (Debian docker.io 20.10, started by hand as in
 tests/interop/test_docker.py, each with its own bridge), and both load the same busybox
-docker-archive. Then:
+docker-archive. berthd and containerd log at the same level (``--log-level``, default info,
+as a user runs them; the suite's daemons log at debug). Then:
 
 1. ``docker run --rm busybox true``, one at a time, alternating between the stacks
    (which one goes first alternates too) so that drift on the machine hits both alike;
@@ -60,9 +61,9 @@ def ms(s: float) -> str:
 
 
 class Stack:
-    def __init__(self, kind: str, base: Path) -> None:
+    def __init__(self, kind: str, base: Path, level: str) -> None:
         self.kind = kind
-        self.daemon, self.docker = dockerds.stack_on(kind, base)
+        self.daemon, self.docker = dockerds.stack_on(kind, base, level=level)
 
     def daemon_pid(self) -> int:
         assert self.daemon.proc is not None
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--restarts", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="3 runs, 1 warm-up, 1 restart")
+    ap.add_argument("--log-level", default="info",
+                    help="log level of berthd and containerd alike (a user's default: info)")
     args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.warmup, args.restarts = 3, 1, 1
@@ -110,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     stacks: dict[str, Stack] = {}
     left: list[str] = []
     print(f"load before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs; "
-          f"work dir {base}")
+          f"log level {args.log_level}; work dir {base}")
     try:
         for kind in KINDS:
-            stacks[kind] = Stack(kind, base / kind)
+            stacks[kind] = Stack(kind, base / kind, args.log_level)
         images.write_docker_tar(base / "busybox.tar")
         for s in stacks.values():
             s.docker.ok("load", "-i", str(base / "busybox.tar"))

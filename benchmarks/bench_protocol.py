@@ -7,7 +7,7 @@ checks them and hands flow-control windows back. So this measures berth's own wo
 (h2, the connection's events, the service, betterproto) with no kernel, no socket and
 no other process: stable even on a busy machine, and handy with a profiler::
 
-    python -m benchmarks.bench_protocol [--calls N] [--batch B]
+    python -m benchmarks.bench_protocol [--calls N] [--batch B] [--ping]
     py-spy record -o prof.svg -- python -m benchmarks.bench_protocol
 """
 
@@ -60,7 +60,7 @@ class _Namespaces:
                                        for c in "abcd"])
 
 
-async def run(path: str, calls: int, batch: int) -> float:
+async def run(path: str, calls: int, batch: int, ping: bool = False) -> float:
     routes = {**bridge.handlers_for(_Version(), VersionBase),
               **bridge.handlers_for(_Namespaces(), NamespacesBase)}
     conn = connection.Connection(connection.Router(routes))
@@ -72,18 +72,20 @@ async def run(path: str, calls: int, batch: int) -> float:
                (":authority", "localhost"), ("content-type", "application/grpc"),
                ("te", "trailers"), ("containerd-namespace", "bench-a")]
     body = b"\x00\x00\x00\x00\x00"
-    done = 0
+    done = acks = 0
 
     async def exchange(n: int) -> float:
-        nonlocal done
+        nonlocal done, acks
         for _ in range(n):
+            if ping:
+                client.ping(b"bdp-ping")  # as grpc-go does before nearly every call
             sid = client.get_next_available_stream_id()
             client.send_headers(sid, headers)
             client.send_data(sid, body, end_stream=True)
         data = client.data_to_send()
         t0 = time.process_time()
         conn.feed(data)
-        out = conn.h2.data_to_send()
+        out = conn.data_to_send()
         spent = time.process_time() - t0
         for ev in client.receive_data(out):
             if isinstance(ev, h2.events.TrailersReceived):
@@ -93,18 +95,21 @@ async def run(path: str, calls: int, batch: int) -> float:
                 done += 1
             elif isinstance(ev, h2.events.DataReceived):
                 client.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.PingAckReceived):
+                acks += 1
         return spent
 
     # The server's preface and SETTINGS, then the client's ack of them.
     conn.feed(client.data_to_send())
-    client.receive_data(conn.h2.data_to_send())
+    client.receive_data(conn.data_to_send())
     await exchange(batch)  # warm up: first headers fill the HPACK tables
-    done = 0
+    done = acks = 0
     spent = 0.0
     for _ in range(calls // batch):
         spent += await exchange(batch)
-    if done != calls // batch * batch:
-        raise RuntimeError(f"{done} answers for {calls // batch * batch} calls")
+    if done != calls // batch * batch or (ping and acks != done):
+        raise RuntimeError(f"{done} answers ({acks} PING ACKs) for {calls // batch * batch} "
+                           "calls")
     return spent / done
 
 
@@ -112,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_protocol", description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=20000)
     p.add_argument("--batch", type=int, nargs="*", default=[1, 16])
+    p.add_argument("--ping", action="store_true",
+                   help="a PING before every call, as grpc-go clients (ctr, dockerd) send")
     args = p.parse_args(argv)
     logsetup.setup("warn")
     print(f"{'method':<16} {'requests/read':>13} {'us/call':>8} {'calls/s/core':>13}")
     for name, path in (("Version", VERSION), ("Namespaces.List", LIST)):
         for batch in args.batch:
-            per_call = trio.run(run, path, args.calls, batch)
+            per_call = trio.run(run, path, args.calls, batch, args.ping)
             print(f"{name:<16} {batch:>13} {per_call * 1e6:>8.1f} {1 / per_call:>13.0f}")
     return 0
 

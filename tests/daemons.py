@@ -157,7 +157,7 @@ def berthd(base: Path, *extra: str) -> Daemon:
     return d
 
 
-def containerd(base: Path, env: dict[str, str] | None = None) -> Daemon:
+def containerd(base: Path, env: dict[str, str] | None = None, level: str = "debug") -> Daemon:
     """The real containerd, isolated: own root, state, sockets; CRI disabled.
 
     ``env`` is added to the daemon's environment (e.g. a PATH that finds berth's shim).
@@ -178,7 +178,7 @@ def containerd(base: Path, env: dict[str, str] | None = None) -> Daemon:
         f'  address = "{d.ttrpc_address}"\n'
         "[debug]\n"
         f'  address = "{base / "sock" / "debug.sock"}"\n'
-        '  level = "debug"\n'
+        f'  level = "{level}"\n'
     )
     d.argv = [CONTAINERD, "--config", str(cfg)]
     return d

@@ -237,9 +237,11 @@ def leftovers(d: Dockerd) -> list[str]:
     return left
 
 
-def stack_on(kind: str, base: Path, **kw: object) -> tuple[daemons.Daemon, Dockerd]:
-    """berthd or the real containerd, then a dockerd over it."""
-    d = daemons.berthd(base / "d") if kind == "berth" else daemons.containerd(base / "d")
+def stack_on(kind: str, base: Path, level: str = "debug",
+             **kw: object) -> tuple[daemons.Daemon, Dockerd]:
+    """berthd or the real containerd (both logging at ``level``), then a dockerd over it."""
+    d = (daemons.berthd(base / "d", "--log-level", level) if kind == "berth"
+         else daemons.containerd(base / "d", level=level))
     d.start()
     try:
         return d, Dockerd(base / "docker", d.address, **kw).start()  # type: ignore[arg-type]

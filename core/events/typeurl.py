@@ -13,6 +13,8 @@ from typing import Any
 import betterproto
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
+from berth.core import protowire
+
 _EVENT_NAMES = (
     "ContainerCreate", "ContainerUpdate", "ContainerDelete", "ContentDelete",
     "NamespaceCreate", "NamespaceUpdate", "NamespaceDelete",
@@ -83,7 +85,7 @@ def unmarshal_any(any_msg: AnyMsg) -> betterproto.Message | None:
     cls = _by_name.get(_strip(any_msg.type_url))
     if cls is None:
         return None
-    return cls().parse(any_msg.value)
+    return protowire.parse_flat(cls, any_msg.value)
 
 
 def to_dict(any_msg: AnyMsg) -> dict[str, Any] | None:

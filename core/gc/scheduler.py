@@ -14,8 +14,8 @@ collection due at the next tick), ``mutation_threshold`` (100), ``schedule_delay
 
 from __future__ import annotations
 
+import logging
 import math
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -74,13 +74,6 @@ class Config:
         return cfg
 
 
-@dataclass(frozen=True)
-class _Event:
-    ts: float          # time.monotonic() when it happened
-    mutation: bool     # False: a request for a collection
-    dirty: bool        # a deletion
-
-
 class _Waiter:
     def __init__(self) -> None:
         self._done = trio.Event()
@@ -119,8 +112,20 @@ class GCScheduler:
     def __init__(self, collector: Collector, config: Config | None = None) -> None:
         self.collector = collector
         self.config = config or Config()
-        self._send, self._recv = trio.open_memory_channel[_Event](math.inf)
         self._waiters: list[_Waiter] = []
+        # What happened since the last collection began (containerd's scheduler counts
+        # the same from its event channel). Stores report here directly; the loop is
+        # woken only when a report can move the next collection (see _wants_loop), not
+        # once per committed change.
+        self._mutations = 0
+        self._deletions = 0
+        self._triggered = False
+        self._wake = trio.Event()
+        # The loop's view while it sleeps: nothing due (no timer armed), and the time
+        # of the next collection it waits for (None: none scheduled yet).
+        self._idle = False
+        self._next_at: float | None = None
+        self.wakeups = 0  # times the loop woke up (tests check that idle means asleep)
         self.collections = 0
         self.last_stats: Stats | None = None
         self._plugins: Any = None
@@ -138,14 +143,42 @@ class GCScheduler:
             self.collector.dirty_content = True
         if snapshotter:
             self.collector.dirty_snapshotters.add(snapshotter)
-        self._send.send_nowait(_Event(time.monotonic(), True, deletion))
+        self._mutations += 1
+        if deletion:
+            self._deletions += 1
+        if self._wants_loop():
+            self._wake.set()
 
     def trigger(self) -> Pending:
         """Request a collection now (after ``schedule_delay``) without waiting for it."""
         w = _Waiter()
         self._waiters.append(w)
-        self._send.send_nowait(_Event(time.monotonic(), False, False))
+        self._triggered = True
+        self._wake.set()
         return Pending(w)
+
+    def _due(self, next_at: float | None) -> bool:
+        """containerd's condition for a collection soon (after ``schedule_delay``)."""
+        dt, mt = self.config.deletion_threshold, self.config.mutation_threshold
+        return (self._triggered or (dt > 0 and self._deletions >= dt)
+                or (next_at is None and ((dt == 0 and self._deletions > 0)
+                                         or (mt > 0 and self._mutations >= mt))))
+
+    def _is_idle(self, collected: bool) -> bool:
+        """Nothing due at the next tick: the loop then sleeps without a timer."""
+        mt = self.config.mutation_threshold
+        return (not self._triggered and collected and self._deletions == 0
+                and (mt == 0 or self._mutations < mt))
+
+    def _wants_loop(self) -> bool:
+        """Whether the change just counted can move the next collection."""
+        if self._idle:
+            return not self._is_idle(True)  # the next tick now has work: arm it
+        if not self._due(self._next_at):
+            return False
+        if self._next_at is None:
+            return True
+        return self._next_at > trio.current_time() + self.config.schedule_delay
 
     async def schedule_and_wait(self) -> Stats:
         return await self.trigger()
@@ -179,9 +212,6 @@ class GCScheduler:
         cfg = self.config
         interval = 1.0
         gc_time = 0.0
-        triggered = False
-        deletions = mutations = 0
-        last_start: float | None = None   # monotonic, when the last marking began
         last_end: float | None = None     # trio clock
         next_at: float | None = None
         task_status.started()
@@ -193,36 +223,34 @@ class GCScheduler:
             # tick then skips). Those ticks only matter once something is due, so while
             # nothing is they stay arithmetic (_tick_after) instead of waking this task
             # 20-40 times a second: that was most of an idle berthd's CPU.
-            idle = (not triggered and last_end is not None and deletions == 0
-                    and (cfg.mutation_threshold == 0 or mutations < cfg.mutation_threshold))
+            if self._due(next_at):
+                soon = trio.current_time() + cfg.schedule_delay
+                if next_at is None or next_at > soon:
+                    next_at = soon
+            idle = self._is_idle(last_end is not None)
+            self._idle, self._next_at = idle, next_at
+            self._wake = trio.Event()
             with trio.move_on_at(math.inf if next_at is None or idle else next_at) as timer:
-                ev = await self._recv.receive()
+                await self._wake.wait()
+            self.wakeups += 1
             if not timer.cancelled_caught:
                 if idle and next_at is not None:
                     next_at = _tick_after(next_at, interval, trio.current_time())
-                if last_start is not None and ev.ts < last_start:
-                    continue  # covered by the collection that started after it
-                if ev.dirty:
-                    deletions += 1
-                if ev.mutation:
-                    mutations += 1
-                else:
-                    triggered = True
-                dt, mt = cfg.deletion_threshold, cfg.mutation_threshold
-                if (triggered or (dt > 0 and deletions >= dt)
-                        or (next_at is None and ((dt == 0 and deletions > 0)
-                                                 or (mt > 0 and mutations >= mt)))):
-                    soon = trio.current_time() + cfg.schedule_delay
-                    if next_at is None or next_at > soon:
-                        next_at = soon
                 continue
-            # The timer fired, and it is armed only when something is due.
+            # The timer fired, and it is armed only when something is due. What is
+            # reported from here on counts towards the next collection.
+            self._idle, self._next_at = False, None
             waiters, self._waiters = self._waiters, []
-            last_start = time.monotonic()
+            counted = (self._triggered, self._deletions, self._mutations)
+            self._triggered, self._deletions, self._mutations = False, 0, 0
             try:
                 stats = await self.collector.collect()
             except Exception as e:
                 _log.error("garbage collection failed", error=str(e))
+                # Still due: the counts go back and the next try is a second later.
+                self._triggered = self._triggered or counted[0]
+                self._deletions += counted[1]
+                self._mutations += counted[2]
                 now = trio.current_time()
                 since = (next_at - last_end) if (next_at is not None and last_end is not None) \
                     else 0.0
@@ -233,21 +261,23 @@ class GCScheduler:
             gc_time += stats.elapsed
             self.collections += 1
             self.last_stats = stats
-            triggered, deletions, mutations = False, 0, 0
             if cfg.pause_threshold > 0.0:
                 avg = gc_time / self.collections
                 interval = avg / cfg.pause_threshold - avg
             last_end = trio.current_time()
             next_at = last_end + interval
             # Debug, as containerd's: at info it was a log line per container removal.
-            _log.debug(
-                "garbage collected", d=format_duration(stats.elapsed),
-                content=stats.content, ingests=stats.ingests, leases=stats.leases,
-                snapshots=stats.snapshots, blobs=stats.blobs,
-                backend_ingests=stats.backend_ingests,
-                content_d=format_duration(stats.content_d),
-                snapshot_d={k: format_duration(v) for k, v in stats.snapshot_d.items()},
-            )
+            # Its durations are formatted only when the line is written (a ctr run --rm
+            # collects two or three times).
+            if _log.is_enabled_for(logging.DEBUG):
+                _log.debug(
+                    "garbage collected", d=format_duration(stats.elapsed),
+                    content=stats.content, ingests=stats.ingests, leases=stats.leases,
+                    snapshots=stats.snapshots, blobs=stats.blobs,
+                    backend_ingests=stats.backend_ingests,
+                    content_d=format_duration(stats.content_d),
+                    snapshot_d={k: format_duration(v) for k, v in stats.snapshot_d.items()},
+                )
             for w in waiters:
                 w.finish(stats)
 

@@ -15,6 +15,7 @@ that calls these lives in ``berth.core.grpc.connection`` (trio on h2's state mac
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import betterproto
 import structlog
 from grpclib.const import Cardinality
 
-from berth.core import errdefs
+from berth.core import errdefs, protowire
 from berth.core.errdefs import Code
 
 log = structlog.get_logger("grpc")
@@ -61,13 +62,22 @@ def check_prefix(compressed: int, length: int, max_recv: int) -> None:
         )
 
 
+# Requests of a type without fields (google.protobuf.Empty: Version, Introspection.Server)
+# carry nothing a service could read or change: one instance per type serves them all.
+_FIELDLESS: dict[type, Any] = {}
+
+
 def parse(recv_type: type, data: bytes) -> Any:
     if not data:  # the common empty request: parse would only set this flag
-        msg = recv_type()
-        msg._serialized_on_wire = True
+        msg = _FIELDLESS.get(recv_type)
+        if msg is None:
+            msg = recv_type()
+            msg._serialized_on_wire = True
+            if not dataclasses.fields(recv_type):
+                _FIELDLESS[recv_type] = msg
         return msg
     try:
-        return recv_type().parse(data)
+        return protowire.parse_flat(recv_type, data)
     except Exception as e:  # betterproto raises several types on garbage
         raise GRPCStatus(Code.INTERNAL, f"grpc: error unmarshalling request: {e}") from None
 

@@ -6,8 +6,9 @@ event means for a gRPC call and runs the calls (see ``bridge`` for the service s
 - a unary call with a plain ``def`` method is answered right where its request ends,
   inside ``feed``: no task at all; an ``async def`` one runs as a trio task;
 - streaming calls run as trio tasks that send as flow control allows;
-- every write leaves through one writer task, so everything a read produced (SETTINGS
-  and PING acks, window updates, answers) goes out in one ``send``.
+- everything a read produced (SETTINGS and PING acks, window updates, answers, also
+  those of call tasks that finished in their first step) goes out in one ``send`` from
+  the reading task; answers made later leave through one writer task.
 
 Bounds (issue 8.5: nothing a client sends may pin memory or a connection):
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import h2.config
 import h2.connection
@@ -71,6 +72,11 @@ _H2_CONFIG = h2.config.H2Configuration(
 )
 _PREFACE_LEN = 24
 _SETTINGS = 0x4
+_PING = 0x6
+_GOAWAY = 0x7
+_HEADER_BLOCK = frozenset({0x1, 0x5, 0x9})  # HEADERS, PUSH_PROMISE, CONTINUATION
+_END_HEADERS = 0x4
+_PING_ACK = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
                   ord("u"): 1e-6, ord("n"): 1e-9}
 # Headers that are the transport's, not the call's metadata (as grpc-go and grpclib).
@@ -88,18 +94,32 @@ class Refused(Exception):
 class FrameGate:
     """Reads frame headers ahead of h2: frame lengths are judged before h2 buffers
     the frame, and the first frame after the preface must be SETTINGS (RFC 9113 3.4).
+
+    It also answers PINGs itself: grpc-go sends one with nearly every call (its
+    bandwidth estimate), and h2 spends as much on parsing, logging and acking one as
+    on a tenth of the call. A PING is taken out of the bytes for h2 (its payload goes
+    to ``pings``, for an ACK) only when it is whole in this read, well-formed (stream
+    0, 8 bytes, no ACK flag), and h2 would do nothing but ack it: after SETTINGS, not
+    inside a header block (there h2 must fail the connection), and before any GOAWAY.
+    Every other frame, odd PINGs included, is h2's to judge.
     Sans-io; keeps at most 8 bytes of a split frame header."""
 
-    __slots__ = ("_preface", "_skip", "_header", "ready")
+    __slots__ = ("_preface", "_skip", "_header", "_in_block", "_goaway", "ready",
+                 "pings")
 
     def __init__(self) -> None:
         self._preface = _PREFACE_LEN  # bytes of client preface still to pass (h2 checks them)
         self._skip = 0  # bytes of the current frame's payload still to pass
-        self._header: bytes | bytearray = b""
+        self._header = b""
+        self._in_block = False  # a HEADERS/PUSH_PROMISE awaits its CONTINUATIONs
+        self._goaway = False
         self.ready = False  # preface and the client's SETTINGS frame header are in
+        self.pings: list[bytes] = []  # payloads of PINGs taken out, to be acked
 
-    def feed(self, data: bytes | bytearray, max_frame_size: int) -> None:
+    def feed(self, data: bytes | bytearray, max_frame_size: int) -> bytes | bytearray:
+        """Judge ``data``; the bytes to hand h2 (``data`` less the PINGs taken out)."""
         i, n = 0, len(data)
+        cuts: list[int] | None = None
         if self._preface:
             i = min(self._preface, n)
             self._preface -= i
@@ -109,23 +129,45 @@ class FrameGate:
                 self._skip -= step
                 i += step
                 continue
+            start = i
+            whole = not self._header  # the header starts in this read
             need = 9 - len(self._header)
-            header = self._header + data[i:i + need] if self._header else data[i:i + need]
+            header = data[i:i + need] if whole else self._header + data[i:i + need]
             i += need
             if len(header) < 9:
-                self._header = header
-                return
+                self._header = bytes(header)
+                break
             self._header = b""
             length = int.from_bytes(header[:3], "big")
             if length > max_frame_size:
                 raise Refused(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
                               f"frame of {length} bytes over the maximum of {max_frame_size}")
+            kind, flags = header[3], header[4]
             if not self.ready:
-                if header[3] != _SETTINGS or header[4] & 0x1:
+                if kind != _SETTINGS or flags & 0x1:
                     raise Refused(h2.errors.ErrorCodes.PROTOCOL_ERROR,
                                   "first frame after the preface is not SETTINGS")
                 self.ready = True
+            elif kind == _PING:
+                if (whole and length == 8 and i + 8 <= n and not flags & 0x1
+                        and header[5:9] == b"\0\0\0\0" and not self._in_block
+                        and not self._goaway):
+                    self.pings.append(bytes(data[i:i + 8]))
+                    if cuts is None:
+                        cuts = []
+                    cuts += (start, i + 8)
+                    i += 8
+                    continue
+            elif kind in _HEADER_BLOCK:
+                self._in_block = not flags & _END_HEADERS
+            elif kind == _GOAWAY:
+                self._goaway = True
             self._skip = length
+        if cuts is None:
+            return data
+        # Keep what lies between the PINGs taken out.
+        bounds = [0, *cuts, n]
+        return b"".join(data[bounds[k]:bounds[k + 1]] for k in range(0, len(bounds), 2))
 
 
 class Router:
@@ -245,9 +287,46 @@ class MessageStream:
         await self._conn.send_message(self._st, msg)
 
 
+class _ByteIO(Protocol):
+    """What a connection needs of its transport (a trio Stream has it)."""
+
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray: ...
+
+    async def send_all(self, data: bytes) -> None: ...
+
+
+class _SocketIO:
+    """A trio SocketStream's socket read and written directly: the same calls as
+    ``receive_some``/``send_all`` without the stream's per-call error translation and
+    conflict checks (one reader and one sender at a time is the connection's own rule),
+    a few microseconds less per read and per send."""
+
+    __slots__ = ("_recv", "_send")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._recv = stream.socket.recv
+        self._send = stream.socket.send
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        try:
+            return await self._recv(max_bytes)
+        except OSError as e:
+            raise trio.BrokenResourceError(str(e)) from e
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            sent = await self._send(data)
+            if sent < len(data):
+                view = memoryview(data)[sent:]
+                while view:
+                    view = view[await self._send(view):]
+        except OSError as e:
+            raise trio.BrokenResourceError(str(e)) from e
+
+
 class Connection:
     """The gRPC side of one HTTP/2 connection. ``serve`` runs it on a trio stream;
-    ``feed`` and ``h2.data_to_send`` also drive it without one (benchmarks, tests)."""
+    ``feed`` and ``data_to_send`` also drive it without one (benchmarks, tests)."""
 
     def __init__(self, router: Router, *, buffer_limit: int | None = None) -> None:
         self.router = router
@@ -255,11 +334,14 @@ class Connection:
         self.gate = FrameGate()
         self.streams: dict[int, _Stream] = {}
         self.buffered = 0  # request bytes held for all streams
+        self._pongs = bytearray()  # PING ACKs to send before what h2 has
         self.buffer_limit = buffer_limit or max(4 * router.max_recv, 64 << 20)
         self.closed = False  # no more input will be read
         self.calls: trio.Nursery | None = None
         self._wake = trio.Event()
-        self._gather = False
+        self._unstarted = 0  # call tasks started that have not run their first step yet
+        self._gathering = False  # the reader is letting new calls run; it sends next
+        self._first_steps = trio.lowlevel.ParkingLot()  # the reader, while gathering
         self._writing = False
         self._drained = trio.lowlevel.ParkingLot()
         self._finishing = False
@@ -279,14 +361,16 @@ class Connection:
     # -- running on a socket ------------------------------------------------------------
 
     async def serve(self, stream: trio.abc.Stream) -> None:
-        """Serve until the client leaves, breaks the protocol or the caller cancels."""
+        """Serve until the client leaves, breaks the protocol or the caller cancels
+        (the caller closes ``stream``)."""
+        io: _ByteIO = _SocketIO(stream) if isinstance(stream, trio.SocketStream) else stream
         async with trio.open_nursery() as conn:
-            conn.start_soon(self._write_loop, stream)
+            conn.start_soon(self._write_loop, io)
             try:
                 async with trio.open_nursery() as calls:
                     self.calls = calls
                     try:
-                        await self._read_loop(stream)
+                        await self._read_loop(io)
                     finally:
                         # A connection that stops reading cancels its calls, as grpc-go.
                         self._shutdown()
@@ -296,7 +380,7 @@ class Connection:
                 self._wake.set()
                 conn.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
 
-    async def _read_loop(self, stream: trio.abc.Stream) -> None:
+    async def _read_loop(self, stream: _ByteIO) -> None:
         handshake = trio.current_time() + HANDSHAKE_TIMEOUT
         while True:
             if self.gate.ready:
@@ -313,41 +397,55 @@ class Connection:
                     return
             if not data or not self.feed(data):
                 return
-            if self._gather:
-                self._wake.set()  # the writer sends once the new call had its first step
-            elif not await self._flush(stream):
-                # Answered inline (or nothing to answer): sent from here, no task switch.
+            if self._unstarted:
+                # A call task was just started and usually answers in its first step:
+                # let it, so its answer leaves in the same send as what this read made
+                # h2 say. The last new task to start wakes this one, which then runs
+                # once that task's first step is over.
+                self._gathering = True
+                try:
+                    await self._first_steps.park()
+                finally:
+                    self._gathering = False
+            if not await self._flush(stream):
+                # Sent from here: the writer task is only for answers made later.
                 return
             if self._writing:
                 await self._drained.park()  # stop reading a client that is not reading
 
     @staticmethod
-    async def _read(stream: trio.abc.Stream) -> bytes | bytearray:
+    async def _read(stream: _ByteIO) -> bytes | bytearray:
         try:
             return await stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
-    async def _write_loop(self, stream: trio.abc.Stream) -> None:
+    async def _write_loop(self, stream: _ByteIO) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            if self._gather:
-                # A call task was just started and usually answers in its first step:
-                # let it, so its answer leaves with what this read made h2 say.
-                self._gather = False
-                await trio.lowlevel.cancel_shielded_checkpoint()
             if not await self._flush(stream) or self._finishing:
                 return
 
-    async def _flush(self, stream: trio.abc.Stream) -> bool:
+    def _started(self) -> None:
+        """First thing a call task does."""
+        self._unstarted -= 1
+        if not self._unstarted:
+            self._first_steps.unpark_all()
+
+    def _kick(self) -> None:
+        """h2 has bytes for the peer: have them sent (by the reader if it is about to)."""
+        if not self._gathering:
+            self._wake.set()
+
+    async def _flush(self, stream: _ByteIO) -> bool:
         """Send what h2 has for the peer; False once the peer is gone. One sender at a
         time: whoever is sending also takes what others add meanwhile."""
         if self._writing:
             return True
         self._writing = True
         try:
-            while data := self.h2.data_to_send():
+            while data := self.data_to_send():
                 await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._shutdown()
@@ -357,6 +455,14 @@ class Connection:
             self._drained.unpark_all()
         return True
 
+    def data_to_send(self) -> bytes:
+        """The bytes for the peer: PING ACKs first (RFC 9113 6.7), then h2's."""
+        data = self.h2.data_to_send()
+        if self._pongs:
+            data = bytes(self._pongs) + data
+            self._pongs.clear()
+        return data
+
     # -- input --------------------------------------------------------------------------
 
     def feed(self, data: bytes | bytearray) -> bool:
@@ -364,7 +470,14 @@ class Connection:
         if self.closed:
             return False
         try:
-            self.gate.feed(data, self.h2.max_inbound_frame_size)
+            data = self.gate.feed(data, self.h2.max_inbound_frame_size)
+            pings = self.gate.pings
+            if pings:
+                for payload in pings:
+                    self._pongs += _PING_ACK + payload
+                pings.clear()
+                if not data:
+                    return True
             events = self.h2.receive_data(data)
         except Refused as e:
             log.info("closing gRPC connection: protocol error", error=str(e))
@@ -532,8 +645,8 @@ class Connection:
             raise RuntimeError("async methods need a connection served by serve()")
         st.scope = trio.CancelScope(deadline=st.deadline if st.deadline is not None
                                     else math.inf)
-        self._gather = True
         self.calls.start_soon(fn, *args, name=st.method.path)
+        self._unstarted += 1
 
     def _context(self, st: _Stream) -> CallContext:
         remaining = None
@@ -575,26 +688,30 @@ class Connection:
         self._reply(st, data)
 
     async def _run_unary(self, st: _Stream, ctx: CallContext, req: Any) -> None:
+        self._started()
         m = st.method
         data = error = None
-        assert st.scope is not None
-        with st.scope:
+        scope = st.scope
+        assert scope is not None
+        with scope:
             try:
                 data = m.encode(await m.impl(ctx, req))
             except Exception as e:
                 error = bridge.service_error(e, m.path)
+        st.scope = None  # nothing left to cancel (a cancel() costs more than a check)
         if st.gone:
             return  # reset by the client, or its connection is gone
-        if st.scope.cancelled_caught:
+        if scope.cancelled_caught:
             error = bridge.deadline_exceeded()
         if error is not None:
             self._fail(st, error)
         else:
             assert data is not None
             self._reply(st, data)
-        self._wake.set()
+        self._kick()
 
     async def _run_server_stream(self, st: _Stream, ctx: CallContext, req: Any) -> None:
+        self._started()
         m = st.method
 
         async def send(msg: Any) -> None:
@@ -603,6 +720,7 @@ class Connection:
         await self._run_to_trailers(st, m.impl, ctx, req, send)
 
     async def _run_streaming(self, st: _Stream) -> None:
+        self._started()
         await self._run_to_trailers(st, st.method.impl, self._context(st),
                                     MessageStream(self, st))
 
@@ -610,8 +728,9 @@ class Connection:
                                *args: Any) -> None:
         m = st.method
         error = resp = None
-        assert st.scope is not None
-        with st.scope:
+        scope = st.scope
+        assert scope is not None
+        with scope:
             try:
                 resp = await impl(*args)
                 if m.cardinality is Cardinality.STREAM_UNARY:
@@ -622,15 +741,16 @@ class Connection:
                 return
             except Exception as e:
                 error = bridge.service_error(e, m.path)
+        st.scope = None
         if st.gone:
             return
-        if st.scope.cancelled_caught:
+        if scope.cancelled_caught:
             error = bridge.deadline_exceeded()
         if error is not None:
             self._fail(st, error)
         else:
             self._end(st)
-        self._wake.set()
+        self._kick()
 
     async def recv_message(self, st: _Stream) -> Any:
         m = st.method
@@ -666,7 +786,7 @@ class Connection:
                 self.h2.acknowledge_received_data(n, st.sid)
             except h2.exceptions.ProtocolError:
                 return
-            self._wake.set()
+            self._kick()
 
     async def send_message(self, st: _Stream, msg: Any) -> None:
         data = st.method.encode(msg)
@@ -700,7 +820,7 @@ class Connection:
             except h2.exceptions.ProtocolError:
                 raise StreamGone() from None
             view = view[n:]
-            self._wake.set()
+            self._kick()
 
     # -- output -------------------------------------------------------------------------
 
@@ -739,7 +859,7 @@ class Connection:
                 self._end(st)
             except StreamGone:
                 self._done(st)
-        self._wake.set()
+        self._kick()
 
     def _end(self, st: _Stream) -> None:
         """OK trailers (trailers-only if nothing was sent)."""

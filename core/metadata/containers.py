@@ -15,9 +15,10 @@ containerd quirks kept on purpose, because clients can observe them:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeGuard, TypeVar
@@ -76,6 +77,7 @@ class Container:
 
 
 _M = TypeVar("_M", bound=betterproto.Message)
+_T = TypeVar("_T")
 
 
 def present(msg: _M | None) -> TypeGuard[_M]:
@@ -168,11 +170,46 @@ def namespace_check(c: sqlite3.Connection, namespace: str) -> str | None:
     return "containers" if row.fetchone() else None
 
 
+# Containers kept parsed in memory, oldest loaded dropped first: with their kept answers
+# up to ~40 KB each for dockerd's specs, so about 10 MB at most.
+CACHE_SIZE = 256
+
+
+class _Cached:
+    """A container as its row reads now, parsed once, and the answers made from it."""
+
+    __slots__ = ("container", "answers")
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self.answers: dict[Any, Any] = {}
+
+
+def _copy(c: Container) -> Container:
+    # Callers may change what they get (CRI sets a new spec before an update); the
+    # cached original stays as the row is. The Any messages are replaced, never edited.
+    return Container(c.id, c.runtime_name, c.runtime_options, c.spec, dict(c.labels),
+                     c.image, c.snapshotter, c.snapshot_key, dict(c.extensions),
+                     c.created_at, c.updated_at)
+
+
 class ContainerStore:
+    """The containers table. Reads are served from parsed copies kept in memory: a
+    ``ctr run`` asks for its container about ten times (every Tasks call looks it up),
+    dockerd's ``docker run`` eight times through Containers.Get, and parsing the row
+    (spec Any, labels, extensions, timestamps) cost more than the query. This store is
+    the table's only writer in the process (the cache belongs to the database, shared by
+    every store object over it), and every write drops the entry it touches."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._cache: dict[tuple[str, str], _Cached] = db.shared(COMPONENT, dict)
 
-    def get(self, namespace: str, container_id: str) -> Container:
+    def _load(self, namespace: str, container_id: str) -> _Cached:
+        key = (namespace, container_id)
+        entry = self._cache.get(key)
+        if entry is not None:
+            return entry
         with self.db.read() as c:
             row = c.execute(
                 "SELECT * FROM containers WHERE namespace = ? AND id = ?",
@@ -182,7 +219,39 @@ class ContainerStore:
             raise errdefs.NotFound(
                 f'container "{container_id}" in namespace "{namespace}"'
             )
-        return _row(row)
+        entry = _Cached(_row(row))
+        if len(self._cache) >= CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]
+        self._cache[key] = entry
+        return entry
+
+    @contextlib.contextmanager
+    def _writing(self, namespace: str, container_id: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction on one container's row; its cached copy is dropped before
+        and after (a reader in a worker thread may load the old row meanwhile)."""
+        key = (namespace, container_id)
+        self._cache.pop(key, None)
+        try:
+            with self.db.write() as c:
+                yield c
+        finally:
+            self._cache.pop(key, None)
+
+    def get(self, namespace: str, container_id: str) -> Container:
+        return _copy(self._load(namespace, container_id).container)
+
+    def answer(self, namespace: str, container_id: str, kind: Any,
+               build: Callable[[Container], _T]) -> _T:
+        """``build(container)``, made once per ``kind`` while the container's row stays
+        as it is (a service keeps its serialized answer here); NotFound as :meth:`get`.
+        ``build`` must not change the container it is given."""
+        entry = self._load(namespace, container_id)
+        try:
+            made: _T = entry.answers[kind]
+            return made
+        except KeyError:
+            made = entry.answers[kind] = build(entry.container)
+            return made
 
     def list(self, namespace: str, filter_exprs: Iterable[str] = ()) -> list[Container]:
         try:
@@ -219,7 +288,7 @@ class ContainerStore:
             created_at=now,
             updated_at=now,
         )
-        with self.db.write() as c:
+        with self._writing(namespace, container.id) as c:
             namespaces.ensure(c, namespace)
             c.execute("INSERT OR IGNORE INTO container_buckets(namespace) VALUES (?)",
                       (namespace,))
@@ -242,7 +311,7 @@ class ContainerStore:
         if container.id == "":
             raise errdefs.InvalidArgument("must specify a container id")
         paths = list(fieldpaths)
-        with self.db.write() as c:
+        with self._writing(namespace, container.id) as c:
             if not self._has_bucket(c, namespace):
                 raise errdefs.NotFound(
                     f'cannot update container "{container.id}" in namespace "{namespace}"'
@@ -301,7 +370,7 @@ class ContainerStore:
         return updated
 
     def delete(self, namespace: str, container_id: str) -> None:
-        with self.db.write() as c:
+        with self._writing(namespace, container_id) as c:
             if not self._has_bucket(c, namespace):
                 raise errdefs.NotFound(
                     f'cannot delete container "{container_id}" in namespace "{namespace}"'

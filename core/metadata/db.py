@@ -13,6 +13,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 # Each entry migrates from version i to i+1. Never edit a released entry: append.
 # Stores added by other plugins (content, images, snapshots, containers...) keep their own
@@ -71,6 +72,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # containerd's order in the error message: images 10, blobs 20, containers 30,
 # snapshots 40.
 NamespaceCheck = Callable[[sqlite3.Connection, str], "str | None"]
+_S = TypeVar("_S")
 
 
 def _make_private(path: Path) -> None:
@@ -104,11 +106,22 @@ class Database:
         c.execute("PRAGMA busy_timeout=5000")
         self.namespace_checks: list[NamespaceCheck] = []
         self._ranked_checks: list[tuple[int, NamespaceCheck]] = []
+        self._shared: dict[str, Any] = {}
         self._migrate()
         # Every store's tables and namespace checks, once, here: stores only use them.
         from berth.core.metadata import schema
 
         schema.setup(self)
+
+    def shared(self, name: str, factory: Callable[[], _S]) -> _S:
+        """One object per database and ``name`` (made by ``factory`` on first use): what
+        a store keeps in memory about its rows, so that every store object over this
+        database sees the same and every write through any of them keeps it right."""
+        try:
+            found: _S = self._shared[name]
+        except KeyError:
+            found = self._shared[name] = factory()
+        return found
 
     def add_namespace_check(self, rank: int, check: NamespaceCheck) -> None:
         self._ranked_checks.append((rank, check))

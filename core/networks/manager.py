@@ -372,8 +372,11 @@ class NetworkManager:
     # -- containers ------------------------------------------------------------------
 
     async def prepare_container(self, namespace: str, id: str, labels: dict[str, str],
-                                hostname: str = "") -> Prepared | None:
-        """Attach a container as its labels ask; None when they ask for nothing."""
+                                hostname: str | Callable[[], str] = "") -> Prepared | None:
+        """Attach a container as its labels ask; None when they ask for nothing.
+
+        ``hostname`` may be a function, called only for a container that gets addresses
+        (finding it parses the container's whole spec)."""
         names = netlabels.networks_of(labels)
         ports = netlabels.ports_of(labels)
         if not names:
@@ -403,7 +406,8 @@ class NetworkManager:
             prepared = Prepared(netns=path, attachments=attachments)
             addresses = [ip for a in attachments if a.result for ip in a.result.addresses()]
             if addresses:
-                prepared.hostname = hostname or id[:63]
+                prepared.hostname = (hostname() if callable(hostname) else hostname) \
+                    or id[:63]
                 dns = next((a.result.dns for a in attachments
                             if a.result and a.result.dns.nameservers), Result().dns)
                 try:

@@ -33,6 +33,7 @@ from berth.core.api.containerd.services.containers.v1 import (
     UpdateContainerResponse,
 )
 from berth.core.events.exchange import Exchange
+from berth.core.grpc.bridge import Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata import containers as store
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -59,6 +60,10 @@ def to_proto(c: store.Container) -> Container:
     if c.spec is not None:
         out.spec = c.spec
     return out
+
+
+def _encoded_get(c: store.Container) -> Encoded:
+    return Encoded(GetContainerResponse(container=to_proto(c)))
 
 
 def from_proto(pb: Container | None) -> store.Container:
@@ -98,6 +103,10 @@ class ContainersLocal:
     def get(self, ns: str, id: str) -> store.Container:
         return self.store.get(ns, id)
 
+    def get_answer(self, ns: str, id: str) -> Encoded:
+        """Containers.Get's answer, serialized once while the container stays as it is."""
+        return self.store.answer(ns, id, GetContainerResponse, _encoded_get)
+
     def list(self, ns: str, filters: list[str]) -> list[store.Container]:
         return self.store.list(ns, filters)
 
@@ -133,9 +142,10 @@ class ContainersService:
     def __init__(self, local: ContainersLocal) -> None:
         self.local = local
 
-    def get(self, ctx: CallContext, req: GetContainerRequest) -> GetContainerResponse:
+    def get(self, ctx: CallContext, req: GetContainerRequest) -> Encoded:
         ns = ctx.namespace_required()
-        return GetContainerResponse(container=to_proto(self.local.get(ns, req.id)))
+        # Kept serialized while the row stays: dockerd asks eight times per `docker run`.
+        return self.local.get_answer(ns, req.id)
 
     def list(self, ctx: CallContext, req: ListContainersRequest) -> ListContainersResponse:
         ns = ctx.namespace_required()

@@ -30,6 +30,9 @@ from berth.core.metadata.namespaces import NamespaceStore
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import EVENT, GRPC, METADATA, SERVICE
 
+# Namespaces whose Get answer is kept; past this many the cache starts over.
+GET_ANSWERS = 256
+
 
 class NamespacesLocal:
     """The namespaces service (``io.containerd.service.v1.namespaces-service``): the
@@ -90,9 +93,18 @@ class NamespacesService:
         # The store is read on every call (it is the truth); the answer is rebuilt and
         # serialized only when what it read differs from last time.
         self._list = AnswerCache()
+        # The same per namespace for Get (ctr asks twice per run, dockerd at start-up).
+        self._gets: dict[str, AnswerCache] = {}
 
-    def get(self, ctx: CallContext, req: GetNamespaceRequest) -> GetNamespaceResponse:
-        return GetNamespaceResponse(Namespace(name=req.name, labels=self.local.labels(req.name)))
+    def get(self, ctx: CallContext, req: GetNamespaceRequest) -> Encoded:
+        labels = self.local.labels(req.name)
+        cache = self._gets.get(req.name)
+        if cache is None:
+            if len(self._gets) >= GET_ANSWERS:
+                self._gets.clear()
+            cache = self._gets[req.name] = AnswerCache()
+        return cache.get(labels, lambda got: GetNamespaceResponse(
+            Namespace(name=req.name, labels=got)))
 
     def list(self, ctx: CallContext, req: ListNamespacesRequest) -> Encoded:
         return self._list.get(self.local.list(), lambda namespaces: ListNamespacesResponse(

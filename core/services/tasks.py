@@ -134,24 +134,26 @@ class TasksLocal:
     # -- the API ---------------------------------------------------------------------
 
     async def create(self, ns: str | None, req: CreateTaskRequest) -> CreateTaskResponse:
-        ns, container = self._container(ns, req.container_id)
+        container_id = req.container_id  # once: a betterproto field read costs microseconds
+        ns, container = self._container(ns, container_id)
         options = _opt(req.options)
         if restore_path(container.runtime_name, options) or present(req.checkpoint):
             raise errdefs.NotImplemented_("restoring a task from a checkpoint")
         # A task left by a previous berthd is reconnected or retired first.
-        await self.runtime.settle(ns, req.container_id)
-        if self.runtime.get(ns, req.container_id) is not None:
-            raise errdefs.AlreadyExists(f"task {req.container_id}")
+        await self.runtime.settle(ns, container_id)
+        if self.runtime.get(ns, container_id) is not None:
+            raise errdefs.AlreadyExists(f"task {container_id}")
         assert container.spec is not None  # the store refuses containers without one
-        key = (ns, req.container_id)
+        key = (ns, container_id)
         if self.networks is None:
             return await self._create(ns, req, container, container.spec, options)
         if key in self.networks.creating:
-            raise errdefs.AlreadyExists(f"task {req.container_id}")
+            raise errdefs.AlreadyExists(f"task {container_id}")
         self.networks.creating.add(key)
         try:
+            spec = container.spec
             prepared = await self.networks.prepare_container(
-                ns, container.id, container.labels, spec_hostname(container.spec))
+                ns, container.id, container.labels, lambda: spec_hostname(spec))
             if prepared is None:
                 return await self._create(ns, req, container, container.spec, options)
             try:
@@ -191,22 +193,24 @@ class TasksLocal:
         return CreateTaskResponse(container_id=req.container_id, pid=pid)
 
     async def start(self, ns: str | None, req: StartRequest) -> StartResponse:
+        exec_id = req.exec_id  # once: each read of a betterproto field costs microseconds
         task = await self._live(ns, req.container_id)
-        await self._process(task, req.exec_id)
+        await self._process(task, exec_id)
         # The shim's Start answer carries the pid containerd reads back with State.
-        if req.exec_id:
+        if exec_id:
             with self.runtime.primer.starting():  # the exec'd process joins the cgroups
-                pid = await task.start(req.exec_id)
+                pid = await task.start(exec_id)
         else:
-            pid = await task.start(req.exec_id)
+            pid = await task.start(exec_id)
         return StartResponse(pid=pid)
 
     async def delete(self, ns: str | None, req: DeleteTaskRequest) -> DeleteResponse:
-        ns, container = self._container(ns, req.container_id)
-        task, exit_ = await self._settled(ns, req.container_id)
+        container_id = req.container_id
+        ns, container = self._container(ns, container_id)
+        task, exit_ = await self._settled(ns, container_id)
         # exit_ alone: its shim was found dead at start-up, its cleanup deleted it.
         if task is not None or exit_ is None:
-            exit_ = await self.runtime.delete(ns, req.container_id)
+            exit_ = await self.runtime.delete(ns, container_id)
         if self.networks is not None:
             try:
                 await self.networks.release_container(ns, container.id)
@@ -250,7 +254,8 @@ class TasksLocal:
                        status=Status(Status.UNKNOWN))
 
     async def get(self, ns: str | None, req: GetRequest) -> GetResponse:
-        ns, container = self._container(ns, req.container_id)
+        container_id, exec_id = req.container_id, req.exec_id  # each field read once
+        ns, container = self._container(ns, container_id)
         p = self.runtime.recovering(ns, container.id)
         if p is not None:
             # A live shim answers its probe in a moment; a dead one's cleanup is
@@ -258,10 +263,10 @@ class TasksLocal:
             with trio.move_on_after(STATE_TIMEOUT):
                 await p.probed.wait()
             if self.runtime.get(ns, container.id) is None and not p.settled.is_set():
-                return GetResponse(process=self._recovering(p, req.exec_id))
-        task = self._task(ns, req.container_id)
-        await self._process(task, req.exec_id)
-        return GetResponse(process=await self._process_state(task, req.exec_id))
+                return GetResponse(process=self._recovering(p, exec_id))
+        task = self._task(ns, container_id)
+        await self._process(task, exec_id)
+        return GetResponse(process=await self._process_state(task, exec_id))
 
     async def list(self, ns: str | None, req: ListTasksRequest) -> ListTasksResponse:
         ns = namespace_required(ns)
@@ -363,14 +368,15 @@ class TasksLocal:
         return MetricsResponse(metrics=out)
 
     async def wait(self, ns: str | None, req: WaitRequest) -> WaitResponse:
+        exec_id = req.exec_id  # once: each read of a betterproto field costs microseconds
         task, exit_ = await self._settled(ns, req.container_id)
         if task is None:
             assert exit_ is not None
-            if req.exec_id:
-                raise errdefs.NotFound(f"process {req.exec_id}: not found", raw=True)
+            if exec_id:
+                raise errdefs.NotFound(f"process {exec_id}: not found", raw=True)
             return WaitResponse(exit_status=exit_.status, exited_at=exit_.exited_at)
-        await self._process(task, req.exec_id)
-        exit_ = await task.wait(req.exec_id)
+        await self._process(task, exec_id)
+        exit_ = await task.wait(exec_id)
         return WaitResponse(exit_status=exit_.status, exited_at=exit_.exited_at)
 
 

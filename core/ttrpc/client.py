@@ -17,7 +17,7 @@ from typing import TypeVar
 import betterproto
 import trio
 
-from berth.core import errdefs, log
+from berth.core import errdefs, log, protowire
 from berth.core.ttrpc import codec
 from berth.core.ttrpc._writer import FrameWriter
 
@@ -120,7 +120,7 @@ class Client:
         if response.code != errdefs.Code.OK:
             raise errdefs.from_status(response.code, response.message)
         try:
-            return response_type().parse(response.payload)
+            return protowire.parse_flat(response_type, response.payload)
         except Exception as exc:
             raise errdefs.Internal(
                 f"ttrpc: cannot decode {service}/{method} response as "

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import betterproto
 import trio
 
-from berth.core import errdefs, log
+from berth.core import errdefs, log, protowire
 from berth.core.errdefs import Code
 from berth.core.headers import TTRPC_NAMESPACE
 from berth.core.ttrpc import codec
@@ -307,7 +307,7 @@ class Server:
             return codec.CallResponse(Code.UNIMPLEMENTED, f"method {request.method}")
 
         try:
-            message = method.request_type().parse(request.payload)
+            message = protowire.parse_flat(method.request_type, request.payload)
         except Exception as exc:
             return codec.CallResponse(
                 Code.INTERNAL, f"ttrpc: error unmarshalling payload: {exc}"

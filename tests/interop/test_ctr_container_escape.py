@@ -181,12 +181,17 @@ def stop_watch(berth: Berth, probe: Path, cid: str) -> list[str]:
             if not line.startswith("DENIED ")]
 
 
+RUNC_INIT_OWN_FILES = ("anon_inode:[eventpoll]", "/proc/sys/kernel/cap_last_cap")
+
+
 def runc_own(found: list[str]) -> list[str]:
     """What runc 1.1's own ``runc init`` shows for a moment, under containerd's runc
     shim as under berth's: it runs dumpable from its read-only clone of itself (a bind
     mount already detached, so its exe reads "/") with nothing but the Go runtime's
-    epoll and self-pipe (both ends of one pipe in one process). None of it reaches the
-    shim or the host; anything else found is kept."""
+    epoll and self-pipe (both ends of one pipe in one process), and, caught under load,
+    the read of /proc/sys/kernel/cap_last_cap that Go's capability package makes at start
+    (a kernel file every container reads for itself). None of it reaches the shim or the
+    host; anything else found is kept."""
     pipes: dict[tuple[str, str], set[str]] = {}
     for line in found:
         kind, pid, *rest = line.split(" ")
@@ -197,7 +202,7 @@ def runc_own(found: list[str]) -> list[str]:
         kind, pid, *rest = line.split(" ")
         if kind == "EXE" and rest == ["/"]:
             own.append(line)
-        elif kind in ("FD", "STOLE") and (rest[1] == "anon_inode:[eventpoll]" or
+        elif kind in ("FD", "STOLE") and (rest[1] in RUNC_INIT_OWN_FILES or
                                          len(pipes.get((pid, rest[1]), ())) == 2):
             own.append(line)
     return own

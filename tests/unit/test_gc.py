@@ -471,23 +471,68 @@ async def test_idle_scheduler_sleeps_until_something_is_due(
         autojump_clock: trio.testing.MockClock) -> None:
     col = CountingCollector()
     s = GCScheduler(col, Config())  # type: ignore[arg-type]
-    wakeups = 0
-    real_receive = s._recv.receive
-
-    async def counting_receive() -> object:
-        nonlocal wakeups
-        wakeups += 1
-        return await real_receive()
-
-    s._recv.receive = counting_receive  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         await nursery.start(s.run)
         await trio.sleep(0.5)
         assert col.runs == 1
-        before = wakeups
+        before = s.wakeups
         await trio.sleep(600)  # ten minutes of nothing to do
-        assert wakeups - before <= 1
-        s.mutated(True)
+        assert s.wakeups - before <= 1
+        # Changes wake it only when they move a collection.
+        before = s.wakeups
+        for _ in range(50):
+            s.mutated(False)  # below the mutation threshold: nothing is due
+        await trio.testing.wait_all_tasks_blocked()
+        assert s.wakeups == before
+        s.mutated(True)  # the next tick now has work: one wake-up arms it
+        for _ in range(20):
+            s.mutated(True)  # already armed: no more wake-ups
+        await trio.testing.wait_all_tasks_blocked()
+        assert s.wakeups == before + 1
         await trio.sleep(1)
         assert col.runs == 2  # a deletion is still collected at the next tick
+        assert s._deletions == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_collection_is_tried_again_without_a_new_change(
+        autojump_clock: trio.testing.MockClock) -> None:
+    col = CountingCollector()
+    s = GCScheduler(col, Config())  # type: ignore[arg-type]
+    real = col.collect
+    failures = [RuntimeError("disk on fire")]
+
+    async def flaky() -> object:
+        if failures:
+            raise failures.pop()
+        return await real()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        await trio.sleep(0.5)
+        assert col.runs == 1
+        col.collect = flaky  # type: ignore[method-assign]
+        s.mutated(True)
+        await trio.sleep(5)
+        assert not failures and col.runs == 2  # failed once, then collected
+        nursery.cancel_scope.cancel()
+
+
+async def test_changes_during_a_collection_count_for_the_next(
+        autojump_clock: trio.testing.MockClock) -> None:
+    col = CountingCollector()
+    s = GCScheduler(col, Config(startup_delay=0))  # type: ignore[arg-type]
+    real = col.collect
+
+    async def slow() -> object:
+        s.mutated(True)  # while the collector runs
+        return await real()
+
+    col.collect = slow  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(s.run)
+        await s.schedule_and_wait()
+        assert col.runs == 1
+        await trio.sleep(1)
+        assert col.runs >= 2  # the deletion made during the first one was collected
         nursery.cancel_scope.cancel()

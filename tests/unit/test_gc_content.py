@@ -175,3 +175,61 @@ async def test_cleanup_spares_blobs_being_committed(autojump_clock: object) -> N
         n.start_soon(commit)
         n.start_soon(cleanup)
     assert order == ["commit start", "commit end", "cleanup"]
+
+
+async def test_content_read_answers_small_blobs_from_memory_per_namespace(
+        db: Database, backend: ContentStore) -> None:
+    from berth.core.api.containerd.services.content import v1 as api
+    from berth.core.grpc.context import CallContext
+    from berth.core.services.content import ContentService
+
+    cs = NamespacedContent(db, backend)
+    svc = ContentService(cs)
+    d = await put(cs, "a", "r", b"manifest bytes")
+
+    async def read(ns: str, **kw: int) -> list[tuple[int, bytes]]:
+        got: list[tuple[int, bytes]] = []
+
+        async def send(msg: object) -> None:
+            m = getattr(msg, "message", msg)  # a kept answer travels as its bytes
+            got.append((m.offset, m.data))
+
+        await svc.read(CallContext(metadata={"containerd-namespace": ns}),
+                       api.ReadContentRequest(digest=d, **kw), send)
+        return got
+
+    assert await read("a") == [(0, b"manifest bytes")]
+    assert await read("a") == [(0, b"manifest bytes")]
+    assert d in svc._reads
+    # Ranges still read the file; offsets count from the start of the read.
+    assert await read("a", offset=9) == [(0, b"bytes")]
+    assert await read("a", offset=0, size=8) == [(0, b"manifest")]
+    assert await read("a", size=100) == [(0, b"manifest bytes")]
+    # Kept bytes are no permission: another namespace, or a deleted blob, is NotFound.
+    with pytest.raises(errdefs.NotFound):
+        await read("b")
+    cs.delete("a", d)
+    with pytest.raises(errdefs.NotFound):
+        await read("a")
+
+
+async def test_content_info_answer_is_kept_until_the_blob_changes(
+        db: Database, backend: ContentStore) -> None:
+    from berth.core.api.containerd.services.content import v1 as api
+    from berth.core.grpc.context import CallContext
+    from berth.core.services.content import ContentService
+
+    cs = NamespacedContent(db, backend)
+    svc = ContentService(cs)
+    d = await put(cs, "a", "r", b"config")
+    cs.update("a", Info(digest=d, labels={"k": "1"}), ["labels.k"])
+    ctx = CallContext(metadata={"containerd-namespace": "a"})
+    first = svc.info(ctx, api.InfoRequest(digest=d))
+    assert svc.info(ctx, api.InfoRequest(digest=d)) is first
+    assert first.message.info.labels == {"k": "1"} and first.message.info.size == 6
+    cs.update("a", Info(digest=d, labels={"k": "2"}), ["labels.k"])
+    second = svc.info(ctx, api.InfoRequest(digest=d))
+    assert second is not first and second.message.info.labels == {"k": "2"}
+    assert second.message.info.updated_at >= first.message.info.updated_at
+    with pytest.raises(errdefs.NotFound):
+        svc.info(CallContext(metadata={"containerd-namespace": "b"}), api.InfoRequest(digest=d))

@@ -69,3 +69,30 @@ def test_namespace_list_follows_the_store(tmp_path: Path) -> None:
     assert listed() == [("a", {"k": "2"})]
     store.create("b", {})
     assert listed() == [("a", {"k": "2"}), ("b", {})]
+
+
+def test_namespace_get_follows_the_store(tmp_path: Path) -> None:
+    from berth.core.api.containerd.services.namespaces.v1 import (
+        GetNamespaceRequest,
+        GetNamespaceResponse,
+    )
+
+    store = NamespaceStore(Database(tmp_path / "meta.db"))
+    store.create("a", {"k": "1"})
+    store.create("b", {})
+    svc = NamespacesService(NamespacesLocal(store, events=None))  # type: ignore[arg-type]
+    method = bridge.handlers_for(svc, NamespacesBase)[
+        "/containerd.services.namespaces.v1.Namespaces/Get"]
+
+    def got(name: str) -> tuple[str, dict[str, str]]:
+        data = method.encode(svc.get(CallContext(), GetNamespaceRequest(name=name)))
+        ns = GetNamespaceResponse().parse(data[5:]).namespace
+        return ns.name, dict(ns.labels)
+
+    assert got("a") == ("a", {"k": "1"})
+    assert got("b") == ("b", {})
+    assert got("a") == ("a", {"k": "1"})
+    store.set_labels("a", {"k": "2"})
+    assert got("a") == ("a", {"k": "2"})
+    # containerd answers a missing namespace with its name and no labels.
+    assert got("missing") == ("missing", {})

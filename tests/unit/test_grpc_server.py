@@ -194,3 +194,87 @@ async def test_handshake_deadline_never_cuts_an_answer(autojump_clock: object) -
                         status = dict(ev.headers).get(b"grpc-status", status)
         await client.aclose()
     assert status == b"0"
+
+
+# -- PINGs answered by the gate (grpc-go sends one with nearly every call) ---------------
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def ping(payload: bytes = b"12345678", flags: int = 0, stream: int = 0,
+         length: int = 8) -> bytes:
+    return (length.to_bytes(3, "big") + b"\x06" + bytes([flags]) + stream.to_bytes(4, "big")
+            + payload[:length].ljust(length, b"\x00"))
+
+
+def test_frame_gate_takes_out_whole_well_formed_pings() -> None:
+    gate = FrameGate()
+    assert gate.feed(PREFACE + SETTINGS, 16384) == PREFACE + SETTINGS
+    window_update = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x01\x00"
+    data = window_update + ping(b"AAAAAAAA") + window_update + ping(b"BBBBBBBB")
+    assert gate.feed(data, 16384) == window_update + window_update
+    assert gate.pings == [b"AAAAAAAA", b"BBBBBBBB"]
+    gate.pings.clear()
+    # Left to h2: an ACK, a wrong length, a stream other than 0, a PING split over reads.
+    for odd in (ping(flags=1), ping(length=7), ping(length=9), ping(stream=1)):
+        assert gate.feed(odd, 16384) == odd
+    whole = ping(b"CCCCCCCC")
+    assert gate.feed(whole[:12], 16384) == whole[:12]
+    assert gate.feed(whole[12:], 16384) == whole[12:]
+    split_header = ping(b"DDDDDDDD")
+    assert gate.feed(split_header[:4], 16384) == split_header[:4]
+    assert gate.feed(split_header[4:], 16384) == split_header[4:]
+    assert gate.pings == []
+
+
+def test_frame_gate_leaves_pings_inside_a_header_block_and_after_goaway_to_h2() -> None:
+    gate = FrameGate()
+    gate.feed(PREFACE + SETTINGS, 16384)
+    headers_open = b"\x00\x00\x01\x01\x00\x00\x00\x00\x01" + b"\x82"  # no END_HEADERS
+    assert gate.feed(headers_open + ping(), 16384) == headers_open + ping()
+    continuation_end = b"\x00\x00\x01\x09\x04\x00\x00\x00\x01" + b"\x84"
+    assert gate.feed(continuation_end + ping(), 16384) == continuation_end
+    assert len(gate.pings) == 1
+    goaway = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + bytes(8)
+    assert gate.feed(goaway + ping(), 16384) == goaway + ping()
+    assert len(gate.pings) == 1
+
+
+def _connection_and_client():
+    from berth.core.grpc.connection import Connection
+    conn = Connection(harness.router())
+    client = harness.client_h2()
+    conn.feed(client.data_to_send())
+    client.receive_data(conn.data_to_send())
+    return conn, client
+
+
+def test_pings_are_acked_with_their_payload_and_calls_still_answered() -> None:
+    conn, client = _connection_and_client()
+    client.ping(b"bdp-ping")
+    client.send_headers(1, [
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", harness.VERSION.encode()),
+        (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+        (b"containerd-namespace", b"default")])
+    client.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
+    client.ping(b"second!!")
+    assert conn.feed(client.data_to_send())
+    events = client.receive_data(conn.data_to_send())
+    acks = [ev.ping_data for ev in events if isinstance(ev, h2.events.PingAckReceived)]
+    assert acks == [b"bdp-ping", b"second!!"]
+    trailers = [dict(ev.headers) for ev in events if isinstance(ev, h2.events.TrailersReceived)]
+    assert trailers == [{b"grpc-status": b"0"}]
+    # A read holding nothing but a PING is answered too.
+    client.ping(b"lonely!!")
+    assert conn.feed(client.data_to_send())
+    events = client.receive_data(conn.data_to_send())
+    assert [ev.ping_data for ev in events] == [b"lonely!!"]
+
+
+def test_ping_inside_a_header_block_still_fails_the_connection() -> None:
+    conn, _ = _connection_and_client()
+    headers_open = b"\x00\x00\x01\x01\x00\x00\x00\x00\x01" + b"\x82"
+    assert not conn.feed(headers_open + ping())
+    goaway = conn.data_to_send()
+    assert goaway[3] == 0x07 and goaway[-4:] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR

@@ -150,6 +150,9 @@ async def test_collect_stale(tmp_path: Path) -> None:
 async def test_labels_errors(tmp_path: Path) -> None:
     m, _ = make(tmp_path, FakeNet())
     assert await m.prepare_container("ns", "c", {}) is None
+    # The hostname (found by parsing the spec) is asked for only when it is needed.
+    assert await m.prepare_container(
+        "ns", "c", {}, hostname=lambda: pytest.fail("hostname asked for")) is None
     with pytest.raises(errdefs.InvalidArgument, match="needs io.berth.network"):
         await m.prepare_container("ns", "c", {"io.berth.ports": "1:2"})
     with pytest.raises(errdefs.InvalidArgument, match="1-65535"):
