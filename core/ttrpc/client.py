@@ -49,7 +49,7 @@ class Client:
         self, stream: trio.abc.Stream, *, max_message_length: int = codec.MAX_MESSAGE_LENGTH
     ) -> None:
         self._stream = stream
-        self._writer = FrameWriter(stream)
+        self._writer = FrameWriter(stream, direct=True)
         self._max = max_message_length
         self._pending: dict[int, _Call] = {}
         self._next_id = 1  # client streams are odd, as the server insists
@@ -89,8 +89,9 @@ class Client:
         deadline = min(own_deadline, trio.current_effective_deadline())
         timeout_nano = 0
         if deadline != math.inf:
-            # 0 would mean "no deadline" on the wire, so an expired one is sent as 1ns.
-            timeout_nano = max(1, int((deadline - now) * 1e9))
+            # 0 would mean "no deadline" on the wire, so an expired one is sent as 1ns
+            # (an already cancelled scope's deadline is -inf: Cancelled comes at the send).
+            timeout_nano = max(1, int(max(0.0, deadline - now) * 1e9))
 
         stream_id = self._allocate_stream_id()
         frame = codec.request_frame(

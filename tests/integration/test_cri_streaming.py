@@ -410,8 +410,10 @@ def test_client_hanging_up_kills_its_exec(pod: Pod) -> None:
     created" and left the process running (this failed under load before berthd let Start
     finish and the shim made Kill wait for it)."""
     def sleeping() -> bool:
-        r = pod.c.runtime("exec_sync", api.ExecSyncRequest(container_id=pod.web, cmd=["ps"]))
-        return b"sleep 777" in r.stdout
+        # Looked for on the host, not through the CRI client: this runs in a worker thread,
+        # and the client's loop belongs to the test's thread (under trio-asyncio's loop
+        # policy, which another test module installs, a call from a thread fails).
+        return bool(_host_pids(["sleep", "777"]))
 
     async def run() -> None:
         url = pod.exec_url(pod.web, ["sleep", "777"], stdout=True, stderr=True)

@@ -253,6 +253,41 @@ async def test_concurrent_calls_interleave_on_one_connection(address, echo):
 
 
 @guarded
+async def test_large_and_small_requests_at_once_arrive_whole(address, echo):
+    # Requests far larger than a unix socket's buffer: a caller's own write takes part of
+    # one and the writer task the rest, while other callers keep sending. Every frame
+    # must still arrive whole and in one piece (the server would drop the connection on
+    # a torn frame) and every caller get its own answer.
+    results: dict[int, str] = {}
+    async with open_client(address) as client:
+
+        async def one(i: int) -> None:
+            value = f"{i}-" + ("y" * (1_500_000 if i % 3 == 0 else 10))
+            reply = await client.call(SERVICE, "Echo", KeyValue(str(i), value), KeyValue)
+            results[i] = reply.value
+
+        async with trio.open_nursery() as nursery:
+            for i in range(12):
+                nursery.start_soon(one, i)
+        assert (await client.call(SERVICE, "Echo", KeyValue(value="ab"), KeyValue)).value == "ba"
+    assert results == {
+        i: (f"{i}-" + ("y" * (1_500_000 if i % 3 == 0 else 10)))[::-1] for i in range(12)
+    }
+
+
+@guarded
+async def test_call_cancelled_before_sending_sends_nothing(address, echo):
+    async with open_client(address) as client:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await client.call(SERVICE, "Echo", KeyValue(key="never"), KeyValue)
+        assert scope.cancelled_caught
+        assert (await client.call(SERVICE, "Echo", KeyValue(key="after"), KeyValue)).key == "after"
+    # Only the second call reached the server.
+    assert [c.method for c in echo.contexts] == ["Echo"]
+
+
+@guarded
 async def test_client_timeout_raises_deadline_exceeded_and_server_cancels_handler(address, echo):
     async with open_client(address) as client:
         with pytest.raises(errdefs.DeadlineExceeded) as info:
