@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import zlib
 from types import ModuleType
-from typing import BinaryIO, Protocol, cast
+from typing import Protocol, cast
 
 import zstandard
 
@@ -93,6 +93,12 @@ def detect(head: bytes) -> Compression:
     return Compression.UNCOMPRESSED
 
 
+class ByteSource(Protocol):
+    """What a layer is read from: a file, or a wrapper that counts or hashes on the way."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class Reader(Protocol):
     compression: Compression
 
@@ -101,7 +107,7 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
-def open_stream(src: BinaryIO, compression: Compression | None = None) -> Reader:
+def open_stream(src: ByteSource, compression: Compression | None = None) -> Reader:
     """A reader of the decompressed bytes of ``src``.
 
     ``compression`` None means detect from the first bytes. Closing the reader
@@ -117,7 +123,7 @@ def open_stream(src: BinaryIO, compression: Compression | None = None) -> Reader
     return _PlainReader(src, head)
 
 
-def _read_full(src: BinaryIO, n: int) -> bytes:
+def _read_full(src: ByteSource, n: int) -> bytes:
     chunks: list[bytes] = []
     want = n
     while want > 0:
@@ -132,7 +138,7 @@ def _read_full(src: BinaryIO, n: int) -> bytes:
 class _PlainReader:
     compression = Compression.UNCOMPRESSED
 
-    def __init__(self, src: BinaryIO, head: bytes) -> None:
+    def __init__(self, src: ByteSource, head: bytes) -> None:
         self._src = src
         self._head = head
 
@@ -158,7 +164,7 @@ class _GzipReader:
 
     compression = Compression.GZIP
 
-    def __init__(self, src: BinaryIO, head: bytes) -> None:
+    def __init__(self, src: ByteSource, head: bytes) -> None:
         self._src = src
         self._pending = head  # compressed bytes not yet given to the inflater
         self._inflater = _inflate_lib.decompressobj(16 + zlib.MAX_WBITS)
@@ -298,7 +304,7 @@ class _ZstdFrames:
 class _CheckedSource:
     """Gives back the peeked bytes, then the rest of ``src``, watching frames go by."""
 
-    def __init__(self, src: BinaryIO, head: bytes) -> None:
+    def __init__(self, src: ByteSource, head: bytes) -> None:
         self._src = src
         self._head = head
         self.frames = _ZstdFrames()
@@ -315,10 +321,12 @@ class _CheckedSource:
 class _ZstdReader:
     compression = Compression.ZSTD
 
-    def __init__(self, src: BinaryIO, head: bytes) -> None:
+    def __init__(self, src: ByteSource, head: bytes) -> None:
         self._source = _CheckedSource(src, head)
         self._reader = zstandard.ZstdDecompressor().stream_reader(
-            self._source,
+            # zstandard reads any object with read(n) (its docs say so); its stub asks
+            # for a whole IO[bytes].
+            self._source,  # type: ignore[arg-type]
             read_size=READ_SIZE,
             read_across_frames=True,
             closefd=False,

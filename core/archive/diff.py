@@ -17,11 +17,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from berth.core.archive import WHITEOUT_PREFIX
 
 _CAPABILITY = "security.capability"
+
+
+class ByteSink(Protocol):
+    """Where a layer tar goes: a file, a compressor, or a wrapper that hashes on the way."""
+
+    def write(self, data: bytes, /) -> object: ...
+
 _COPY_CHUNK = 1 << 20
 
 
@@ -33,7 +40,7 @@ class _Entry:
     full: str
 
 
-def write_diff(lower: Path | str, upper: Path | str, out: BinaryIO) -> None:
+def write_diff(lower: Path | str, upper: Path | str, out: ByteSink) -> None:
     """Write to ``out`` the layer tar that turns ``lower`` into ``upper``."""
     writer = _ChangeWriter(out, str(upper))
     try:
@@ -153,9 +160,12 @@ def _capability(path: str) -> bytes | None:
 
 
 class _ChangeWriter:
-    def __init__(self, out: BinaryIO, source: str) -> None:
-        self._tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
-                                 encoding="utf-8", errors="surrogateescape")
+    def __init__(self, out: ByteSink, source: str) -> None:
+        # Stream mode ("w|") only ever calls write(); typeshed's tarfile asks every
+        # fileobj for read/seek/tell too.
+        self._tar = tarfile.open(  # type: ignore[call-overload]
+            fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
+            encoding="utf-8", errors="surrogateescape")
         self._source = source
         self._whiteout_time = int(time.time())
         self._added_dirs: set[str] = set()

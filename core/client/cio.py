@@ -195,24 +195,25 @@ async def open_fifo_writer(path: str) -> int:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int] = loop.create_future()
 
-    def deliver(fd: int | None, exc: BaseException | None) -> None:
+    def deliver(fd: int) -> None:
         if done.cancelled():
-            if fd is not None:
-                os.close(fd)
-        elif exc is not None:
-            done.set_exception(exc)
+            os.close(fd)
         else:
-            done.set_result(fd)  # type: ignore[arg-type]
+            done.set_result(fd)
+
+    def fail(exc: BaseException) -> None:
+        if not done.cancelled():
+            done.set_exception(exc)
 
     def opener() -> None:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(deliver, None, exc)
+                loop.call_soon_threadsafe(fail, exc)
             return
         try:
-            loop.call_soon_threadsafe(deliver, fd, None)
+            loop.call_soon_threadsafe(deliver, fd)
         except RuntimeError:  # the loop is gone
             os.close(fd)
 

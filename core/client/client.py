@@ -21,6 +21,7 @@ from grpclib.const import Cardinality
 
 from berth.core import errdefs
 from berth.core.api.containerd.services.content import v1 as content_api
+from berth.core.api.containerd.services.content.v1 import WriteAction
 from berth.core.api.containerd.services.diff import v1 as diff_api
 from berth.core.api.containerd.services.images import v1 as images_api
 from berth.core.api.containerd.services.leases import v1 as leases_api
@@ -105,8 +106,10 @@ class ContentWriter:
             metadata=self.client.metadata)
         self._stream = await self._cm.__aenter__()
         try:
+            # WriteAction(member): betterproto's enum members look like plain ints to
+            # mypy (betterproto#616); the constructor gives back the same member, typed.
             resp = await self._round(content_api.WriteContentRequest(
-                action=content_api.WriteAction.STAT, ref=self.ref, total=total,
+                action=WriteAction(WriteAction.STAT), ref=self.ref, total=total,
                 expected=expected))
         except BaseException:
             await self._abandon()
@@ -146,7 +149,7 @@ class ContentWriter:
             chunk = data[i:i + WRITE_CHUNK]
             with _errors():
                 await self._stream.send_message(content_api.WriteContentRequest(
-                    action=content_api.WriteAction.WRITE, offset=self.offset, data=chunk))
+                    action=WriteAction(WriteAction.WRITE), offset=self.offset, data=chunk))
             self.offset += len(chunk)
             self._pending += 1
             if self._pending > WRITE_WINDOW:
@@ -156,14 +159,14 @@ class ContentWriter:
     async def truncate(self) -> None:
         """Start over (a write at offset 0 restarts an ingest)."""
         await self._round(content_api.WriteContentRequest(
-            action=content_api.WriteAction.WRITE, offset=0))
+            action=WriteAction(WriteAction.WRITE), offset=0))
 
     async def commit(self, size: int, expected: str, labels: dict[str, str] | None = None
                      ) -> None:
         """Verify and publish; AlreadyExists when the namespace already had it."""
         try:
             await self._round(content_api.WriteContentRequest(
-                action=content_api.WriteAction.COMMIT, offset=self.offset, total=size,
+                action=WriteAction(WriteAction.COMMIT), offset=self.offset, total=size,
                 expected=expected, labels=dict(labels or {})), end=True)
             with _errors():
                 while await self._stream.recv_message() is not None:

@@ -149,7 +149,7 @@ class Writer:
         if not views:
             return
         try:
-            _write_all(self._fd, views)  # type: ignore[arg-type]
+            _write_all(self._open_fd(), views)
         except BaseException:
             # Some unknown prefix may have reached the file: only a rehash can tell.
             self._broken = "write failed; reopen the ingest to resume"
@@ -162,8 +162,9 @@ class Writer:
         self._disk += sum(len(v) for v in views)
 
     def _truncate_sync(self) -> None:
-        os.ftruncate(self._fd, 0)  # type: ignore[arg-type]
-        os.lseek(self._fd, 0, os.SEEK_SET)  # type: ignore[arg-type]
+        fd = self._open_fd()
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         self._hashers = ingest.new_hashers(self._hashers)
         self._buf = bytearray()
         self._disk = 0
@@ -262,12 +263,18 @@ class Writer:
                 self._write_sync()
         finally:
             if self._broken is None:
-                st = os.fstat(self._fd)  # type: ignore[arg-type]
+                st = os.fstat(self._open_fd())
                 self.saved = ingest.Saved(st.st_ino, st.st_size, st.st_mtime_ns,
                                           {a: h.copy() for a, h in self._hashers.items()})
             self._close_fd()
             with contextlib.suppress(OSError):  # advisory: status() also reads mtime
                 ingest.write_updated(self._path, self.updated_ns)
+
+    def _open_fd(self) -> int:
+        """The descriptor, for the steps that only run while the writer is open."""
+        if self._fd is None:
+            raise FailedPrecondition("writer is closed")
+        return self._fd
 
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None

@@ -92,4 +92,6 @@ def to_dict(any_msg: AnyMsg) -> dict[str, Any] | None:
     msg = unmarshal_any(any_msg)
     if msg is None:
         return None
-    return msg.to_pydict(casing=betterproto.Casing.SNAKE)
+    # betterproto's Casing members are functions, so Enum leaves them plain functions
+    # (what to_pydict calls); its annotation says Casing.
+    return msg.to_pydict(casing=betterproto.Casing.SNAKE)  # type: ignore[arg-type]

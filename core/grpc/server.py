@@ -81,7 +81,7 @@ async def serve(
     """Serve ``routes`` until cancelled; the socket file is removed on the way out."""
     router = Router(routes, max_recv=max_recv)
     sock = _unix_listener(address, uid, gid)
-    listeners: list[trio.abc.Listener[Any]] = [
+    listeners: list[trio.SocketListener] = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
     try:
         if tcp_address:
@@ -94,7 +94,7 @@ async def serve(
             task_status.started()
     finally:
         for listener in listeners[1:]:
-            listener.socket.close()  # type: ignore[attr-defined]
+            listener.socket.close()
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             address.unlink()

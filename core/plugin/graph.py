@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import platform
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ async def init_all(
     plugin_config: dict[str, dict[str, Any]],
     daemon_config: Any,
     nursery: trio.Nursery,
-    disabled: set[str] = frozenset(),  # type: ignore[assignment]
+    disabled: AbstractSet[str] = frozenset(),
 ) -> PluginSet:
     """Initialise in dependency order; a failing plugin is recorded, never fatal here."""
     plugins = PluginSet()

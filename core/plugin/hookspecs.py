@@ -36,3 +36,4 @@ def berth_plugins() -> list[Registration]:
     Each registration names a type (``io.containerd.snapshotter.v1``), an id, the types
     it requires and an async ``init(ctx)`` that returns the plugin's instance.
     """
+    raise NotImplementedError  # a hookspec is only a signature: pluggy never calls it

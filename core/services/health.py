@@ -32,7 +32,9 @@ class HealthService:
     base = HealthBase
 
     def __init__(self) -> None:
-        self._status: dict[str, Status] = {"": Status.SERVING}
+        # Status(member): betterproto's enum members look like plain ints to mypy
+        # (betterproto#616); the constructor gives back the same member, typed.
+        self._status: dict[str, Status] = {"": Status(Status.SERVING)}
         self._changed = trio.Event()
 
     def set_status(self, service: str, status: Status) -> None:
@@ -54,7 +56,7 @@ class HealthService:
         last: Status | None = None
         while True:
             changed = self._changed
-            status = self._status.get(req.service, Status.SERVICE_UNKNOWN)
+            status = self._status.get(req.service, Status(Status.SERVICE_UNKNOWN))
             if status != last:
                 await send(HealthCheckResponse(status=status))
                 last = status

@@ -33,12 +33,17 @@ def _from_api(img: api.Image | None) -> Image:
 
 def _to_api(img: Image) -> api.Image:
     t = img.target
-    return api.Image(
+    out = api.Image(
         name=img.name, labels=dict(img.labels),
         target=ApiDescriptor(media_type=t.media_type, digest=t.digest, size=t.size,
                              annotations=dict(t.annotations)),
-        created_at=img.created_at, updated_at=img.updated_at,
     )
+    # Unset, a timestamp stays off the wire (as None did).
+    if img.created_at is not None:
+        out.created_at = img.created_at
+    if img.updated_at is not None:
+        out.updated_at = img.updated_at
+    return out
 
 
 class ImagesLocal:

@@ -65,12 +65,15 @@ class IntrospectionService:
         out = []
         for p in self._plugins.ordered:
             r = p.registration
-            out.append(Plugin(
+            plugin = Plugin(
                 type=r.type, id=r.id, requires=list(r.requires),
                 platforms=[Platform(os=o, architecture=a, variant=v) for o, a, v in p.platforms],
                 exports=dict(p.exports), capabilities=list(p.capabilities),
-                init_err=_init_err(p),
-            ))
+            )
+            err = _init_err(p)
+            if err is not None:  # unset, the field stays off the wire (as None did)
+                plugin.init_err = err
+            out.append(plugin)
         return out
 
     def plugins(self, ctx: CallContext, req: PluginsRequest) -> PluginsResponse:

@@ -68,8 +68,10 @@ class SnapshotsServicePlugin:
 
 
 def to_api(info: SnapshotInfo) -> Info:
-    kind = {SnapshotKind.ACTIVE: Kind.ACTIVE, SnapshotKind.VIEW: Kind.VIEW}.get(
-        info.kind, Kind.COMMITTED)
+    # Kind(member): betterproto's enum members look like plain ints to mypy
+    # (betterproto#616); the constructor gives back the same member, typed.
+    kind = Kind({SnapshotKind.ACTIVE: Kind.ACTIVE, SnapshotKind.VIEW: Kind.VIEW}.get(
+        info.kind, Kind.COMMITTED))
     return Info(name=info.name, parent=info.parent, kind=kind, created_at=info.created,
                 updated_at=info.updated, labels=dict(info.labels))
 

@@ -238,7 +238,9 @@ class TasksLocal:
             raise
         except errdefs.BerthError as e:
             self._log.error("get state", namespace=task.namespace, id=pid_id, error=str(e))
-            return Process(id=pid_id, status=Status.UNKNOWN)
+            # Status(member): betterproto's enum members look like plain ints to mypy
+            # (betterproto#616); the constructor gives back the same member, typed.
+            return Process(id=pid_id, status=Status(Status.UNKNOWN))
         return Process(
             id=pid_id, pid=state.pid, status=state.status, stdin=state.stdin,
             stdout=state.stdout, stderr=state.stderr, terminal=state.terminal,
@@ -249,7 +251,7 @@ class TasksLocal:
         """A task whose shim is not reconnected (yet): what containerd reports for a
         task whose shim does not answer."""
         return Process(id=exec_id or p.id, pid=0 if exec_id else p.pid,
-                       status=Status.UNKNOWN)
+                       status=Status(Status.UNKNOWN))
 
     async def get(self, ns: str | None, req: GetRequest) -> GetResponse:
         container_id, exec_id = req.container_id, req.exec_id  # each field read once

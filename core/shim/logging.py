@@ -88,7 +88,9 @@ def setup(fd: int, *, debug: bool = False, **bound: str) -> NonBlockingWriter:
                                                 drop_missing=True),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(10 if debug else 20),
-        logger_factory=structlog.WriteLoggerFactory(sink),
+        # structlog's WriteLogger calls only write() and flush() (and keys a lock on the
+        # object); its stub asks for a whole TextIO.
+        logger_factory=structlog.WriteLoggerFactory(sink),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     with contextlib.suppress(Exception):

@@ -31,8 +31,10 @@ _MEMORY_STAT = {
 
 
 def _uint(value: object) -> int:
+    if not isinstance(value, int | float | str | bytes):
+        return 0  # None, a list or a dict: what int() refused with a TypeError
     try:
-        number = int(value)  # type: ignore[call-overload]
+        number = int(value)
     except (TypeError, ValueError):
         return 0
     return number if 0 <= number < 1 << 64 else 0
@@ -62,7 +64,9 @@ def metrics(stats: dict) -> Any:
     memory = stats.get("memory")
     if isinstance(memory, dict):
         raw = memory.get("stat") or {}
-        stat = v1.MemoryStat(**{f: _uint(raw.get(k)) for f, k in _MEMORY_STAT.items()})
+        # Any: mypy cannot tie each computed key to its field (all of them uint64).
+        counters: dict[str, Any] = {f: _uint(raw.get(k)) for f, k in _MEMORY_STAT.items()}
+        stat = v1.MemoryStat(**counters)
         stat.usage = v1.MemoryEntry(limit=_uint(memory.get("limit")),
                                     usage=_uint(memory.get("usage")),
                                     max=_uint(memory.get("max_usage")),

@@ -191,7 +191,7 @@ class TaskService:
         async with self._send_lock:
             self._send(ev.TaskExit(container_id=container.id, id=process.id,
                                    pid=exit.pid, exit_status=exit.status,
-                                   exited_at=process.exited_at))
+                                   exited_at=process.exited_at or exit.exited_at))
         if process is container.init:
             if container.oom_scope is not None:
                 container.oom_scope.cancel()
@@ -332,7 +332,9 @@ class TaskService:
         p = container.process(req.exec_id)
         return api.StateResponse(
             id=p.id, bundle=container.bundle, pid=p.pid,
-            status=_STATUS.get(p.status(), Status.UNKNOWN),
+            # Status(member): betterproto's enum members look like plain ints to mypy
+            # (betterproto#616); the constructor gives back the same member, typed.
+            status=Status(_STATUS.get(p.status(), Status.UNKNOWN)),
             stdin=p.paths.stdin, stdout=p.paths.stdout, stderr=p.paths.stderr,
             terminal=p.paths.terminal, exit_status=p.exit_status,
             exited_at=p.exited_at or ZERO_TIME,

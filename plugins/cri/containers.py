@@ -97,8 +97,7 @@ class ContainerOps:
                   stream: str) -> None: ...
         async def _drop_record(self, id: str, snapshotter: str, snapshot_key: str
                                ) -> None: ...
-        def _event(self, cid: str, sb: rec.Sandbox | None,
-                   kind: cri.ContainerEventType) -> None: ...
+        def _event(self, cid: str, sb: rec.Sandbox | None, kind: int) -> None: ...
 
     # --- containers -------------------------------------------------------------------
 
@@ -219,6 +218,7 @@ class ContainerOps:
         if sb.state != cri.PodSandboxState.SANDBOX_READY:
             raise errdefs.FailedPrecondition(f"sandbox {sb.id} is not ready", raw=True)
         record = self.store.get(NAMESPACE, ctr.id)
+        assert record.spec is not None  # the store refuses containers without one
         sn = self.stores.snapshotters[record.snapshotter]
         rootfs = [ApiMount(type=m.type, source=m.source, options=list(m.options))
                   for m in await sn.mounts(NAMESPACE, ctr.id)]
@@ -429,15 +429,16 @@ class ContainerOps:
     def _status(self, ctr: rec.CRIContainer) -> cri.ContainerStatus:
         st = ctr.status
         linux = cri_spec.given(ctr.config.linux, cri.LinuxContainerConfig)
-        return cri.ContainerStatus(
+        status = cri.ContainerStatus(
             id=ctr.id, metadata=ctr.config.metadata, state=cri.ContainerState(ctr.state),
             created_at=st.created_at, started_at=st.started_at, finished_at=st.finished_at,
             exit_code=st.exit_code, image=ctr.config.image, image_ref=ctr.image_ref,
             reason=st.reason, message=st.message, labels=dict(ctr.config.labels),
             annotations=dict(ctr.config.annotations), mounts=list(ctr.config.mounts),
-            log_path=ctr.log_path, image_id=ctr.image_id,
-            resources=cri.ContainerResources(linux=linux.resources)
-            if linux.resources else None)
+            log_path=ctr.log_path, image_id=ctr.image_id)
+        if linux.resources:  # unset, the field stays off the wire (as None did)
+            status.resources = cri.ContainerResources(linux=linux.resources)
+        return status
 
     def container_status(self, ctx: CallContext, req: cri.ContainerStatusRequest
                          ) -> cri.ContainerStatusResponse:

@@ -385,6 +385,7 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
                 labels={**sb.config.labels, rec.KIND_LABEL: "sandbox"},
                 extensions={rec.SANDBOX_EXT: rec.ext(sb.to_doc())}))
         record = self.store.get(NAMESPACE, sb.id)
+        assert record.spec is not None  # the store refuses containers without one
         task = await self.tasks.create(NAMESPACE, sb.id, CreateOpts(
             spec=record.spec, runtime=record.runtime_name,
             rootfs=[ApiMount(type=m.type, source=m.source, options=list(m.options))
@@ -629,7 +630,9 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
 
     # --- events (the kubelet's evented PLEG) -----------------------------------------
 
-    def _event(self, cid: str, sb: rec.Sandbox | None, kind: cri.ContainerEventType) -> None:
+    def _event(self, cid: str, sb: rec.Sandbox | None, kind: int) -> None:
+        # kind: a ContainerEventType member, which mypy sees as an int (betterproto#616);
+        # ContainerEventType(kind) gives back the same member, typed.
         if not self._watchers:
             return
         statuses = []
@@ -637,9 +640,10 @@ class PodService(StreamingOps, ContainerOps, RuntimeBase):
             statuses = [self._status(c) for c in self.containers.values()
                         if c.sandbox_id == sb.id]
         msg = cri.ContainerEventResponse(
-            container_id=cid, container_event_type=kind, created_at=rec.now(),
-            pod_sandbox_status=self._sandbox_status(sb) if sb is not None else None,
-            containers_statuses=statuses)
+            container_id=cid, container_event_type=cri.ContainerEventType(kind),
+            created_at=rec.now(), containers_statuses=statuses)
+        if sb is not None:  # unset, the field stays off the wire (as None did)
+            msg.pod_sandbox_status = self._sandbox_status(sb)
         for w in list(self._watchers):
             try:
                 w.send_nowait(msg)

@@ -98,8 +98,10 @@ class RuntimeBase:
                        ) -> cri.RuntimeConfigResponse:
         default = self.config.runtimes[self.config.default_runtime_name]
         driver = cri.CgroupDriver.SYSTEMD if default.systemd_cgroup else cri.CgroupDriver.CGROUPFS
+        # CgroupDriver(member): betterproto's enum members look like plain ints to mypy
+        # (betterproto#616); the constructor gives back the same member, typed.
         return cri.RuntimeConfigResponse(
-            linux=cri.LinuxRuntimeConfiguration(cgroup_driver=driver))
+            linux=cri.LinuxRuntimeConfiguration(cgroup_driver=cri.CgroupDriver(driver)))
 
     def update_runtime_config(self, ctx: CallContext, req: cri.UpdateRuntimeConfigRequest
                               ) -> cri.UpdateRuntimeConfigResponse:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from berth.core.archive import compression
 from berth.core.archive.diff import write_diff
@@ -64,7 +63,7 @@ def target_for_mounts(mounts: Sequence[tuple[str, str, Sequence[str]]]) -> Apply
 
 
 def apply_blob(
-    blob: BinaryIO,
+    blob: compression.ByteSource,
     target: Path | str,
     *,
     media_type: str | None = None,
@@ -81,6 +80,6 @@ def apply_blob(
         compression.from_media_type(media_type)
     reader = compression.open_stream(blob)
     try:
-        return apply_layer(reader, target, mode=mode, parents=parents)  # type: ignore[arg-type]
+        return apply_layer(reader, target, mode=mode, parents=parents)
     finally:
         reader.close()

@@ -35,9 +35,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 from berth.core import errdefs, log
+from berth.core.archive.compression import ByteSource
 from berth.plugins.differ import layer
 from berth.plugins.differ.layer import Action, Kind
 from berth.plugins.differ.tarheader import FastTarInfo
@@ -73,7 +74,7 @@ class ApplyResult:
 
 
 def apply_layer(
-    stream: BinaryIO,
+    stream: ByteSource,
     target: Path | str,
     *,
     mode: Mode = "overlay",
@@ -122,7 +123,7 @@ class HashingReader:
     entry. The thread belongs to this object: ``close()`` stops and joins it.
     """
 
-    def __init__(self, src: BinaryIO, *, chunk: int = PREFETCH_CHUNK,
+    def __init__(self, src: ByteSource, *, chunk: int = PREFETCH_CHUNK,
                  depth: int = PREFETCH_DEPTH) -> None:
         self._src = src
         self._chunk = chunk
@@ -199,8 +200,10 @@ class HashingReader:
 
 def _unpack(reader: HashingReader, unpacker: _Unpacker) -> None:
     try:
-        tar = tarfile.open(
-            fileobj=reader,  # type: ignore[arg-type]
+        # Stream mode ("r|") only ever calls read(); typeshed's tarfile asks every
+        # fileobj for write/seek/tell too.
+        tar = tarfile.open(  # type: ignore[call-overload]
+            fileobj=reader,
             mode="r|",
             bufsize=TAR_BLOCK,
             encoding="utf-8",

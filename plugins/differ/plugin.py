@@ -94,11 +94,11 @@ def apply_sync(blob_path: Path, digest: str, size: int, media_type: str,
         reader = _VerifyingReader(f, digest, size)
         target = target_for_mounts(_as_tuples(mounts))
         if target is not None:
-            result = apply_blob(reader, target.path, media_type=media_type,  # type: ignore[arg-type]
+            result = apply_blob(reader, target.path, media_type=media_type,
                                 mode=target.mode, parents=target.parents)
         else:
             with _directory(mounts, read_only=False) as root:
-                result = apply_blob(reader, root, media_type=media_type,  # type: ignore[arg-type]
+                result = apply_blob(reader, root, media_type=media_type,
                                     mode="native")
         reader.finish()
     return result
@@ -149,13 +149,13 @@ def _diff_sync(lower: Sequence[Mount], upper: Sequence[Mount], sink: _TrioSink,
             gz = gzip.GzipFile(fileobj=sink, mode="wb", mtime=0)
             tee = _Tee(gz)
             try:
-                write_diff(lower_root, upper_root, tee)  # type: ignore[arg-type]
+                write_diff(lower_root, upper_root, tee)
             finally:
                 gz.close()
             sink.flush()
             return "sha256:" + tee.hasher.hexdigest()
         tee = _Tee(sink)
-        write_diff(lower_root, upper_root, tee)  # type: ignore[arg-type]
+        write_diff(lower_root, upper_root, tee)
         sink.flush()
         return "sha256:" + tee.hasher.hexdigest()
 

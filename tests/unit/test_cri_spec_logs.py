@@ -170,3 +170,21 @@ def test_seccomp_devices_sysctls(tmp_path: Path) -> None:
     assert spec.linux_resources(cri.LinuxContainerResources(
         cpu_quota=5000, memory_limit_in_bytes=1 << 26)) == {
         "cpu": {"quota": 5000}, "memory": {"limit": 1 << 26}}
+
+
+def test_resources_as_the_runtime_spec_has_them() -> None:
+    """CPU, memory, hugepages and unified limits land in linux.resources under the OCI
+    runtime spec's names; unset ones stay out (this VM has no hugetlb controller, so
+    hugepages are checked here, in the spec, and not in a running container)."""
+    res = cri.LinuxContainerResources(
+        cpu_shares=512, cpu_quota=50000, cpu_period=100000, cpuset_cpus="0",
+        memory_limit_in_bytes=64 << 20, memory_swap_limit_in_bytes=128 << 20,
+        hugepage_limits=[cri.HugepageLimit(page_size="2MB", limit=4 << 21)],
+        unified={"memory.high": "60000000"})
+    assert spec.linux_resources(res) == {
+        "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0"},
+        "memory": {"limit": 64 << 20, "swap": 128 << 20},
+        "hugepageLimits": [{"pageSize": "2MB", "limit": 4 << 21}],
+        "unified": {"memory.high": "60000000"},
+    }
+    assert spec.linux_resources(cri.LinuxContainerResources()) == {}

@@ -62,7 +62,7 @@ def build_layer(source: Path, workdir: Path) -> Layer:
             if source.is_dir():
                 empty = workdir / "empty"
                 empty.mkdir()
-                write_diff(empty, source, inner)  # type: ignore[arg-type]
+                write_diff(empty, source, inner)
             elif source.is_file():
                 with open(source, "rb") as f:
                     reader = compression.open_stream(f)

@@ -495,7 +495,7 @@ class StreamServer:
         got: dict[str, Channel] = {}
         with trio.move_on_after(self.config.stream_creation_timeout) as timeout:
             async for ch in session.new_streams:
-                await session.reply(ch, ch.sid)  # type: ignore[attr-defined]
+                await session.reply(ch, ch.sid)
                 stype = ch.headers.get(protocol.STREAM_TYPE, "")
                 if stype in (protocol.STREAM_ERROR, protocol.STREAM_STDIN,
                              protocol.STREAM_STDOUT, protocol.STREAM_STDERR,
@@ -503,7 +503,7 @@ class StreamServer:
                     got[stype] = ch
                 else:
                     _log.info("unexpected stream type", stream_type=stype)
-                    await session.reset(ch.sid, spdy.PROTOCOL_ERROR)  # type: ignore[attr-defined]
+                    await session.reset(ch.sid, spdy.PROTOCOL_ERROR)
                 if len(got) >= expected:
                     break
         if timeout.cancelled_caught or len(got) < expected:
@@ -572,7 +572,7 @@ class StreamServer:
         pairs: dict[str, dict[str, Channel]] = {}
         async with trio.open_nursery() as nursery:
             async for ch in session.new_streams:
-                sid = ch.sid  # type: ignore[attr-defined]
+                sid = ch.sid
                 try:
                     port = protocol.parse_port(ch.headers.get(protocol.PORT_HEADER, ""))
                     stype = ch.headers.get(protocol.STREAM_TYPE, "")

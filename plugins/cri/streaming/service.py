@@ -20,7 +20,7 @@ import shutil
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
@@ -41,6 +41,9 @@ from berth.plugins.cri.streaming.server import (
 )
 from berth.plugins.cri.streaming.transport import Channel, ChannelClosed
 
+if TYPE_CHECKING:
+    from berth.plugins.cri import records as rec
+
 _log = structlog.get_logger("berth.cri.streaming")
 
 # After an exec's process exits, how long its output may take to drain (the shim closes the
@@ -54,13 +57,17 @@ class StreamingOps:
 
     stream_server: StreamServer | None = None
 
+    if TYPE_CHECKING:  # what PodService gives these methods
+        def _sandbox(self, sid: str) -> rec.Sandbox: ...
+        def _container(self, cid: str) -> rec.CRIContainer: ...
+
     def _streaming(self) -> StreamServer:
         if self.stream_server is None:
             raise errdefs.Unavailable("the CRI streaming server is not running", raw=True)
         return self.stream_server
 
-    def _running(self, cid: str) -> Any:
-        ctr = self._container(cid)  # type: ignore[attr-defined]
+    def _running(self, cid: str) -> rec.CRIContainer:
+        ctr = self._container(cid)
         if ctr.state != cri.ContainerState.CONTAINER_RUNNING:
             raise errdefs.FailedPrecondition(f"container {ctr.id} is not running", raw=True)
         return ctr
@@ -80,7 +87,7 @@ class StreamingOps:
 
     async def port_forward(self, ctx: CallContext, req: cri.PortForwardRequest
                            ) -> cri.PortForwardResponse:
-        sb = self._sandbox(req.pod_sandbox_id)  # type: ignore[attr-defined]
+        sb = self._sandbox(req.pod_sandbox_id)
         if sb.state != cri.PodSandboxState.SANDBOX_READY:
             raise errdefs.FailedPrecondition(f"sandbox {sb.id} is not ready", raw=True)
         for p in req.port:

@@ -38,6 +38,8 @@ class ChannelClosed(Exception):
 class Channel:
     """One bidirectional stream of an upgraded connection."""
 
+    sid: int  # its SPDY stream id (set by SpdySession; WebSocket channels have none)
+
     def __init__(self, name: str, send: Callable[[bytes | bytearray], Awaitable[None]],
                  eof: Callable[[], Awaitable[None]], limit: int = CHANNEL_BUFFER) -> None:
         self.name = name
@@ -219,7 +221,7 @@ class SpdySession:
                              functools.partial(self._send_data, ev.stream_id),
                              functools.partial(self._send_eof, ev.stream_id))
                 ch.headers = {k: v for k, v in ev.headers}
-                ch.sid = ev.stream_id  # type: ignore[attr-defined]
+                ch.sid = ev.stream_id
                 if ev.fin:
                     ch.feed_eof()
                 self.channels[ev.stream_id] = ch
@@ -329,7 +331,9 @@ class WebSocketSession:
                 return
             while True:
                 if data:
-                    self.ws.receive_data(data)
+                    # bytes() of a bytes object is that object: a copy only for a
+                    # bytearray (which wsproto's bytes annotation does not take).
+                    self.ws.receive_data(bytes(data))
                     if not await self._events():
                         break
                 data = await self.stream.receive_some(READ_SIZE)
