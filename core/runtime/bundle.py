@@ -126,6 +126,14 @@ class Bundle:
                 os.mkfifo(path, 0o700)
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
+    def cgroups_path(self) -> str:
+        """The spec's ``linux.cgroupsPath`` ("" when unset or unreadable)."""
+        try:
+            doc = json.loads((self.path / CONFIG).read_bytes())
+            return str(doc["linux"]["cgroupsPath"] or "")
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
     def delete(self) -> None:
         """Unmount the rootfs and remove the bundle and its work directory."""
         try:

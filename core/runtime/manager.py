@@ -39,7 +39,7 @@ from typing import Any
 import trio
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
-from berth.core import errdefs, log
+from berth.core import cgroups, errdefs, log
 from berth.core.api.containerd.events import TaskDelete, TaskExit
 from berth.core.api.containerd.types import Mount
 from berth.core.events.exchange import Exchange
@@ -269,6 +269,9 @@ class TaskManager:
                 with trio.move_on_after(SHUTDOWN_TIMEOUT):
                     await task.client.wait_closed()
         await task.close()
+        if shim_err is not None:
+            # The shim holds no such task: a create that failed or was cut short.
+            await self._remove_cgroups(task.bundle, task.bundle.cgroups_path())
         try:
             await trio.to_thread.run_sync(task.bundle.delete)
         except errdefs.BerthError as e:
@@ -303,6 +306,7 @@ class TaskManager:
         lg = self._log.bind(namespace=bundle.namespace, id=bundle.id)
         lg.warning("cleaning up after shim disconnected")
         address = bundle.read(ADDRESS)
+        cgroups_path = bundle.cgroups_path()
         exit_: Exit | None = None
         with trio.CancelScope(shield=True):
             if binary is not None:
@@ -312,6 +316,7 @@ class TaskManager:
                     except errdefs.BerthError as e:
                         lg.warning("failed to clean up after shim disconnected", error=str(e))
             # Whatever the shim's delete action managed, leave nothing behind.
+            await self._remove_cgroups(bundle, cgroups_path)
             try:
                 await trio.to_thread.run_sync(bundle.delete)
             except errdefs.BerthError as e:
@@ -334,6 +339,18 @@ class TaskManager:
             container_id=tid, pid=exit_.pid, exit_status=exit_.status,
             exited_at=exit_.exited_at))
         return exit_
+
+    async def _remove_cgroups(self, bundle: Bundle, path: str) -> None:
+        """Remove the empty cgroups a runtime create cut short left (runc makes them
+        before its state; with no state, ``runc delete --force`` removes none): a shim's
+        Create cancelled by berthd's death kills ``runc create`` half-way. ``path`` is
+        the spec's cgroupsPath, read before the shim's delete action took the bundle."""
+        if not path:
+            return
+        removed = await trio.to_thread.run_sync(cgroups.remove_empty, path)
+        if removed:
+            self._log.info("removed cgroups a cut-short create left",
+                           namespace=bundle.namespace, id=bundle.id, cgroups=removed)
 
     def _publish(self, namespace: str, topic: str, event: Any) -> None:
         try:
