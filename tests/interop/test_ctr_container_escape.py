@@ -193,17 +193,28 @@ def runc_own(found: list[str]) -> list[str]:
     (a kernel file every container reads for itself). None of it reaches the shim or the
     host; anything else found is kept."""
     pipes: dict[tuple[str, str], set[str]] = {}
+    epolls: dict[str, set[int]] = {}
     for line in found:
         kind, pid, *rest = line.split(" ")
         if kind in ("FD", "STOLE") and rest[1].startswith("pipe:"):
             pipes.setdefault((pid, rest[1]), set()).add(rest[0])
+        if kind in ("FD", "STOLE") and rest[1] == "anon_inode:[eventpoll]":
+            epolls.setdefault(pid, set()).add(int(rest[0]))
+
+    def go_netpoll_pipe(pid: str, fd: str, what: str) -> bool:
+        # Go's netpoller makes its epoll fd, then its wake-up pipe's two ends right after
+        # it: the probe, racing the process, may catch only one end of that pipe.
+        return what.startswith("pipe:") and bool(
+            {int(fd) - 1, int(fd) - 2} & epolls.get(pid, set()))
+
     own = []
     for line in found:
         kind, pid, *rest = line.split(" ")
         if kind == "EXE" and rest == ["/"]:
             own.append(line)
         elif kind in ("FD", "STOLE") and (rest[1] in RUNC_INIT_OWN_FILES or
-                                         len(pipes.get((pid, rest[1]), ())) == 2):
+                                         len(pipes.get((pid, rest[1]), ())) == 2 or
+                                         go_netpoll_pipe(pid, rest[0], rest[1])):
             own.append(line)
     return own
 
