@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -207,10 +208,20 @@ def runc_own(found: list[str]) -> list[str]:
         return what.startswith("pipe:") and bool(
             {int(fd) - 1, int(fd) - 2} & epolls.get(pid, set()))
 
+    def loader_library(pid: str, what: str) -> bool:
+        # runc is linked dynamically: ld.so opens libc (and its other libraries) for a
+        # moment while runc init starts, before anything of the container exists.
+        library = re.fullmatch(r"/(usr/)?lib/[\w./-]+\.so(\.[\d.]+)?", what)
+        return pid in inits and library is not None
+
+    inits = {line.split(" ")[1] for line in found if line.split(" ")[0] == "EXE"
+             and line.split(" ")[2:] == ["/"]}
     own = []
     for line in found:
         kind, pid, *rest = line.split(" ")
-        if kind == "EXE" and rest == ["/"]:
+        if kind in ("FD", "STOLE") and loader_library(pid, rest[1]):
+            own.append(line)
+        elif kind == "EXE" and rest == ["/"]:
             own.append(line)
         elif kind in ("FD", "STOLE") and (rest[1] in RUNC_INIT_OWN_FILES or
                                          len(pipes.get((pid, rest[1]), ())) == 2 or
