@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -296,30 +297,42 @@ class _ByteIO(Protocol):
 
 
 class _SocketIO:
-    """A trio SocketStream's socket read and written directly: the same calls as
-    ``receive_some``/``send_all`` without the stream's per-call error translation and
-    conflict checks (one reader and one sender at a time is the connection's own rule),
-    a few microseconds less per read and per send."""
+    """A trio SocketStream's descriptor read and written directly, waiting on trio only
+    when the kernel says "not now". A trio socket call checkpoints around every
+    successful syscall (a trip through the run loop for each send, an attempt to read
+    before every wait); here a read is one wait plus one recv, and a send that fits the
+    socket buffer is one write and no yield. The read loop's wait stays the
+    connection's checkpoint. The SocketStream still owns (and closes) the socket."""
 
-    __slots__ = ("_recv", "_send")
+    __slots__ = ("_fd",)
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self._recv = stream.socket.recv
-        self._send = stream.socket.send
+        self._fd = stream.socket.fileno()
 
     async def receive_some(self, max_bytes: int) -> bytes:
-        try:
-            return await self._recv(max_bytes)
-        except OSError as e:
-            raise trio.BrokenResourceError(str(e)) from e
+        fd = self._fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, max_bytes)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise trio.BrokenResourceError(str(e)) from e
 
     async def send_all(self, data: bytes) -> None:
+        fd = self._fd
+        view: bytes | memoryview = data
         try:
-            sent = await self._send(data)
-            if sent < len(data):
-                view = memoryview(data)[sent:]
-                while view:
-                    view = view[await self._send(view):]
+            while True:
+                try:
+                    sent = os.write(fd, view)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(view):
+                    return
+                view = memoryview(view)[sent:]
+                await trio.lowlevel.wait_writable(fd)
         except OSError as e:
             raise trio.BrokenResourceError(str(e)) from e
 

@@ -169,3 +169,75 @@ async def test_the_method_table_comes_from_the_generated_base() -> None:
     method = bridge.handlers_for(FakeContent(), api.ContentBase)[READ]
     assert method.cardinality is grpclib.const.Cardinality.UNARY_STREAM and method.is_async
     assert method.recv_type is api.ReadContentRequest
+
+
+def _raw_read_request(conn: Any, sid: int, digest: str) -> None:
+    conn.send_headers(sid, [
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", READ.encode()),
+        (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+        (b"containerd-namespace", b"ns1")])
+    body = bytes(api.ReadContentRequest(digest=digest))
+    conn.send_data(sid, b"\x00" + len(body).to_bytes(4, "big") + body, end_stream=True)
+
+
+def _wide_open_client() -> Any:
+    """A raw h2 client whose windows let the server send all of BIG at once: more than
+    a unix socket holds, so the server's writes stop part-way and wait."""
+    import h2.settings
+
+    from tests.fuzz import harness
+    conn = harness.client_h2()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 << 20})
+    conn.increment_flow_control_window(16 << 20)
+    return conn
+
+
+async def test_a_client_that_reads_late_gets_every_byte(
+        served: tuple[Path, FakeContent]) -> None:
+    import h2.events
+
+    sock, _ = served
+    conn = _wide_open_client()
+    _raw_read_request(conn, 1, "big")
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            await trio.sleep(0.3)  # read nothing: the server's socket buffer fills
+            body = bytearray()
+            trailers: dict[bytes, bytes] = {}
+            while not trailers:
+                data = await stream.receive_some(1 << 16)
+                assert data, "connection closed before the trailers"
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.DataReceived):
+                        body += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length,
+                                                       ev.stream_id)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        trailers = dict(ev.headers)
+                pending = conn.data_to_send()
+                if pending:
+                    await stream.send_all(pending)
+    assert trailers[b"grpc-status"] == b"0"
+    got = []
+    while body:
+        n = int.from_bytes(body[1:5], "big")
+        got.append(api.ReadContentResponse().parse(bytes(body[5:5 + n])))
+        del body[:5 + n]
+    assert b"".join(m.data for m in got) == BIG
+
+
+async def test_a_client_gone_mid_answer_leaves_the_server_serving(
+        served: tuple[Path, FakeContent]) -> None:
+    sock, _ = served
+    for _ in range(3):
+        conn = _wide_open_client()
+        _raw_read_request(conn, 1, "big")
+        with trio.fail_after(30):
+            stream = await trio.open_unix_socket(str(sock))
+            await stream.send_all(conn.data_to_send())
+            await trio.sleep(0.1)  # the server is now waiting to write the rest
+            await stream.aclose()
+    got, status, _ = await read(sock, "hello")
+    assert status is Status.OK and [m.data for m in got] == [b"hello"]
