@@ -29,7 +29,6 @@ trailers-only response *with* content-type, unknown paths included.
 from __future__ import annotations
 
 import base64
-import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -465,7 +464,8 @@ class Connection:
             return False
         finally:
             self._writing = False
-            self._drained.unpark_all()
+            if self._drained:  # len(): tasks parked on it
+                self._drained.unpark_all()
         return True
 
     def data_to_send(self) -> bytes:
@@ -656,8 +656,8 @@ class Connection:
     def _start(self, st: _Stream, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         if self.calls is None:
             raise RuntimeError("async methods need a connection served by serve()")
-        st.scope = trio.CancelScope(deadline=st.deadline if st.deadline is not None
-                                    else math.inf)
+        st.scope = (trio.CancelScope() if st.deadline is None
+                    else trio.CancelScope(deadline=st.deadline))
         self.calls.start_soon(fn, *args, name=st.method.path)
         self._unstarted += 1
 
@@ -806,7 +806,10 @@ class Connection:
         if st.gone:
             raise StreamGone()
         if not st.started:
-            self._send(lambda: self.h2.send_headers(st.sid, _OK_HEADERS))
+            try:
+                self.h2.send_headers(st.sid, _OK_HEADERS)
+            except h2.exceptions.ProtocolError:
+                raise StreamGone() from None
             st.started = True
         await self._send_data(st, data)
 
@@ -829,7 +832,7 @@ class Connection:
                 continue
             n = min(window, h2conn.max_outbound_frame_size, len(view))
             try:
-                h2conn.send_data(st.sid, view[:n].tobytes())
+                h2conn.send_data(st.sid, data if n == len(data) else view[:n].tobytes())
             except h2.exceptions.ProtocolError:
                 raise StreamGone() from None
             view = view[n:]
