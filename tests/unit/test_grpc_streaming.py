@@ -53,6 +53,11 @@ class FakeContent:
         if what == "fail-late":
             await send(api.ReadContentResponse(offset=0, data=b"first"))
             raise errdefs.FailedPrecondition("went wrong after one message")
+        if what == "sleep":  # answers nothing until cancelled
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled.set()
         if what == "hang":
             await send(api.ReadContentResponse(offset=0, data=b"waiting"))
             try:
@@ -241,3 +246,65 @@ async def test_a_client_gone_mid_answer_leaves_the_server_serving(
             await stream.aclose()
     got, status, _ = await read(sock, "hello")
     assert status is Status.OK and [m.data for m in got] == [b"hello"]
+
+
+async def _exchange(stream: Any, conn: Any, until: Callable[[list[Any]], bool]) -> list[Any]:
+    """h2 events from the server until ``until(events so far)``."""
+    events: list[Any] = []
+    while not until(events):
+        data = await stream.receive_some(1 << 16)
+        assert data, "connection closed"
+        events += conn.receive_data(data)
+        pending = conn.data_to_send()
+        if pending:
+            await stream.send_all(pending)
+    return events
+
+
+async def test_a_call_that_waits_first_lets_the_ping_ack_out_and_a_reset_cancels_it(
+        served: tuple[Path, FakeContent]) -> None:
+    """What a read made (here a PING ACK) leaves when a call it started first waits,
+    not when that call answers."""
+    import h2.errors
+    import h2.events
+
+    sock, svc = served
+    conn = _wide_open_client()
+    _raw_read_request(conn, 1, "sleep")
+    conn.ping(b"12345678")
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            events = await _exchange(stream, conn, lambda evs: any(
+                isinstance(e, h2.events.PingAckReceived) for e in evs))
+            assert [e.ping_data for e in events
+                    if isinstance(e, h2.events.PingAckReceived)] == [b"12345678"]
+            assert not svc.cancelled.is_set()
+            conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+            await stream.send_all(conn.data_to_send())
+            await svc.cancelled.wait()
+
+
+async def test_calls_started_by_one_read_all_answer(served: tuple[Path, FakeContent]) -> None:
+    import h2.events
+
+    sock, _ = served
+    conn = _wide_open_client()
+    for sid, digest in ((1, "one"), (3, "two"), (5, "empty"), (7, "missing")):
+        _raw_read_request(conn, sid, digest)
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            events = await _exchange(stream, conn, lambda evs: sum(
+                isinstance(e, h2.events.StreamEnded) for e in evs) == 4)
+    status = {}
+    data: dict[int, bytes] = {}
+    for e in events:
+        if isinstance(e, (h2.events.TrailersReceived, h2.events.ResponseReceived)):
+            status.update({e.stream_id: v for k, v in e.headers if k == b"grpc-status"})
+        elif isinstance(e, h2.events.DataReceived):
+            data[e.stream_id] = data.get(e.stream_id, b"") + e.data
+    assert status == {1: b"0", 3: b"0", 5: b"0", 7: b"5"}
+    assert data[1].endswith(b"one") and data[3].endswith(b"two") and 5 not in data
