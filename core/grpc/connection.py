@@ -125,12 +125,11 @@ class FrameGate:
         if self._preface:
             i = min(self._preface, n)
             self._preface -= i
+        if self._skip:  # the rest of a payload begun in an earlier read
+            step = min(self._skip, n - i)
+            self._skip -= step
+            i += step
         while i < n:
-            if self._skip:
-                step = min(self._skip, n - i)
-                self._skip -= step
-                i += step
-                continue
             start = i
             whole = not self._header  # the header starts in this read
             need = 9 - len(self._header)
@@ -140,7 +139,7 @@ class FrameGate:
                 self._header = bytes(header)
                 break
             self._header = b""
-            length = int.from_bytes(header[:3], "big")
+            length = header[0] << 16 | header[1] << 8 | header[2]
             if length > max_frame_size:
                 raise Refused(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
                               f"frame of {length} bytes over the maximum of {max_frame_size}")
@@ -164,7 +163,10 @@ class FrameGate:
                 self._in_block = not flags & _END_HEADERS
             elif kind == _GOAWAY:
                 self._goaway = True
-            self._skip = length
+            i += length  # past the payload, or what of it is in this read
+            if i > n:
+                self._skip = i - n
+                break
         if cuts is None:
             return data
         # Keep what lies between the PINGs taken out.
