@@ -506,7 +506,8 @@ class Connection:
             self._shutdown()
 
     def _kick(self) -> None:
-        """h2 has bytes for the peer: have them sent (by the reader if it is about to)."""
+        """h2 has bytes for the peer: have them sent (by the writer task, unless a read's
+        new calls are still in their first step: the last of them sends)."""
         if not self._gathering:
             self._wake.set()
 
