@@ -209,13 +209,23 @@ class NamespacedSnapshotter:
 
     # --- reads --------------------------------------------------------------------------
 
+    def _lookup(self, ns: str, key: str) -> sqlite3.Row:
+        """The snapshot's row (one statement: no transaction needed), NotFound as
+        :meth:`_require`."""
+        row = self.db.query_one(
+            "SELECT * FROM snapshots WHERE namespace = ? AND snapshotter = ? AND key = ?",
+            (ns, self.name, key),
+        )
+        if row is None:
+            raise errdefs.NotFound(f"snapshot {key} does not exist")
+        return row
+
     def _resolve(self, ns: str, key: str) -> str:
-        with self.db.read() as c:
-            return self._require(c, ns, key).backend_key
+        backend_key: str = self._lookup(ns, key)["backend_key"]
+        return backend_key
 
     async def stat(self, ns: str, key: str) -> Info:
-        with self.db.read() as c:
-            rec = self._require(c, ns, key)
+        rec = _Record.of(self._lookup(ns, key))
         return overlay_info(await self.backend.stat(rec.backend_key), rec.local())
 
     async def usage(self, ns: str, key: str) -> Usage:
@@ -226,10 +236,9 @@ class NamespacedSnapshotter:
 
     async def walk(self, ns: str, filter_exprs: Sequence[str] = ()) -> list[Info]:
         flt = filters.parse_all(list(filter_exprs))
-        with self.db.read() as c:
-            rows = [_Record.of(r) for r in c.execute(
-                "SELECT * FROM snapshots WHERE namespace = ? AND snapshotter = ?",
-                (ns, self.name))]
+        rows = [_Record.of(r) for r in self.db.query(
+            "SELECT * FROM snapshots WHERE namespace = ? AND snapshotter = ?",
+            (ns, self.name))]
         if not rows:
             return []
         rows.sort(key=lambda r: r.key.encode())  # bolt's byte order
@@ -492,13 +501,12 @@ class NamespacedSnapshotter:
 
     def gc_list(self) -> list[tuple[str, str, str, dict[str, str]]]:
         """Every snapshot of this snapshotter: (namespace, key, parent or "", labels)."""
-        with self.db.read() as c:
-            return [
-                (r["namespace"], r["key"], r["parent"], _labels(r["labels"]))
-                for r in c.execute(
-                    "SELECT namespace, key, parent, labels FROM snapshots WHERE "
-                    "snapshotter = ?", (self.name,))
-            ]
+        return [
+            (ns, key, parent, _labels(labels))
+            for ns, key, parent, labels in self.db.query(
+                "SELECT namespace, key, parent, labels FROM snapshots WHERE "
+                "snapshotter = ?", (self.name,))
+        ]
 
     async def gc_remove(self, namespace: str, key: str) -> None:
         """Drop a snapshot the collector found unreachable (children are its business)."""
@@ -517,9 +525,8 @@ class NamespacedSnapshotter:
         """Remove backend snapshots no record refers to (children first), then let the
         backend drop its own leftovers (directories of interrupted calls)."""
         async with self._removals, self._lock:
-            with self.db.read() as c:
-                seen = {r[0] for r in c.execute(
-                    "SELECT backend_key FROM snapshots WHERE snapshotter = ?", (self.name,))}
+            seen = {r[0] for r in self.db.query(
+                "SELECT backend_key FROM snapshots WHERE snapshotter = ?", (self.name,))}
             infos = await self.backend.walk()
             children: dict[str, list[str]] = {}
             for i in infos:

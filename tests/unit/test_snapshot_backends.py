@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
+import trio
 
 from berth.core import errdefs
 from berth.core.mount import Mount
@@ -187,6 +189,35 @@ async def test_cleanup_removes_directories_without_records(
     await overlay.cleanup()
     assert os.listdir(overlay.snapshots_dir) == ["1"]
     assert (await overlay.stat("keep")).kind == Kind.ACTIVE
+
+
+async def test_cleanup_while_a_worker_thread_holds_the_store(
+        overlay: OverlaySnapshotter) -> None:
+    # cleanup searches on the event loop only when the store is free; a create's
+    # transaction in a worker thread (its fsyncs) sends the search to a thread instead.
+    await overlay.prepare("keep")
+    orphan = overlay.snapshots_dir / "42"
+    (orphan / "fs").mkdir(parents=True)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with overlay.ms.write():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(overlay.cleanup)
+            await trio.sleep(0.05)
+            assert orphan.exists()  # the search waits for the store, off the loop
+            release.set()
+    finally:
+        release.set()
+        holder.join(30)
+    assert os.listdir(overlay.snapshots_dir) == ["1"]
 
 
 async def test_state_survives_reopening(tmp_path: Path) -> None:
