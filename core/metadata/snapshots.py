@@ -157,6 +157,15 @@ class NamespacedSnapshotter:
         ).fetchone()
         return _Record.of(row) if row is not None else None
 
+    def _backend_key(self, c: sqlite3.Connection, ns: str, key: str) -> str | None:
+        """The snapshot's backend key, or None when there is no such snapshot: what an
+        existence check needs, without parsing the row's labels and times."""
+        row = c.execute(
+            "SELECT backend_key FROM snapshots WHERE namespace = ? AND snapshotter = ? AND "
+            "key = ?", (ns, self.name, key),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def _bucket(self, c: sqlite3.Connection, ns: str) -> int | None:
         """The namespace's sequence; None when nothing was ever created there (no bucket)."""
         row = c.execute(
@@ -277,15 +286,15 @@ class NamespacedSnapshotter:
         async with self._lock:
             with self.db.write() as c:
                 namespaces.ensure(c, ns)
-                if target and self._row(c, ns, target) is not None:
+                if target and self._backend_key(c, ns, target) is not None:
                     raise errdefs.AlreadyExists(f"target snapshot {go_quote(target)}")
-                if self._row(c, ns, key) is not None:
+                if self._backend_key(c, ns, key) is not None:
                     raise errdefs.AlreadyExists(f"snapshot {go_quote(key)}")
                 if parent:
-                    prec = self._row(c, ns, parent)
-                    if prec is None:
+                    found = self._backend_key(c, ns, parent)
+                    if found is None:
                         raise errdefs.NotFound(f"parent snapshot {parent} does not exist")
-                    bparent = prec.backend_key
+                    bparent = found
                 seq = (self._bucket(c, ns) or 0) + 1
                 c.execute(
                     "INSERT OR REPLACE INTO snapshot_sequences(namespace, snapshotter, seq) "
@@ -332,15 +341,15 @@ class NamespacedSnapshotter:
                     self._lease_add(c, ns, lease, key)
                     if not key:
                         raise errdefs.Unknown("bucket name required", raw=True)
-                    if self._row(c, ns, key) is not None:
+                    if self._backend_key(c, ns, key) is not None:
                         failure = failure or errdefs.AlreadyExists(f"snapshot {go_quote(key)}")
                     else:
                         if parent:
-                            prec = self._row(c, ns, parent)
-                            if prec is None:
+                            found = self._backend_key(c, ns, parent)
+                            if found is None:
                                 raise errdefs.NotFound(
                                     f"parent snapshot {parent} does not exist")
-                            if prec.backend_key != bparent:
+                            if found != bparent:
                                 raise errdefs.InvalidArgument(
                                     f"mismatched parent {parent} from target {target}")
                         c.execute(
@@ -384,11 +393,11 @@ class NamespacedSnapshotter:
                     raise errdefs.NotFound(f"can not find snapshotter {go_quote(self.name)}")
                 if not name:
                     raise errdefs.Unknown("bucket name required", raw=True)
-                if self._row(c, ns, name) is not None:
+                if self._backend_key(c, ns, name) is not None:
                     raise errdefs.AlreadyExists(f"snapshot {go_quote(name)}")
                 self._lease_check(c, ns, lease)
                 rec = self._require(c, ns, key)
-                if rec.parent and self._row(c, ns, rec.parent) is None:
+                if rec.parent and self._backend_key(c, ns, rec.parent) is None:
                     raise errdefs.NotFound(f"parent snapshot {rec.parent} does not exist")
             seq += 1
             name_key = f"{ns}/{seq}/{name}"
@@ -426,7 +435,7 @@ class NamespacedSnapshotter:
                     rec = self._require(c, ns, key)
                     if self._has_children(c, ns, key):
                         raise errdefs.FailedPrecondition("cannot remove snapshot with child")
-                    if rec.parent and self._row(c, ns, rec.parent) is None:
+                    if rec.parent and self._backend_key(c, ns, rec.parent) is None:
                         raise errdefs.NotFound(f"parent snapshot {rec.parent} does not exist")
                     self._delete(c, ns, key)
                     self._lease_remove(c, ns, lease, key)
