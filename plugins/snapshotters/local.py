@@ -223,12 +223,15 @@ class LocalSnapshotter:
     def _orphans(self, tx: Transaction) -> list[str]:
         """Directories of no recorded snapshot and of no call in progress. ``tx`` is a
         write transaction: a create renames its directory to the id before it commits,
-        and holds the store from its BEGIN to its COMMIT."""
+        and holds the store from its BEGIN to its COMMIT. The calls in progress are read
+        after the listing: a call claims its directory before making it, so one listed
+        is claimed by then (or already released and gone)."""
         ids = tx.id_map()
+        listed = os.listdir(self.snapshots_dir)
         with self._inflight_lock:
             busy = set(self._inflight)
         return [
-            os.path.join(self.snapshots_dir, d) for d in os.listdir(self.snapshots_dir)
+            os.path.join(self.snapshots_dir, d) for d in listed
             if d not in ids and d not in busy
         ]
 
