@@ -66,6 +66,16 @@ _ROW_SQL = ("SELECT s.*, p.key AS parent_key FROM snapshots s "
             "LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?")
 
 
+# A snapshot and its ancestors, nearest first: (id, parent_id) each.
+_CHAIN_SQL = (
+    "WITH RECURSIVE chain(id, parent_id, depth) AS ("
+    " SELECT id, parent_id, 0 FROM snapshots WHERE id = ?"
+    " UNION ALL"
+    " SELECT s.id, s.parent_id, chain.depth + 1 FROM snapshots s"
+    " JOIN chain ON s.id = chain.parent_id)"
+    " SELECT id, parent_id FROM chain ORDER BY depth")
+
+
 def _info(row: sqlite3.Row) -> Info:
     return Info(
         name=row["key"], parent=row["parent_key"] or "", kind=Kind(row["kind"]),
@@ -162,16 +172,15 @@ class Transaction:
         return self.c.execute(_ROW_SQL, (key,)).fetchone()
 
     def _parents(self, parent_id: int | None) -> list[str]:
-        out = []
-        while parent_id is not None:
-            out.append(str(parent_id))
-            row = self.c.execute(
-                "SELECT parent_id FROM snapshots WHERE id = ?", (parent_id,)
-            ).fetchone()
-            if row is None:
-                raise errdefs.NotFound("missing parent")
-            parent_id = row[0]
-        return out
+        """The ids of ``parent_id`` and its ancestors, nearest first (one statement,
+        however long the chain)."""
+        if parent_id is None:
+            return []
+        rows = self.c.execute(_CHAIN_SQL, (parent_id,)).fetchall()
+        # The chain ends at a snapshot without a parent; it stops short at a missing one.
+        if not rows or rows[-1][1] is not None:
+            raise errdefs.NotFound("missing parent")
+        return [str(r[0]) for r in rows]
 
     def get_info(self, key: str) -> tuple[str, Info, Usage]:
         return _info_of(self._row(key))
@@ -287,6 +296,8 @@ class Transaction:
             "LEFT JOIN snapshots p ON p.id = s.parent_id ORDER BY s.key"
         ).fetchall()
         infos = [_info(r) for r in rows]
+        if flt is filters.ALWAYS:  # no filter (garbage collection's walk, every time)
+            return infos
         return [i for i in infos if flt.match(adapt_info(i))]
 
     def id_map(self) -> dict[str, str]:

@@ -6,6 +6,7 @@ Nothing is mounted here; the mounts are checked as data and the trees as files.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import threading
 from pathlib import Path
@@ -94,6 +95,27 @@ async def test_overlay_chain_and_ids(overlay: OverlaySnapshotter) -> None:
         ("a-c", "", Kind.COMMITTED), ("b-c", "a-c", Kind.COMMITTED), ("v", "b-c", Kind.VIEW)]
     assert [i.name for i in await overlay.walk(["kind==view"])] == ["v"]
     assert [i.name for i in await overlay.walk(["parent==a-c", "name==v"])] == ["b-c", "v"]
+
+
+async def test_long_chains_nearest_first_and_a_broken_chain_is_not_found(
+        overlay: OverlaySnapshotter) -> None:
+    r = overlay.snapshots_dir
+    parent = ""
+    for i in range(1, 6):
+        await overlay.prepare(f"l{i}", parent)
+        await overlay.commit(f"c{i}", f"l{i}")
+        parent = f"c{i}"
+    (m,) = await overlay.prepare("top", parent)
+    assert m.options[-1] == "lowerdir=" + ":".join(f"{r}/{i}/fs" for i in range(5, 0, -1))
+    assert await overlay.mounts("top") == [m]
+    # A parent row gone (only a damaged database can lose one): NotFound, as before.
+    c = sqlite3.connect(overlay.ms.path)
+    c.execute("PRAGMA foreign_keys=OFF")
+    c.execute("DELETE FROM snapshots WHERE id = 3")
+    c.commit()
+    c.close()
+    with pytest.raises(errdefs.NotFound, match="missing parent"):
+        await overlay.mounts("top")
 
 
 async def test_backend_errors_read_like_containerd(overlay: OverlaySnapshotter) -> None:
