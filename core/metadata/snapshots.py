@@ -291,10 +291,10 @@ class NamespacedSnapshotter:
                 if self._backend_key(c, ns, key) is not None:
                     raise errdefs.AlreadyExists(f"snapshot {go_quote(key)}")
                 if parent:
-                    found = self._backend_key(c, ns, parent)
-                    if found is None:
+                    pkey = self._backend_key(c, ns, parent)
+                    if pkey is None:
                         raise errdefs.NotFound(f"parent snapshot {parent} does not exist")
-                    bparent = found
+                    bparent = pkey
                 seq = (self._bucket(c, ns) or 0) + 1
                 c.execute(
                     "INSERT OR REPLACE INTO snapshot_sequences(namespace, snapshotter, seq) "
@@ -345,11 +345,11 @@ class NamespacedSnapshotter:
                         failure = failure or errdefs.AlreadyExists(f"snapshot {go_quote(key)}")
                     else:
                         if parent:
-                            found = self._backend_key(c, ns, parent)
-                            if found is None:
+                            pkey = self._backend_key(c, ns, parent)
+                            if pkey is None:
                                 raise errdefs.NotFound(
                                     f"parent snapshot {parent} does not exist")
-                            if found != bparent:
+                            if pkey != bparent:
                                 raise errdefs.InvalidArgument(
                                     f"mismatched parent {parent} from target {target}")
                         c.execute(
