@@ -299,11 +299,11 @@ async def test_calls_started_by_one_read_all_answer(served: tuple[Path, FakeCont
             await stream.send_all(conn.data_to_send())
             events = await _exchange(stream, conn, lambda evs: sum(
                 isinstance(e, h2.events.StreamEnded) for e in evs) == 4)
-    status = {}
+    status: dict[int, bytes] = {}
     data: dict[int, bytes] = {}
     for e in events:
         if isinstance(e, (h2.events.TrailersReceived, h2.events.ResponseReceived)):
-            status.update({e.stream_id: v for k, v in e.headers if k == b"grpc-status"})
+            status.update((e.stream_id, v) for k, v in e.headers if k == b"grpc-status")
         elif isinstance(e, h2.events.DataReceived):
             data[e.stream_id] = data.get(e.stream_id, b"") + e.data
     assert status == {1: b"0", 3: b"0", 5: b"0", 7: b"5"}
