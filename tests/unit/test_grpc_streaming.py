@@ -38,6 +38,12 @@ class FakeContent:
         self.cancelled = trio.Event()
         self.namespaces: list[str | None] = []
 
+    def info(self, ctx: CallContext, req: api.InfoRequest) -> api.InfoResponse:
+        # A plain def: answered inline by the reading task; 12 KiB of labels (one
+        # DATA frame: larger answers go out from a task of their own).
+        return api.InfoResponse(info=api.Info(digest=req.digest, size=len(req.digest),
+                                              labels={"big": "x" * (12 << 10)}))
+
     async def read(self, ctx: CallContext, req: api.ReadContentRequest,
                    send: Callable[[api.ReadContentResponse], Awaitable[None]]) -> None:
         self.namespaces.append(ctx.namespace)
@@ -308,3 +314,41 @@ async def test_calls_started_by_one_read_all_answer(served: tuple[Path, FakeCont
             data[e.stream_id] = data.get(e.stream_id, b"") + e.data
     assert status == {1: b"0", 3: b"0", 5: b"0", 7: b"5"}
     assert data[1].endswith(b"one") and data[3].endswith(b"two") and 5 not in data
+
+
+async def test_inline_answers_wait_for_a_client_that_reads_late(
+        served: tuple[Path, FakeContent]) -> None:
+    """Answers made by the reading task (plain def methods) that no longer fit the
+    socket wait there, in order, and all arrive once the client reads."""
+    import h2.events
+
+    sock, _ = served
+    conn = _wide_open_client()
+    calls = 40  # about 480 KiB of answers: more than a socket buffer
+    for k in range(calls):
+        sid = 1 + 2 * k
+        conn.send_headers(sid, [
+            (b":method", b"POST"), (b":scheme", b"http"),
+            (b":path", b"/containerd.services.content.v1.Content/Info"),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"), (b"containerd-namespace", b"ns1")])
+        body = bytes(api.InfoRequest(digest=f"d{k}"))
+        conn.send_data(sid, b"\x00" + len(body).to_bytes(4, "big") + body, end_stream=True)
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            await trio.sleep(0.3)  # read nothing: the server's socket buffer fills
+            events = await _exchange(stream, conn, lambda evs: sum(
+                isinstance(e, h2.events.StreamEnded) for e in evs) == calls)
+    data: dict[int, bytes] = {}
+    status: dict[int, bytes] = {}
+    for e in events:
+        if isinstance(e, h2.events.DataReceived):
+            data[e.stream_id] = data.get(e.stream_id, b"") + e.data
+        elif isinstance(e, h2.events.TrailersReceived):
+            status.update((e.stream_id, v) for k, v in e.headers if k == b"grpc-status")
+    assert set(status.values()) == {b"0"} and len(status) == calls
+    for k in range(calls):
+        msg = api.InfoResponse().parse(data[1 + 2 * k][5:])
+        assert msg.info.digest == f"d{k}" and len(msg.info.labels["big"]) == 12 << 10
