@@ -124,11 +124,11 @@ class Encoded:
     def serialized(cls, message_type: type[betterproto.Message], data: bytes) -> Encoded:
         """An answer of ``message_type`` that its maker serialized itself (``data``), with
         no message object behind it (e.g. an event, encoded once for every subscriber)."""
-        self = cls.__new__(cls)
-        self.message = None
-        self.type = message_type
-        self.framed = b"\x00" + len(data).to_bytes(4, "big") + data
-        return self
+        answer = cls.__new__(cls)
+        answer.message = None
+        answer.type = message_type
+        answer.framed = b"\x00" + len(data).to_bytes(4, "big") + data
+        return answer
 
 
 class AnswerCache:

@@ -19,6 +19,7 @@ from berth.core.events import forward as forward_module
 from berth.core.events.envelope import Event
 from berth.core.events.exchange import Exchange
 from berth.core.events.forward import read_event
+from berth.core.grpc.bridge import Encoded, handlers_for
 from berth.core.services.events import TTRPC_SERVICE, EventsService
 
 ForwardRequest = ttrpc_events.ForwardRequest
@@ -144,3 +145,17 @@ def test_subscribers_bytes_are_betterprotos(ts, ns, topic, event):
     ev = Event.of(0, env)
     assert ev.wire == bytes(env) == bytes(ev.envelope)
     assert ev.envelope == env
+
+
+def test_subscribers_get_the_framed_envelope_the_bridge_would_send():
+    env = grpc_events.Envelope(timestamp=datetime(2026, 12, 5, 20, 50, 57, 584307, tzinfo=UTC),
+                               namespace="moby", topic="/tasks/exit",
+                               event=AnyMsg(type_url="containerd.events.TaskExit", value=b"x"))
+    ev = Event.of(0, env)
+    answer = Encoded.serialized(grpc_events.Envelope, ev.wire)
+    assert answer.framed == Encoded(env).framed
+    method = handlers_for(EventsService(Exchange()), grpc_events.EventsBase)[
+        "/containerd.services.events.v1.Events/Subscribe"]
+    assert method.encode(answer) == Encoded(env).framed
+    with pytest.raises(TypeError, match="answered Any"):
+        method.encode(Encoded.serialized(AnyMsg, ev.wire))
