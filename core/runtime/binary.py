@@ -267,11 +267,13 @@ async def _run_combined(argv: list[str], *, cwd: str, env: dict[str, str], stdin
         _kill_and_reap(proc)
         raise
     try:
-        stdin_stream = trio.lowlevel.FdStream(in_w)
+        stdin_stream = trio.lowlevel.FdStream(in_w)  # non-blocking from here on
         stdout_stream = trio.lowlevel.FdStream(out_r)
         try:
             async with stdin_stream, stdout_stream:
-                output = await _exchange(stdin_stream, stdout_stream, stdin)
+                # Runtime options are small: the pipe takes them at once, no feeding task.
+                rest = stdin[_write_some(in_w, stdin):]
+                output = await _exchange(stdin_stream, stdout_stream, rest)
                 await trio.lowlevel.wait_readable(pidfd)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -280,6 +282,18 @@ async def _run_combined(argv: list[str], *, cwd: str, env: dict[str, str], stdin
         return proc.wait(), output
     finally:
         os.close(pidfd)
+
+
+def _write_some(fd: int, data: bytes) -> int:
+    """What a non-blocking pipe took of ``data`` (all of it if the reader is gone)."""
+    if not data:
+        return 0
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except BrokenPipeError:
+        return len(data)  # the process closed its stdin without reading it
 
 
 async def _exchange(stdin: trio.lowlevel.FdStream, stdout: trio.lowlevel.FdStream,
