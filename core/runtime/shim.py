@@ -153,14 +153,21 @@ class ShimTask:
     async def create(self, *, rootfs: list[Mount], stdin: str, stdout: str, stderr: str,
                      terminal: bool, checkpoint: str = "",
                      options: AnyMsg | None = None) -> int:
-        req = CreateTaskRequest(id=self.id, bundle=str(self.bundle.path),
-                                rootfs=[Mount(type=m.type, source=m.source, options=m.options)
-                                        for m in rootfs],
-                                stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
-                                checkpoint=checkpoint)
-        if options is not None:
-            req.options = options
-        payload = await self._call_raw("Create", bytes(req))
+        bundle = str(self.bundle.path)
+        request = taskwire.create_request(
+            self.id, bundle, rootfs, terminal=terminal, stdin=stdin, stdout=stdout,
+            stderr=stderr, checkpoint=checkpoint, options=options)
+        if request is None:
+            req = CreateTaskRequest(
+                id=self.id, bundle=bundle,
+                rootfs=[Mount(type=m.type, source=m.source, options=m.options)
+                        for m in rootfs],
+                stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
+                checkpoint=checkpoint)
+            if options is not None:
+                req.options = options
+            request = bytes(req)
+        payload = await self._call_raw("Create", request)
         pid = taskwire.read_pid(payload)
         self.created_pid = self._decode("Create", payload, CreateTaskResponse).pid \
             if pid is None else pid

@@ -16,9 +16,13 @@ any bytes).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+from betterproto.lib.google.protobuf import Any as AnyMsg
+
+from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import Status
 from berth.core.oci.reaper import Exit
 from berth.core.protowire import DecodeError, encode_varint, read_varint
@@ -48,6 +52,39 @@ def id_request(task_id: str, exec_id: str = "") -> bytes:
         raw = exec_id.encode()
         out += b"\x12" + encode_varint(len(raw)) + raw
     return out
+
+
+def create_request(task_id: str, bundle: str, rootfs: Sequence[Mount], *, terminal: bool,
+                   stdin: str, stdout: str, stderr: str, checkpoint: str,
+                   options: AnyMsg | None) -> bytes | None:
+    """A CreateTaskRequest as containerd's runtime sends it (each rootfs mount's type,
+    source and options, no target); None when it is better left to betterproto (an
+    options message with nothing in it, a string that is not UTF-8)."""
+    try:
+        parts = [_len(0x0A, task_id.encode()), _len(0x12, bundle.encode())]
+        for m in rootfs:
+            inner = [_len(0x0A, m.type.encode()), _len(0x12, m.source.encode())]
+            inner += [_len(0x22, o.encode(), always=True) for o in m.options]
+            parts.append(_len(0x1A, b"".join(inner), always=True))
+        if terminal:
+            parts.append(b"\x20\x01")
+        parts += [_len(0x2A, stdin.encode()), _len(0x32, stdout.encode()),
+                  _len(0x3A, stderr.encode()), _len(0x42, checkpoint.encode())]
+        if options is not None:
+            value = _len(0x0A, options.type_url.encode()) + _len(0x12, options.value)
+            if not value:
+                return None
+            parts.append(_len(0x52, value))
+    except UnicodeEncodeError:
+        return None
+    return b"".join(parts)
+
+
+def _len(tag: int, raw: bytes, *, always: bool = False) -> bytes:
+    """A length-delimited field; an empty one is left out unless ``always``."""
+    if not raw and not always:
+        return b""
+    return bytes((tag,)) + encode_varint(len(raw)) + raw
 
 
 class TaskState(NamedTuple):

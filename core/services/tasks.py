@@ -176,8 +176,9 @@ class TasksLocal:
         opts = CreateOpts(
             spec=spec,
             runtime=req.runtime_path or container.runtime_name,
-            rootfs=[Mount(type=m.type, source=m.source, options=list(m.options))
-                    for m in req.rootfs],
+            # The request's own mounts: the runtime reads their type, source and options
+            # into the shim's request and keeps none of them.
+            rootfs=list(req.rootfs),
             stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal,
             runtime_options=container.runtime_options, task_options=options,
         )

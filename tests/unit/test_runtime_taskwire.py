@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from betterproto.lib.google.protobuf import Any as AnyMsg
 from hypothesis import given, settings, strategies as st
 
 from berth.core.api.containerd.task.v2 import (
     ConnectRequest,
+    CreateTaskRequest,
     CreateTaskResponse,
     DeleteRequest,
     DeleteResponse,
@@ -21,6 +23,7 @@ from berth.core.api.containerd.task.v2 import (
     WaitRequest,
     WaitResponse,
 )
+from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import Status
 from berth.core.protowire import encode_varint
 from berth.core.runtime import taskwire
@@ -162,3 +165,38 @@ def test_unset_fields_read_as_defaults():
     state = taskwire.read_state(b"")
     assert state == taskwire.TaskState()
     assert state.exited_at == StateResponse().exited_at
+
+
+mounts = st.lists(st.builds(Mount, type=ids, source=ids, target=ids,
+                            options=st.lists(st.text(max_size=8), max_size=3)), max_size=3)
+anys = st.one_of(st.none(), st.builds(AnyMsg, type_url=ids, value=st.binary(max_size=8)),
+                 st.just(AnyMsg()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(task_id=ids, bundle=ids, rootfs=mounts, terminal=st.booleans(),
+       stdio=st.lists(st.text(max_size=8), min_size=4, max_size=4), options=anys)
+def test_create_requests_encode_as_the_generated_class(task_id, bundle, rootfs, terminal,
+                                                       stdio, options):
+    stdin, stdout, stderr, checkpoint = stdio
+    got = taskwire.create_request(task_id, bundle, rootfs, terminal=terminal, stdin=stdin,
+                                  stdout=stdout, stderr=stderr, checkpoint=checkpoint,
+                                  options=options)
+    # containerd's runtime passes each mount's type, source and options on, no target.
+    req = CreateTaskRequest(id=task_id, bundle=bundle,
+                            rootfs=[Mount(type=m.type, source=m.source, options=m.options)
+                                    for m in rootfs],
+                            stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
+                            checkpoint=checkpoint)
+    if options is not None:
+        req.options = options
+    if got is None:
+        assert options is not None and not options.type_url and not options.value
+        return
+    assert got == bytes(req)
+    assert CreateTaskRequest().parse(got) == req
+
+
+def test_create_request_of_a_surrogate_is_left_to_betterproto():
+    assert taskwire.create_request("t", "/b", [], terminal=False, stdin="\udc80", stdout="",
+                                   stderr="", checkpoint="", options=None) is None
