@@ -93,7 +93,8 @@ class TaskState(NamedTuple):
     id: str = ""
     bundle: str = ""
     pid: int = 0
-    status: Status = Status.UNKNOWN
+    # Status(member): betterproto's enum members look like plain ints to mypy (#616).
+    status: Status = Status(Status.UNKNOWN)
     stdin: str = ""
     stdout: str = ""
     stderr: str = ""
@@ -133,7 +134,7 @@ def read_delete(data: bytes) -> Exit | None:
                 exited_at=fields.get(3, EPOCH))
 
 
-_STATUSES = {int(s): s for s in Status}
+_STATUSES: dict[int, Status] = {int(s): s for s in Status}
 
 
 def read_state(data: bytes) -> TaskState | None:

@@ -53,7 +53,7 @@ from berth.core.api.containerd.services.tasks.v1 import (
     WaitRequest,
     WaitResponse,
 )
-from berth.core.api.containerd.types import Metric, Mount
+from berth.core.api.containerd.types import Metric
 from berth.core.api.containerd.v1.types import Process, Status
 from berth.core.grpc.context import CallContext
 from berth.core.identifiers import namespace_required
