@@ -22,7 +22,6 @@ from berth.core.api.containerd.task.v2 import (
     CloseIoRequest,
     ConnectRequest,
     ConnectResponse,
-    CreateTaskRequest,
     CreateTaskResponse,
     DeleteResponse,
     ExecProcessRequest,
@@ -153,20 +152,9 @@ class ShimTask:
     async def create(self, *, rootfs: list[Mount], stdin: str, stdout: str, stderr: str,
                      terminal: bool, checkpoint: str = "",
                      options: AnyMsg | None = None) -> int:
-        bundle = str(self.bundle.path)
         request = taskwire.create_request(
-            self.id, bundle, rootfs, terminal=terminal, stdin=stdin, stdout=stdout,
-            stderr=stderr, checkpoint=checkpoint, options=options)
-        if request is None:
-            req = CreateTaskRequest(
-                id=self.id, bundle=bundle,
-                rootfs=[Mount(type=m.type, source=m.source, options=m.options)
-                        for m in rootfs],
-                stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
-                checkpoint=checkpoint)
-            if options is not None:
-                req.options = options
-            request = bytes(req)
+            self.id, str(self.bundle.path), rootfs, terminal=terminal, stdin=stdin,
+            stdout=stdout, stderr=stderr, checkpoint=checkpoint, options=options)
         payload = await self._call_raw("Create", request)
         pid = taskwire.read_pid(payload)
         self.created_pid = self._decode("Create", payload, CreateTaskResponse).pid \

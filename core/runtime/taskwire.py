@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from betterproto.lib.google.protobuf import Any as AnyMsg
 
+from berth.core.api.containerd.task.v2 import CreateTaskRequest
 from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import Status
 from berth.core.oci.reaper import Exit
@@ -56,9 +57,22 @@ def id_request(task_id: str, exec_id: str = "") -> bytes:
 
 def create_request(task_id: str, bundle: str, rootfs: Sequence[Mount], *, terminal: bool,
                    stdin: str, stdout: str, stderr: str, checkpoint: str,
-                   options: AnyMsg | None) -> bytes | None:
+                   options: AnyMsg | None) -> bytes:
     """A CreateTaskRequest as containerd's runtime sends it (each rootfs mount's type,
-    source and options, no target); None when it is better left to betterproto (an
+    source and options, no target), encoded."""
+    raw = _write_create(task_id, bundle, rootfs, terminal=terminal, stdin=stdin,
+                        stdout=stdout, stderr=stderr, checkpoint=checkpoint, options=options)
+    if raw is None:
+        raw = bytes(create_message(task_id, bundle, rootfs, terminal=terminal, stdin=stdin,
+                                   stdout=stdout, stderr=stderr, checkpoint=checkpoint,
+                                   options=options))
+    return raw
+
+
+def _write_create(task_id: str, bundle: str, rootfs: Sequence[Mount], *, terminal: bool,
+                  stdin: str, stdout: str, stderr: str, checkpoint: str,
+                  options: AnyMsg | None) -> bytes | None:
+    """``create_request`` without betterproto; None when it is better left to it (an
     options message with nothing in it, a string that is not UTF-8)."""
     try:
         parts = [_len(0x0A, task_id.encode()), _len(0x12, bundle.encode())]
@@ -78,6 +92,21 @@ def create_request(task_id: str, bundle: str, rootfs: Sequence[Mount], *, termin
     except UnicodeEncodeError:
         return None
     return b"".join(parts)
+
+
+def create_message(task_id: str, bundle: str, rootfs: Sequence[Mount], *, terminal: bool,
+                   stdin: str, stdout: str, stderr: str, checkpoint: str,
+                   options: AnyMsg | None) -> CreateTaskRequest:
+    """The same request as the generated class (the reference, and the way for what
+    ``create_request`` leaves to betterproto)."""
+    req = CreateTaskRequest(id=task_id, bundle=bundle,
+                            rootfs=[Mount(type=m.type, source=m.source, options=m.options)
+                                    for m in rootfs],
+                            stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
+                            checkpoint=checkpoint)
+    if options is not None:
+        req.options = options
+    return req
 
 
 def _len(tag: int, raw: bytes, *, always: bool = False) -> bytes:

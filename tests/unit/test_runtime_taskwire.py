@@ -9,20 +9,7 @@ from datetime import UTC, datetime, timedelta
 from betterproto.lib.google.protobuf import Any as AnyMsg
 from hypothesis import given, settings, strategies as st
 
-from berth.core.api.containerd.task.v2 import (
-    ConnectRequest,
-    CreateTaskRequest,
-    CreateTaskResponse,
-    DeleteRequest,
-    DeleteResponse,
-    ShutdownRequest,
-    StartRequest,
-    StartResponse,
-    StateRequest,
-    StateResponse,
-    WaitRequest,
-    WaitResponse,
-)
+from berth.core.api.containerd.task import v2
 from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import Status
 from berth.core.protowire import encode_varint
@@ -39,10 +26,10 @@ times = st.integers(0, 253402300799 * 10**6 + 999999).map(
 @given(task_id=ids, exec_id=ids)
 def test_id_requests_encode_as_the_generated_classes(task_id, exec_id):
     want = taskwire.id_request(task_id, exec_id)
-    for cls in (StartRequest, WaitRequest, StateRequest, DeleteRequest):
+    for cls in (v2.StartRequest, v2.WaitRequest, v2.StateRequest, v2.DeleteRequest):
         assert bytes(cls(id=task_id, exec_id=exec_id)) == want
-    assert bytes(ConnectRequest(id=task_id)) == taskwire.id_request(task_id)
-    assert bytes(ShutdownRequest(id=task_id)) == taskwire.id_request(task_id)
+    assert bytes(v2.ConnectRequest(id=task_id)) == taskwire.id_request(task_id)
+    assert bytes(v2.ShutdownRequest(id=task_id)) == taskwire.id_request(task_id)
 
 
 def _reference(cls, data):
@@ -61,7 +48,7 @@ def _same_exit(got, want, pid: bool) -> None:
 
 def check(data: bytes) -> None:
     """Each reader on ``data``: None, or what betterproto reads."""
-    for cls, read in ((CreateTaskResponse, taskwire.read_pid), (StartResponse,
+    for cls, read in ((v2.CreateTaskResponse, taskwire.read_pid), (v2.StartResponse,
                                                                 taskwire.read_pid)):
         got = read(data)
         if got is not None:
@@ -69,17 +56,17 @@ def check(data: bytes) -> None:
             assert kind == "ok" and got == want.pid and type(got) is int
     got_wait = taskwire.read_wait(data)
     if got_wait is not None:
-        kind, want = _reference(WaitResponse, data)
+        kind, want = _reference(v2.WaitResponse, data)
         assert kind == "ok"
         _same_exit(got_wait, want, pid=False)
     got_delete = taskwire.read_delete(data)
     if got_delete is not None:
-        kind, want = _reference(DeleteResponse, data)
+        kind, want = _reference(v2.DeleteResponse, data)
         assert kind == "ok"
         _same_exit(got_delete, want, pid=True)
     got_state = taskwire.read_state(data)
     if got_state is not None:
-        kind, want = _reference(StateResponse, data)
+        kind, want = _reference(v2.StateResponse, data)
         assert kind == "ok"
         for name in taskwire.TaskState._fields:
             a, b = getattr(got_state, name), getattr(want, name)
@@ -89,13 +76,13 @@ def check(data: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(pid=u32, status=u32, when=st.one_of(st.none(), times))
 def test_well_formed_exits_read_alike(pid, status, when):
-    wait = WaitResponse(exit_status=status)
-    delete = DeleteResponse(pid=pid, exit_status=status)
+    wait = v2.WaitResponse(exit_status=status)
+    delete = v2.DeleteResponse(pid=pid, exit_status=status)
     if when is not None:
         wait.exited_at = delete.exited_at = when
     assert taskwire.read_wait(bytes(wait)) is not None
     assert taskwire.read_delete(bytes(delete)) is not None
-    assert taskwire.read_pid(bytes(StartResponse(pid=pid))) == pid
+    assert taskwire.read_pid(bytes(v2.StartResponse(pid=pid))) == pid
     check(bytes(wait))
     check(bytes(delete))
 
@@ -105,7 +92,7 @@ def test_well_formed_exits_read_alike(pid, status, when):
        status=st.sampled_from(list(Status) + [7, 99]), terminal=st.booleans(),
        when=times)
 def test_well_formed_states_read_alike(strings, pid, code, status, terminal, when):
-    msg = StateResponse(id=strings[0], bundle=strings[1], pid=pid, status=status,
+    msg = v2.StateResponse(id=strings[0], bundle=strings[1], pid=pid, status=status,
                         stdin=strings[2], stdout=strings[3], stderr=strings[4],
                         terminal=terminal, exit_status=code, exited_at=when,
                         exec_id=strings[5])
@@ -164,7 +151,7 @@ def test_unset_fields_read_as_defaults():
     check(b"")
     state = taskwire.read_state(b"")
     assert state == taskwire.TaskState()
-    assert state.exited_at == StateResponse().exited_at
+    assert state.exited_at == v2.StateResponse().exited_at
 
 
 mounts = st.lists(st.builds(Mount, type=ids, source=ids, target=ids,
@@ -179,24 +166,23 @@ anys = st.one_of(st.none(), st.builds(AnyMsg, type_url=ids, value=st.binary(max_
 def test_create_requests_encode_as_the_generated_class(task_id, bundle, rootfs, terminal,
                                                        stdio, options):
     stdin, stdout, stderr, checkpoint = stdio
-    got = taskwire.create_request(task_id, bundle, rootfs, terminal=terminal, stdin=stdin,
-                                  stdout=stdout, stderr=stderr, checkpoint=checkpoint,
-                                  options=options)
+    kw = {"terminal": terminal, "stdin": stdin, "stdout": stdout, "stderr": stderr,
+          "checkpoint": checkpoint, "options": options}
+    got = taskwire._write_create(task_id, bundle, rootfs, **kw)
+    req = taskwire.create_message(task_id, bundle, rootfs, **kw)
+    assert taskwire.create_request(task_id, bundle, rootfs, **kw) == bytes(req)
     # containerd's runtime passes each mount's type, source and options on, no target.
-    req = CreateTaskRequest(id=task_id, bundle=bundle,
-                            rootfs=[Mount(type=m.type, source=m.source, options=m.options)
-                                    for m in rootfs],
-                            stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
-                            checkpoint=checkpoint)
-    if options is not None:
-        req.options = options
+    assert [(m.type, m.source, m.options, m.target) for m in req.rootfs] == [
+        (m.type, m.source, m.options, "") for m in rootfs]
+    assert (req.id, req.bundle, req.stdin, req.stdout, req.stderr, req.terminal,
+            req.checkpoint) == (task_id, bundle, stdin, stdout, stderr, terminal, checkpoint)
     if got is None:
         assert options is not None and not options.type_url and not options.value
         return
     assert got == bytes(req)
-    assert CreateTaskRequest().parse(got) == req
+    assert v2.CreateTaskRequest().parse(got) == req
 
 
 def test_create_request_of_a_surrogate_is_left_to_betterproto():
-    assert taskwire.create_request("t", "/b", [], terminal=False, stdin="\udc80", stdout="",
-                                   stderr="", checkpoint="", options=None) is None
+    assert taskwire._write_create("t", "/b", [], terminal=False, stdin="\udc80", stdout="",
+                                  stderr="", checkpoint="", options=None) is None
