@@ -78,19 +78,17 @@ def read_annotations(bundle: str) -> dict[str, str]:
     return annotations if isinstance(annotations, dict) else {}
 
 
-def write_atomic(path: str, data: str, *, durable: bool = True) -> None:
-    """Write, fsync and rename, as the Go shim writes ``address`` and pid files.
+def write_atomic(path: str, data: str) -> None:
+    """Write and rename, so that no reader sees a torn file.
 
-    ``durable=False`` leaves out the fsync, for a file that only describes live
-    processes: the rename still keeps readers from a torn file.
+    Without the fsync the Go shim does (O_SYNC): the files written here describe live
+    processes, which a crash of the machine ends too (see ``handover.claim``).
     """
     directory, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{base}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, data.encode())
-        if durable:
-            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)

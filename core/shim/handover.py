@@ -173,7 +173,7 @@ def claim(flags: Flags, bundle: str) -> tuple[str, socket.socket | None]:
         # an address file that is then empty or gone reads as a dead shim, which is
         # what it is (as the bundle's other files, written without fsync, see
         # ``berth.core.runtime.bundle.Bundle.write``).
-        addr.write_atomic(os.path.join(bundle, addr.ADDRESS_FILE), address, durable=False)
+        addr.write_atomic(os.path.join(bundle, addr.ADDRESS_FILE), address)
     except BaseException:
         if listener is not None:
             release(address, listener)
