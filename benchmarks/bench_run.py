@@ -6,8 +6,9 @@ Run as root from the repository root::
     python -m benchmarks.bench_run --quick    # smoke: 3 runs per variant, 3 in parallel
 
 berthd and the real containerd start side by side, each on a fresh root in one
-temporary folder, and import the same busybox image (``tests.images``: built byte for
-byte the same on every run). Then:
+temporary folder, both with their CRI plugin off (``--berth-cri`` keeps berthd's on),
+and import the same busybox image (``tests.images``: built byte for byte the same on
+every run). Then:
 
 1. ``ctr run --rm IMG ID /bin/true``, one at a time, round-robin over four variants so
    that drift on the machine hits them alike: berthd + berth's shim with its in-process
@@ -209,6 +210,7 @@ def parse_iso(text: str) -> float:
 class Session:
     base: Path
     level: str
+    cri: bool = False
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     berth: daemons.Daemon | None = None
     containerd: daemons.Daemon | None = None
@@ -239,7 +241,19 @@ class Session:
 
     def start(self) -> None:
         self.sockets_before = runc_shim_sockets()
-        self.berth = daemons.berthd(self.base / "berth", "--log-level", self.level).start()
+        extra: tuple[str, ...] = ()
+        if not self.cri:
+            # containerd runs with its CRI plugin disabled (tests/daemons.py); berthd alike,
+            # so neither pays for a plugin the other skips.
+            folder = self.base / "berth"
+            folder.mkdir(parents=True, exist_ok=True)
+            cfg = folder / "config.toml"
+            cfg.write_text('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                           '[plugins."io.berth.network.v1.cni"]\n'
+                           f'conf_dir = "{folder / "cni" / "net.d"}"\n')
+            extra = ("--config", str(cfg))
+        self.berth = daemons.berthd(self.base / "berth", "--log-level", self.level,
+                                    *extra).start()
         d = daemons.containerd(self.base / "containerd")
         cfg = d.base / "config.toml"
         # The same log level as berthd, so neither pays for output the other skips.
@@ -882,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds run first and not counted (default 2, quick 1)")
     p.add_argument("--parallel", type=int, default=None, help="containers started at once")
     p.add_argument("--log-level", default="info", help="log level of both daemons")
+    p.add_argument("--berth-cri", action="store_true",
+                   help="keep berthd's CRI plugin on (containerd's stays off, as in the tests)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_run: must run as root (containers, mounts, cgroups)", file=sys.stderr)
@@ -893,13 +909,15 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="berth-brun-", dir="/tmp"))
     base.chmod(0o755)
-    s = Session(base, args.log_level)
+    s = Session(base, args.log_level, cri=args.berth_cri)
     code = 0
     try:
         print(environment(), flush=True)
         print(f"{'quick' if args.quick else 'full'} run: {runs} measured ctr run --rm per "
               f"variant after {warmup} warm-up round(s) (not counted); {n_par} in parallel; "
-              f"log level {args.log_level}; namespace {s.namespace}; work dir {base}",
+              f"log level {args.log_level}; CRI plugin "
+              f"{'on in berthd, off in containerd' if args.berth_cri else 'off in both'}; "
+              f"namespace {s.namespace}; work dir {base}",
               flush=True)
         s.start()
         tar = base / "busybox-oci.tar"

@@ -210,11 +210,10 @@ class ContainerStore:
         entry = self._cache.get(key)
         if entry is not None:
             return entry
-        with self.db.read() as c:
-            row = c.execute(
-                "SELECT * FROM containers WHERE namespace = ? AND id = ?",
-                (namespace, container_id),
-            ).fetchone()
+        row = self.db.query_one(
+            "SELECT * FROM containers WHERE namespace = ? AND id = ?",
+            (namespace, container_id),
+        )
         if row is None:
             raise errdefs.NotFound(
                 f'container "{container_id}" in namespace "{namespace}"'

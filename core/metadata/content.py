@@ -281,9 +281,8 @@ class NamespacedContent:
         return int(self._blob(namespace, digest, "size")[0])
 
     def _blob(self, namespace: str, digest: str, columns: str) -> sqlite3.Row:
-        with self.db.read() as c:
-            row = c.execute(f"SELECT {columns} FROM content_blobs "
-                            "WHERE namespace = ? AND digest = ?", (namespace, digest)).fetchone()
+        row = self.db.query_one(f"SELECT {columns} FROM content_blobs "
+                                "WHERE namespace = ? AND digest = ?", (namespace, digest))
         if row is None:
             raise errdefs.NotFound(f"content digest {digest}")
         return row
@@ -354,9 +353,8 @@ class NamespacedContent:
     # --- ingests ------------------------------------------------------------------------
 
     def _record(self, namespace: str, ref: str) -> IngestRecord | None:
-        with self.db.read() as c:
-            row = c.execute("SELECT * FROM content_ingests WHERE namespace = ? AND ref = ?",
-                            (namespace, ref)).fetchone()
+        row = self.db.query_one("SELECT * FROM content_ingests WHERE namespace = ? AND ref = ?",
+                                (namespace, ref))
         return _ingest(row) if row else None
 
     async def status(self, namespace: str, ref: str) -> Status:

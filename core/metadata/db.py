@@ -11,7 +11,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,9 +178,24 @@ class Database:
                 raise
             c.execute("COMMIT")
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """The rows of one SELECT. A single statement is a read transaction of its own
+        in sqlite (autocommit), as consistent as one inside BEGIN/COMMIT: only reads of
+        several statements need :meth:`read`. All rows are fetched, so the statement
+        ends (and its read lock goes) before the lock is released."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """The first row of one SELECT that yields at most one (a key lookup, LIMIT 1),
+        or None; see :meth:`query`."""
+        with self._lock:
+            rows = self._conn.execute(sql, params).fetchall()
+        return rows[0] if rows else None
+
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        """A consistent read (one deferred transaction)."""
+        """A consistent read of several statements (one deferred transaction)."""
         with self._lock:
             c = self._conn
             c.execute("BEGIN")

@@ -118,9 +118,8 @@ class ImageStore:
             self._log.exception("mutation callback failed")
 
     def get(self, namespace: str, name: str) -> Image:
-        with self.db.read() as c:
-            row = c.execute("SELECT * FROM images WHERE namespace = ? AND name = ?",
-                            (namespace, name)).fetchone()
+        row = self.db.query_one("SELECT * FROM images WHERE namespace = ? AND name = ?",
+                                (namespace, name))
         if row is None:
             raise errdefs.NotFound(f"image {go_quote(name)}")
         return _image(row)

@@ -83,11 +83,10 @@ class LeaseStore:
                 raise errdefs.NotFound(f'lease "{lease_id}"')
 
     def get(self, namespace: str, lease_id: str) -> Lease:
-        with self.db.read() as c:
-            row = c.execute(
-                "SELECT id, created_at, labels FROM leases WHERE namespace = ? AND id = ?",
-                (namespace, lease_id),
-            ).fetchone()
+        row = self.db.query_one(
+            "SELECT id, created_at, labels FROM leases WHERE namespace = ? AND id = ?",
+            (namespace, lease_id),
+        )
         if row is None:
             raise errdefs.NotFound(f'lease "{lease_id}"')
         return _lease(row)

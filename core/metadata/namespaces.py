@@ -65,8 +65,8 @@ class NamespaceStore:
         return Namespace(name, dict(labels))
 
     def labels(self, name: str) -> dict[str, str]:
-        with self.db.read() as c:
-            return _labels(c, name)
+        return {k: v for k, v in self.db.query(
+            "SELECT key, value FROM namespace_labels WHERE namespace = ?", (name,))}
 
     def list(self) -> list[Namespace]:
         with self.db.read() as c:
@@ -115,11 +115,3 @@ class NamespaceStore:
                 )
             c.execute("DELETE FROM namespaces WHERE name = ?", (name,))
 
-
-def _labels(c: sqlite3.Connection, name: str) -> dict[str, str]:
-    return {
-        k: v
-        for k, v in c.execute(
-            "SELECT key, value FROM namespace_labels WHERE namespace = ?", (name,)
-        )
-    }

@@ -157,23 +157,21 @@ class AttachmentStore:
         if id is not None:
             q += " AND id = ?"
             args.append(id)
-        with self.db.read() as c:
-            rows = c.execute(q + " ORDER BY namespace, id, created_at", args).fetchall()
+        rows = self.db.query(q + " ORDER BY namespace, id, created_at", args)
         return [_row(r) for r in rows]
 
     def using_netns(self, netns: str) -> int:
-        with self.db.read() as c:
-            return c.execute("SELECT COUNT(*) FROM network_attachments WHERE netns = ?",
-                             (netns,)).fetchone()[0]
+        count: int = self.db.query(
+            "SELECT COUNT(*) FROM network_attachments WHERE netns = ?", (netns,))[0][0]
+        return count
 
     def stale(self) -> builtins.list[Attachment]:
         """Container attachments whose container record is gone."""
-        with self.db.read() as c:
-            try:
-                rows = c.execute(
-                    "SELECT a.* FROM network_attachments a WHERE a.container = 1 AND NOT "
-                    "EXISTS (SELECT 1 FROM containers k WHERE k.namespace = a.namespace "
-                    "AND k.id = a.id)").fetchall()
-            except sqlite3.OperationalError:
-                return []  # no containers table: no container was ever made
+        try:
+            rows = self.db.query(
+                "SELECT a.* FROM network_attachments a WHERE a.container = 1 AND NOT "
+                "EXISTS (SELECT 1 FROM containers k WHERE k.namespace = a.namespace "
+                "AND k.id = a.id)")
+        except sqlite3.OperationalError:
+            return []  # no containers table: no container was ever made
         return [_row(r) for r in rows]

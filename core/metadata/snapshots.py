@@ -157,6 +157,15 @@ class NamespacedSnapshotter:
         ).fetchone()
         return _Record.of(row) if row is not None else None
 
+    def _backend_key(self, c: sqlite3.Connection, ns: str, key: str) -> str | None:
+        """The snapshot's backend key, or None when there is no such snapshot: what an
+        existence check needs, without parsing the row's labels and times."""
+        row = c.execute(
+            "SELECT backend_key FROM snapshots WHERE namespace = ? AND snapshotter = ? AND "
+            "key = ?", (ns, self.name, key),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def _bucket(self, c: sqlite3.Connection, ns: str) -> int | None:
         """The namespace's sequence; None when nothing was ever created there (no bucket)."""
         row = c.execute(
@@ -209,13 +218,23 @@ class NamespacedSnapshotter:
 
     # --- reads --------------------------------------------------------------------------
 
+    def _lookup(self, ns: str, key: str) -> sqlite3.Row:
+        """The snapshot's row (one statement: no transaction needed), NotFound as
+        :meth:`_require`."""
+        row = self.db.query_one(
+            "SELECT * FROM snapshots WHERE namespace = ? AND snapshotter = ? AND key = ?",
+            (ns, self.name, key),
+        )
+        if row is None:
+            raise errdefs.NotFound(f"snapshot {key} does not exist")
+        return row
+
     def _resolve(self, ns: str, key: str) -> str:
-        with self.db.read() as c:
-            return self._require(c, ns, key).backend_key
+        backend_key: str = self._lookup(ns, key)["backend_key"]
+        return backend_key
 
     async def stat(self, ns: str, key: str) -> Info:
-        with self.db.read() as c:
-            rec = self._require(c, ns, key)
+        rec = _Record.of(self._lookup(ns, key))
         return overlay_info(await self.backend.stat(rec.backend_key), rec.local())
 
     async def usage(self, ns: str, key: str) -> Usage:
@@ -226,10 +245,9 @@ class NamespacedSnapshotter:
 
     async def walk(self, ns: str, filter_exprs: Sequence[str] = ()) -> list[Info]:
         flt = filters.parse_all(list(filter_exprs))
-        with self.db.read() as c:
-            rows = [_Record.of(r) for r in c.execute(
-                "SELECT * FROM snapshots WHERE namespace = ? AND snapshotter = ?",
-                (ns, self.name))]
+        rows = [_Record.of(r) for r in self.db.query(
+            "SELECT * FROM snapshots WHERE namespace = ? AND snapshotter = ?",
+            (ns, self.name))]
         if not rows:
             return []
         rows.sort(key=lambda r: r.key.encode())  # bolt's byte order
@@ -268,15 +286,15 @@ class NamespacedSnapshotter:
         async with self._lock:
             with self.db.write() as c:
                 namespaces.ensure(c, ns)
-                if target and self._row(c, ns, target) is not None:
+                if target and self._backend_key(c, ns, target) is not None:
                     raise errdefs.AlreadyExists(f"target snapshot {go_quote(target)}")
-                if self._row(c, ns, key) is not None:
+                if self._backend_key(c, ns, key) is not None:
                     raise errdefs.AlreadyExists(f"snapshot {go_quote(key)}")
                 if parent:
-                    prec = self._row(c, ns, parent)
-                    if prec is None:
+                    pkey = self._backend_key(c, ns, parent)
+                    if pkey is None:
                         raise errdefs.NotFound(f"parent snapshot {parent} does not exist")
-                    bparent = prec.backend_key
+                    bparent = pkey
                 seq = (self._bucket(c, ns) or 0) + 1
                 c.execute(
                     "INSERT OR REPLACE INTO snapshot_sequences(namespace, snapshotter, seq) "
@@ -323,15 +341,15 @@ class NamespacedSnapshotter:
                     self._lease_add(c, ns, lease, key)
                     if not key:
                         raise errdefs.Unknown("bucket name required", raw=True)
-                    if self._row(c, ns, key) is not None:
+                    if self._backend_key(c, ns, key) is not None:
                         failure = failure or errdefs.AlreadyExists(f"snapshot {go_quote(key)}")
                     else:
                         if parent:
-                            prec = self._row(c, ns, parent)
-                            if prec is None:
+                            pkey = self._backend_key(c, ns, parent)
+                            if pkey is None:
                                 raise errdefs.NotFound(
                                     f"parent snapshot {parent} does not exist")
-                            if prec.backend_key != bparent:
+                            if pkey != bparent:
                                 raise errdefs.InvalidArgument(
                                     f"mismatched parent {parent} from target {target}")
                         c.execute(
@@ -375,11 +393,11 @@ class NamespacedSnapshotter:
                     raise errdefs.NotFound(f"can not find snapshotter {go_quote(self.name)}")
                 if not name:
                     raise errdefs.Unknown("bucket name required", raw=True)
-                if self._row(c, ns, name) is not None:
+                if self._backend_key(c, ns, name) is not None:
                     raise errdefs.AlreadyExists(f"snapshot {go_quote(name)}")
                 self._lease_check(c, ns, lease)
                 rec = self._require(c, ns, key)
-                if rec.parent and self._row(c, ns, rec.parent) is None:
+                if rec.parent and self._backend_key(c, ns, rec.parent) is None:
                     raise errdefs.NotFound(f"parent snapshot {rec.parent} does not exist")
             seq += 1
             name_key = f"{ns}/{seq}/{name}"
@@ -417,7 +435,7 @@ class NamespacedSnapshotter:
                     rec = self._require(c, ns, key)
                     if self._has_children(c, ns, key):
                         raise errdefs.FailedPrecondition("cannot remove snapshot with child")
-                    if rec.parent and self._row(c, ns, rec.parent) is None:
+                    if rec.parent and self._backend_key(c, ns, rec.parent) is None:
                         raise errdefs.NotFound(f"parent snapshot {rec.parent} does not exist")
                     self._delete(c, ns, key)
                     self._lease_remove(c, ns, lease, key)
@@ -492,13 +510,12 @@ class NamespacedSnapshotter:
 
     def gc_list(self) -> list[tuple[str, str, str, dict[str, str]]]:
         """Every snapshot of this snapshotter: (namespace, key, parent or "", labels)."""
-        with self.db.read() as c:
-            return [
-                (r["namespace"], r["key"], r["parent"], _labels(r["labels"]))
-                for r in c.execute(
-                    "SELECT namespace, key, parent, labels FROM snapshots WHERE "
-                    "snapshotter = ?", (self.name,))
-            ]
+        return [
+            (ns, key, parent, _labels(labels))
+            for ns, key, parent, labels in self.db.query(
+                "SELECT namespace, key, parent, labels FROM snapshots WHERE "
+                "snapshotter = ?", (self.name,))
+        ]
 
     async def gc_remove(self, namespace: str, key: str) -> None:
         """Drop a snapshot the collector found unreachable (children are its business)."""
@@ -517,9 +534,8 @@ class NamespacedSnapshotter:
         """Remove backend snapshots no record refers to (children first), then let the
         backend drop its own leftovers (directories of interrupted calls)."""
         async with self._removals, self._lock:
-            with self.db.read() as c:
-                seen = {r[0] for r in c.execute(
-                    "SELECT backend_key FROM snapshots WHERE snapshotter = ?", (self.name,))}
+            seen = {r[0] for r in self.db.query(
+                "SELECT backend_key FROM snapshots WHERE snapshotter = ?", (self.name,))}
             infos = await self.backend.walk()
             children: dict[str, list[str]] = {}
             for i in infos:

@@ -15,12 +15,18 @@ from berth.core.api.containerd.services.images import v1 as api
 from berth.core.api.containerd.types import Descriptor as ApiDescriptor
 from berth.core.events.exchange import Exchange
 from berth.core.gc.scheduler import GCScheduler
+from berth.core.grpc.bridge import AnswerCache, Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.images import Descriptor, Image, ImageStore
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import EVENT, GC, GRPC, METADATA, SERVICE
 
 _log = log.get("images")
+
+# Get answers kept serialized per (namespace, name), made again whenever the image read
+# now differs from the one they were made from (ctr gets its image every run). Past
+# this many the cache starts over (a bound, not LRU).
+GET_ANSWERS = 256
 
 
 def _from_api(img: api.Image | None) -> Image:
@@ -53,6 +59,7 @@ class ImagesLocal:
         self.store = store
         self.events = events
         self.gc = gc
+        self._gets: dict[tuple[str, str], AnswerCache] = {}
 
     def _publish(self, ns: str, topic: str, event: betterproto.Message) -> None:
         try:
@@ -60,9 +67,17 @@ class ImagesLocal:
         except errdefs.BerthError as e:
             raise errdefs.Unknown(e.message, raw=True) from None
 
-    def get(self, ctx: CallContext, req: api.GetImageRequest) -> api.GetImageResponse:
+    def get(self, ctx: CallContext, req: api.GetImageRequest) -> Encoded:
         ns = ctx.namespace_required()
-        return api.GetImageResponse(image=_to_api(self.store.get(ns, req.name)))
+        name = req.name
+        image = self.store.get(ns, name)
+        key = (ns, name)
+        cache = self._gets.get(key)
+        if cache is None:
+            if len(self._gets) >= GET_ANSWERS:
+                self._gets.clear()
+            cache = self._gets[key] = AnswerCache()
+        return cache.get(image, lambda i: api.GetImageResponse(image=_to_api(i)))
 
     def list(self, ctx: CallContext, req: api.ListImagesRequest) -> api.ListImagesResponse:
         ns = ctx.namespace_required()
@@ -109,7 +124,7 @@ class ImagesService:
     def __init__(self, local: ImagesLocal) -> None:
         self.local = local
 
-    def get(self, ctx: CallContext, req: api.GetImageRequest) -> api.GetImageResponse:
+    def get(self, ctx: CallContext, req: api.GetImageRequest) -> Encoded:
         return self.local.get(ctx, req)
 
     def list(self, ctx: CallContext, req: api.ListImagesRequest) -> api.ListImagesResponse:

@@ -40,6 +40,7 @@ from berth.core.api.containerd.services.snapshots.v1 import (
     ViewSnapshotRequest,
     ViewSnapshotResponse,
 )
+from berth.core.grpc.bridge import AnswerCache, Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.snapshots import NamespacedSnapshotter
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -48,6 +49,11 @@ from berth.core.snapshots import Info as SnapshotInfo, Kind as SnapshotKind
 
 SERVICE_ID = "snapshots-service"
 LIST_BATCH = 100
+# Stat and Mounts answers kept serialized per (snapshotter, namespace, key), each made
+# again whenever what the store answers now differs from what it was made from: ctr
+# stats the image's snapshot every run and asks a container's mounts twice. Past this
+# many the caches start over (a bound, not LRU).
+ANSWERS = 256
 
 _log = log.get("snapshots")
 
@@ -95,6 +101,8 @@ class SnapshotsService:
 
     def __init__(self, service: SnapshotsServicePlugin) -> None:
         self.service = service
+        self._stats: dict[tuple[str, str, str], AnswerCache] = {}
+        self._mounts: dict[tuple[str, str, str], AnswerCache] = {}
 
     def _sn(self, name: str) -> NamespacedSnapshotter:
         return self.service.get(name)
@@ -112,10 +120,13 @@ class SnapshotsService:
                                dict(req.labels), lease=ctx.lease)
         return ViewSnapshotResponse(mounts=[m.to_proto() for m in mounts])
 
-    async def mounts(self, ctx: CallContext, req: MountsRequest) -> MountsResponse:
-        sn = self._sn(req.snapshotter)
-        mounts = await sn.mounts(ctx.namespace_required(), req.key)
-        return MountsResponse(mounts=[m.to_proto() for m in mounts])
+    async def mounts(self, ctx: CallContext, req: MountsRequest) -> Encoded:
+        name, key = req.snapshotter, req.key
+        sn = self._sn(name)
+        ns = ctx.namespace_required()
+        mounts = await sn.mounts(ns, key)
+        return _answers(self._mounts, (name, ns, key)).get(
+            mounts, lambda ms: MountsResponse(mounts=[m.to_proto() for m in ms]))
 
     async def commit(self, ctx: CallContext, req: CommitSnapshotRequest) -> Empty:
         sn = self._sn(req.snapshotter)
@@ -128,10 +139,13 @@ class SnapshotsService:
         await sn.remove(ctx.namespace_required(), req.key, lease=ctx.lease)
         return Empty()
 
-    async def stat(self, ctx: CallContext, req: StatSnapshotRequest) -> StatSnapshotResponse:
-        sn = self._sn(req.snapshotter)
-        return StatSnapshotResponse(info=to_api(await sn.stat(ctx.namespace_required(),
-                                                              req.key)))
+    async def stat(self, ctx: CallContext, req: StatSnapshotRequest) -> Encoded:
+        name, key = req.snapshotter, req.key
+        sn = self._sn(name)
+        ns = ctx.namespace_required()
+        info = await sn.stat(ns, key)
+        return _answers(self._stats, (name, ns, key)).get(
+            info, lambda i: StatSnapshotResponse(info=to_api(i)))
 
     async def update(self, ctx: CallContext, req: UpdateSnapshotRequest
                      ) -> UpdateSnapshotResponse:
@@ -164,6 +178,16 @@ class SnapshotsService:
         # leftover directories go.
         await self._sn(req.snapshotter).cleanup()
         return Empty()
+
+
+def _answers(caches: dict[tuple[str, str, str], AnswerCache],
+             key: tuple[str, str, str]) -> AnswerCache:
+    cache = caches.get(key)
+    if cache is None:
+        if len(caches) >= ANSWERS:
+            caches.clear()
+        cache = caches[key] = AnswerCache()
+    return cache
 
 
 async def _init_service(ctx: InitContext) -> SnapshotsServicePlugin:

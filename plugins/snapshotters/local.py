@@ -25,7 +25,7 @@ from berth.core import errdefs, log
 from berth.core.mount import Mount
 from berth.core.snapshots import Info, Kind, Usage
 from berth.plugins.snapshotters import fsutil
-from berth.plugins.snapshotters.storage import MetaStore, Snapshot
+from berth.plugins.snapshotters.storage import MetaStore, Snapshot, Transaction
 
 
 def wrap(prefix: str, e: errdefs.BerthError) -> errdefs.BerthError:
@@ -63,6 +63,10 @@ class LocalSnapshotter:
     def needs_dir(self, kind: Kind, parent: str) -> bool:
         return True
 
+    #: Whether :meth:`populate` uses the parent's id (a copy of the parent's tree); when
+    #: not, no read is made for it before the recording transaction.
+    populate_uses_parent = True
+
     def populate(self, td: str, kind: Kind, parent_id: str | None) -> None:
         """Fill a new snapshot directory before the transaction that records it."""
 
@@ -75,16 +79,14 @@ class LocalSnapshotter:
     # --- the Snapshotter protocol -------------------------------------------------------
 
     async def stat(self, key: str) -> Info:
-        with self.ms.read() as tx:
-            return tx.get_info(key)[1]
+        return self.ms.get_info(key)[1]
 
     async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
         with self.ms.write() as tx:
             return tx.update_info(info, fieldpaths)
 
     async def usage(self, key: str) -> Usage:
-        with self.ms.read() as tx:
-            id_, info, usage = tx.get_info(key)
+        id_, info, usage = self.ms.get_info(key)
         if info.kind == Kind.ACTIVE:
             usage = await trio.to_thread.run_sync(fsutil.disk_usage, self.data_dir(id_))
         return usage
@@ -117,7 +119,16 @@ class LocalSnapshotter:
             return tx.walk_info(filter_exprs)
 
     async def cleanup(self) -> None:
-        await trio.to_thread.run_sync(self._cleanup)
+        # The search is one short transaction and one directory listing, less work than
+        # a thread hop (garbage collection asks after every snapshot removal); only
+        # trees found to remove go to a worker thread.
+        with self.ms.try_write() as tx:
+            doomed = None if tx is None else self._orphans(tx)
+        if doomed is None:
+            # A worker thread holds the store (a create's fsyncs): search over there.
+            await trio.to_thread.run_sync(self._cleanup)
+        elif doomed:
+            await trio.to_thread.run_sync(self._remove_dirs, doomed)
 
     def close(self) -> None:
         self.ms.close()
@@ -143,7 +154,7 @@ class LocalSnapshotter:
             if td is not None:
                 os.mkdir(td, 0o700)
                 parent_id = None
-                if parent:
+                if parent and self.populate_uses_parent:
                     # Copy outside the transaction; the parent is checked again inside it.
                     with self.ms.read() as tx:
                         parent_id = tx.parent_id(parent)
@@ -160,10 +171,13 @@ class LocalSnapshotter:
                 if td is not None:
                     self.finish(td, s)
                     path = self.snapshot_dir(s.id)
-                    # Only an orphan of a crashed create can be there: ids of recorded
-                    # snapshots are never reused.
-                    fsutil.remove_tree(path)
-                    os.rename(td, path)
+                    try:
+                        os.rename(td, path)
+                    except OSError:
+                        # Only an orphan of a crashed create can be there (ids of recorded
+                        # snapshots are never reused); rename replaced an empty one.
+                        fsutil.remove_tree(path)
+                        os.rename(td, path)
                     td = None
                     _fsync_dir(self.snapshots_dir)
             return self.build_mounts(s)
@@ -174,8 +188,7 @@ class LocalSnapshotter:
                 self._release(work)
 
     def _commit(self, name: str, key: str, labels: Mapping[str, str] | None) -> None:
-        with self.ms.read() as tx:
-            id_, _, _ = tx.get_info(key)
+        id_, _, _ = self.ms.get_info(key)
         usage = fsutil.disk_usage(self.data_dir(id_))
         with self.ms.write() as tx:
             try:
@@ -204,13 +217,25 @@ class LocalSnapshotter:
 
     def _cleanup(self) -> None:
         with self.ms.write() as tx:
-            ids = tx.id_map()
-            with self._inflight_lock:
-                busy = set(self._inflight)
-            doomed = [
-                os.path.join(self.snapshots_dir, d) for d in os.listdir(self.snapshots_dir)
-                if d not in ids and d not in busy
-            ]
+            doomed = self._orphans(tx)
+        self._remove_dirs(doomed)
+
+    def _orphans(self, tx: Transaction) -> list[str]:
+        """Directories of no recorded snapshot and of no call in progress. ``tx`` is a
+        write transaction: a create renames its directory to the id before it commits,
+        and holds the store from its BEGIN to its COMMIT. The calls in progress are read
+        after the listing: a call claims its directory before making it, so one listed
+        is claimed by then (or already released and gone)."""
+        ids = tx.id_map()
+        listed = os.listdir(self.snapshots_dir)
+        with self._inflight_lock:
+            busy = set(self._inflight)
+        return [
+            os.path.join(self.snapshots_dir, d) for d in listed
+            if d not in ids and d not in busy
+        ]
+
+    def _remove_dirs(self, doomed: list[str]) -> None:
         for d in doomed:
             try:
                 fsutil.remove_tree(d)

@@ -82,6 +82,8 @@ class OverlaySnapshotter(LocalSnapshotter):
     def data_dir(self, id_: str) -> str:
         return self.upper_path(id_)
 
+    populate_uses_parent = False
+
     def populate(self, td: str, kind: Kind, parent_id: str | None) -> None:
         os.mkdir(os.path.join(td, "fs"), 0o755)
         os.chmod(os.path.join(td, "fs"), 0o755)  # whatever the umask

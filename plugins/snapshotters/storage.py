@@ -62,6 +62,34 @@ def _labels_json(labels: Mapping[str, str] | None) -> str:
     return json.dumps({k: v for k, v in (labels or {}).items() if v != ""}, sort_keys=True)
 
 
+_ROW_SQL = ("SELECT s.*, p.key AS parent_key FROM snapshots s "
+            "LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?")
+
+
+# A snapshot and its ancestors, nearest first: (id, parent_id) each.
+_CHAIN_SQL = (
+    "WITH RECURSIVE chain(id, parent_id, depth) AS ("
+    " SELECT id, parent_id, 0 FROM snapshots WHERE id = ?"
+    " UNION ALL"
+    " SELECT s.id, s.parent_id, chain.depth + 1 FROM snapshots s"
+    " JOIN chain ON s.id = chain.parent_id)"
+    " SELECT id, parent_id FROM chain ORDER BY depth")
+
+
+def _info(row: sqlite3.Row) -> Info:
+    return Info(
+        name=row["key"], parent=row["parent_key"] or "", kind=Kind(row["kind"]),
+        labels=json.loads(row["labels"]), created=_ts(row["created_at"]),
+        updated=_ts(row["updated_at"]),
+    )
+
+
+def _info_of(row: sqlite3.Row | None) -> tuple[str, Info, Usage]:
+    if row is None:
+        raise errdefs.NotFound("snapshot does not exist")
+    return str(row["id"]), _info(row), Usage(row["inodes"], row["size"])
+
+
 class MetaStore:
     """The database file; use :meth:`read` and :meth:`write` for transactions."""
 
@@ -87,13 +115,38 @@ class MetaStore:
     @contextlib.contextmanager
     def write(self) -> Iterator[Transaction]:
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield Transaction(self._conn)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            with self._write() as tx:
+                yield tx
+
+    @contextlib.contextmanager
+    def try_write(self) -> Iterator[Transaction | None]:
+        """:meth:`write`, or None at once when another thread holds the store (for a
+        caller on the event loop, which must not wait out another thread's fsyncs)."""
+        if not self._lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            with self._write() as tx:
+                yield tx
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Transaction]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield Transaction(self._conn)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def get_info(self, key: str) -> tuple[str, Info, Usage]:
+        """:meth:`Transaction.get_info` as one statement: a read transaction of its own in
+        sqlite, so no BEGIN/COMMIT around it."""
+        with self._lock:
+            rows = self._conn.execute(_ROW_SQL, (key,)).fetchall()
+        return _info_of(rows[0] if rows else None)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Transaction]:
@@ -116,36 +169,21 @@ class Transaction:
         self.c = c
 
     def _row(self, key: str) -> sqlite3.Row | None:
-        return self.c.execute(
-            "SELECT s.*, p.key AS parent_key FROM snapshots s "
-            "LEFT JOIN snapshots p ON p.id = s.parent_id WHERE s.key = ?", (key,)
-        ).fetchone()
-
-    @staticmethod
-    def _info(row: sqlite3.Row) -> Info:
-        return Info(
-            name=row["key"], parent=row["parent_key"] or "", kind=Kind(row["kind"]),
-            labels=json.loads(row["labels"]), created=_ts(row["created_at"]),
-            updated=_ts(row["updated_at"]),
-        )
+        return self.c.execute(_ROW_SQL, (key,)).fetchone()
 
     def _parents(self, parent_id: int | None) -> list[str]:
-        out = []
-        while parent_id is not None:
-            out.append(str(parent_id))
-            row = self.c.execute(
-                "SELECT parent_id FROM snapshots WHERE id = ?", (parent_id,)
-            ).fetchone()
-            if row is None:
-                raise errdefs.NotFound("missing parent")
-            parent_id = row[0]
-        return out
+        """The ids of ``parent_id`` and its ancestors, nearest first (one statement,
+        however long the chain)."""
+        if parent_id is None:
+            return []
+        rows = self.c.execute(_CHAIN_SQL, (parent_id,)).fetchall()
+        # The chain ends at a snapshot without a parent; it stops short at a missing one.
+        if not rows or rows[-1][1] is not None:
+            raise errdefs.NotFound("missing parent")
+        return [str(r[0]) for r in rows]
 
     def get_info(self, key: str) -> tuple[str, Info, Usage]:
-        row = self._row(key)
-        if row is None:
-            raise errdefs.NotFound("snapshot does not exist")
-        return str(row["id"]), self._info(row), Usage(row["inodes"], row["size"])
+        return _info_of(self._row(key))
 
     def get_snapshot(self, key: str) -> Snapshot:
         """An active snapshot or a view, with its parent chain."""
@@ -197,7 +235,7 @@ class Transaction:
         row = self._row(info.name)
         if row is None:
             raise errdefs.NotFound("snapshot does not exist")
-        updated = self._info(row)
+        updated = _info(row)
         if fieldpaths:
             for path in fieldpaths:
                 if path.startswith("labels."):
@@ -257,7 +295,9 @@ class Transaction:
             "SELECT s.*, p.key AS parent_key FROM snapshots s "
             "LEFT JOIN snapshots p ON p.id = s.parent_id ORDER BY s.key"
         ).fetchall()
-        infos = [self._info(r) for r in rows]
+        infos = [_info(r) for r in rows]
+        if flt is filters.ALWAYS:  # no filter (garbage collection's walk, every time)
+            return infos
         return [i for i in infos if flt.match(adapt_info(i))]
 
     def id_map(self) -> dict[str, str]:

@@ -131,3 +131,30 @@ def test_delete_and_namespace_emptiness(db: Database) -> None:
     assert changes == [False, True]
     namespaces.delete("ns")
     assert namespaces.list() == []
+
+
+def test_kept_get_answers_follow_the_store(db: Database) -> None:
+    # The images service keeps Get answers serialized, made from the image it reads at
+    # each call: an update, a delete and a new image under the same name are all seen.
+    from berth.core.api.containerd.services.images import v1 as api
+    from berth.core.grpc.context import CallContext
+    from berth.core.services.images import ImagesLocal
+
+    store = ImageStore(db)
+    local = ImagesLocal(store, events=None, gc=None)  # type: ignore[arg-type]  # Get uses neither
+    ctx = CallContext(metadata={"containerd-namespace": "ns"})
+
+    def get() -> api.Image:
+        return local.get(ctx, api.GetImageRequest(name="a")).message.image
+
+    store.create("ns", img("a", labels={"k": "v"}))
+    first = get()
+    assert (first.target.digest, first.labels) == (D1, {"k": "v"})
+    assert get() == first
+    store.update("ns", img("a", labels={"k": "w"}), ["labels.k"])
+    assert get().labels == {"k": "w"}
+    store.delete("ns", "a")
+    with pytest.raises(errdefs.NotFound):
+        get()
+    store.create("ns", img("a", D2))
+    assert get().target.digest == D2

@@ -44,6 +44,22 @@ def test_failed_write_rolls_back(db: Database) -> None:
     assert ns.list() == []
 
 
+def test_single_statement_reads_see_writes_and_end_their_transaction(db: Database) -> None:
+    # query/query_one run without BEGIN/COMMIT: sqlite makes the statement its own read
+    # transaction, which must be over (all rows fetched) when they return.
+    assert db.query_one("SELECT name FROM namespaces WHERE name = ?", ("a",)) is None
+    with db.write() as c:
+        c.execute("INSERT INTO namespaces(name, created_at) VALUES ('a', 'x'), ('b', 'y')")
+    row = db.query_one("SELECT name, created_at FROM namespaces WHERE name = ?", ("a",))
+    assert row is not None and tuple(row) == ("a", "x")
+    assert not db._conn.in_transaction
+    assert [r[0] for r in db.query("SELECT name FROM namespaces ORDER BY name")] == ["a", "b"]
+    assert not db._conn.in_transaction
+    with db.write() as c:  # a write right after finds no reader in the way
+        c.execute("DELETE FROM namespaces WHERE name = 'a'")
+    assert db.query_one("SELECT 1 FROM namespaces WHERE name = 'a'") is None
+
+
 def test_namespace_create_list_labels(db: Database) -> None:
     ns = NamespaceStore(db)
     ns.create("b", {"k": "v"})

@@ -6,10 +6,13 @@ Nothing is mounted here; the mounts are checked as data and the trees as files.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
+import threading
 from pathlib import Path
 
 import pytest
+import trio
 
 from berth.core import errdefs
 from berth.core.mount import Mount
@@ -92,6 +95,27 @@ async def test_overlay_chain_and_ids(overlay: OverlaySnapshotter) -> None:
         ("a-c", "", Kind.COMMITTED), ("b-c", "a-c", Kind.COMMITTED), ("v", "b-c", Kind.VIEW)]
     assert [i.name for i in await overlay.walk(["kind==view"])] == ["v"]
     assert [i.name for i in await overlay.walk(["parent==a-c", "name==v"])] == ["b-c", "v"]
+
+
+async def test_long_chains_nearest_first_and_a_broken_chain_is_not_found(
+        overlay: OverlaySnapshotter) -> None:
+    r = overlay.snapshots_dir
+    parent = ""
+    for i in range(1, 6):
+        await overlay.prepare(f"l{i}", parent)
+        await overlay.commit(f"c{i}", f"l{i}")
+        parent = f"c{i}"
+    (m,) = await overlay.prepare("top", parent)
+    assert m.options[-1] == "lowerdir=" + ":".join(f"{r}/{i}/fs" for i in range(5, 0, -1))
+    assert await overlay.mounts("top") == [m]
+    # A parent row gone (only a damaged database can lose one): NotFound, as before.
+    c = sqlite3.connect(overlay.ms.path)
+    c.execute("PRAGMA foreign_keys=OFF")
+    c.execute("DELETE FROM snapshots WHERE id = 3")
+    c.commit()
+    c.close()
+    with pytest.raises(errdefs.NotFound, match="missing parent"):
+        await overlay.mounts("top")
 
 
 async def test_backend_errors_read_like_containerd(overlay: OverlaySnapshotter) -> None:
@@ -187,6 +211,35 @@ async def test_cleanup_removes_directories_without_records(
     await overlay.cleanup()
     assert os.listdir(overlay.snapshots_dir) == ["1"]
     assert (await overlay.stat("keep")).kind == Kind.ACTIVE
+
+
+async def test_cleanup_while_a_worker_thread_holds_the_store(
+        overlay: OverlaySnapshotter) -> None:
+    # cleanup searches on the event loop only when the store is free; a create's
+    # transaction in a worker thread (its fsyncs) sends the search to a thread instead.
+    await overlay.prepare("keep")
+    orphan = overlay.snapshots_dir / "42"
+    (orphan / "fs").mkdir(parents=True)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with overlay.ms.write():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(overlay.cleanup)
+            await trio.sleep(0.05)
+            assert orphan.exists()  # the search waits for the store, off the loop
+            release.set()
+    finally:
+        release.set()
+        holder.join(30)
+    assert os.listdir(overlay.snapshots_dir) == ["1"]
 
 
 async def test_state_survives_reopening(tmp_path: Path) -> None:

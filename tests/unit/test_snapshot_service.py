@@ -109,8 +109,9 @@ async def test_round_trip(svc: SnapshotsService, plugins) -> None:  # noqa: ANN0
     (m,) = (await svc.view(ctx(), ViewSnapshotRequest(snapshotter=s, key="v",
                                                        parent="a-c"))).mounts
     assert (m.type, m.options) == ("bind", ["ro", "rbind"])
-    assert (await svc.mounts(ctx(), MountsRequest(snapshotter=s, key="v"))).mounts == [m]
-    info = (await svc.stat(ctx(), StatSnapshotRequest(snapshotter=s, key="v"))).info
+    assert (await svc.mounts(ctx(), MountsRequest(snapshotter=s, key="v"))).message.mounts \
+        == [m]
+    info = (await svc.stat(ctx(), StatSnapshotRequest(snapshotter=s, key="v"))).message.info
     assert (info.name, info.parent, info.kind) == ("v", "a-c", Kind.VIEW)
     assert info.created_at.tzinfo is not None
 
@@ -131,6 +132,43 @@ async def test_round_trip(svc: SnapshotsService, plugins) -> None:  # noqa: ANN0
     await svc.remove(ctx(), RemoveSnapshotRequest(snapshotter=s, key="a-c"))
     await svc.cleanup(ctx(), CleanupRequest(snapshotter=s))
     assert await plugins.get(SNAPSHOTTER, s).walk() == []
+
+
+async def test_kept_stat_and_mounts_answers_follow_the_store(
+        svc: SnapshotsService) -> None:
+    # Answers are kept serialized, but made from what the store says at each call:
+    # an update, a remove and a new snapshot under the same key are all seen.
+    s = "overlayfs"
+    await svc.prepare(ctx(), PrepareSnapshotRequest(snapshotter=s, key="base"))
+    await svc.commit(ctx(), CommitSnapshotRequest(snapshotter=s, name="img", key="base"))
+
+    async def stat(key: str) -> Info:
+        return (await svc.stat(ctx(), StatSnapshotRequest(snapshotter=s, key=key))).message.info
+
+    async def mounts(key: str) -> list:
+        return (await svc.mounts(ctx(), MountsRequest(snapshotter=s, key=key))).message.mounts
+
+    first = await stat("img")
+    again = await svc.stat(ctx(), StatSnapshotRequest(snapshotter=s, key="img"))
+    assert again.message.info == first and first.labels == {}
+    await svc.update(ctx(), UpdateSnapshotRequest(
+        snapshotter=s, info=Info(name="img", labels={"x": "y"}),
+        update_mask=FieldMask(paths=["labels.x"])))
+    assert (await stat("img")).labels == {"x": "y"}
+
+    (m,) = (await svc.prepare(ctx(), PrepareSnapshotRequest(
+        snapshotter=s, key="run", parent="img"))).mounts
+    assert await mounts("run") == [m] == await mounts("run")
+    await svc.remove(ctx(), RemoveSnapshotRequest(snapshotter=s, key="run"))
+    with pytest.raises(errdefs.NotFound):
+        await mounts("run")
+    with pytest.raises(errdefs.NotFound):
+        await stat("run")
+    # The same key again, now a view: another directory, other mounts, another kind.
+    (v,) = (await svc.view(ctx(), ViewSnapshotRequest(snapshotter=s, key="run",
+                                                      parent="img"))).mounts
+    assert await mounts("run") == [v] != [m]
+    assert (await stat("run")).kind == Kind.VIEW
 
 
 async def test_list_streams_in_batches_and_filters(svc: SnapshotsService) -> None:
@@ -187,5 +225,5 @@ async def test_start_up_removes_what_a_crash_left(tmp_path: Path) -> None:
         assert os.listdir(root / "snapshots") == ["1"]
         svc = ps.get(GRPC, "snapshots")
         info = (await svc.stat(ctx(), StatSnapshotRequest(snapshotter="overlayfs",
-                                                          key="kept"))).info
+                                                          key="kept"))).message.info
         assert info.kind == Kind.ACTIVE
