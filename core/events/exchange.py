@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 
 import betterproto
 import structlog
@@ -21,6 +20,7 @@ import trio
 from berth.core import errdefs, filters, identifiers
 from berth.core.api.containerd.services.events.v1 import Envelope
 from berth.core.events import envelope as envelopes, hold as holds
+from berth.core.events.envelope import Event
 from berth.core.events.hold import BootHold
 from berth.core.events.log import EventLog
 
@@ -28,11 +28,7 @@ log = structlog.get_logger("events")
 
 DEFAULT_QUEUE = 1024
 
-
-@dataclass(slots=True)
-class Event:
-    seq: int
-    envelope: Envelope
+__all__ = ["DEFAULT_QUEUE", "Event", "Exchange", "Subscription"]
 
 
 class Subscription:
@@ -99,6 +95,9 @@ class Exchange:
         self.hold = hold
         self.clients: Counter[holds.Key] = Counter()
         self._clients_changed = trio.Event()
+        # Bound now (after berthd's logging set-up): calls through structlog's lazy
+        # module-level proxy re-resolve the logger on every use, even a filtered one.
+        self._log = log.bind()
 
     def publish(self, namespace: str, topic: str, event: betterproto.Message) -> Event:
         if not namespace:
@@ -111,30 +110,34 @@ class Exchange:
             raise errdefs.InvalidArgument(
                 f"failed publishing event: namespace validation: {e}", raw=True
             ) from None
-        return self._deliver(envelopes.make(namespace, topic, event))
+        return self._deliver(envelopes.make_event(namespace, topic, event))
 
     def forward(self, env: Envelope) -> Event:
-        envelopes.validate_envelope(env)
-        return self._deliver(env)
+        return self.forward_event(Event.of(0, env))
 
-    def _deliver(self, env: Envelope) -> Event:
+    def forward_event(self, ev: Event) -> Event:
+        """Forward an event someone else made (a shim, a client), numbering it."""
+        envelopes.validate(ev)
+        return self._deliver(ev)
+
+    def _deliver(self, ev: Event) -> Event:
         if self.log is not None:
-            seq = self.log.append(env)
+            ev.seq = self.log.append(ev)
         else:
             self._seq += 1
-            seq = self._seq
-        ev = Event(seq, env)
+            ev.seq = self._seq
         if self.hold is not None:
             self.hold.record(ev)
-        log.debug("event published", topic=env.topic, ns=env.namespace,
-                  type=env.event.type_url if env.event is not None else "", seq=seq)
-        # Matching runs here, in the publisher's call, once per subscriber: it must stay
-        # cheap whatever a subscriber asked for. Filters match in linear time (RE2, a
-        # bounded program) and the adaptor decodes the payload once for all of them.
-        adaptor = envelopes.adaptor(env)
-        for sub in list(self._subs):
-            if sub.matches(adaptor):
-                sub.offer(ev)
+        self._log.debug("event published", topic=ev.topic, ns=ev.namespace,
+                        type=ev.type_url, seq=ev.seq)
+        if self._subs:
+            # Matching runs here, in the publisher's call, once per subscriber: it must
+            # stay cheap whatever a subscriber asked for. Filters match in linear time
+            # (RE2, a bounded program) and the adaptor decodes the payload once for all.
+            adaptor = envelopes.adaptor(ev)
+            for sub in list(self._subs):
+                if sub.matches(adaptor):
+                    sub.offer(ev)
         for listener in self.listeners:
             listener(ev)
         return ev
@@ -157,7 +160,7 @@ class Exchange:
                 # No await between the claim and joining the live list: every held
                 # event is older than every live one this subscriber will get.
                 held = self.hold.claim(sub.key)
-                sub.backlog = [ev for ev in held if sub.matches(envelopes.adaptor(ev.envelope))]
+                sub.backlog = [ev for ev in held if sub.matches(envelopes.adaptor(ev))]
                 if held:
                     log.info("reconnected subscriber gets the events it missed since boot",
                              filters=list(sub.key), events=len(sub.backlog))
@@ -195,9 +198,9 @@ class Exchange:
             last = since
             if self.log is not None:
                 upto = self._seq_now()
-                for n, (seq, env) in enumerate(self.log.since(since, upto=upto)):
-                    if flt.match(envelopes.adaptor(env)):
-                        yield Event(seq, env)
+                for n, ev in enumerate(self.log.since(since, upto=upto)):
+                    if flt.match(envelopes.adaptor(ev)):
+                        yield ev
                     if n % 256 == 255:
                         await trio.lowlevel.checkpoint()
                 last = max(last, upto)

@@ -1,24 +1,23 @@
-"""Events.Forward requests from shims, read straight from the wire.
+"""Events.Forward requests from shims, read straight from the wire into an ``Event``.
 
-Every event a shim sends berthd (four per container run) arrives as a ttrpc
+Every event a shim sends berthd (four or five per container run) arrives as a ttrpc
 ``ForwardRequest``: an ``Envelope`` holding a ``Timestamp`` and an ``Any``. Decoding that
 through betterproto's nested parse cost ~60 µs warm and ~200 µs in berthd's run (each
-nested message passes betterproto's attribute hooks twice); reading the five fields here
-and building the messages once costs a fraction of that. Anything this reader does not
-expect (a field out of place or repeated, an unknown field, a negative or out-of-range
-timestamp, bad UTF-8, a missing envelope, timestamp or event) goes to betterproto, which
-stays the reference: tests/unit/test_events_forward.py compares the two.
+nested message passes betterproto's attribute hooks twice), and even building the three
+messages from fields read by hand costs ~50 µs; reading the five fields here into the
+exchange's plain ``Event`` costs a few. Anything this reader does not expect (a field
+out of place or repeated, an unknown field, a negative or out-of-range timestamp, bad
+UTF-8, a missing envelope, timestamp or event) goes to betterproto, which stays the
+reference: tests/unit/test_events_forward.py compares the two.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from betterproto.lib.google.protobuf import Any as AnyMsg
-
 from berth.core import protowire
 from berth.core.api.containerd.services.events.ttrpc import v1 as ttrpc_events
-from berth.core.ttrpc import server as ttrpc_server
+from berth.core.events.envelope import Event
 
 _VARINT, _LEN = 0, 2
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -72,7 +71,7 @@ def _text(data: bytes, found: dict[int, int | tuple[int, int]], number: int) -> 
     return data[span[0]:span[1]].decode()
 
 
-def _read(data: bytes) -> ttrpc_events.ForwardRequest:
+def _read(data: bytes) -> Event:
     start, end = _span(_fields(data, 0, len(data), _FORWARD), 1)
     env = _fields(data, start, end, _ENVELOPE)
     ts = _fields(data, *_span(env, 1), _TIMESTAMP)
@@ -82,27 +81,18 @@ def _read(data: bytes) -> ttrpc_events.ForwardRequest:
         raise _Unusual  # negative (two's complement) or out of range
     event = _fields(data, *_span(env, 4), _ANY)
     value = event.get(2)
-    any_msg = AnyMsg(
-        type_url=_text(data, event, 1),
-        value=data[value[0]:value[1]] if isinstance(value, tuple) else b"",
-    )
-    return ttrpc_events.ForwardRequest(envelope=ttrpc_events.Envelope(
+    return Event(
+        0, _text(data, env, 2), _text(data, env, 3),
         # betterproto's own conversion: whole microseconds, no float rounding.
-        timestamp=_EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000),
-        namespace=_text(data, env, 2),
-        topic=_text(data, env, 3),
-        event=any_msg,
-    ))
+        _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000),
+        _text(data, event, 1),
+        data[value[0]:value[1]] if isinstance(value, tuple) else b"",
+    )
 
 
-def parse_forward_request(data: bytes) -> ttrpc_events.ForwardRequest:
-    """The ``ForwardRequest`` in ``data``, as betterproto would decode it."""
+def read_event(data: bytes) -> Event:
+    """The event in the ``ForwardRequest`` in ``data``, as betterproto would decode it."""
     try:
         return _read(data)
     except (_Unusual, protowire.DecodeError, UnicodeDecodeError, OverflowError):
-        return ttrpc_events.ForwardRequest().parse(data)
-
-
-def register() -> None:
-    """Have berthd's ttrpc server decode Events.Forward requests here."""
-    ttrpc_server.register_decoder(ttrpc_events.ForwardRequest, parse_forward_request)
+        return Event.of(0, ttrpc_events.ForwardRequest().parse(data).envelope)

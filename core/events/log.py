@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from betterproto.lib.google.protobuf import Any as AnyMsg
-
-from berth.core.api.containerd.services.events.v1 import Envelope
+from berth.core.events.envelope import Event
 from berth.core.metadata.db import Database
 
 _TRIM_EVERY = 256
@@ -24,18 +22,15 @@ class EventLog:
         self.capacity = capacity
         self._since_trim = 0
 
-    def append(self, env: Envelope) -> int:
-        ts = env.timestamp
+    def append(self, ev: Event) -> int:
+        """Store ``ev`` (its sequence number is ignored); its new sequence number."""
+        ts = ev.timestamp
         ts_ns = int(ts.timestamp() * 1_000_000_000) if ts else 0
-        # "is None", not truthiness: a message's bool() compares every field with its
-        # default, and an empty Any gives "" and b"" anyway.
-        event = env.event
-        type_url, value = ("", b"") if event is None else (event.type_url, event.value)
         with self.db.write() as c:
             cur = c.execute(
                 "INSERT INTO events(timestamp_ns, namespace, topic, type_url, value) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (ts_ns, env.namespace, env.topic, type_url, value),
+                (ts_ns, ev.namespace, ev.topic, ev.type_url, ev.value),
             )
             seq = cur.lastrowid
             assert seq is not None  # an INSERT's rowid
@@ -58,7 +53,7 @@ class EventLog:
         return (first or 0, last_seq)
 
     def since(self, seq: int, *, upto: int | None = None, batch: int = 500
-              ) -> Iterator[tuple[int, Envelope]]:
+              ) -> Iterator[Event]:
         """Events after ``seq`` (and at most ``upto``), oldest first, within capacity."""
         _, last = self.bounds()
         floor = max(seq, last - self.capacity)
@@ -72,10 +67,7 @@ class EventLog:
             if not rows:
                 return
             for r in rows:
-                yield r["seq"], Envelope(
-                    timestamp=datetime.fromtimestamp(r["timestamp_ns"] / 1e9, UTC),
-                    namespace=r["namespace"],
-                    topic=r["topic"],
-                    event=AnyMsg(type_url=r["type_url"], value=r["value"]),
-                )
+                yield Event(r["seq"], r["namespace"], r["topic"],
+                            datetime.fromtimestamp(r["timestamp_ns"] / 1e9, UTC),
+                            r["type_url"], r["value"])
             floor = rows[-1]["seq"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from berth.core.events import forward, hold as holds
+from berth.core.events import hold as holds
 from berth.core.events.exchange import DEFAULT_QUEUE, Exchange
 from berth.core.events.log import EventLog
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -10,7 +10,6 @@ from berth.core.plugin.registration import EVENT, METADATA
 
 
 async def _init(ctx: InitContext) -> Exchange:
-    forward.register()
     md = ctx.plugins.get(METADATA)
     capacity = int(ctx.config["log_capacity"])
     ctx.exports["log_capacity"] = str(capacity)

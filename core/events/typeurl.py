@@ -81,15 +81,25 @@ def _strip(type_url: str) -> str:
 
 def unmarshal_any(any_msg: AnyMsg) -> betterproto.Message | None:
     """The decoded message, or None when the type is unknown to this process."""
+    return unmarshal(any_msg.type_url, any_msg.value)
+
+
+def unmarshal(type_url: str, value: bytes) -> betterproto.Message | None:
+    """The message an ``Any`` of these fields holds, or None when its type is unknown."""
     _load()
-    cls = _by_name.get(_strip(any_msg.type_url))
+    cls = _by_name.get(_strip(type_url))
     if cls is None:
         return None
-    return protowire.parse_flat(cls, any_msg.value)
+    return protowire.parse_flat(cls, value)
 
 
 def to_dict(any_msg: AnyMsg) -> dict[str, Any] | None:
-    msg = unmarshal_any(any_msg)
+    return fields_dict(any_msg.type_url, any_msg.value)
+
+
+def fields_dict(type_url: str, value: bytes) -> dict[str, Any] | None:
+    """The fields of the message an ``Any`` of these fields holds (None: unknown type)."""
+    msg = unmarshal(type_url, value)
     if msg is None:
         return None
     # betterproto's Casing members are functions, so Enum leaves them plain functions

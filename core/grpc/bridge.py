@@ -112,12 +112,23 @@ class Encoded:
     a microsecond per field touched; an answer that rarely changes (the version, the
     namespace list) is better kept as its bytes than rebuilt for every call."""
 
-    __slots__ = ("message", "framed")
+    __slots__ = ("message", "framed", "type")
 
     def __init__(self, message: betterproto.Message) -> None:
-        self.message = message
+        self.message: betterproto.Message | None = message
+        self.type: type[betterproto.Message] = type(message)
         data = bytes(message)
         self.framed = b"\x00" + len(data).to_bytes(4, "big") + data
+
+    @classmethod
+    def serialized(cls, message_type: type[betterproto.Message], data: bytes) -> Encoded:
+        """An answer of ``message_type`` that its maker serialized itself (``data``), with
+        no message object behind it (e.g. an event, encoded once for every subscriber)."""
+        answer = cls.__new__(cls)
+        answer.message = None
+        answer.type = message_type
+        answer.framed = b"\x00" + len(data).to_bytes(4, "big") + data
+        return answer
 
 
 class AnswerCache:
@@ -153,8 +164,8 @@ class Method:
     def encode(self, resp: Any) -> bytes:
         """The framed answer; a service answering the wrong type is a bug of ours."""
         if type(resp) is Encoded:
-            if not isinstance(resp.message, self.reply_type):
-                raise TypeError(f"{self.path} answered {type(resp.message).__name__}, "
+            if not issubclass(resp.type, self.reply_type):
+                raise TypeError(f"{self.path} answered {resp.type.__name__}, "
                                 f"not {self.reply_type.__name__}")
             return resp.framed
         if not isinstance(resp, self.reply_type):

@@ -30,18 +30,17 @@ _log = log.get("networks")
 
 def _listener(manager: NetworkManager) -> Any:
     def on_event(ev: Event) -> None:
-        env = ev.envelope
-        if env.topic not in _GONE_TOPICS or env.event is None:
+        if ev.topic not in _GONE_TOPICS or not ev.has_event:
             return
         # Runs inside every publisher's call: nothing may escape into it.
         try:
-            msg = typeurl.unmarshal_any(env.event)
+            msg = typeurl.unmarshal(ev.type_url, ev.value)
             cid = getattr(msg, "container_id", "") or getattr(msg, "id", "")
-            if cid and manager.store_has(env.namespace, cid):
-                manager.task_gone(env.namespace, cid)
+            if cid and manager.store_has(ev.namespace, cid):
+                manager.task_gone(ev.namespace, cid)
         except Exception as e:
-            _log.error("network detach after event", topic=env.topic,
-                       namespace=env.namespace, error=str(e))
+            _log.error("network detach after event", topic=ev.topic,
+                       namespace=ev.namespace, error=str(e))
     return on_event
 
 

@@ -22,9 +22,7 @@ from berth.core.api.containerd.task.v2 import (
     CloseIoRequest,
     ConnectRequest,
     ConnectResponse,
-    CreateTaskRequest,
     CreateTaskResponse,
-    DeleteRequest,
     DeleteResponse,
     ExecProcessRequest,
     KillRequest,
@@ -33,24 +31,21 @@ from berth.core.api.containerd.task.v2 import (
     PidsResponse,
     ResizePtyRequest,
     ResumeRequest,
-    ShutdownRequest,
-    StartRequest,
     StartResponse,
-    StateRequest,
     StateResponse,
     StatsRequest,
     StatsResponse,
     UpdateTaskRequest,
-    WaitRequest,
     WaitResponse,
 )
 from berth.core.api.containerd.types import Mount
 from berth.core.api.containerd.v1.types import ProcessInfo
 from berth.core.oci.reaper import Exit
+from berth.core.runtime import taskwire
 from berth.core.runtime.binary import ShimBinary
 from berth.core.runtime.bundle import Bundle
 from berth.core.ttrpc import NAMESPACE_KEY, Client, open_client
-from berth.core.ttrpc.client import CLOSED_MESSAGE
+from berth.core.ttrpc.client import CLOSED_MESSAGE, decode
 
 TASK_SERVICE = "containerd.task.v2.Task"
 
@@ -120,9 +115,26 @@ class ShimTask:
                     timeout: float | None = None, *, convert: bool = True) -> R:
         """Call the shim; errors come back as containerd reports them (``from_grpc``)
         unless ``convert`` is off, for the callers that look at ErrClosed first."""
+        payload = await self._call_raw(method, bytes(req), timeout, convert=convert)
+        return self._decode(method, payload, resp, convert=convert)
+
+    async def _call_raw(self, method: str, payload: bytes, timeout: float | None = None,
+                        *, convert: bool = True) -> bytes:
+        """``_call`` with the request encoded (``taskwire``); the answer undecoded."""
         try:
-            return await self.client.call(TASK_SERVICE, method, req, resp, metadata=self._md,
-                                          timeout=timeout)
+            return await self.client.call_raw(TASK_SERVICE, method, payload,
+                                              metadata=self._md, timeout=timeout)
+        except errdefs.BerthError as e:
+            if not convert:
+                raise
+            raise from_grpc(e) from None
+
+    def _decode(self, method: str, payload: bytes, resp: type[R], *,
+                convert: bool = True) -> R:
+        """An answer the ``taskwire`` readers left to betterproto; a payload that is not
+        ``resp`` fails as the shim's errors do (``convert``)."""
+        try:
+            return decode(resp, payload, TASK_SERVICE, method)
         except errdefs.BerthError as e:
             if not convert:
                 raise
@@ -140,28 +152,37 @@ class ShimTask:
     async def create(self, *, rootfs: list[Mount], stdin: str, stdout: str, stderr: str,
                      terminal: bool, checkpoint: str = "",
                      options: AnyMsg | None = None) -> int:
-        req = CreateTaskRequest(id=self.id, bundle=str(self.bundle.path),
-                                rootfs=[Mount(type=m.type, source=m.source, options=m.options)
-                                        for m in rootfs],
-                                stdin=stdin, stdout=stdout, stderr=stderr, terminal=terminal,
-                                checkpoint=checkpoint)
-        if options is not None:
-            req.options = options
-        self.created_pid = (await self._call("Create", req, CreateTaskResponse)).pid
+        request = taskwire.create_request(
+            self.id, str(self.bundle.path), rootfs, terminal=terminal, stdin=stdin,
+            stdout=stdout, stderr=stderr, checkpoint=checkpoint, options=options)
+        payload = await self._call_raw("Create", request)
+        pid = taskwire.read_pid(payload)
+        self.created_pid = self._decode("Create", payload, CreateTaskResponse).pid \
+            if pid is None else pid
         return self.created_pid
 
     async def start(self, exec_id: str = "") -> int:
-        return (await self._call("Start", StartRequest(id=self.id, exec_id=exec_id),
-                                 StartResponse)).pid
+        payload = await self._call_raw("Start", taskwire.id_request(self.id, exec_id))
+        pid = taskwire.read_pid(payload)
+        return self._decode("Start", payload, StartResponse).pid if pid is None else pid
 
-    async def state(self, exec_id: str = "", timeout: float | None = None) -> StateResponse:
+    async def state(self, exec_id: str = "", timeout: float | None = None
+                    ) -> taskwire.TaskState:
         try:
-            return await self._call("State", StateRequest(id=self.id, exec_id=exec_id),
-                                    StateResponse, timeout, convert=False)
+            payload = await self._call_raw("State", taskwire.id_request(self.id, exec_id),
+                                           timeout, convert=False)
         except errdefs.BerthError as e:
             if is_closed(e):
                 raise errdefs.NotFound() from None
             raise from_grpc(e) from None
+        state = taskwire.read_state(payload)
+        if state is None:
+            r = self._decode("State", payload, StateResponse)  # fails as from_grpc words it
+            state = taskwire.TaskState(
+                id=r.id, bundle=r.bundle, pid=r.pid, status=r.status, stdin=r.stdin,
+                stdout=r.stdout, stderr=r.stderr, terminal=r.terminal,
+                exit_status=r.exit_status, exited_at=r.exited_at, exec_id=r.exec_id)
+        return state
 
     async def kill(self, signal: int, all: bool = False, exec_id: str = "") -> None:
         # An exec'd process ignores "all", as containerd's process.Kill does.
@@ -210,23 +231,34 @@ class ShimTask:
         return resp.stats if betterproto.serialized_on_wire(resp.stats) else None
 
     async def wait(self, exec_id: str = "") -> Exit:
-        resp = await self._call("Wait", WaitRequest(id=self.id, exec_id=exec_id), WaitResponse)
-        return Exit(pid=0, status=resp.exit_status, exited_at=resp.exited_at)
+        payload = await self._call_raw("Wait", taskwire.id_request(self.id, exec_id))
+        exit_ = taskwire.read_wait(payload)
+        if exit_ is None:
+            resp = self._decode("Wait", payload, WaitResponse)
+            exit_ = Exit(pid=0, status=resp.exit_status, exited_at=resp.exited_at)
+        return exit_
 
     async def delete(self, exec_id: str = "", *, convert: bool = True) -> Exit:
         """Delete the task (or an exec'd process); ``convert`` as for ``_call``."""
-        resp = await self._call("Delete", DeleteRequest(id=self.id, exec_id=exec_id),
-                                DeleteResponse, convert=convert)
-        return Exit(pid=resp.pid, status=resp.exit_status, exited_at=resp.exited_at)
+        payload = await self._call_raw("Delete", taskwire.id_request(self.id, exec_id),
+                                       convert=convert)
+        exit_ = taskwire.read_delete(payload)
+        if exit_ is None:
+            resp = self._decode("Delete", payload, DeleteResponse, convert=convert)
+            exit_ = Exit(pid=resp.pid, status=resp.exit_status, exited_at=resp.exited_at)
+        return exit_
 
     async def shutdown(self) -> None:
         """Ask the shim to exit once it serves no task; its hanging up counts as done."""
         try:
-            await self._call("Shutdown", ShutdownRequest(id=self.id), Empty, SHUTDOWN_TIMEOUT,
-                             convert=False)
+            payload = await self._call_raw("Shutdown", taskwire.id_request(self.id),
+                                           SHUTDOWN_TIMEOUT, convert=False)
         except errdefs.BerthError as e:
             if not is_closed(e):
                 raise from_grpc(e) from None
+            return
+        if payload:
+            self._decode("Shutdown", payload, Empty)  # an answer that is no Empty fails
 
     async def close(self) -> None:
         """End the connection on purpose and wait for its owner to finish."""

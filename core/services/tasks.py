@@ -53,7 +53,7 @@ from berth.core.api.containerd.services.tasks.v1 import (
     WaitRequest,
     WaitResponse,
 )
-from berth.core.api.containerd.types import Metric, Mount
+from berth.core.api.containerd.types import Metric
 from berth.core.api.containerd.v1.types import Process, Status
 from berth.core.grpc.context import CallContext
 from berth.core.identifiers import namespace_required
@@ -176,8 +176,9 @@ class TasksLocal:
         opts = CreateOpts(
             spec=spec,
             runtime=req.runtime_path or container.runtime_name,
-            rootfs=[Mount(type=m.type, source=m.source, options=list(m.options))
-                    for m in req.rootfs],
+            # The request's own mounts: the runtime reads their type, source and options
+            # into the shim's request and keeps none of them.
+            rootfs=list(req.rootfs),
             stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal,
             runtime_options=container.runtime_options, task_options=options,
         )

@@ -79,13 +79,16 @@ def read_annotations(bundle: str) -> dict[str, str]:
 
 
 def write_atomic(path: str, data: str) -> None:
-    """Write, fsync and rename, as the Go shim writes ``address`` and pid files."""
+    """Write and rename, so that no reader sees a torn file.
+
+    Without the fsync the Go shim does (O_SYNC): the files written here describe live
+    processes, which a crash of the machine ends too (see ``handover.claim``).
+    """
     directory, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{base}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, data.encode())
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)

@@ -166,6 +166,13 @@ def claim(flags: Flags, bundle: str) -> tuple[str, socket.socket | None]:
     address = addr.socket_address(flags.address, flags.namespace, group)
     listener = addr.listen(address)
     try:
+        # No fsync (berthd runs this on its event loop, once per container): the file
+        # names the socket of a live shim, and is read only to reach that shim again
+        # after berthd restarts. A crash of berthd alone keeps the page cache, so the
+        # renamed file is there; a crash of the machine takes every shim with it, and
+        # an address file that is then empty or gone reads as a dead shim, which is
+        # what it is (as the bundle's other files, written without fsync, see
+        # ``berth.core.runtime.bundle.Bundle.write``).
         addr.write_atomic(os.path.join(bundle, addr.ADDRESS_FILE), address)
     except BaseException:
         if listener is not None:

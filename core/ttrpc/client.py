@@ -82,6 +82,20 @@ class Client:
         whichever is sooner) as ``timeout_nano``. Running out of ``timeout`` raises
         ``errdefs.DeadlineExceeded``; an enclosing cancel scope cancels as usual.
         """
+        payload = await self.call_raw(service, method, bytes(request), metadata=metadata,
+                                      timeout=timeout)
+        return decode(response_type, payload, service, method)
+
+    async def call_raw(
+        self,
+        service: str,
+        method: str,
+        payload: bytes,
+        *,
+        metadata: Mapping[str, str | Sequence[str]] | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """``call`` with the request already encoded; the answer's payload, undecoded."""
         if self._closed.is_set():
             raise _closed()
         now = trio.current_time()
@@ -96,21 +110,21 @@ class Client:
         stream_id = self._allocate_stream_id()
         frame = codec.request_frame(
             stream_id,
-            codec.CallRequest(service, method, bytes(request), timeout_nano,
+            codec.CallRequest(service, method, payload, timeout_nano,
                               codec.metadata_pairs(metadata)),
             max_length=self._max,
         )
         call = _Call()
         self._pending[stream_id] = call
         try:
-            with trio.move_on_at(own_deadline) as scope:
-                try:
-                    await self._writer.send(frame)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise _closed() from None
-                await call.done.wait()
-            if scope.cancelled_caught:
-                raise errdefs.DeadlineExceeded()
+            if timeout is None:
+                # No scope of our own to run out (the caller's still cancel as usual).
+                await self._send_and_wait(frame, call)
+            else:
+                with trio.move_on_at(own_deadline) as scope:
+                    await self._send_and_wait(frame, call)
+                if scope.cancelled_caught:
+                    raise errdefs.DeadlineExceeded()
         finally:
             self._pending.pop(stream_id, None)
 
@@ -120,14 +134,14 @@ class Client:
         assert response is not None
         if response.code != errdefs.Code.OK:
             raise errdefs.from_status(response.code, response.message)
+        return response.payload
+
+    async def _send_and_wait(self, frame: bytes, call: _Call) -> None:
         try:
-            return protowire.parse_flat(response_type, response.payload)
-        except Exception as exc:
-            raise errdefs.Internal(
-                f"ttrpc: cannot decode {service}/{method} response as "
-                f"{response_type.__name__}: {exc}",
-                raw=True,
-            ) from exc
+            await self._writer.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _closed() from None
+        await call.done.wait()
 
     def _allocate_stream_id(self) -> int:
         stream_id = self._next_id
@@ -208,6 +222,19 @@ class Client:
                 except codec.MessageDecodeError as exc:
                     call.error = errdefs.Internal(f"ttrpc: bad response: {exc}", raw=True)
             call.done.set()
+
+
+def decode(response_type: type[ResponseT], payload: bytes, service: str, method: str
+           ) -> ResponseT:
+    """An answer's payload as ``response_type``; ``errdefs.Internal`` if it is not one."""
+    try:
+        return protowire.parse_flat(response_type, payload)
+    except Exception as exc:
+        raise errdefs.Internal(
+            f"ttrpc: cannot decode {service}/{method} response as "
+            f"{response_type.__name__}: {exc}",
+            raw=True,
+        ) from exc
 
 
 def _socket_path(address: str) -> str:

@@ -77,18 +77,11 @@ Handler = Callable[[Context, Any], Awaitable[betterproto.Message]]
 class Method(NamedTuple):
     request_type: type[betterproto.Message]
     handler: Handler
-
-
-# Request types with a decoder of their own (a nested message on a hot path, e.g.
-# Events.Forward); any other request is read by ``protowire.parse_flat``. A decoder
-# must give what betterproto's parse gives for the same bytes.
-_decoders: dict[type, Callable[[bytes], Any]] = {}
-
-
-def register_decoder(request_type: type[betterproto.Message],
-                     decode: Callable[[bytes], Any]) -> None:
-    """Decode ``request_type`` requests with ``decode`` in every server of this process."""
-    _decoders[request_type] = decode
+    # Reads the payload for a method whose request has a reader of its own (a nested
+    # message on a hot path, e.g. Events.Forward): what the handler takes, the same
+    # fields betterproto's parse gives for the same bytes. Without one, the request is
+    # read by ``protowire.parse_flat``.
+    decode: Callable[[bytes], Any] | None = None
 
 
 def peer_credentials(stream: trio.abc.Stream) -> PeerCredentials | None:
@@ -319,7 +312,7 @@ class Server:
             return codec.CallResponse(Code.UNIMPLEMENTED, f"method {request.method}")
 
         try:
-            decode = _decoders.get(method.request_type)
+            decode = method.decode
             message = (decode(request.payload) if decode is not None
                        else protowire.parse_flat(method.request_type, request.payload))
         except Exception as exc:

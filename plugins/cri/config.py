@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from berth.core import errdefs
-from berth.core.distribution.hosts import Hosts
+
+if TYPE_CHECKING:
+    # The registry client (httpx, ~35 ms of imports) loads when a pull needs it.
+    from berth.core.distribution.hosts import Hosts
 
 URI = "io.containerd.grpc.v1.cri"
 BERTH_RUNTIME = "io.containerd.berth.v1"
@@ -142,6 +145,8 @@ class CRIConfig:
 
     @property
     def hosts(self) -> Hosts:
+        from berth.core.distribution.hosts import Hosts
+
         return Hosts(self.registry_config_path, self.registry_mirrors)
 
     def runtime(self, handler: str) -> Runtime:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import functools
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from berth.core import errdefs, log
-from berth.core.gc.scheduler import notifier
 from berth.core.plugin import InitContext, Registration, hookimpl
 from berth.core.plugin.registration import (
     EVENT,
@@ -25,16 +24,16 @@ from berth.core.plugin.registration import (
     SERVICE,
     SkipPlugin,
 )
-from berth.core.transfer.pull import Stores
 from berth.plugins.cri import config as cri_config
-from berth.plugins.cri.images import NAMESPACE, ImageService
-from berth.plugins.cri.pods import PodService
-from berth.plugins.cri.streaming.server import (
-    StreamServer,
-    StreamServerConfig,
-    load_key_pair,
-)
-from berth.plugins.cri.streaming.service import CRIStreamRuntime
+
+# The services' modules (the CRI API, pods, streaming: ~150 ms of imports) load when the
+# plugin starts, not when berthd reads its registrations: a berthd with the CRI plugin
+# disabled never needs them.
+if TYPE_CHECKING:
+    from berth.core.transfer.pull import Stores
+    from berth.plugins.cri.images import ImageService
+    from berth.plugins.cri.pods import PodService
+    from berth.plugins.cri.streaming.server import StreamServer
 
 _log = log.get("cri")
 CNI_NETWORK_ID = "cri"
@@ -63,6 +62,7 @@ class CRIPlugin:
 
     async def _after_start(self) -> None:
         from berth.core.grpc import bridge, server as grpc_server
+        from berth.plugins.cri.images import NAMESPACE
 
         # The tasks a previous berthd left are recovered in the background first:
         # whether a container still runs is known only after that.
@@ -92,6 +92,11 @@ def _snapshot_root(ctx: InitContext, name: str) -> Path | None:
 
 
 async def _init(ctx: InitContext) -> CRIPlugin:
+    from berth.core.gc.scheduler import notifier
+    from berth.core.transfer.pull import Stores
+    from berth.plugins.cri.images import NAMESPACE, ImageService
+    from berth.plugins.cri.streaming.server import load_key_pair
+
     daemon = ctx.daemon_config
     cfg = cri_config.parse(ctx.config, state=daemon.state)
     if cfg.unsupported:
@@ -127,6 +132,9 @@ async def _init(ctx: InitContext) -> CRIPlugin:
 async def _stream_server(ctx: InitContext, cfg: cri_config.CRIConfig, pods: PodService,
                          tls: ssl.SSLContext | None) -> StreamServer:
     """The exec/attach/port-forward server, listening before the CRI socket opens."""
+    from berth.plugins.cri.streaming.server import StreamServer, StreamServerConfig
+    from berth.plugins.cri.streaming.service import CRIStreamRuntime
+
     server = StreamServer(CRIStreamRuntime(pods), StreamServerConfig(
         address=cfg.stream_server_address, port=int(cfg.stream_server_port or 0),
         tls=cfg.enable_tls_streaming, tls_cert_file=cfg.stream_tls_cert_file,
@@ -139,6 +147,8 @@ async def _stream_server(ctx: InitContext, cfg: cri_config.CRIConfig, pods: PodS
 def _pod_networks(ctx: InitContext) -> tuple[Any, Any]:
     """The network manager, and the network plugin whose first network pods get: the
     CRI section's own CNI dirs (plugin io.berth.network.v1.cri), else berth's cni."""
+    from berth.plugins.cri.images import NAMESPACE
+
     try:
         manager = ctx.plugins.get(INTERNAL, NETWORK_MANAGER)
     except errdefs.NotFound as e:
@@ -151,6 +161,8 @@ def _pod_networks(ctx: InitContext) -> tuple[Any, Any]:
 
 async def _runtime_service(ctx: InitContext, cfg: cri_config.CRIConfig, stores: Stores,
                            images: ImageService) -> PodService:
+    from berth.plugins.cri.pods import PodService
+
     md = ctx.plugins.get(METADATA)
     manager, cni = _pod_networks(ctx)
     pods = PodService(cfg, stores=stores, images=images, containers=md.containers,

@@ -12,7 +12,7 @@ from berth.core import errdefs
 from berth.core.api.containerd.events import NamespaceCreate, TaskExit, TaskOom
 from berth.core.api.containerd.services.events.v1 import Envelope
 from berth.core.events import typeurl
-from berth.core.events.exchange import Exchange
+from berth.core.events.exchange import Event, Exchange
 from berth.core.events.log import EventLog
 from berth.core.metadata.db import Database
 
@@ -143,9 +143,9 @@ def test_log_is_bounded(db: Database) -> None:
     env = Envelope(timestamp=datetime.now(UTC), namespace="n", topic="/a",
                    event=typeurl.marshal_any(TaskExit()))
     for _ in range(600):
-        log.append(env)
+        log.append(Event.of(0, env))
     first, last = log.bounds()
     assert last == 600 and first == 591
-    assert [s for s, _ in log.since(0)] == list(range(591, 601))
+    assert [e.seq for e in log.since(0)] == list(range(591, 601))
     (count,) = db._conn.execute("SELECT COUNT(*) FROM events").fetchone()
     assert count < 10 + 256 + 1  # trimmed in batches
