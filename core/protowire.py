@@ -72,7 +72,10 @@ _VARINT, _LEN = 0, 2
 # proto type -> wire type, for the scalar types read here.
 _FLAT_TYPES = {"string": _LEN, "bytes": _LEN, "bool": _VARINT, "int32": _VARINT,
                "int64": _VARINT, "uint32": _VARINT, "uint64": _VARINT}
-_plans: dict[type, dict[int, tuple[str, str, int]] | None] = {}
+# The zero value of each scalar type: every field a message has is given to ``cls(**)``.
+_ZEROS: dict[str, object] = {"string": "", "bytes": b"", "bool": False, "int32": 0,
+                             "int64": 0, "uint32": 0, "uint64": 0}
+_plans: dict[type, tuple[dict[int, tuple[str, str, int]], dict[str, object]] | None] = {}
 
 
 def _plan(cls: type) -> dict[int, tuple[str, str, int]] | None:
@@ -99,12 +102,17 @@ def _plan(cls: type) -> dict[int, tuple[str, str, int]] | None:
 def parse_flat(cls: type, data: bytes) -> typing.Any:
     """``cls().parse(data)`` for a betterproto message class, cheaper for flat ones."""
     try:
-        plan = _plans[cls]
+        known = _plans[cls]
     except KeyError:
-        plan = _plans[cls] = _plan(cls)
-    if plan is None or not data:
+        plan = _plan(cls)
+        known = _plans[cls] = None if plan is None else (
+            plan, {name: _ZEROS[proto] for name, proto, _ in plan.values()})
+    if known is None or not data:
         return cls().parse(data)
-    fields: dict[str, object] = {}
+    plan, zeros = known
+    # Absent fields are given their zero value too: betterproto would otherwise make
+    # each on first read, through its attribute hooks, at several times the cost.
+    fields = dict(zeros)
     pos, end = 0, len(data)
     try:
         while pos < end:

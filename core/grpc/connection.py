@@ -6,9 +6,10 @@ event means for a gRPC call and runs the calls (see ``bridge`` for the service s
 - a unary call with a plain ``def`` method is answered right where its request ends,
   inside ``feed``: no task at all; an ``async def`` one runs as a trio task;
 - streaming calls run as trio tasks that send as flow control allows;
-- everything a read produced (SETTINGS and PING acks, window updates, answers, also
-  those of call tasks that finished in their first step) goes out in one ``send`` from
-  the reading task; answers made later leave through one writer task.
+- everything a read produced (SETTINGS and PING acks, window updates, answers) goes
+  out in one ``send``: from the reading task, or, when the read started call tasks,
+  from the last of them to end its first step (most answer in it), so that the answers
+  go with it; answers made later leave through one writer task.
 
 Bounds (issue 8.5: nothing a client sends may pin memory or a connection):
 
@@ -29,8 +30,9 @@ trailers-only response *with* content-type, unknown paths included.
 from __future__ import annotations
 
 import base64
-import math
-from collections.abc import Awaitable, Callable, Mapping
+import os
+import types
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any, Protocol
 
 import h2.config
@@ -123,12 +125,11 @@ class FrameGate:
         if self._preface:
             i = min(self._preface, n)
             self._preface -= i
+        if self._skip:  # the rest of a payload begun in an earlier read
+            step = min(self._skip, n - i)
+            self._skip -= step
+            i += step
         while i < n:
-            if self._skip:
-                step = min(self._skip, n - i)
-                self._skip -= step
-                i += step
-                continue
             start = i
             whole = not self._header  # the header starts in this read
             need = 9 - len(self._header)
@@ -138,7 +139,7 @@ class FrameGate:
                 self._header = bytes(header)
                 break
             self._header = b""
-            length = int.from_bytes(header[:3], "big")
+            length = header[0] << 16 | header[1] << 8 | header[2]
             if length > max_frame_size:
                 raise Refused(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
                               f"frame of {length} bytes over the maximum of {max_frame_size}")
@@ -162,7 +163,10 @@ class FrameGate:
                 self._in_block = not flags & _END_HEADERS
             elif kind == _GOAWAY:
                 self._goaway = True
-            self._skip = length
+            i += length  # past the payload, or what of it is in this read
+            if i > n:
+                self._skip = i - n
+                break
         if cuts is None:
             return data
         # Keep what lies between the PINGs taken out.
@@ -296,32 +300,86 @@ class _ByteIO(Protocol):
 
 
 class _SocketIO:
-    """A trio SocketStream's socket read and written directly: the same calls as
-    ``receive_some``/``send_all`` without the stream's per-call error translation and
-    conflict checks (one reader and one sender at a time is the connection's own rule),
-    a few microseconds less per read and per send."""
+    """A trio SocketStream's descriptor read and written directly, waiting on trio only
+    when the kernel says "not now". A trio socket call checkpoints around every
+    successful syscall (a trip through the run loop for each send, an attempt to read
+    before every wait); here a read is one wait plus one recv, and a send that fits the
+    socket buffer is one write and no yield. The read loop's wait stays the
+    connection's checkpoint. The SocketStream still owns (and closes) the socket."""
 
-    __slots__ = ("_recv", "_send")
+    __slots__ = ("_fd",)
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self._recv = stream.socket.recv
-        self._send = stream.socket.send
+        self._fd = stream.socket.fileno()
 
     async def receive_some(self, max_bytes: int) -> bytes:
+        fd = self._fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                return os.read(fd, max_bytes)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise trio.BrokenResourceError(str(e)) from e
+
+    def send_now(self, data: bytes) -> int:
+        """As much of ``data`` as the socket takes without waiting (bytes sent)."""
         try:
-            return await self._recv(max_bytes)
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
         except OSError as e:
             raise trio.BrokenResourceError(str(e)) from e
 
     async def send_all(self, data: bytes) -> None:
+        fd = self._fd
+        view: bytes | memoryview = data
         try:
-            sent = await self._send(data)
-            if sent < len(data):
-                view = memoryview(data)[sent:]
-                while view:
-                    view = view[await self._send(view):]
+            while True:
+                try:
+                    sent = os.write(fd, view)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(view):
+                    return
+                view = memoryview(view)[sent:]
+                await trio.lowlevel.wait_writable(fd)
         except OSError as e:
             raise trio.BrokenResourceError(str(e)) from e
+
+
+@types.coroutine
+def _first_step(coro: Coroutine[Any, Any, None], over: Callable[[], None]
+                ) -> Generator[Any, Any, None]:
+    """``await coro``, calling ``over()`` once where its first step ends: right before
+    it first yields to trio, or when it returns or raises without having yielded.
+    (What ``yield from`` does, written out to see the first yield.)"""
+    try:
+        request = coro.send(None)
+    except StopIteration:
+        over()
+        return
+    except BaseException:
+        over()
+        raise
+    over()
+    while True:
+        try:
+            reply = yield request
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # thrown in: hand it on
+            try:
+                request = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                request = coro.send(reply)
+            except StopIteration:
+                return
 
 
 class Connection:
@@ -339,9 +397,11 @@ class Connection:
         self.closed = False  # no more input will be read
         self.calls: trio.Nursery | None = None
         self._wake = trio.Event()
-        self._unstarted = 0  # call tasks started that have not run their first step yet
-        self._gathering = False  # the reader is letting new calls run; it sends next
-        self._first_steps = trio.lowlevel.ParkingLot()  # the reader, while gathering
+        self._unstarted = 0  # call tasks started whose first step has not ended yet
+        # The reader left what its read made for the last of them to send.
+        self._gathering = False
+        self._send_now: Callable[[bytes], int] | None = None  # a send that never waits
+        self._unsent = b""  # what a send_now left, to go before anything else
         self._writing = False
         self._drained = trio.lowlevel.ParkingLot()
         self._finishing = False
@@ -364,6 +424,8 @@ class Connection:
         """Serve until the client leaves, breaks the protocol or the caller cancels
         (the caller closes ``stream``)."""
         io: _ByteIO = _SocketIO(stream) if isinstance(stream, trio.SocketStream) else stream
+        if isinstance(io, _SocketIO):
+            self._send_now = io.send_now
         async with trio.open_nursery() as conn:
             conn.start_soon(self._write_loop, io)
             try:
@@ -398,16 +460,12 @@ class Connection:
             if not data or not self.feed(data):
                 return
             if self._unstarted:
-                # A call task was just started and usually answers in its first step:
-                # let it, so its answer leaves in the same send as what this read made
-                # h2 say. The last new task to start wakes this one, which then runs
-                # once that task's first step is over.
+                # Call tasks were just started and usually answer in their first step:
+                # the last of them to end it sends what this read made h2 say with
+                # their answers (``_first_step_over``), one send and no extra trip
+                # through trio's run loop for this task.
                 self._gathering = True
-                try:
-                    await self._first_steps.park()
-                finally:
-                    self._gathering = False
-            if not await self._flush(stream):
+            elif not await self._flush(stream):
                 # Sent from here: the writer task is only for answers made later.
                 return
             if self._writing:
@@ -427,14 +485,29 @@ class Connection:
             if not await self._flush(stream) or self._finishing:
                 return
 
-    def _started(self) -> None:
-        """First thing a call task does."""
+    def _first_step_over(self) -> None:
+        """A call task's first step ends (it yields to trio for the first time, or is
+        done): the last of a read's new calls sends what there is, without waiting."""
         self._unstarted -= 1
-        if not self._unstarted:
-            self._first_steps.unpark_all()
+        if self._unstarted or not self._gathering:
+            return
+        self._gathering = False
+        if self._writing or self._send_now is None:
+            self._wake.set()  # the sender in progress (or the writer task) takes it
+            return
+        try:
+            data = self.data_to_send()
+            if data:
+                sent = self._send_now(data)
+                if sent < len(data):
+                    self._unsent = data[sent:]
+                    self._wake.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._shutdown()
 
     def _kick(self) -> None:
-        """h2 has bytes for the peer: have them sent (by the reader if it is about to)."""
+        """h2 has bytes for the peer: have them sent (by the writer task, unless a read's
+        new calls are still in their first step: the last of them sends)."""
         if not self._gathering:
             self._wake.set()
 
@@ -452,15 +525,19 @@ class Connection:
             return False
         finally:
             self._writing = False
-            self._drained.unpark_all()
+            if self._drained:  # len(): tasks parked on it
+                self._drained.unpark_all()
         return True
 
     def data_to_send(self) -> bytes:
-        """The bytes for the peer: PING ACKs first (RFC 9113 6.7), then h2's."""
+        """The bytes for the peer: the rest of a send cut short, PING ACKs (RFC 9113
+        6.7), then h2's."""
         data = self.h2.data_to_send()
         if self._pongs:
             data = bytes(self._pongs) + data
             self._pongs.clear()
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
         return data
 
     # -- input --------------------------------------------------------------------------
@@ -640,13 +717,17 @@ class Connection:
 
     # -- calls --------------------------------------------------------------------------
 
-    def _start(self, st: _Stream, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    def _start(self, st: _Stream, fn: Callable[..., Coroutine[Any, Any, None]],
+               *args: Any) -> None:
         if self.calls is None:
             raise RuntimeError("async methods need a connection served by serve()")
-        st.scope = trio.CancelScope(deadline=st.deadline if st.deadline is not None
-                                    else math.inf)
-        self.calls.start_soon(fn, *args, name=st.method.path)
+        st.scope = (trio.CancelScope() if st.deadline is None
+                    else trio.CancelScope(deadline=st.deadline))
+        self.calls.start_soon(self._call, fn(*args), name=st.method.path)
         self._unstarted += 1
+
+    async def _call(self, body: Coroutine[Any, Any, None]) -> None:
+        await _first_step(body, self._first_step_over)
 
     def _context(self, st: _Stream) -> CallContext:
         remaining = None
@@ -688,7 +769,6 @@ class Connection:
         self._reply(st, data)
 
     async def _run_unary(self, st: _Stream, ctx: CallContext, req: Any) -> None:
-        self._started()
         m = st.method
         data = error = None
         scope = st.scope
@@ -711,7 +791,6 @@ class Connection:
         self._kick()
 
     async def _run_server_stream(self, st: _Stream, ctx: CallContext, req: Any) -> None:
-        self._started()
         m = st.method
 
         async def send(msg: Any) -> None:
@@ -720,7 +799,6 @@ class Connection:
         await self._run_to_trailers(st, m.impl, ctx, req, send)
 
     async def _run_streaming(self, st: _Stream) -> None:
-        self._started()
         await self._run_to_trailers(st, st.method.impl, self._context(st),
                                     MessageStream(self, st))
 
@@ -793,7 +871,10 @@ class Connection:
         if st.gone:
             raise StreamGone()
         if not st.started:
-            self._send(lambda: self.h2.send_headers(st.sid, _OK_HEADERS))
+            try:
+                self.h2.send_headers(st.sid, _OK_HEADERS)
+            except h2.exceptions.ProtocolError:
+                raise StreamGone() from None
             st.started = True
         await self._send_data(st, data)
 
@@ -816,7 +897,7 @@ class Connection:
                 continue
             n = min(window, h2conn.max_outbound_frame_size, len(view))
             try:
-                h2conn.send_data(st.sid, view[:n].tobytes())
+                h2conn.send_data(st.sid, data if n == len(data) else view[:n].tobytes())
             except h2.exceptions.ProtocolError:
                 raise StreamGone() from None
             view = view[n:]

@@ -7,6 +7,7 @@ import pytest
 import structlog
 import trio
 import trio.testing
+from hypothesis import given, settings, strategies as st
 
 from berth.core.grpc.connection import FrameGate, Refused
 from berth.core.grpc.server import serve_connection
@@ -278,3 +279,52 @@ def test_ping_inside_a_header_block_still_fails_the_connection() -> None:
     assert not conn.feed(headers_open + ping())
     goaway = conn.data_to_send()
     assert goaway[3] == 0x07 and goaway[-4:] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
+
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_frames = st.lists(st.tuples(
+    st.sampled_from([0x0, 0x1, 0x4, 0x6, 0x6, 0x6, 0x7, 0x8, 0x9]),  # PINGs often
+    st.sampled_from([0x0, 0x1, 0x4, 0x5]),  # flags: ACK/END_STREAM, END_HEADERS
+    st.sampled_from([0, 0, 1, 3]),  # stream
+    st.one_of(st.just(8), st.integers(0, 40)),  # length
+), max_size=12)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(frames=_frames, cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_frame_gate_in_any_reads_takes_out_exactly_the_pings_it_may(
+        frames: list[tuple[int, int, int, int]], cuts: list[int]) -> None:
+    """Against a model: the bytes for h2 are the input less each well-formed PING
+    that lies whole in one read, after SETTINGS, outside a header block and before any
+    GOAWAY; its payload is queued for an ACK. How the input is cut into reads changes
+    nothing else."""
+    stream = bytearray(_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    spans = []  # (start, end, kind, flags, stream id, length) of each frame
+    for n, (kind, flags, sid, length) in enumerate(frames):
+        start = len(stream)
+        stream += (length.to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big")
+                   + bytes((n + k) % 256 for k in range(length)))
+        spans.append((start, len(stream), kind, flags, sid, length))
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    reads = list(zip(bounds, bounds[1:], strict=False))
+
+    def read_of(pos: int) -> tuple[int, int]:
+        return next(r for r in reads if r[0] <= pos < r[1])
+
+    taken, pings = [], []
+    in_block = goaway = False
+    for start, end, kind, flags, sid, length in spans:
+        if (kind == 0x6 and length == 8 and not flags & 0x1 and sid == 0 and not in_block
+                and not goaway and read_of(start)[1] >= end):
+            taken.append((start, end))
+            pings.append(bytes(stream[end - 8:end]))
+        elif kind in (0x1, 0x9):
+            in_block = not flags & 0x4
+        elif kind == 0x7:
+            goaway = True
+    kept = [0, *(x for span in taken for x in span), len(stream)]
+    want = b"".join(stream[kept[k]:kept[k + 1]] for k in range(0, len(kept), 2))
+    gate = FrameGate()
+    got = b"".join(gate.feed(bytes(stream[a:b]), 16384) for a, b in reads)
+    assert got == want
+    assert gate.pings == pings

@@ -38,6 +38,12 @@ class FakeContent:
         self.cancelled = trio.Event()
         self.namespaces: list[str | None] = []
 
+    def info(self, ctx: CallContext, req: api.InfoRequest) -> api.InfoResponse:
+        # A plain def: answered inline by the reading task; 12 KiB of labels (one
+        # DATA frame: larger answers go out from a task of their own).
+        return api.InfoResponse(info=api.Info(digest=req.digest, size=len(req.digest),
+                                              labels={"big": "x" * (12 << 10)}))
+
     async def read(self, ctx: CallContext, req: api.ReadContentRequest,
                    send: Callable[[api.ReadContentResponse], Awaitable[None]]) -> None:
         self.namespaces.append(ctx.namespace)
@@ -53,6 +59,11 @@ class FakeContent:
         if what == "fail-late":
             await send(api.ReadContentResponse(offset=0, data=b"first"))
             raise errdefs.FailedPrecondition("went wrong after one message")
+        if what == "sleep":  # answers nothing until cancelled
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled.set()
         if what == "hang":
             await send(api.ReadContentResponse(offset=0, data=b"waiting"))
             try:
@@ -169,3 +180,175 @@ async def test_the_method_table_comes_from_the_generated_base() -> None:
     method = bridge.handlers_for(FakeContent(), api.ContentBase)[READ]
     assert method.cardinality is grpclib.const.Cardinality.UNARY_STREAM and method.is_async
     assert method.recv_type is api.ReadContentRequest
+
+
+def _raw_read_request(conn: Any, sid: int, digest: str) -> None:
+    conn.send_headers(sid, [
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", READ.encode()),
+        (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+        (b"containerd-namespace", b"ns1")])
+    body = bytes(api.ReadContentRequest(digest=digest))
+    conn.send_data(sid, b"\x00" + len(body).to_bytes(4, "big") + body, end_stream=True)
+
+
+def _wide_open_client() -> Any:
+    """A raw h2 client whose windows let the server send all of BIG at once: more than
+    a unix socket holds, so the server's writes stop part-way and wait."""
+    import h2.settings
+
+    from tests.fuzz import harness
+    conn = harness.client_h2()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 16 << 20})
+    conn.increment_flow_control_window(16 << 20)
+    return conn
+
+
+async def test_a_client_that_reads_late_gets_every_byte(
+        served: tuple[Path, FakeContent]) -> None:
+    import h2.events
+
+    sock, _ = served
+    conn = _wide_open_client()
+    _raw_read_request(conn, 1, "big")
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            await trio.sleep(0.3)  # read nothing: the server's socket buffer fills
+            body = bytearray()
+            trailers: dict[bytes, bytes] = {}
+            while not trailers:
+                data = await stream.receive_some(1 << 16)
+                assert data, "connection closed before the trailers"
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.DataReceived):
+                        body += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length,
+                                                       ev.stream_id)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        trailers = dict(ev.headers)
+                pending = conn.data_to_send()
+                if pending:
+                    await stream.send_all(pending)
+    assert trailers[b"grpc-status"] == b"0"
+    got = []
+    while body:
+        n = int.from_bytes(body[1:5], "big")
+        got.append(api.ReadContentResponse().parse(bytes(body[5:5 + n])))
+        del body[:5 + n]
+    assert b"".join(m.data for m in got) == BIG
+
+
+async def test_a_client_gone_mid_answer_leaves_the_server_serving(
+        served: tuple[Path, FakeContent]) -> None:
+    sock, _ = served
+    for _ in range(3):
+        conn = _wide_open_client()
+        _raw_read_request(conn, 1, "big")
+        with trio.fail_after(30):
+            stream = await trio.open_unix_socket(str(sock))
+            await stream.send_all(conn.data_to_send())
+            await trio.sleep(0.1)  # the server is now waiting to write the rest
+            await stream.aclose()
+    got, status, _ = await read(sock, "hello")
+    assert status is Status.OK and [m.data for m in got] == [b"hello"]
+
+
+async def _exchange(stream: Any, conn: Any, until: Callable[[list[Any]], bool]) -> list[Any]:
+    """h2 events from the server until ``until(events so far)``."""
+    events: list[Any] = []
+    while not until(events):
+        data = await stream.receive_some(1 << 16)
+        assert data, "connection closed"
+        events += conn.receive_data(data)
+        pending = conn.data_to_send()
+        if pending:
+            await stream.send_all(pending)
+    return events
+
+
+async def test_a_call_that_waits_first_lets_the_ping_ack_out_and_a_reset_cancels_it(
+        served: tuple[Path, FakeContent]) -> None:
+    """What a read made (here a PING ACK) leaves when a call it started first waits,
+    not when that call answers."""
+    import h2.errors
+    import h2.events
+
+    sock, svc = served
+    conn = _wide_open_client()
+    _raw_read_request(conn, 1, "sleep")
+    conn.ping(b"12345678")
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            events = await _exchange(stream, conn, lambda evs: any(
+                isinstance(e, h2.events.PingAckReceived) for e in evs))
+            assert [e.ping_data for e in events
+                    if isinstance(e, h2.events.PingAckReceived)] == [b"12345678"]
+            assert not svc.cancelled.is_set()
+            conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+            await stream.send_all(conn.data_to_send())
+            await svc.cancelled.wait()
+
+
+async def test_calls_started_by_one_read_all_answer(served: tuple[Path, FakeContent]) -> None:
+    import h2.events
+
+    sock, _ = served
+    conn = _wide_open_client()
+    for sid, digest in ((1, "one"), (3, "two"), (5, "empty"), (7, "missing")):
+        _raw_read_request(conn, sid, digest)
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            events = await _exchange(stream, conn, lambda evs: sum(
+                isinstance(e, h2.events.StreamEnded) for e in evs) == 4)
+    status: dict[int, bytes] = {}
+    data: dict[int, bytes] = {}
+    for e in events:
+        if isinstance(e, (h2.events.TrailersReceived, h2.events.ResponseReceived)):
+            status.update((e.stream_id, v) for k, v in e.headers if k == b"grpc-status")
+        elif isinstance(e, h2.events.DataReceived):
+            data[e.stream_id] = data.get(e.stream_id, b"") + e.data
+    assert status == {1: b"0", 3: b"0", 5: b"0", 7: b"5"}
+    assert data[1].endswith(b"one") and data[3].endswith(b"two") and 5 not in data
+
+
+async def test_inline_answers_wait_for_a_client_that_reads_late(
+        served: tuple[Path, FakeContent]) -> None:
+    """Answers made by the reading task (plain def methods) that no longer fit the
+    socket wait there, in order, and all arrive once the client reads."""
+    import h2.events
+
+    sock, _ = served
+    conn = _wide_open_client()
+    calls = 40  # about 480 KiB of answers: more than a socket buffer
+    for k in range(calls):
+        sid = 1 + 2 * k
+        conn.send_headers(sid, [
+            (b":method", b"POST"), (b":scheme", b"http"),
+            (b":path", b"/containerd.services.content.v1.Content/Info"),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"), (b"containerd-namespace", b"ns1")])
+        body = bytes(api.InfoRequest(digest=f"d{k}"))
+        conn.send_data(sid, b"\x00" + len(body).to_bytes(4, "big") + body, end_stream=True)
+    with trio.fail_after(30):
+        stream = await trio.open_unix_socket(str(sock))
+        async with stream:
+            await stream.send_all(conn.data_to_send())
+            await trio.sleep(0.3)  # read nothing: the server's socket buffer fills
+            events = await _exchange(stream, conn, lambda evs: sum(
+                isinstance(e, h2.events.StreamEnded) for e in evs) == calls)
+    data: dict[int, bytes] = {}
+    status: dict[int, bytes] = {}
+    for e in events:
+        if isinstance(e, h2.events.DataReceived):
+            data[e.stream_id] = data.get(e.stream_id, b"") + e.data
+        elif isinstance(e, h2.events.TrailersReceived):
+            status.update((e.stream_id, v) for k, v in e.headers if k == b"grpc-status")
+    assert set(status.values()) == {b"0"} and len(status) == calls
+    for k in range(calls):
+        msg = api.InfoResponse().parse(data[1 + 2 * k][5:])
+        assert msg.info.digest == f"d{k}" and len(msg.info.labels["big"]) == 12 << 10
