@@ -302,10 +302,10 @@ class _ByteIO(Protocol):
 class _SocketIO:
     """A trio SocketStream's descriptor read and written directly, waiting on trio only
     when the kernel says "not now". A trio socket call checkpoints around every
-    successful syscall (a trip through the run loop for each send, an attempt to read
-    before every wait); here a read is one wait plus one recv, and a send that fits the
-    socket buffer is one write and no yield. The read loop's wait stays the
-    connection's checkpoint. The SocketStream still owns (and closes) the socket."""
+    successful syscall (a trip through the run loop for each send); here a read is one
+    checkpoint and one recv (plus a wait when nothing has come), and a send that fits the
+    socket buffer is one write and no yield. The SocketStream still owns (and closes)
+    the socket."""
 
     __slots__ = ("_fd",)
 
@@ -314,6 +314,17 @@ class _SocketIO:
 
     async def receive_some(self, max_bytes: int) -> bytes:
         fd = self._fd
+        # The connection's checkpoint. It also gives a caller that answers at once (a
+        # grpc-go client making its next call) the moment to do so: reading then, before
+        # any wait, spares the epoll re-arm and the sleep and wake-up of this thread
+        # (without it one call at a time ran ~10% fewer calls/s for the same CPU).
+        await trio.lowlevel.checkpoint()
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            raise trio.BrokenResourceError(str(e)) from e
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
