@@ -319,20 +319,14 @@ class _SocketIO:
         # any wait, spares the epoll re-arm and the sleep and wake-up of this thread
         # (without it one call at a time ran ~10% fewer calls/s for the same CPU).
         await trio.lowlevel.checkpoint()
-        try:
-            return os.read(fd, max_bytes)
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            raise trio.BrokenResourceError(str(e)) from e
         while True:
-            await trio.lowlevel.wait_readable(fd)
             try:
                 return os.read(fd, max_bytes)
             except BlockingIOError:
-                continue
+                pass
             except OSError as e:
                 raise trio.BrokenResourceError(str(e)) from e
+            await trio.lowlevel.wait_readable(fd)
 
     def send_now(self, data: bytes) -> int:
         """As much of ``data`` as the socket takes without waiting (bytes sent)."""
