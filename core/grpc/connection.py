@@ -1,7 +1,8 @@
-"""One gRPC-over-HTTP/2 connection, served by trio on h2's sans-io state machine.
+"""One gRPC-over-HTTP/2 connection, served by trio on nghttp2's sans-io session.
 
-h2 turns bytes into events and answers into bytes; this module decides what each
-event means for a gRPC call and runs the calls (see ``bridge`` for the service side):
+nghttp2 (``nghttp2.ServerSession``) turns bytes into events and answers into bytes;
+this module decides what each event means for a gRPC call and runs the calls (see
+``bridge`` for the service side):
 
 - a unary call with a plain ``def`` method is answered right where its request ends,
   inside ``feed``: no task at all; an ``async def`` one runs as a trio task;
@@ -14,14 +15,14 @@ event means for a gRPC call and runs the calls (see ``bridge`` for the service s
 Bounds (issue 8.5: nothing a client sends may pin memory or a connection):
 
 - a frame longer than the advertised SETTINGS_MAX_FRAME_SIZE is refused from its 9-byte
-  header, before h2 would buffer it (``FrameGate``); so is a first frame that is not
+  header, before nghttp2 would buffer it (``FrameGate``); so is a first frame that is not
   SETTINGS, and a connection that has not sent preface and SETTINGS within
   ``HANDSHAKE_TIMEOUT`` is closed;
 - request bytes held per stream are bounded by the maximum message size (the prefix is
   judged before anything is kept), and per connection by ``buffer_limit``;
 - the reader stops reading while the writer cannot write (a client that sends but never
   reads stops being read from);
-- protocol errors close the connection with GOAWAY (h2 queues it; the writer sends it).
+- protocol errors close the connection with GOAWAY (nghttp2 queues it; the writer sends it).
 
 Answers look like grpc-go's where ctr 1.6 (grpc-go 1.33) can tell: every error is a
 trailers-only response *with* content-type, unknown paths included.
@@ -35,19 +36,15 @@ import types
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any, Protocol
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
 import structlog
 import trio
 from grpclib.const import Cardinality
 
 from berth.core.errdefs import Code
-from berth.core.grpc import bridge
+from berth.core.grpc import bridge, nghttp2
 from berth.core.grpc.bridge import GRPCStatus, Method, StreamGone
 from berth.core.grpc.context import CallContext
+from berth.core.grpc.nghttp2 import ErrorCode, ServerSession, SessionError
 
 log = structlog.get_logger("grpc")
 
@@ -64,14 +61,6 @@ UNKNOWN_PATHS_REMEMBERED = 1024
 CONTENT_TYPE = b"application/grpc+proto"
 _OK_HEADERS = [(b":status", b"200"), (b"content-type", CONTENT_TYPE)]
 _OK_TRAILERS = [(b"grpc-status", b"0")]
-_H2_CONFIG = h2.config.H2Configuration(
-    client_side=False,
-    header_encoding=None,  # bytes: header values are decoded here, leniently
-    validate_inbound_headers=False,
-    validate_outbound_headers=False,
-    normalize_inbound_headers=False,
-    normalize_outbound_headers=False,
-)
 _PREFACE_LEN = 24
 _SETTINGS = 0x4
 _PING = 0x6
@@ -86,31 +75,32 @@ _NOT_METADATA = frozenset({b"te", b"content-type", b"user-agent"})
 
 
 class Refused(Exception):
-    """The peer broke HTTP/2 in a way h2 would notice too late (or never)."""
+    """The peer broke HTTP/2 in a way the session would notice too late (or never)."""
 
-    def __init__(self, code: h2.errors.ErrorCodes, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
 class FrameGate:
-    """Reads frame headers ahead of h2: frame lengths are judged before h2 buffers
+    """Reads frame headers ahead of nghttp2: frame lengths are judged before it buffers
     the frame, and the first frame after the preface must be SETTINGS (RFC 9113 3.4).
 
     It also answers PINGs itself: grpc-go sends one with nearly every call (its
-    bandwidth estimate), and h2 spends as much on parsing, logging and acking one as
-    on a tenth of the call. A PING is taken out of the bytes for h2 (its payload goes
-    to ``pings``, for an ACK) only when it is whole in this read, well-formed (stream
-    0, 8 bytes, no ACK flag), and h2 would do nothing but ack it: after SETTINGS, not
-    inside a header block (there h2 must fail the connection), and before any GOAWAY.
-    Every other frame, odd PINGs included, is h2's to judge.
+    bandwidth estimate); acked here it costs no event and no trip through the session
+    (under h2 a PING cost as much as a tenth of a call). A PING is taken out of the
+    bytes for nghttp2 (its payload goes to ``pings``, for an ACK) only when it is whole
+    in this read, well-formed (stream 0, 8 bytes, no ACK flag), and nghttp2 would do
+    nothing but ack it: after SETTINGS,
+    not inside a header block (there it must fail the connection), and before any
+    GOAWAY. Every other frame, odd PINGs included, is nghttp2's to judge.
     Sans-io; keeps at most 8 bytes of a split frame header."""
 
     __slots__ = ("_preface", "_skip", "_header", "_in_block", "_goaway", "ready",
                  "pings")
 
     def __init__(self) -> None:
-        self._preface = _PREFACE_LEN  # bytes of client preface still to pass (h2 checks them)
+        self._preface = _PREFACE_LEN  # client preface still to pass (nghttp2 checks it)
         self._skip = 0  # bytes of the current frame's payload still to pass
         self._header = b""
         self._in_block = False  # a HEADERS/PUSH_PROMISE awaits its CONTINUATIONs
@@ -119,7 +109,7 @@ class FrameGate:
         self.pings: list[bytes] = []  # payloads of PINGs taken out, to be acked
 
     def feed(self, data: bytes | bytearray, max_frame_size: int) -> bytes | bytearray:
-        """Judge ``data``; the bytes to hand h2 (``data`` less the PINGs taken out)."""
+        """Judge ``data``; the bytes to hand nghttp2 (``data`` less the PINGs taken out)."""
         i, n = 0, len(data)
         cuts: list[int] | None = None
         if self._preface:
@@ -141,12 +131,12 @@ class FrameGate:
             self._header = b""
             length = header[0] << 16 | header[1] << 8 | header[2]
             if length > max_frame_size:
-                raise Refused(h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
+                raise Refused(ErrorCode.FRAME_SIZE_ERROR,
                               f"frame of {length} bytes over the maximum of {max_frame_size}")
             kind, flags = header[3], header[4]
             if not self.ready:
                 if kind != _SETTINGS or flags & 0x1:
-                    raise Refused(h2.errors.ErrorCodes.PROTOCOL_ERROR,
+                    raise Refused(ErrorCode.PROTOCOL_ERROR,
                                   "first frame after the preface is not SETTINGS")
                 self.ready = True
             elif kind == _PING:
@@ -393,11 +383,11 @@ class Connection:
 
     def __init__(self, router: Router, *, buffer_limit: int | None = None) -> None:
         self.router = router
-        self.h2 = h2.connection.H2Connection(config=_H2_CONFIG)
+        self.http2 = ServerSession(connection_window=CONNECTION_WINDOW)
         self.gate = FrameGate()
         self.streams: dict[int, _Stream] = {}
         self.buffered = 0  # request bytes held for all streams
-        self._pongs = bytearray()  # PING ACKs to send before what h2 has
+        self._pongs = bytearray()  # PING ACKs to send before the session's bytes
         self.buffer_limit = buffer_limit or max(4 * router.max_recv, 64 << 20)
         self.closed = False  # no more input will be read
         self.calls: trio.Nursery | None = None
@@ -410,18 +400,16 @@ class Connection:
         self._writing = False
         self._drained = trio.lowlevel.ParkingLot()
         self._finishing = False
-        self._dispatch: dict[type, Callable[[Any], None]] = {
-            h2.events.RequestReceived: self._on_request,
-            h2.events.DataReceived: self._on_data,
-            h2.events.StreamEnded: self._on_end,
-            h2.events.StreamReset: self._on_reset,
-            h2.events.WindowUpdated: self._on_window,
-            h2.events.RemoteSettingsChanged: self._on_settings,
-            h2.events.ConnectionTerminated: self._on_goaway,
+        self._dispatch: dict[int, Callable[[int, Any], None]] = {
+            nghttp2.REQUEST: self._on_request,
+            nghttp2.DATA: self._on_data,
+            nghttp2.END: self._on_end,
+            nghttp2.RESET: self._on_reset,
+            nghttp2.CLOSED: self._on_reset,
+            nghttp2.WINDOW: self._on_window,
+            nghttp2.SETTINGS: self._on_settings,
+            nghttp2.GOAWAY: self._on_goaway,
         }
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(
-            CONNECTION_WINDOW - self.h2.inbound_flow_control_window)
 
     # -- running on a socket ------------------------------------------------------------
 
@@ -431,6 +419,12 @@ class Connection:
         io: _ByteIO = _SocketIO(stream) if isinstance(stream, trio.SocketStream) else stream
         if isinstance(io, _SocketIO):
             self._send_now = io.send_now
+        try:
+            await self._serve(io)
+        finally:
+            self.http2.close()
+
+    async def _serve(self, io: _ByteIO) -> None:
         async with trio.open_nursery() as conn:
             conn.start_soon(self._write_loop, io)
             try:
@@ -460,13 +454,13 @@ class Connection:
                     data = await self._read(stream)
                 if data is None:
                     log.info("closing gRPC connection: no HTTP/2 handshake in time")
-                    self._close(h2.errors.ErrorCodes.SETTINGS_TIMEOUT)
+                    self._close(ErrorCode.SETTINGS_TIMEOUT)
                     return
             if not data or not self.feed(data):
                 return
             if self._unstarted:
                 # Call tasks were just started and usually answer in their first step:
-                # the last of them to end it sends what this read made h2 say with
+                # the last of them to end it sends what this read made nghttp2 say with
                 # their answers (``_first_step_over``), one send and no extra trip
                 # through trio's run loop for this task.
                 self._gathering = True
@@ -511,13 +505,13 @@ class Connection:
             self._shutdown()
 
     def _kick(self) -> None:
-        """h2 has bytes for the peer: have them sent (by the writer task, unless a read's
+        """The session has bytes for the peer: have them sent (by the writer task, unless a read's
         new calls are still in their first step: the last of them sends)."""
         if not self._gathering:
             self._wake.set()
 
     async def _flush(self, stream: _ByteIO) -> bool:
-        """Send what h2 has for the peer; False once the peer is gone. One sender at a
+        """Send what the session has for the peer; False once the peer is gone. One sender at a
         time: whoever is sending also takes what others add meanwhile."""
         if self._writing:
             return True
@@ -536,8 +530,13 @@ class Connection:
 
     def data_to_send(self) -> bytes:
         """The bytes for the peer: the rest of a send cut short, PING ACKs (RFC 9113
-        6.7), then h2's."""
-        data = self.h2.data_to_send()
+        6.7), then the session's."""
+        http2 = self.http2
+        data = http2.data_to_send()
+        if http2.late_events:
+            for _, sid, _ in http2.late_events:  # only CLOSED: nghttp2 ended a stream
+                self._on_reset(sid, None)
+            http2.late_events.clear()
         if self._pongs:
             data = bytes(self._pongs) + data
             self._pongs.clear()
@@ -552,7 +551,7 @@ class Connection:
         if self.closed:
             return False
         try:
-            data = self.gate.feed(data, self.h2.max_inbound_frame_size)
+            data = self.gate.feed(data, self.http2.max_inbound_frame_size)
             pings = self.gate.pings
             if pings:
                 for payload in pings:
@@ -560,29 +559,27 @@ class Connection:
                 pings.clear()
                 if not data:
                     return True
-            events = self.h2.receive_data(data)
+            events = self.http2.receive(data)
         except Refused as e:
             log.info("closing gRPC connection: protocol error", error=str(e))
             self._close(e.code)
             return False
-        except h2.exceptions.ProtocolError as e:
-            # h2 has queued its GOAWAY already.
+        except SessionError as e:
+            # nghttp2 has queued its GOAWAY already.
             log.info("closing gRPC connection: protocol error", error=str(e) or repr(e))
             self.closed = True
             self._wake.set()
             return False
         dispatch = self._dispatch
-        for ev in events:
-            handle = dispatch.get(type(ev))
-            if handle is not None:
-                handle(ev)
+        for kind, sid, value in events:
+            dispatch[kind](sid, value)
         return not self.closed
 
-    def _close(self, code: h2.errors.ErrorCodes) -> None:
+    def _close(self, code: ErrorCode) -> None:
         self.closed = True
         try:
-            self.h2.close_connection(error_code=code)
-        except h2.exceptions.ProtocolError:
+            self.http2.close_connection(code)
+        except SessionError:
             pass
         self._wake.set()
 
@@ -600,9 +597,7 @@ class Connection:
             st.scope.cancel()
         st.wake()
 
-    def _on_request(self, ev: h2.events.RequestReceived) -> None:
-        sid = ev.stream_id
-        headers = ev.headers
+    def _on_request(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         path = method = content_type = timeout = None
         for name, value in headers:
             if name == b":path":
@@ -636,13 +631,12 @@ class Connection:
         if m.cardinality in (Cardinality.STREAM_UNARY, Cardinality.STREAM_STREAM):
             self._start(st, self._run_streaming, st)
 
-    def _on_data(self, ev: h2.events.DataReceived) -> None:
-        sid = ev.stream_id
-        n = ev.flow_controlled_length
+    def _on_data(self, sid: int, data: bytes) -> None:
+        n = len(data)  # nghttp2 hands padding back itself
         st = self.streams.get(sid)
         if st is None:
             if n:
-                self.h2.acknowledge_received_data(n, sid)  # answered already: dropped
+                self.http2.consume(sid, n)  # answered already: dropped
             return
         m = st.method
         buf = st.buf
@@ -650,13 +644,13 @@ class Connection:
         if unary_request:
             if n:
                 # Held here, bounded by the message size checked below: hand it back now.
-                self.h2.acknowledge_received_data(n, sid)
+                self.http2.consume(sid, n)
             if st.length >= 0 and len(buf) >= 5 + st.length:
                 return  # one message per unary request; grpc-go ignores the rest too
         else:
             st.held += n
         before = len(buf)
-        buf += ev.data
+        buf += data
         if st.length < 0 and len(buf) >= 5:
             st.length = int.from_bytes(buf[1:5], "big")
             try:
@@ -671,7 +665,7 @@ class Connection:
             log.warning("closing gRPC connection: too many request bytes held",
                         held=self.buffered, limit=self.buffer_limit)
             self._shutdown()
-            self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._close(ErrorCode.ENHANCE_YOUR_CALM)
             return
         if not unary_request and st.reader is not None:
             if st.length >= 0 and len(buf) >= 5 + st.length:
@@ -681,10 +675,10 @@ class Connection:
                 # without waking the reader for every frame.
                 st.held -= n
                 if n:
-                    self.h2.acknowledge_received_data(n, sid)
+                    self.http2.consume(sid, n)
 
-    def _on_end(self, ev: h2.events.StreamEnded) -> None:
-        st = self.streams.get(ev.stream_id)
+    def _on_end(self, sid: int, _: object) -> None:
+        st = self.streams.get(sid)
         if st is None:
             return
         st.ended = True
@@ -694,24 +688,25 @@ class Connection:
         elif st.reader is not None:
             st.reader.set()
 
-    def _on_reset(self, ev: h2.events.StreamReset) -> None:
-        st = self.streams.pop(ev.stream_id, None)
+    def _on_reset(self, sid: int, _: object) -> None:
+        # The client's RST_STREAM, or nghttp2 closed the stream for an error of the client.
+        st = self.streams.pop(sid, None)
         if st is not None:
             self._forget(st)  # the call ends without an answer
 
-    def _on_window(self, ev: h2.events.WindowUpdated) -> None:
-        if ev.stream_id:
-            st = self.streams.get(ev.stream_id)
+    def _on_window(self, sid: int, _: object) -> None:
+        if sid:
+            st = self.streams.get(sid)
             if st is not None and st.window is not None:
                 st.window.set()
                 st.window = None
         else:
             self._wake_senders()
 
-    def _on_settings(self, ev: h2.events.RemoteSettingsChanged) -> None:
+    def _on_settings(self, sid: int, _: object) -> None:
         self._wake_senders()  # a new initial window size changes every stream's window
 
-    def _on_goaway(self, ev: h2.events.ConnectionTerminated) -> None:
+    def _on_goaway(self, sid: int, _: object) -> None:
         self.closed = True
 
     def _wake_senders(self) -> None:
@@ -866,8 +861,8 @@ class Connection:
         if st.held and not st.gone:
             n, st.held = st.held, 0
             try:
-                self.h2.acknowledge_received_data(n, st.sid)
-            except h2.exceptions.ProtocolError:
+                self.http2.consume(st.sid, n)
+            except SessionError:
                 return
             self._kick()
 
@@ -877,15 +872,15 @@ class Connection:
             raise StreamGone()
         if not st.started:
             try:
-                self.h2.send_headers(st.sid, _OK_HEADERS)
-            except h2.exceptions.ProtocolError:
+                self.http2.send_headers(st.sid, _OK_HEADERS)
+            except SessionError:
                 raise StreamGone() from None
             st.started = True
         await self._send_data(st, data)
 
     async def _send_data(self, st: _Stream, data: bytes) -> None:
         """One framed message, in pieces as flow control allows."""
-        h2conn = self.h2
+        http2 = self.http2
         view = memoryview(data)
         while view:
             while self._writing and not st.gone:
@@ -893,17 +888,17 @@ class Connection:
             if st.gone:
                 raise StreamGone()
             try:
-                window = h2conn.local_flow_control_window(st.sid)
-            except h2.exceptions.ProtocolError:
+                window = http2.send_window(st.sid)
+            except SessionError:
                 raise StreamGone() from None
             if window <= 0:
                 st.window = trio.Event()  # set by a WINDOW_UPDATE or new SETTINGS
                 await st.window.wait()
                 continue
-            n = min(window, h2conn.max_outbound_frame_size, len(view))
+            n = min(window, len(view))  # nghttp2 cuts it into frames
             try:
-                h2conn.send_data(st.sid, data if n == len(data) else view[:n].tobytes())
-            except h2.exceptions.ProtocolError:
+                http2.send_data(st.sid, data if n == len(data) else view[:n].tobytes())
+            except SessionError:
                 raise StreamGone() from None
             view = view[n:]
             self._kick()
@@ -913,21 +908,18 @@ class Connection:
     def _send(self, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except h2.exceptions.ProtocolError:
+        except SessionError:
             raise StreamGone() from None
 
     def _reply(self, st: _Stream, data: bytes) -> None:
-        h2conn = self.h2
+        http2 = self.http2
         sid = st.sid
         try:
-            if (len(data) <= h2conn.max_outbound_frame_size
-                    and len(data) <= h2conn.local_flow_control_window(sid)):
-                h2conn.send_headers(sid, _OK_HEADERS)
-                h2conn.send_data(sid, data)
-                h2conn.send_headers(sid, _OK_TRAILERS, end_stream=True)
+            if len(data) <= http2.send_window(sid):
+                http2.reply(sid, _OK_HEADERS, data, _OK_TRAILERS)
                 self._done(st)
                 return
-        except h2.exceptions.ProtocolError:
+        except SessionError:
             self._done(st)
             return  # the client reset the stream or the connection is going away
         if self.calls is None:
@@ -939,7 +931,7 @@ class Connection:
         assert st.scope is not None
         with st.scope:
             try:
-                self._send(lambda: self.h2.send_headers(st.sid, _OK_HEADERS))
+                self._send(lambda: self.http2.send_headers(st.sid, _OK_HEADERS))
                 st.started = True
                 await self._send_data(st, data)
                 self._end(st)
@@ -951,10 +943,10 @@ class Connection:
         """OK trailers (trailers-only if nothing was sent)."""
         headers = _OK_TRAILERS if st.started else [*_OK_HEADERS, *_OK_TRAILERS]
         try:
-            self.h2.send_headers(st.sid, headers, end_stream=True)
+            self.http2.send_headers(st.sid, headers, end_stream=True)
             if not st.ended:
-                self.h2.reset_stream(st.sid, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.ProtocolError:
+                self.http2.reset_stream(st.sid, ErrorCode.NO_ERROR)
+        except SessionError:
             pass
         self._done(st)
 
@@ -964,10 +956,10 @@ class Connection:
             if e.message:
                 trailers.append((b"grpc-message", encode_message(e.message)))
             try:
-                self.h2.send_headers(st.sid, trailers, end_stream=True)
+                self.http2.send_headers(st.sid, trailers, end_stream=True)
                 if not st.ended:
-                    self.h2.reset_stream(st.sid, h2.errors.ErrorCodes.NO_ERROR)
-            except h2.exceptions.ProtocolError:
+                    self.http2.reset_stream(st.sid, ErrorCode.NO_ERROR)
+            except SessionError:
                 pass
         else:
             self._send_error(st.sid, e.code, e.message, ended=st.ended)
@@ -989,19 +981,19 @@ class Connection:
         if message:
             trailers.append((b"grpc-message", encode_message(message)))
         try:
-            self.h2.send_headers(sid, trailers, end_stream=True)
+            self.http2.send_headers(sid, trailers, end_stream=True)
             if not ended:
                 # The client may still be sending: tell it to stop, as grpc-go does.
-                self.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.ProtocolError:
+                self.http2.reset_stream(sid, ErrorCode.NO_ERROR)
+        except SessionError:
             pass
 
     def _send_http_error(self, sid: int, status: bytes, message: str) -> None:
         try:
-            self.h2.send_headers(sid, [
+            self.http2.send_headers(sid, [
                 (b":status", status), (b"grpc-status", str(int(Code.UNKNOWN)).encode()),
                 (b"grpc-message", message.encode()),
             ], end_stream=True)
-            self.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.ProtocolError:
+            self.http2.reset_stream(sid, ErrorCode.NO_ERROR)
+        except SessionError:
             pass

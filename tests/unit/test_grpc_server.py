@@ -278,7 +278,8 @@ def test_ping_inside_a_header_block_still_fails_the_connection() -> None:
     headers_open = b"\x00\x00\x01\x01\x00\x00\x00\x00\x01" + b"\x82"
     assert not conn.feed(headers_open + ping())
     goaway = conn.data_to_send()
-    assert goaway[3] == 0x07 and goaway[-4:] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
+    # GOAWAY: last stream id, then the error code (then any debug data).
+    assert goaway[3] == 0x07 and goaway[13:17] == b"\x00\x00\x00\x01"  # PROTOCOL_ERROR
 
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
