@@ -12,6 +12,7 @@ PACKAGES=(
   docker-registry       # the distribution registry that pulls and pushes talk to
   openssl               # certificates for the registry's TLS tests
   nghttp2-client        # h2load for the benchmarks' load generator
+  libnghttp2-14         # berthd's gRPC server speaks HTTP/2 through it (core/grpc/nghttp2.py)
   socat
   gcc libc6-dev         # static probes built by the container-escape tests
   binutils-aarch64-linux-gnu qemu-user  # the exec stub's aarch64 code, assembled and run

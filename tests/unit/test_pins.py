@@ -1,9 +1,9 @@
 """The libraries berth depends on closely are installed at the versions pyproject pins.
 
-berthd's gRPC server drives h2 (and through it hpack and hyperframe) directly, the
-client library is grpclib, and every message is betterproto: a release of any of them
-can change behaviour a client sees, so a fresh install must get exactly the versions
-the suite was run with.
+The client library is grpclib (on h2, hpack and hyperframe), and every message is
+betterproto: a release of any of them can change behaviour a client sees, so a fresh
+install must get exactly the versions the suite was run with. (berthd's gRPC server is
+on the system's libnghttp2: its version is checked in test_nghttp2_session.py.)
 """
 
 from __future__ import annotations
