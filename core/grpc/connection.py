@@ -14,10 +14,10 @@ this module decides what each event means for a gRPC call and runs the calls (se
 
 Bounds (issue 8.5: nothing a client sends may pin memory or a connection):
 
-- a frame longer than the advertised SETTINGS_MAX_FRAME_SIZE is refused from its 9-byte
-  header, before nghttp2 would buffer it (``FrameGate``); so is a first frame that is not
-  SETTINGS, and a connection that has not sent preface and SETTINGS within
-  ``HANDSHAKE_TIMEOUT`` is closed;
+- nghttp2 judges the frames: a frame longer than the advertised SETTINGS_MAX_FRAME_SIZE
+  is refused from its 9-byte header, so is a first frame that is not SETTINGS; PINGs are
+  acked there (a client that floods them without reading is cut off), and a connection
+  that has not sent preface and SETTINGS within ``HANDSHAKE_TIMEOUT`` is closed here;
 - request bytes held per stream are bounded by the maximum message size (the prefix is
   judged before anything is kept), and per connection by ``buffer_limit``;
 - the reader stops reading while the writer cannot write (a client that sends but never
@@ -61,109 +61,10 @@ UNKNOWN_PATHS_REMEMBERED = 1024
 CONTENT_TYPE = b"application/grpc+proto"
 _OK_HEADERS = [(b":status", b"200"), (b"content-type", CONTENT_TYPE)]
 _OK_TRAILERS = [(b"grpc-status", b"0")]
-_PREFACE_LEN = 24
-_SETTINGS = 0x4
-_PING = 0x6
-_GOAWAY = 0x7
-_HEADER_BLOCK = frozenset({0x1, 0x5, 0x9})  # HEADERS, PUSH_PROMISE, CONTINUATION
-_END_HEADERS = 0x4
-_PING_ACK = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
                   ord("u"): 1e-6, ord("n"): 1e-9}
 # Headers that are the transport's, not the call's metadata (as grpc-go and grpclib).
 _NOT_METADATA = frozenset({b"te", b"content-type", b"user-agent"})
-
-
-class Refused(Exception):
-    """The peer broke HTTP/2 in a way the session would notice too late (or never)."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class FrameGate:
-    """Reads frame headers ahead of nghttp2: frame lengths are judged before it buffers
-    the frame, and the first frame after the preface must be SETTINGS (RFC 9113 3.4).
-
-    It also answers PINGs itself: grpc-go sends one with nearly every call (its
-    bandwidth estimate); acked here it costs no event and no trip through the session
-    (under h2 a PING cost as much as a tenth of a call). A PING is taken out of the
-    bytes for nghttp2 (its payload goes to ``pings``, for an ACK) only when it is whole
-    in this read, well-formed (stream 0, 8 bytes, no ACK flag), and nghttp2 would do
-    nothing but ack it: after SETTINGS,
-    not inside a header block (there it must fail the connection), and before any
-    GOAWAY. Every other frame, odd PINGs included, is nghttp2's to judge.
-    Sans-io; keeps at most 8 bytes of a split frame header."""
-
-    __slots__ = ("_preface", "_skip", "_header", "_in_block", "_goaway", "ready",
-                 "pings")
-
-    def __init__(self) -> None:
-        self._preface = _PREFACE_LEN  # client preface still to pass (nghttp2 checks it)
-        self._skip = 0  # bytes of the current frame's payload still to pass
-        self._header = b""
-        self._in_block = False  # a HEADERS/PUSH_PROMISE awaits its CONTINUATIONs
-        self._goaway = False
-        self.ready = False  # preface and the client's SETTINGS frame header are in
-        self.pings: list[bytes] = []  # payloads of PINGs taken out, to be acked
-
-    def feed(self, data: bytes | bytearray, max_frame_size: int) -> bytes | bytearray:
-        """Judge ``data``; the bytes to hand nghttp2 (``data`` less the PINGs taken out)."""
-        i, n = 0, len(data)
-        cuts: list[int] | None = None
-        if self._preface:
-            i = min(self._preface, n)
-            self._preface -= i
-        if self._skip:  # the rest of a payload begun in an earlier read
-            step = min(self._skip, n - i)
-            self._skip -= step
-            i += step
-        while i < n:
-            start = i
-            whole = not self._header  # the header starts in this read
-            need = 9 - len(self._header)
-            header = data[i:i + need] if whole else self._header + data[i:i + need]
-            i += need
-            if len(header) < 9:
-                self._header = bytes(header)
-                break
-            self._header = b""
-            length = header[0] << 16 | header[1] << 8 | header[2]
-            if length > max_frame_size:
-                raise Refused(ErrorCode.FRAME_SIZE_ERROR,
-                              f"frame of {length} bytes over the maximum of {max_frame_size}")
-            kind, flags = header[3], header[4]
-            if not self.ready:
-                if kind != _SETTINGS or flags & 0x1:
-                    raise Refused(ErrorCode.PROTOCOL_ERROR,
-                                  "first frame after the preface is not SETTINGS")
-                self.ready = True
-            elif kind == _PING:
-                if (whole and length == 8 and i + 8 <= n and not flags & 0x1
-                        and header[5:9] == b"\0\0\0\0" and not self._in_block
-                        and not self._goaway):
-                    self.pings.append(bytes(data[i:i + 8]))
-                    if cuts is None:
-                        cuts = []
-                    cuts += (start, i + 8)
-                    i += 8
-                    continue
-            elif kind in _HEADER_BLOCK:
-                self._in_block = not flags & _END_HEADERS
-            elif kind == _GOAWAY:
-                self._goaway = True
-            i += length  # past the payload, or what of it is in this read
-            if i > n:
-                self._skip = i - n
-                break
-        if cuts is None:
-            return data
-        # Keep what lies between the PINGs taken out.
-        bounds = [0, *cuts, n]
-        return b"".join(data[bounds[k]:bounds[k + 1]] for k in range(0, len(bounds), 2))
-
-
 class Router:
     """The route table of one server, shared by its connections."""
 
@@ -384,10 +285,9 @@ class Connection:
     def __init__(self, router: Router, *, buffer_limit: int | None = None) -> None:
         self.router = router
         self.http2 = ServerSession(connection_window=CONNECTION_WINDOW)
-        self.gate = FrameGate()
+        self.ready = False  # the client's preface and first SETTINGS are in
         self.streams: dict[int, _Stream] = {}
         self.buffered = 0  # request bytes held for all streams
-        self._pongs = bytearray()  # PING ACKs to send before the session's bytes
         self.buffer_limit = buffer_limit or max(4 * router.max_recv, 64 << 20)
         self.closed = False  # no more input will be read
         self.calls: trio.Nursery | None = None
@@ -444,7 +344,7 @@ class Connection:
     async def _read_loop(self, stream: _ByteIO) -> None:
         handshake = trio.current_time() + HANDSHAKE_TIMEOUT
         while True:
-            if self.gate.ready:
+            if self.ready:
                 data = await self._read(stream)
             else:
                 # Only the wait for bytes is timed: a deadline that fell inside the
@@ -529,17 +429,13 @@ class Connection:
         return True
 
     def data_to_send(self) -> bytes:
-        """The bytes for the peer: the rest of a send cut short, PING ACKs (RFC 9113
-        6.7), then the session's."""
+        """The bytes for the peer: the rest of a send cut short, then the session's."""
         http2 = self.http2
         data = http2.data_to_send()
         if http2.late_events:
             for _, sid, _ in http2.late_events:  # only CLOSED: nghttp2 ended a stream
                 self._on_reset(sid, None)
             http2.late_events.clear()
-        if self._pongs:
-            data = bytes(self._pongs) + data
-            self._pongs.clear()
         if self._unsent:
             data, self._unsent = self._unsent + data, b""
         return data
@@ -551,19 +447,7 @@ class Connection:
         if self.closed:
             return False
         try:
-            data = self.gate.feed(data, self.http2.max_inbound_frame_size)
-            pings = self.gate.pings
-            if pings:
-                for payload in pings:
-                    self._pongs += _PING_ACK + payload
-                pings.clear()
-                if not data:
-                    return True
             events = self.http2.receive(data)
-        except Refused as e:
-            log.info("closing gRPC connection: protocol error", error=str(e))
-            self._close(e.code)
-            return False
         except SessionError as e:
             # nghttp2 has queued its GOAWAY already.
             log.info("closing gRPC connection: protocol error", error=str(e) or repr(e))
@@ -704,6 +588,7 @@ class Connection:
             self._wake_senders()
 
     def _on_settings(self, sid: int, _: object) -> None:
+        self.ready = True  # the first is the client's half of the handshake
         self._wake_senders()  # a new initial window size changes every stream's window
 
     def _on_goaway(self, sid: int, _: object) -> None:
