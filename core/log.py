@@ -31,7 +31,8 @@ def setup(level: str = "info", *, json: bool | None = None, stream: Any = None) 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level.lower(), 20)),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write() per event (PrintLogger's print() makes two: the line, then "\n").
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(_LEVELS.get(level.lower(), 20), logging.WARNING), stream=stream)
