@@ -24,7 +24,6 @@ nghttp2 sends HEADERS and RST_STREAM ahead of pending DATA otherwise.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import enum
 import weakref
 from collections.abc import Sequence
@@ -180,7 +179,6 @@ def _load() -> ctypes.CDLL:
         "nghttp2_session_get_stream_remote_window_size": (ctypes.c_int32,
                                                           [_vp, ctypes.c_int32]),
         "nghttp2_session_get_remote_window_size": (ctypes.c_int32, [_vp]),
-        "nghttp2_session_get_remote_settings": (ctypes.c_uint32, [_vp, ctypes.c_int]),
         "nghttp2_strerror": (ctypes.c_char_p, [ctypes.c_int]),
     }
     for name, (restype, argtypes) in sigs.items():
@@ -285,8 +283,6 @@ class ServerSession:
         self._check(_lib.nghttp2_submit_settings(self._session, 0, settings, 3))
         self._check(_lib.nghttp2_session_set_local_window_size(
             self._session, 0, 0, connection_window))
-
-    max_inbound_frame_size = MAX_FRAME_SIZE
 
     def close(self) -> None:
         """Free the session; every later call raises SessionError."""
@@ -396,7 +392,8 @@ class ServerSession:
     # -- output -------------------------------------------------------------------------
 
     def send_window(self, sid: int) -> int:
-        """Bytes stream ``sid`` may still queue (negative: the stream is gone)."""
+        """Bytes stream ``sid`` may still queue: the peer's stream and connection windows
+        less what is queued and not yet framed (SessionError once the stream is gone)."""
         session = self._live()
         stream = _lib.nghttp2_session_get_stream_remote_window_size(session, sid)
         if stream < 0:
@@ -404,11 +401,6 @@ class ServerSession:
         out = self._out.get(sid)
         conn = _lib.nghttp2_session_get_remote_window_size(session) - self._queued
         return min(stream - (len(out.buf) if out is not None else 0), conn)
-
-    @property
-    def max_outbound_frame_size(self) -> int:
-        return int(_lib.nghttp2_session_get_remote_settings(self._live(),
-                                                            _SETTINGS_MAX_FRAME_SIZE))
 
     def send_headers(self, sid: int, headers: Headers, *, end_stream: bool = False) -> None:
         """Response headers, or (``end_stream``) trailers after any data queued."""
@@ -441,7 +433,7 @@ class ServerSession:
                                                  ctypes.byref(self._provider)))
 
     def reply(self, sid: int, headers: Headers, data: bytes, trailers: Headers) -> None:
-        """A whole answer: headers, one DATA frame's worth, trailers."""
+        """A whole answer that fits ``send_window``: headers, data, trailers."""
         session = self._live()
         out = self._out[sid] = _Out()
         out.buf += data
