@@ -327,18 +327,29 @@ class ServerSession:
                 raise SessionError("protocol error")  # its GOAWAY is in _pending
         return events
 
+    # Every callback catches what it raises: an exception must not reach C (ctypes would
+    # print it and return 0, as if nothing happened); it ends the session instead.
+
     def _on_begin_headers(self, session: int, frame: object, user_data: int) -> int:
-        self._headers = []
-        self._header_bytes = 0
+        try:
+            self._headers = []
+            self._header_bytes = 0
+        except BaseException as e:
+            self._error = e
+            return _ERR_CALLBACK_FAILURE
         return 0
 
     def _on_header(self, session: int, frame: int, name: bytes | None, namelen: int,
                    value: bytes | None, valuelen: int, flags: int, user_data: int) -> int:
-        self._header_bytes += namelen + valuelen + 32  # RFC 9113 6.5.2's measure
-        if (self._header_bytes > MAX_HEADER_LIST_SIZE or len(name or b"") != namelen
-                or len(value or b"") != valuelen):
-            return _ERR_TEMPORAL_CALLBACK_FAILURE  # this stream is reset; the rest live
-        self._headers.append((name or b"", value or b""))
+        try:
+            self._header_bytes += namelen + valuelen + 32  # RFC 9113 6.5.2's measure
+            if (self._header_bytes > MAX_HEADER_LIST_SIZE or len(name or b"") != namelen
+                    or len(value or b"") != valuelen):
+                return _ERR_TEMPORAL_CALLBACK_FAILURE  # this stream is reset; the rest live
+            self._headers.append((name or b"", value or b""))
+        except BaseException as e:
+            self._error = e
+            return _ERR_CALLBACK_FAILURE
         return 0
 
     def _on_frame(self, session: int, frame: ctypes._Pointer[_FrameHd],
@@ -367,22 +378,30 @@ class ServerSession:
             elif kind == _FRAME_GOAWAY:
                 code = ctypes.cast(frame, ctypes.POINTER(_RstOrGoaway)).contents.b
                 self._events.append((GOAWAY, 0, code))
-        except BaseException as e:  # never into C: the error ends the session instead
+        except BaseException as e:
             self._error = e
             return _ERR_CALLBACK_FAILURE
         return 0
 
     def _on_data_chunk(self, session: int, flags: int, sid: int, data: int, length: int,
                        user_data: int) -> int:
-        self._events.append((DATA, sid, ctypes.string_at(data, length)))
+        try:
+            self._events.append((DATA, sid, ctypes.string_at(data, length)))
+        except BaseException as e:
+            self._error = e
+            return _ERR_CALLBACK_FAILURE
         return 0
 
     def _on_close(self, session: int, sid: int, code: int, user_data: int) -> int:
-        self._requested.discard(sid)
-        out = self._out.pop(sid, None)
-        if out is not None:
-            self._queued -= len(out.buf)
-        self._events.append((CLOSED, sid, code))
+        try:
+            self._requested.discard(sid)
+            out = self._out.pop(sid, None)
+            if out is not None:
+                self._queued -= len(out.buf)
+            self._events.append((CLOSED, sid, code))
+        except BaseException as e:
+            self._error = e
+            return _ERR_CALLBACK_FAILURE
         return 0
 
     def consume(self, sid: int, n: int) -> None:

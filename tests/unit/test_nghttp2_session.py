@@ -138,3 +138,27 @@ def test_any_bytes_after_the_handshake_give_events_or_session_error(
             break
         finally:
             server.data_to_send()
+
+
+def test_a_failing_callback_ends_the_session_with_its_error() -> None:
+    """An exception in a callback never returns into C as if nothing happened: the
+    session stops and receive() raises it (the connection's boundary logs it)."""
+
+    class Exploding(list):  # type: ignore[type-arg]
+        def append(self, item: object) -> None:
+            raise RuntimeError("bad header handling")
+
+    class Broken(ServerSession):
+        def _on_begin_headers(self, *args: object) -> int:  # type: ignore[override]
+            rv = super()._on_begin_headers(*args)  # type: ignore[arg-type]
+            self._headers = Exploding()  # the real _on_header's append fails
+            return rv
+
+    server = Broken(connection_window=1 << 20)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None))
+    client.initiate_connection()
+    server.receive(client.data_to_send())
+    client.send_headers(1, REQUEST, end_stream=True)
+    with pytest.raises(RuntimeError, match="bad header handling"):
+        server.receive(client.data_to_send())
