@@ -149,6 +149,26 @@ class AnswerCache:
         return answer
 
 
+class AnswerCaches:
+    """An ``AnswerCache`` per key (a namespace and a name, say), at most ``limit`` of
+    them: past it, all are dropped and made again as asked (each costs one build)."""
+
+    __slots__ = ("_caches", "_limit")
+
+    def __init__(self, limit: int = 256) -> None:
+        self._caches: dict[Any, AnswerCache] = {}
+        self._limit = limit
+
+    def get(self, key: Any, value: Any,
+            build: Callable[[Any], betterproto.Message]) -> Encoded:
+        cache = self._caches.get(key)
+        if cache is None:
+            if len(self._caches) >= self._limit:
+                self._caches.clear()
+            cache = self._caches[key] = AnswerCache()
+        return cache.get(value, build)
+
+
 @dataclass(frozen=True, slots=True)
 class Method:
     """One served method: what the connection needs to call it."""

@@ -28,7 +28,7 @@ from berth.core.content.digest import problem
 from berth.core.content.errors import go_quote
 from berth.core.events.exchange import Exchange
 from berth.core.gc.scheduler import notifier
-from berth.core.grpc.bridge import AnswerCache, Encoded
+from berth.core.grpc.bridge import AnswerCaches, Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.content import Info, NamespacedContent, info_of
 from berth.core.metadata.db import Database
@@ -89,7 +89,7 @@ class ContentService:
 
     def __init__(self, store: NamespacedContent) -> None:
         self.store = store
-        self._infos: dict[tuple[str, str], AnswerCache] = {}
+        self._infos = AnswerCaches(INFO_ANSWERS)
         self._reads: dict[str, Encoded] = {}
         self._read_bytes = 0
 
@@ -100,13 +100,8 @@ class ContentService:
         ns = ctx.namespace_required()
         # Read every time (the store is the truth), parsed only when it changed.
         raw = self.store.info_raw(ns, digest)
-        key = (ns, digest)
-        cache = self._infos.get(key)
-        if cache is None:
-            if len(self._infos) >= INFO_ANSWERS:
-                self._infos.clear()
-            cache = self._infos[key] = AnswerCache()
-        return cache.get(raw, lambda r: api.InfoResponse(info=_info(info_of(r))))
+        return self._infos.get((ns, digest), raw,
+                               lambda r: api.InfoResponse(info=_info(info_of(r))))
 
     def update(self, ctx: CallContext, req: api.UpdateRequest) -> api.UpdateResponse:
         given = req.info or api.Info()

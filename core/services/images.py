@@ -15,7 +15,7 @@ from berth.core.api.containerd.services.images import v1 as api
 from berth.core.api.containerd.types import Descriptor as ApiDescriptor
 from berth.core.events.exchange import Exchange
 from berth.core.gc.scheduler import GCScheduler
-from berth.core.grpc.bridge import AnswerCache, Encoded
+from berth.core.grpc.bridge import AnswerCaches, Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.images import Descriptor, Image, ImageStore
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -59,7 +59,7 @@ class ImagesLocal:
         self.store = store
         self.events = events
         self.gc = gc
-        self._gets: dict[tuple[str, str], AnswerCache] = {}
+        self._gets = AnswerCaches(GET_ANSWERS)
 
     def _publish(self, ns: str, topic: str, event: betterproto.Message) -> None:
         try:
@@ -71,13 +71,8 @@ class ImagesLocal:
         ns = ctx.namespace_required()
         name = req.name
         image = self.store.get(ns, name)
-        key = (ns, name)
-        cache = self._gets.get(key)
-        if cache is None:
-            if len(self._gets) >= GET_ANSWERS:
-                self._gets.clear()
-            cache = self._gets[key] = AnswerCache()
-        return cache.get(image, lambda i: api.GetImageResponse(image=_to_api(i)))
+        return self._gets.get((ns, name), image,
+                              lambda i: api.GetImageResponse(image=_to_api(i)))
 
     def list(self, ctx: CallContext, req: api.ListImagesRequest) -> api.ListImagesResponse:
         ns = ctx.namespace_required()

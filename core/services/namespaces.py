@@ -24,7 +24,7 @@ from berth.core.api.containerd.services.namespaces.v1 import (
     UpdateNamespaceResponse,
 )
 from berth.core.events.exchange import Exchange
-from berth.core.grpc.bridge import AnswerCache, Encoded
+from berth.core.grpc.bridge import AnswerCache, AnswerCaches, Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.namespaces import NamespaceStore
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -94,16 +94,11 @@ class NamespacesService:
         # serialized only when what it read differs from last time.
         self._list = AnswerCache()
         # The same per namespace for Get (ctr asks twice per run, dockerd at start-up).
-        self._gets: dict[str, AnswerCache] = {}
+        self._gets = AnswerCaches(GET_ANSWERS)
 
     def get(self, ctx: CallContext, req: GetNamespaceRequest) -> Encoded:
         labels = self.local.labels(req.name)
-        cache = self._gets.get(req.name)
-        if cache is None:
-            if len(self._gets) >= GET_ANSWERS:
-                self._gets.clear()
-            cache = self._gets[req.name] = AnswerCache()
-        return cache.get(labels, lambda got: GetNamespaceResponse(
+        return self._gets.get(req.name, labels, lambda got: GetNamespaceResponse(
             Namespace(name=req.name, labels=got)))
 
     def list(self, ctx: CallContext, req: ListNamespacesRequest) -> Encoded:

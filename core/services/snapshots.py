@@ -40,7 +40,7 @@ from berth.core.api.containerd.services.snapshots.v1 import (
     ViewSnapshotRequest,
     ViewSnapshotResponse,
 )
-from berth.core.grpc.bridge import AnswerCache, Encoded
+from berth.core.grpc.bridge import AnswerCaches, Encoded
 from berth.core.grpc.context import CallContext
 from berth.core.metadata.snapshots import NamespacedSnapshotter
 from berth.core.plugin import InitContext, Registration, hookimpl
@@ -101,8 +101,8 @@ class SnapshotsService:
 
     def __init__(self, service: SnapshotsServicePlugin) -> None:
         self.service = service
-        self._stats: dict[tuple[str, str, str], AnswerCache] = {}
-        self._mounts: dict[tuple[str, str, str], AnswerCache] = {}
+        self._stats = AnswerCaches(ANSWERS)
+        self._mounts = AnswerCaches(ANSWERS)
 
     def _sn(self, name: str) -> NamespacedSnapshotter:
         return self.service.get(name)
@@ -125,8 +125,8 @@ class SnapshotsService:
         sn = self._sn(name)
         ns = ctx.namespace_required()
         mounts = await sn.mounts(ns, key)
-        return _answers(self._mounts, (name, ns, key)).get(
-            mounts, lambda ms: MountsResponse(mounts=[m.to_proto() for m in ms]))
+        return self._mounts.get((name, ns, key), mounts,
+                                lambda ms: MountsResponse(mounts=[m.to_proto() for m in ms]))
 
     async def commit(self, ctx: CallContext, req: CommitSnapshotRequest) -> Empty:
         sn = self._sn(req.snapshotter)
@@ -144,8 +144,8 @@ class SnapshotsService:
         sn = self._sn(name)
         ns = ctx.namespace_required()
         info = await sn.stat(ns, key)
-        return _answers(self._stats, (name, ns, key)).get(
-            info, lambda i: StatSnapshotResponse(info=to_api(i)))
+        return self._stats.get((name, ns, key), info,
+                               lambda i: StatSnapshotResponse(info=to_api(i)))
 
     async def update(self, ctx: CallContext, req: UpdateSnapshotRequest
                      ) -> UpdateSnapshotResponse:
@@ -178,16 +178,6 @@ class SnapshotsService:
         # leftover directories go.
         await self._sn(req.snapshotter).cleanup()
         return Empty()
-
-
-def _answers(caches: dict[tuple[str, str, str], AnswerCache],
-             key: tuple[str, str, str]) -> AnswerCache:
-    cache = caches.get(key)
-    if cache is None:
-        if len(caches) >= ANSWERS:
-            caches.clear()
-        cache = caches[key] = AnswerCache()
-    return cache
 
 
 async def _init_service(ctx: InitContext) -> SnapshotsServicePlugin:
