@@ -44,7 +44,7 @@ from berth.core.errdefs import Code
 from berth.core.grpc import bridge, nghttp2
 from berth.core.grpc.bridge import GRPCStatus, Method, StreamGone
 from berth.core.grpc.context import CallContext
-from berth.core.grpc.nghttp2 import ErrorCode, ServerSession, SessionError
+from berth.core.grpc.nghttp2 import ErrorCode, HeaderBlock, ServerSession, SessionError
 
 log = structlog.get_logger("grpc")
 
@@ -59,8 +59,9 @@ CONNECTION_WINDOW = 4 << 20
 UNKNOWN_PATHS_REMEMBERED = 1024
 
 CONTENT_TYPE = b"application/grpc+proto"
-_OK_HEADERS = [(b":status", b"200"), (b"content-type", CONTENT_TYPE)]
-_OK_TRAILERS = [(b"grpc-status", b"0")]
+_OK_HEADERS = HeaderBlock([(b":status", b"200"), (b"content-type", CONTENT_TYPE)])
+_OK_TRAILERS = HeaderBlock([(b"grpc-status", b"0")])
+_OK_TRAILERS_ONLY = HeaderBlock([*_OK_HEADERS, *_OK_TRAILERS])
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
                   ord("u"): 1e-6, ord("n"): 1e-9}
 # Headers that are the transport's, not the call's metadata (as grpc-go and grpclib).
@@ -826,7 +827,7 @@ class Connection:
 
     def _end(self, st: _Stream) -> None:
         """OK trailers (trailers-only if nothing was sent)."""
-        headers = _OK_TRAILERS if st.started else [*_OK_HEADERS, *_OK_TRAILERS]
+        headers = _OK_TRAILERS if st.started else _OK_TRAILERS_ONLY
         try:
             self.http2.send_headers(st.sid, headers, end_stream=True)
             if not st.ended:

@@ -202,7 +202,23 @@ if version() < MIN_VERSION:
                       f"{'.'.join(map(str, MIN_VERSION))}")
 
 
+class HeaderBlock(tuple[tuple[bytes, bytes], ...]):
+    """A header list sent over and over (a gRPC OK, say): its nghttp2 array is built
+    once. nghttp2 copies what an array points to, so one array serves every send."""
+
+    nva: ctypes.Array[_Nv]
+
+    def __new__(cls, headers: Headers) -> HeaderBlock:
+        block = super().__new__(cls, headers)
+        block.nva = _build_nva(block)
+        return block
+
+
 def _nva(headers: Headers) -> ctypes.Array[_Nv]:
+    return headers.nva if isinstance(headers, HeaderBlock) else _build_nva(headers)
+
+
+def _build_nva(headers: Headers) -> ctypes.Array[_Nv]:
     # nghttp2 copies names and values (no NO_COPY flag): the array may go right after.
     arr = (_Nv * len(headers))()
     for i, (name, value) in enumerate(headers):

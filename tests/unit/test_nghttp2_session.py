@@ -162,3 +162,20 @@ def test_a_failing_callback_ends_the_session_with_its_error() -> None:
     client.send_headers(1, REQUEST, end_stream=True)
     with pytest.raises(RuntimeError, match="bad header handling"):
         server.receive(client.data_to_send())
+
+
+def test_a_header_block_serves_every_answer_it_is_sent_with() -> None:
+    """One prepared array for many sends: nghttp2 copies what it points to."""
+    server, client = _pair()
+    ok = nghttp2.HeaderBlock([(b":status", b"200"), (b"content-type", b"application/grpc")])
+    done = nghttp2.HeaderBlock([(b"grpc-status", b"0")])
+    for sid in (1, 3, 5):
+        client.send_headers(sid, REQUEST, end_stream=True)
+    server.receive(client.data_to_send())
+    for sid in (1, 3, 5):
+        server.reply(sid, ok, b"\x00\x00\x00\x00\x00", done)
+    got = {}
+    for ev in _exchange(server, client):
+        if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+            got.setdefault(ev.stream_id, []).append(ev.headers)
+    assert got == {sid: [list(ok), list(done)] for sid in (1, 3, 5)}
