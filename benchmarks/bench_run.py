@@ -23,7 +23,9 @@ every run). Then:
 2. N containers at once (``ctr run -d ... sleep 1000`` x N, all launched together):
    wall time until ``ctr tasks ls`` shows all of them RUNNING, berthd's default path
    (berth's shim, in-process runtime: what ``berth run`` uses) against containerd +
-   runc. Then every task is killed and every container removed.
+   runc. Then every task is killed and every container removed. More rounds
+   (``--parallel-rounds``, default 3), alternating which daemon goes first, give the
+   median ratio: one round is one sample of about a second and a half.
 3. Memory, while the N containers run: each daemon's RSS idle (after start and image
    import) and its growth per running container; per shim RSS, PSS, USS
    (Private_Clean + Private_Dirty) and anonymous memory from /proc/PID/smaps_rollup,
@@ -33,6 +35,9 @@ every run). Then:
    ``start`` action, that action timed alone against the warm zygote and without one,
    the time from ``start`` to the shim serving, and the import of the serving shim
    (what the zygote preloads, paid only by a cold start).
+
+berthd runs on the interpreter that runs this script (printed first): run it from a
+venv on the Python a deployment uses (Debian 12: ``/usr/bin/python3``, see README.md).
 
 Everything is loopback and bounded; containers, shims, the zygote, mounts, cgroups and
 ctr's FIFOs are removed at the end, also when a step fails.
@@ -737,8 +742,20 @@ def environment() -> str:
                           ).stdout.splitlines()[:1]
     load = os.getloadavg()[0]
     return (f"cpus: {os.cpu_count()} x {model}; kernel {platform.release()}; "
-            f"python {platform.python_version()}; load average {load:.2f}\n"
+            f"load average {load:.2f}\n{interpreter()}\n"
             f"containerd: {ver}\nrunc: {' '.join(runc)}")
+
+
+def interpreter() -> str:
+    """The Python berthd and its shims run on (this one): a daemon's CPU per call depends
+    on how the interpreter was built as much as on berth's code. Debian's python3 (what
+    the README's install command uses on Debian 12) is one executable built with PGO and
+    LTO; a self-built CPython (pyenv's default) calls into a shared libpython made
+    without them, on which berthd spent 10-20% more CPU per call and per run here."""
+    with open("/proc/self/maps") as f:
+        shared = any("libpython" in line for line in f)
+    return (f"python {platform.python_version()}: {os.path.realpath(sys.executable)}, "
+            f"{'calls a shared libpython' if shared else 'libpython linked in'}")
 
 
 def report_sequential(s: Session, vs: list[Variant], runs: int, warmup: int) -> None:
@@ -757,6 +774,10 @@ def report_sequential(s: Session, vs: list[Variant], runs: int, warmup: int) -> 
         print(f"{v.label:<36} {ms(median(w))} {ms(p90(w))} {ms(min(w))} {ms(cpu)}   {ratio}")
     print("(daemon cpu: mean CPU time berthd or containerd spent per run; reference "
           f"before: containerd + runc median {REFERENCE['ctr run --rm median']})")
+    ref_cpu = statistics.fmean(r.daemon_cpu for r in measured["cr"])
+    print("daemon cpu per run, berthd / containerd: " + ", ".join(
+        f"{statistics.fmean(r.daemon_cpu for r in measured[v.key]) / ref_cpu:.2f}x ({v.key})"
+        for v in vs if v.key != "cr"))
 
     phases = {v.key: phase_table(measured[v.key], marks) for v in vs}
     print("\nwhere the time goes: median ms per phase, from the timestamps of the events "
@@ -776,7 +797,8 @@ def report_sequential(s: Session, vs: list[Variant], runs: int, warmup: int) -> 
             print(f"ctr start -> shim serving, {v.label}: median {ms(median(to_serving))}")
 
 
-def report_parallel_and_memory(s: Session, n: int, idle: dict[str, int]) -> None:
+def report_parallel_and_memory(s: Session, n: int, idle: dict[str, int], rounds: int
+                               ) -> None:
     before = {name: rss_kib(s.daemon(name).proc.pid) for name in ("berth", "containerd")}
     print(f"\n== 2. {n} x ctr run -d IMG ID sleep 1000, all launched at once ==")
     par_b = parallel(s, "berth", "berthd + berth shim (in-process), default", (
@@ -815,6 +837,26 @@ def report_parallel_and_memory(s: Session, n: int, idle: dict[str, int]) -> None
           f" (one shared shim: {par_g.all_running / par_c.all_running:.2f}x)"
           f"  (reference before: 20 in parallel on containerd + runc "
           f"{REFERENCE['20 parallel ctr run -d']})")
+    if rounds > 1:
+        # One round of 30 is one sample of ~1.5 s on a shared machine: more rounds,
+        # alternating which daemon goes first, and the median of their ratios.
+        pairs = [(par_b, par_c)]
+        for r in range(1, rounds):
+            order = ("containerd", "berth") if r % 2 else ("berth", "containerd")
+            got = {}
+            for name in order:
+                args = ("--runtime", BERTH_RUNTIME) if name == "berth" else ()
+                got[name] = parallel(s, name, name, args, n, f"p{name[0]}r{r}-")
+                remove_parallel(s, got[name])
+            pairs.append((got["berth"], got["containerd"]))
+        ratios = [b.all_running / c.all_running for b, c in pairs]
+        cpu = [b.daemon_cpu / c.daemon_cpu for b, c in pairs]
+        print(f"all RUNNING over {rounds} rounds (alternating which daemon goes first): "
+              f"berth {' '.join(f'{b.all_running:.2f}s' for b, _ in pairs)}; containerd "
+              f"{' '.join(f'{c.all_running:.2f}s' for _, c in pairs)}")
+        print(f"ratio berth/containerd, all RUNNING, median of {rounds} rounds: "
+              f"{median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)}); "
+              f"daemon cpu {median(cpu):.2f}x")
     print("(all RUNNING: from launching the ctr processes until ctr tasks ls shows every "
           "task RUNNING; removal: ctr tasks rm -f and ctr containers rm of all of them; "
           "daemon cpu: the daemon's CPU time until all RUNNING; shim cpu: mean per shim, "
@@ -895,6 +937,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None,
                    help="rounds run first and not counted (default 2, quick 1)")
     p.add_argument("--parallel", type=int, default=None, help="containers started at once")
+    p.add_argument("--parallel-rounds", type=int, default=None,
+                   help="rounds of the parallel start per daemon (default 3, quick 1)")
     p.add_argument("--log-level", default="info", help="log level of both daemons")
     p.add_argument("--berth-cri", action="store_true",
                    help="keep berthd's CRI plugin on (containerd's stays off, as in the tests)")
@@ -906,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = max(0, args.warmup if args.warmup is not None else (1 if args.quick else 2))
     n_par = max(1, args.parallel or (3 if args.quick else 30))
     repeat = 3 if args.quick else 10
+    rounds = max(1, args.parallel_rounds or (1 if args.quick else 3))
 
     base = Path(tempfile.mkdtemp(prefix="berth-brun-", dir="/tmp"))
     base.chmod(0o755)
@@ -928,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
         runc_config = base / "runc.toml"
         runc_config.write_text('binary_name = "runc"\n')
         report_sequential(s, variants(runc_config), runs, warmup)
-        report_parallel_and_memory(s, n_par, idle)
+        report_parallel_and_memory(s, n_par, idle, rounds)
         report_startup(s, repeat)
     except (BenchError, AssertionError, TimeoutError, EOFError,
             subprocess.TimeoutExpired) as e:
