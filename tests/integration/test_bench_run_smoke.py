@@ -57,7 +57,8 @@ def numbers(text: str) -> list[float]:
 
 def test_quick_run_prints_every_row_and_ratio_and_cleans_up() -> None:
     assert os.geteuid() == 0, "the benchmark runs containers: run as root"
-    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_run", "--quick"], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "benchmarks.bench_run", "--quick",
+                        "--parallel-rounds", "2"], cwd=REPO,
                        capture_output=True, text=True, timeout=900)
     out = p.stdout
     assert p.returncode == 0, (p.returncode, out[-6000:], p.stderr[-6000:])
@@ -66,6 +67,8 @@ def test_quick_run_prints_every_row_and_ratio_and_cleans_up() -> None:
     assert sorted(part) == ["0", "1", "2", "3", "4"], out
 
     line(part["0"], "containerd: containerd")
+    # berthd runs on this interpreter: the report names it
+    assert os.path.realpath(sys.executable) in line(part["0"], "python 3.")
     assert "3 measured ctr run --rm per variant after 1 warm-up round(s) (not counted)" in out
 
     # 1. one at a time: median, p90, min and daemon CPU per variant, ratios to containerd
@@ -88,6 +91,8 @@ def test_quick_run_prints_every_row_and_ratio_and_cleans_up() -> None:
                 assert re.fullmatch(NUMBER, cell), (topic, cells)
     for key in ("bi", "br"):
         assert re.search(MS, line(one, f"ctr start -> shim serving, {VARIANTS[key]}:"))
+    cpu = line(one, "daemon cpu per run, berthd / containerd:")
+    assert re.findall(rf"{RATIO} \((\w+)\)", cpu) == ["bi", "br", "bv"], cpu
 
     # 2. three at once, both daemons, and their ratio
     for label in ("berthd + berth shim (in-process), default",
@@ -95,7 +100,13 @@ def test_quick_run_prints_every_row_and_ratio_and_cleans_up() -> None:
         row = line(part["2"], label)
         assert len(re.findall(rf"{NUMBER}s", row)) == 4 and re.search(MS, row), row
     assert re.search(rf"all RUNNING: {RATIO} \(one shared shim: {RATIO}\)",
-                     line(part["2"], "ratio berth/containerd"))
+                     line(part["2"], "ratio berth/containerd, all RUNNING: "))
+    # two rounds per daemon: each round's time, each round's ratio and their median
+    rounds = line(part["2"], "all RUNNING over 2 rounds")
+    assert len(re.findall(rf"{NUMBER}s", rounds)) == 4, rounds
+    assert re.search(rf"median of 2 rounds: {RATIO} \({NUMBER}, {NUMBER}\); daemon cpu "
+                     rf"{RATIO}$", line(part["2"], "ratio berth/containerd, all RUNNING, median")
+                     ), part["2"]
 
     # 3. memory: daemons idle and per container; shims, zygote; ratios
     for daemon in ("berthd ", "containerd "):
