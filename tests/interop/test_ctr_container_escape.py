@@ -54,10 +54,12 @@ STEAL_C = r"""
 #include <unistd.h>
 
 /* steal PID: take every fd above 2 of PID with pidfd_getfd and say what it was (its
-   path, then dir, file or other). */
+   path, then ctrroot for this container's own root directory, dir, file or other). */
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
     int pid = atoi(argv[1]);
+    struct stat root;
+    if (stat("/", &root)) return 2;
     int pidfd = syscall(434 /* pidfd_open */, pid, 0);
     if (pidfd < 0) return 0;
     for (int fd = 3; fd < 1024; fd++) {
@@ -71,8 +73,10 @@ int main(int argc, char **argv) {
         snprintf(path, sizeof path, "/proc/self/fd/%d", got);
         ssize_t n = readlink(path, target, sizeof target - 1);
         target[n > 0 ? n : 0] = 0;
-        const char *kind = fstat(got, &st) ? "other" : S_ISDIR(st.st_mode) ? "dir"
-                           : S_ISREG(st.st_mode) ? "file" : "other";
+        const char *kind = fstat(got, &st) ? "other"
+            : S_ISDIR(st.st_mode) ? (st.st_dev == root.st_dev && st.st_ino == root.st_ino
+                                     ? "ctrroot" : "dir")
+            : S_ISREG(st.st_mode) ? "file" : "other";
         printf("STOLE %d %d %s %s\n", pid, fd, target, kind);
         close(got);
     }
@@ -83,6 +87,7 @@ int main(int argc, char **argv) {
 # pid 1 of the container (session 1): every process of another session is one ctr made.
 WATCH_SH = r"""#!/bin/sh
 out=/probe/found
+root=$(stat -c %d:%i /)
 : > $out
 : > /probe/seen
 while [ ! -e /probe/stop ]; do
@@ -98,6 +103,7 @@ while [ ! -e /probe/stop ]; do
       # Listing fd numbers needs only CAP_DAC_OVERRIDE; reading one needs ptrace access.
       t=$(readlink $f 2>/dev/null)
       k=other; [ -d "$f" ] && k=dir; [ -f "$f" ] && k=file
+      [ $k = dir ] && [ "$(stat -L -c %d:%i $f 2>/dev/null)" = "$root" ] && k=ctrroot
       [ "$n" -ge 3 ] && [ -n "$t" ] && echo "FD $p $n $t $k" >> $out
     done
     t=$(readlink $d/exe 2>/dev/null)
@@ -188,7 +194,8 @@ def stop_watch(berth: Berth, probe: Path, cid: str) -> list[str]:
             if not line.startswith("DENIED ")]
 
 
-RUNC_INIT_OWN_FILES = ("anon_inode:[eventpoll]", "/proc/sys/kernel/cap_last_cap")
+RUNC_INIT_OWN_FILES = ("anon_inode:[eventpoll]", "/proc/sys/kernel/cap_last_cap",
+                       "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
 
 
 def runc_own(found: list[str]) -> list[str]:
@@ -196,9 +203,10 @@ def runc_own(found: list[str]) -> list[str]:
     shim as under berth's: it runs dumpable from its read-only clone of itself (a bind
     mount already detached, so its exe reads "/") with nothing but the Go runtime's
     epoll and self-pipe (both ends of one pipe in one process), and, caught under load,
-    the read of /proc/sys/kernel/cap_last_cap that Go's capability package makes at start
-    (a kernel file every container reads for itself). None of it reaches the shim or the
-    host; anything else found is kept."""
+    the reads of kernel files every container can read for itself that Go makes at start:
+    /proc/sys/kernel/cap_last_cap (its capability package) and the huge page size under
+    /sys/kernel/mm/transparent_hugepage (its runtime; caught in a CI run of 2026-12-06).
+    None of it reaches the shim or the host; anything else found is kept."""
     pipes: dict[tuple[str, str], set[str]] = {}
     epolls: dict[str, set[int]] = {}
     for line in found:
@@ -220,12 +228,14 @@ def runc_own(found: list[str]) -> list[str]:
         library = re.fullmatch(r"/(usr/)?lib/[\w./-]+\.so(\.[\d.]+)?", what)
         return pid in inits and library is not None
 
-    def own_clone(pid: str, what: str, kind: str) -> bool:
-        # The read-only bind of runc's binary that runc init re-executes itself from
-        # (runc 1.1's cloned binary), open while it starts: a detached mount like its
-        # exe, so it too reads "/" (caught once in a CI run of 2026-12-06). A regular
-        # file: the host's root directory would also read "/", and is not tolerated.
-        return pid in inits and what == "/" and kind == "file"
+    def own_root(pid: str, what: str, kind: str) -> bool:
+        # Two things read "/" in a runc init, both its own: the read-only bind of runc's
+        # binary it re-executes itself from (runc 1.1's cloned binary, a detached mount
+        # like its exe; a file), and the container's root directory, which an exec's
+        # init opens once it has joined the container (the same directory as the probe's
+        # own "/"). Caught in CI runs of 2026-12-06. The host's root directory would read
+        # "/" too: a directory that is not the container's, never tolerated.
+        return pid in inits and what == "/" and kind in ("file", "ctrroot")
 
     inits = {line.split(" ")[1] for line in found if line.split(" ")[0] == "EXE"
              and line.split(" ")[2:] == ["/"]}
@@ -233,7 +243,7 @@ def runc_own(found: list[str]) -> list[str]:
     for line in found:
         kind, pid, *rest = line.split(" ")
         if kind in ("FD", "STOLE") and (loader_library(pid, rest[1])
-                                        or own_clone(pid, rest[1], rest[-1])):
+                                        or own_root(pid, rest[1], rest[-1])):
             own.append(line)
         elif kind == "EXE" and rest == ["/"]:
             own.append(line)
