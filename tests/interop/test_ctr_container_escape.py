@@ -233,8 +233,9 @@ def runc_own(found: list[str]) -> list[str]:
         # binary it re-executes itself from (runc 1.1's cloned binary, a detached mount
         # like its exe; a file), and the container's root directory, which an exec's
         # init opens once it has joined the container (the same directory as the probe's
-        # own "/"). Caught in CI runs of 2026-12-06. The host's root directory would read
-        # "/" too: a directory that is not the container's, never tolerated.
+        # own "/"; seen with strace). The first was caught in a CI run of 2026-12-06.
+        # The host's root directory would read "/" too: a directory that is not the
+        # container's, never tolerated.
         return pid in inits and what == "/" and kind in ("file", "ctrroot")
 
     inits = {line.split(" ")[1] for line in found if line.split(" ")[0] == "EXE"
